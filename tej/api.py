@@ -1,0 +1,294 @@
+"""The Python API: a queue of jobs on a destination, reached through one session."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from tej import remote_agent as agent
+from tej import transfer
+from tej.destination import ConnectOptions, parse_destination
+from tej.errors import AgentMissing, InvalidInput, TejError
+from tej.session import AGENT_SOURCE, Session
+
+DEFAULT_QUEUE = "~/.tej"
+DEFAULT_SCRIPT = agent.DEFAULT_SCRIPT
+
+
+class JobState(str, Enum):
+    """The state of a job, as recorded on the server."""
+
+    STARTING = agent.STATE_STARTING
+    RUNNING = agent.STATE_RUNNING
+    FINISHED = agent.STATE_FINISHED
+    KILLED = agent.STATE_KILLED
+    LOST = agent.STATE_LOST
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the job may still be running."""
+        return self.value in agent.ACTIVE_STATES
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What is known of a job; times are in UTC, elapsed in seconds."""
+
+    id: str
+    state: JobState
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    elapsed: float | None = None
+
+    @classmethod
+    def from_agent(cls, data: dict[str, Any]) -> JobStatus:
+        """Build a status from the agent's plain-dict form."""
+        return cls(
+            id=data["id"],
+            state=JobState(data["state"]),
+            exit_code=data.get("exit_code"),
+            signal=data.get("signal"),
+            reason=data.get("reason"),
+            submitted_at=_parse_time(data.get("submitted_at")),
+            started_at=_parse_time(data.get("started_at")),
+            ended_at=_parse_time(data.get("ended_at")),
+            elapsed=data.get("elapsed"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (ISO 8601 UTC times)."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "reason": self.reason,
+            "submitted_at": _format_time(self.submitted_at),
+            "started_at": _format_time(self.started_at),
+            "ended_at": _format_time(self.ended_at),
+            "elapsed": self.elapsed,
+        }
+
+
+@dataclass(frozen=True)
+class KillResult:
+    """The outcome of a kill: whether this call killed the job, and its status."""
+
+    killed: bool
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    """The outcome of a setup: the real queue path, and the links made to it."""
+
+    queue: str
+    created: bool
+    runner: str
+    links: tuple[str, ...]
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def _format_time(when: datetime | None) -> str | None:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if when else None
+
+
+def check_job_id(job_id: str) -> str:
+    """Return job_id if it is a valid identifier; InvalidInput otherwise."""
+    try:
+        agent.validate_job_id(job_id)
+    except agent.AgentError as exc:
+        raise InvalidInput(exc.message) from None
+    return job_id
+
+
+def default_id_prefix(directory: str) -> str:
+    """The start of a default job id: ``<dirname>_<user>`` (a random part follows)."""
+    name = os.path.basename(os.path.abspath(directory))
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "user"
+    clean = [re.sub(r"[^A-Za-z0-9_\-.+=@%:,]", "_", part) or "job" for part in (name, user)]
+    return f"{clean[0][:80]}_{clean[1][:32]}"
+
+
+class RemoteQueue:
+    """A queue of jobs on a destination (``local``, ``user@host``, ``ssh://...``).
+
+    Use it as a context manager: one connection serves every call made in
+    the block. Every failure is raised as a :class:`tej.TejError`.
+    """
+
+    def __init__(
+        self,
+        destination: str = "local",
+        queue: str = DEFAULT_QUEUE,
+        *,
+        python: str | None = None,
+        ssh_config: str | None = None,
+        connect_timeout: int = 15,
+    ) -> None:
+        self.destination = parse_destination(destination)
+        self.queue = queue
+        self.options = ConnectOptions(
+            python=python, ssh_config=ssh_config, connect_timeout=connect_timeout
+        )
+        self._session: Session | None = None
+
+    def __enter__(self) -> RemoteQueue:
+        self.session()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def session(self) -> Session:
+        """The open session, connecting on first use."""
+        if self._session is None:
+            session = Session(self.destination, self.options)
+            session.open()
+            self._session = session
+        return self._session
+
+    def close(self) -> None:
+        """Close the connection (jobs keep running on the server)."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _call(self, op: str, **args: Any) -> Any:
+        return self.session().call(op, queue=self.queue, **args)
+
+    # operations
+
+    def setup(
+        self,
+        *,
+        links: Sequence[str] = (),
+        default_link: bool = False,
+        force: bool = False,
+        only_links: bool = False,
+        runner: str = "default",
+    ) -> SetupResult:
+        """Create the queue (or reconfigure it with force) and make links to it."""
+        all_links = [*links, DEFAULT_QUEUE] if default_link else list(links)
+        result = self._call(
+            "setup", links=all_links, runner=runner, force=force, only_links=only_links
+        )
+        return SetupResult(
+            result["queue"], result["created"], result["runner"], tuple(result["links"])
+        )
+
+    def submit(
+        self,
+        directory: str,
+        *,
+        job_id: str | None = None,
+        script: str | None = None,
+        args: Sequence[str] = (),
+    ) -> str:
+        """Upload a directory and start its script at once; returns the job's id."""
+        script = script or DEFAULT_SCRIPT
+        entries = transfer.scan_directory(directory)
+        _check_script(directory, script, entries)
+        if job_id is not None:
+            check_job_id(job_id)
+        session = self.session()
+        token = self._call("upload_begin")
+        try:
+            transfer.upload_tree(session, self.queue, token, directory, entries)
+            return self._start(token, entries, job_id, default_id_prefix(directory), script, args)
+        except BaseException:
+            self._abort_upload(token)
+            raise
+
+    def _start(
+        self,
+        token: str,
+        entries: list[transfer.Entry],
+        job_id: str | None,
+        id_prefix: str,
+        script: str,
+        args: Sequence[str],
+    ) -> str:
+        request = {
+            "token": token,
+            "manifest": [entry.manifest_row() for entry in entries],
+            "job_id": job_id,
+            "id_prefix": id_prefix,
+            "job": {"script": script, "args": list(args)},
+        }
+        try:
+            return str(self._call("submit", **request))
+        except AgentMissing:
+            self._call("install_agent", source=AGENT_SOURCE)
+            return str(self._call("submit", **request))
+
+    def _abort_upload(self, token: str) -> None:
+        if self._session is None:
+            return
+        with contextlib.suppress(TejError):
+            self._call("upload_abort", token=token)
+
+    def status(self, job_id: str) -> JobStatus:
+        """The status of a job; JobNotFound if there is none with that id."""
+        return JobStatus.from_agent(self._call("status", job_id=check_job_id(job_id)))
+
+    def list(self) -> list[JobStatus]:
+        """The status of every job in the queue, oldest first."""
+        return [JobStatus.from_agent(item) for item in self._call("list")]
+
+    def kill(self, job_id: str) -> KillResult:
+        """Kill a job's whole process group (SIGTERM, then SIGKILL after a grace period)."""
+        result = self._call("kill", job_id=check_job_id(job_id))
+        return KillResult(result["killed"], JobStatus.from_agent(result["status"]))
+
+    def delete(self, job_id: str, *, force: bool = False) -> None:
+        """Delete a job and its files; a running job only with force (killed first)."""
+        self._call("delete", job_id=check_job_id(job_id), force=force)
+
+    def download(self, job_id: str, path: str, local: str) -> str:
+        """Download a job's file or folder (path relative to the job) to local, atomically."""
+        entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
+        transfer.download_tree(self.session(), self.queue, job_id, path, entries, local)
+        return local
+
+    def read(self, job_id: str, path: str) -> Iterator[bytes]:
+        """Yield the content of a job's file, chunk by chunk."""
+        entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
+        if entries[0].kind != "f":
+            raise InvalidInput(f"{path} is a folder, not a file")
+        yield from transfer.stream_file(self.session(), self.queue, job_id, path, entries[0].size)
+
+
+def _check_script(directory: str, script: str, entries: list[transfer.Entry]) -> None:
+    """Refuse a script that is not a file inside the job directory."""
+    if os.path.isabs(script) or ".." in script.split("/"):
+        raise InvalidInput(f"The script {script!r} must be a path inside {directory}")
+    root = os.path.realpath(directory)
+    real = os.path.realpath(os.path.join(directory, script))
+    if not real.startswith(root + os.sep):
+        raise InvalidInput(f"The script {script!r} leads outside {directory}")
+    if not os.path.isfile(real):
+        if script == DEFAULT_SCRIPT:
+            raise InvalidInput(
+                f"No {DEFAULT_SCRIPT} in {directory}: add one, or name the script with --script"
+            )
+        raise InvalidInput(f"No script {script!r} in {directory}")

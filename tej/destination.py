@@ -1,0 +1,138 @@
+"""Destinations: parsing what the user typed, and the command that reaches it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from tej.errors import InvalidInput
+
+LOCAL = "local"
+DEFAULT_REMOTE_PYTHON = "python3"
+_NAME = re.compile(r"[^\s@/'\"`$;&|<>()\\]+\Z")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where jobs go: this machine (``local``) or a host reached with ssh."""
+
+    host: str | None = None
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def is_local(self) -> bool:
+        """Whether this is the embedded ``local`` destination (no ssh)."""
+        return self.host is None
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return LOCAL
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is None and ":" not in self.host:
+            return f"{self.user}@{host}" if self.user else host
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port is not None else ""
+        return f"ssh://{user}{host}{port}"
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach a destination and start the agent there."""
+
+    python: str | None = None
+    ssh_config: str | None = None
+    connect_timeout: int = 15
+    keepalive_interval: int = 10
+    keepalive_count: int = 3
+
+    def python_command(self, destination: Destination) -> list[str]:
+        """The server's Python interpreter, as a command line."""
+        text = self.python or (sys.executable if destination.is_local else DEFAULT_REMOTE_PYTHON)
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:
+            raise InvalidInput(f"Invalid --python {text!r}: {exc}") from None
+        if not words:
+            raise InvalidInput("--python can't be empty")
+        return words
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``local``, ``[user@]host``, an ssh alias, or ``ssh://[user@]host[:port]``."""
+    if text == LOCAL:
+        return Destination()
+    if text.startswith("ssh://"):
+        return _parse_url(text)
+    user, _, host = text.rpartition("@")
+    return _checked(text, host, user or None, None)
+
+
+def _parse_url(text: str) -> Destination:
+    parts = urlsplit(text)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise InvalidInput(f"Invalid destination {text!r}: use ssh://[user@]host[:port]")
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        raise InvalidInput(f"Invalid destination {text!r}: passwords are not accepted in it")
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise InvalidInput(f"Invalid destination {text!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = hostport.partition(":")
+    port = _parse_port(text, port_text)
+    return _checked(text, unquote(host), unquote(userinfo) or None, port)
+
+
+def _parse_port(text: str, port_text: str) -> int | None:
+    if not port_text:
+        return None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InvalidInput(f"Invalid port in destination {text!r}")
+    return int(port_text)
+
+
+def _checked(text: str, host: str, user: str | None, port: int | None) -> Destination:
+    if not host or host.startswith("-") or not _NAME.match(host):
+        raise InvalidInput(
+            f"Invalid destination {text!r}: expected local, [user@]host or ssh://..."
+        )
+    if user is not None and (user.startswith("-") or not _NAME.match(user) or ":" in user):
+        raise InvalidInput(f"Invalid user name in destination {text!r}")
+    return Destination(host=host, user=user, port=port)
+
+
+def agent_command(destination: Destination, options: ConnectOptions, bootstrap: str) -> list[str]:
+    """The command line that starts Python on the destination, running bootstrap."""
+    python = options.python_command(destination)
+    if destination.is_local:
+        return [*python, "-c", bootstrap]
+    remote = " ".join(shlex.quote(word) for word in [*python, "-c", bootstrap])
+    return [*ssh_command(destination, options), remote]
+
+
+def ssh_command(destination: Destination, options: ConnectOptions) -> list[str]:
+    """The ssh command line (without the remote command) to reach a host."""
+    assert destination.host is not None
+    command = ["ssh", "-T", "-x", "-a"]
+    if options.ssh_config:
+        command += ["-F", os.path.expanduser(options.ssh_config)]
+    settings = {
+        "BatchMode": "yes",
+        "ConnectTimeout": str(options.connect_timeout),
+        "ServerAliveInterval": str(options.keepalive_interval),
+        "ServerAliveCountMax": str(options.keepalive_count),
+    }
+    for key, value in settings.items():
+        command += ["-o", f"{key}={value}"]
+    if destination.port is not None:
+        command += ["-p", str(destination.port)]
+    if destination.user is not None:
+        command += ["-l", destination.user]
+    return [*command, "--", destination.host]

@@ -1,0 +1,80 @@
+"""The exception tree of tej: every anticipated failure is a TejError."""
+
+from __future__ import annotations
+
+from tej import remote_agent as agent
+
+
+class TejError(Exception):
+    """Root of every error tej reports; its message is meant for the user."""
+
+    exit_code = 1
+
+
+class InvalidInput(TejError):
+    """Something the user gave (a path, an id, an option) is not acceptable."""
+
+
+class ConnectionFailed(TejError):
+    """The server could not be reached, or the connection was lost."""
+
+    exit_code = 5
+
+
+class ServerPythonError(ConnectionFailed):
+    """The server's Python interpreter is missing or too old to run the agent."""
+
+
+class ProtocolError(TejError):
+    """The agent answered something the client does not understand."""
+
+
+class QueueError(TejError):
+    """The queue directory is missing, damaged, or of an unsupported format."""
+
+
+class ServerError(TejError):
+    """An operation failed on the server (disk full, permission denied...)."""
+
+
+class JobNotFound(TejError):
+    """There is no job with the given identifier."""
+
+    exit_code = 3
+
+
+class JobStateError(TejError):
+    """The job is not in a state that allows the operation."""
+
+    exit_code = 4
+
+
+class JobExists(JobStateError):
+    """A job with the given identifier already exists."""
+
+
+class JobStillRunning(JobStateError):
+    """The job is still running."""
+
+
+class AgentMissing(TejError):
+    """The queue has no copy of this agent yet (handled inside the session)."""
+
+
+#: Error types named in the agent's replies, and the exception each becomes.
+ERRORS_BY_TYPE: dict[str, type[TejError]] = {
+    agent.ERR_BAD_REQUEST: ProtocolError,
+    agent.ERR_INVALID: InvalidInput,
+    agent.ERR_JOB_NOT_FOUND: JobNotFound,
+    agent.ERR_JOB_EXISTS: JobExists,
+    agent.ERR_JOB_RUNNING: JobStillRunning,
+    agent.ERR_QUEUE: QueueError,
+    agent.ERR_AGENT_MISSING: AgentMissing,
+    agent.ERR_SERVER: ServerError,
+    agent.ERR_INTERNAL: ServerError,
+}
+
+
+def error_from_reply(kind: str, message: str) -> TejError:
+    """The exception for an error reply from the agent."""
+    return ERRORS_BY_TYPE.get(kind, ProtocolError)(message)

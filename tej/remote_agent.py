@@ -1,0 +1,1151 @@
+"""tej's agent: everything that runs on the server.
+
+This module is shipped as source over the execnet channel on every
+connection, so it is kept small on purpose: standard library only, Python 3.8
+and newer, plain data (dicts, lists, str, bytes, numbers) on the wire and on
+disk. It owns the protocol version, the operation names, the job states and
+the queue format; the client imports these constants instead of restating
+them.
+
+It has two roles:
+
+* Under execnet (``__name__ == "__channelexec__"``) it serves requests: a
+  request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}`` and the
+  reply is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": TYPE,
+  "message": TEXT}``. One connection serves any number of requests, in order.
+* Run as a script from the copy it writes into the queue
+  (``python3 QUEUE/agent/tej-agent-DIGEST.py supervise JOBDIR``), it is the
+  supervisor of one job: it starts the job in its own process group, waits for
+  it, and records how it ended, whether or not anyone is still connected.
+"""
+
+import errno
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+PROTOCOL_VERSION = 1
+QUEUE_FORMAT = 1
+LINK_FORMAT = 1
+
+QUEUE_CONFIG = "tej-queue.json"
+JOBS_DIR = "jobs"
+STAGING_DIR = "staging"
+TRASH_DIR = "trash"
+AGENT_DIR = "agent"
+JOB_FILE = "job.json"
+STATUS_FILE = "status.json"
+WORK_DIR = "work"
+STDOUT_FILE = "stdout"
+STDERR_FILE = "stderr"
+SUPERVISOR_LOG = "supervisor.log"
+
+STATE_STARTING = "starting"
+STATE_RUNNING = "running"
+STATE_FINISHED = "finished"
+STATE_KILLED = "killed"
+STATE_LOST = "lost"
+ACTIVE_STATES = (STATE_STARTING, STATE_RUNNING)
+END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_LOST)
+
+RUNNERS = ("default",)
+DEFAULT_SCRIPT = "start.sh"
+KILL_GRACE = 5.0
+START_TIMEOUT = 60.0
+MAX_ID_LENGTH = 128
+ID_PATTERN = re.compile(r"[A-Za-z0-9_\-.+=@%:,]+\Z")
+
+ERR_BAD_REQUEST = "BadRequest"
+ERR_INVALID = "InvalidInput"
+ERR_JOB_NOT_FOUND = "JobNotFound"
+ERR_JOB_EXISTS = "JobExists"
+ERR_JOB_RUNNING = "JobRunning"
+ERR_QUEUE = "QueueError"
+ERR_AGENT_MISSING = "AgentMissing"
+ERR_SERVER = "ServerError"
+ERR_INTERNAL = "InternalError"
+
+BOOT_ID_PATH = os.environ.get("TEJ_BOOT_ID_PATH", "/proc/sys/kernel/random/boot_id")
+
+
+class AgentError(Exception):
+    """An anticipated failure, sent to the client as an error reply."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+# -- small helpers ----------------------------------------------------------
+
+
+def now_iso(when=None):
+    """Format a POSIX time (default: now) as ISO 8601 UTC with microseconds."""
+    when = time.time() if when is None else when
+    micros = int((when % 1) * 1e6)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + ".%06dZ" % micros
+
+
+def parse_iso(text):
+    """Parse a time written by now_iso back into POSIX time."""
+    import calendar
+
+    base, _, fraction = text.rstrip("Z").partition(".")
+    seconds = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    return seconds + (float("0." + fraction) if fraction else 0.0)
+
+
+def write_json_atomic(path, data):
+    """Write JSON to path atomically: temp file, fsync, rename."""
+    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), random.randrange(1 << 30))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as stream:
+            json.dump(data, stream, indent=1, sort_keys=True)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def read_json(path):
+    """Read a JSON document; AgentError if it is not valid JSON."""
+    with open(path) as stream:
+        text = stream.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise AgentError(ERR_QUEUE, "%s is not valid JSON" % path)
+
+
+def remove_quietly(path):
+    """Remove a file, ignoring its absence."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_tree(path):
+    """Remove a directory tree, making read-only folders writable on the way."""
+
+    def retry_writable(function, failed_path, _exc_info):
+        parent = os.path.dirname(failed_path)
+        try:
+            os.chmod(parent, 0o700)
+            function(failed_path)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=retry_writable)
+
+
+def make_private_dir(path):
+    """Create a directory readable only by its owner."""
+    os.mkdir(path, 0o700)
+    os.chmod(path, 0o700)
+
+
+def validate_job_id(job_id):
+    """Raise AgentError unless job_id is a valid job identifier."""
+    if not isinstance(job_id, str) or not job_id:
+        raise AgentError(ERR_INVALID, "A job identifier can't be empty")
+    if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not ID_PATTERN.match(job_id):
+        raise AgentError(
+            ERR_INVALID,
+            "Invalid job identifier %r: use at most %d letters, digits and _-.+=@%%:,"
+            % (job_id, MAX_ID_LENGTH),
+        )
+
+
+def relative_parts(relpath):
+    """Split a relative path (bytes) into parts, refusing anything that escapes."""
+    if not isinstance(relpath, bytes) or b"\0" in relpath:
+        raise AgentError(ERR_INVALID, "Invalid path %r" % (relpath,))
+    if relpath.startswith(b"/"):
+        raise AgentError(ERR_INVALID, "Path %s is absolute" % show(relpath))
+    parts = [part for part in relpath.split(b"/") if part not in (b"", b".")]
+    if b".." in parts:
+        raise AgentError(ERR_INVALID, "Path %s leaves the job's directory" % show(relpath))
+    return parts
+
+
+def show(path):
+    """A printable form of a bytes path."""
+    return repr(os.fsdecode(path))
+
+
+# -- process identity -------------------------------------------------------
+
+
+def boot_id():
+    """An identifier of the current boot of the server, or None."""
+    try:
+        with open(BOOT_ID_PATH) as stream:
+            return stream.read().strip() or None
+    except OSError:
+        return None
+
+
+def process_start(pid):
+    """The start time of a live process in clock ticks (None if unknowable or dead).
+
+    Returns False when the process does not exist or is a zombie.
+    """
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stream:
+            fields = stream.read().rsplit(b")", 1)[1].split()
+    except (IOError, OSError, IndexError):
+        return None if process_exists(pid) else False
+    if fields[0] in (b"Z", b"X"):
+        return False
+    return int(fields[19])
+
+
+def process_exists(pid):
+    """Whether a process with this pid exists (any owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def identify_process(pid):
+    """A record that identifies this process across pid reuse and reboots."""
+    return {"pid": pid, "start": process_start(pid), "boot": boot_id()}
+
+
+def is_same_process(identity):
+    """Whether the process recorded in identity is still alive (not a reused pid)."""
+    if not identity or not identity.get("pid"):
+        return False
+    if identity.get("boot") and identity.get("boot") != boot_id():
+        return False
+    start = process_start(identity["pid"])
+    if start is False:
+        return False
+    return start is None or identity.get("start") in (None, start)
+
+
+def group_exists(pgid):
+    """Whether any process is left in the process group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid, signum):
+    """Send a signal to a process group, ignoring that it is gone."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- the queue --------------------------------------------------------------
+
+
+def read_link(path):
+    """The target of a tej link file, or None if path is not a link file."""
+    try:
+        with open(path) as stream:
+            data = json.loads(stream.read(65536))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("tej_link"), str):
+        return data["tej_link"]
+    return None
+
+
+def resolve_queue_path(text):
+    """Follow tej links from the path the user gave to the real queue directory."""
+    path = os.path.abspath(os.path.expanduser(text))
+    seen = []  # type: list[str]
+    while os.path.isfile(path):
+        if path in seen:
+            raise AgentError(ERR_QUEUE, "Links form a loop: %s" % " -> ".join(seen + [path]))
+        seen.append(path)
+        target = read_link(path)
+        if target is None:
+            raise AgentError(ERR_QUEUE, "%s is a file, not a tej queue or link" % path)
+        target = os.path.expanduser(target)
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    return path
+
+
+class Queue(object):
+    """A queue directory on this server."""
+
+    def __init__(self, root, config):
+        self.root = root
+        self.config = config
+
+    def path(self, *parts):
+        """A path inside the queue."""
+        return os.path.join(self.root, *parts)
+
+    def job_dir(self, job_id):
+        """The directory of an existing job; JobNotFound otherwise."""
+        validate_job_id(job_id)
+        path = self.path(JOBS_DIR, job_id)
+        if not os.path.isdir(path):
+            raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
+        return path
+
+
+def load_queue(root):
+    """Read a queue's configuration; None if root holds no queue."""
+    config_path = os.path.join(root, QUEUE_CONFIG)
+    if os.path.isdir(root) and os.path.isfile(config_path):
+        config = read_json(config_path)
+        version = config.get("format") if isinstance(config, dict) else None
+        if not isinstance(version, int):
+            raise AgentError(ERR_QUEUE, "%s is not a valid tej queue configuration" % config_path)
+        if version > QUEUE_FORMAT:
+            raise AgentError(
+                ERR_QUEUE,
+                "The queue %s was written by a newer tej (format %d; this tej reads up to %d): "
+                "upgrade tej" % (root, version, QUEUE_FORMAT),
+            )
+        return Queue(root, config)
+    if os.path.isdir(root):
+        if os.listdir(root):
+            raise AgentError(ERR_QUEUE, "%s exists but is not a tej queue" % root)
+        return None
+    if os.path.lexists(root):
+        raise AgentError(ERR_QUEUE, "%s exists but is not a tej queue" % root)
+    return None
+
+
+def queue_config(runner, options):
+    """The configuration document of a new queue."""
+    return {
+        "format": QUEUE_FORMAT,
+        "runner": runner,
+        "options": options,
+        "created_at": now_iso(),
+    }
+
+
+def create_queue(root, runner="default", options=None):
+    """Create a queue at root atomically (built aside, then renamed into place)."""
+    parent = os.path.dirname(root)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, 0o700)
+    building = "%s.tej-new-%d-%d" % (root, os.getpid(), random.randrange(1 << 30))
+    make_private_dir(building)
+    try:
+        for name in (JOBS_DIR, STAGING_DIR, TRASH_DIR, AGENT_DIR):
+            make_private_dir(os.path.join(building, name))
+        write_json_atomic(os.path.join(building, QUEUE_CONFIG), queue_config(runner, options or {}))
+        try:
+            os.rename(building, root)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    finally:
+        if os.path.isdir(building):
+            remove_tree(building)
+
+
+def open_queue(text, create):
+    """The Queue the user's path leads to, created with defaults if asked."""
+    if not isinstance(text, str) or not text:
+        raise AgentError(ERR_INVALID, "The queue path can't be empty")
+    root = resolve_queue_path(text)
+    queue = load_queue(root)
+    if queue is None and create:
+        create_queue(root)
+        queue = load_queue(root)
+    if queue is None:
+        return None
+    return queue
+
+
+# -- job status -------------------------------------------------------------
+
+
+def read_status_record(job_dir):
+    """The raw status record of a job, as last written."""
+    try:
+        return read_json(os.path.join(job_dir, STATUS_FILE))
+    except (OSError, AgentError):
+        return None
+
+
+def public_status(job_id, record):
+    """The status the client sees, with elapsed time computed on the server clock."""
+    started = record.get("started_at")
+    ended = record.get("ended_at")
+    elapsed = None
+    if started:
+        end = parse_iso(ended) if ended else time.time()
+        elapsed = max(0.0, round(end - parse_iso(started), 3))
+    return {
+        "id": job_id,
+        "state": record.get("state"),
+        "exit_code": record.get("exit_code"),
+        "signal": record.get("signal"),
+        "reason": record.get("reason"),
+        "submitted_at": record.get("submitted_at"),
+        "started_at": started,
+        "ended_at": ended,
+        "elapsed": elapsed,
+    }
+
+
+def current_record(job_dir):
+    """The job's status record, with dead supervisors reported as lost."""
+    record = read_status_record(job_dir)
+    if record is None:
+        return {"state": STATE_LOST, "reason": "the job's status file is missing"}
+    if record.get("state") not in ACTIVE_STATES:
+        return record
+    if is_same_process(record.get("supervisor")):
+        return record
+    if is_starting_in_time(record):
+        return record
+    # The supervisor is gone: it may have just written the final status.
+    record = read_status_record(job_dir) or record
+    if record.get("state") in ACTIVE_STATES:
+        record = dict(record)
+        reason = "the server restarted" if rebooted(record) else "the job's supervisor died"
+        record.update(state=STATE_LOST, reason=reason)
+    return record
+
+
+def is_starting_in_time(record):
+    """Whether a job is being started, and still within the time allowed for it."""
+    if record.get("state") != STATE_STARTING or record.get("supervisor"):
+        return False
+    return time.time() - parse_iso(record["submitted_at"]) < START_TIMEOUT
+
+
+def rebooted(record):
+    """Whether the server rebooted since the record's supervisor started."""
+    recorded = (record.get("supervisor") or {}).get("boot")
+    return bool(recorded) and recorded != boot_id()
+
+
+def wait_for_state(job_dir, states, timeout):
+    """Poll a job's record until its state is one of states, or timeout."""
+    deadline = time.time() + timeout
+    while True:
+        record = current_record(job_dir)
+        if record.get("state") in states or time.time() >= deadline:
+            return record
+        time.sleep(0.02)
+
+
+# -- the request handlers ---------------------------------------------------
+
+
+class Agent(object):
+    """Serves the client's requests; one instance per connection."""
+
+    def __init__(self):
+        self.digest = None
+        self.supervisors = []
+        self.handlers = {
+            "hello": self.hello,
+            "setup": self.setup,
+            "install_agent": self.install_agent,
+            "upload_begin": self.upload_begin,
+            "upload_data": self.upload_data,
+            "upload_abort": self.upload_abort,
+            "submit": self.submit,
+            "status": self.status,
+            "list": self.list_jobs,
+            "kill": self.kill,
+            "delete": self.delete,
+            "list_files": self.list_files,
+            "read_chunks": self.read_chunks,
+        }
+
+    def handle(self, request):
+        """Answer one request with a reply dict; never raises."""
+        try:
+            op, args = self.parse_request(request)
+            return {"ok": True, "result": self.handlers[op](**args)}  # type: ignore[operator]
+        except AgentError as exc:
+            return {"ok": False, "error": exc.kind, "message": exc.message}
+        except TypeError as exc:
+            if exc.__traceback__ and exc.__traceback__.tb_next:  # raised inside the handler: a bug
+                return internal_error(exc)
+            return {"ok": False, "error": ERR_BAD_REQUEST, "message": "Bad arguments: %s" % exc}
+        except OSError as exc:
+            return {"ok": False, "error": ERR_SERVER, "message": describe_os_error(exc)}
+        except Exception as exc:  # noqa: BLE001 - the agent must answer, whatever happens
+            return internal_error(exc)
+        finally:
+            self.reap_supervisors()
+
+    def parse_request(self, request):
+        """Check a request's envelope; return its operation name and arguments."""
+        if not isinstance(request, dict):
+            raise AgentError(ERR_BAD_REQUEST, "A request must be a dict")
+        if request.get("v") != PROTOCOL_VERSION:
+            raise AgentError(ERR_BAD_REQUEST, "Unsupported protocol version %r" % request.get("v"))
+        op, args = request.get("op"), request.get("args", {})
+        if op not in self.handlers:
+            raise AgentError(ERR_BAD_REQUEST, "Unknown operation %r" % (op,))
+        if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
+            raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
+        return op, args
+
+    def reap_supervisors(self):
+        """Collect supervisors that have exited, so none stays a zombie."""
+        self.supervisors = [proc for proc in self.supervisors if proc.poll() is None]
+
+    # connection
+
+    def hello(self, protocol, digest):
+        """Handshake: check the protocol and describe this server."""
+        if protocol != PROTOCOL_VERSION:
+            raise AgentError(
+                ERR_BAD_REQUEST, "Protocol %r is not %d" % (protocol, PROTOCOL_VERSION)
+            )
+        self.digest = str(digest)
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "python": "%d.%d.%d" % sys.version_info[:3],
+            "platform": sys.platform,
+            "home": os.path.expanduser("~"),
+            "pid": os.getpid(),
+        }
+
+    # setup
+
+    def setup(self, queue, links=(), runner="default", force=False, only_links=False):
+        """Create or reconfigure a queue and make links to it."""
+        if runner not in RUNNERS:
+            raise AgentError(
+                ERR_INVALID, "Unknown plugin %r (available: %s)" % (runner, ", ".join(RUNNERS))
+            )
+        root = resolve_queue_path(queue)
+        existing = load_queue(root)
+        created = False
+        if not only_links:
+            if existing is not None and not force:
+                raise AgentError(
+                    ERR_QUEUE, "A queue already exists at %s (use --force to reconfigure it)" % root
+                )
+            if existing is None:
+                create_queue(root, runner)
+                created = True
+            else:
+                config = dict(existing.config, runner=runner)
+                write_json_atomic(os.path.join(root, QUEUE_CONFIG), config)
+        made = [self.make_link(link, root, force) for link in links]
+        return {"queue": root, "created": created, "runner": runner, "links": made}
+
+    def make_link(self, link, root, force):
+        """Write a link file at link that redirects to the queue at root."""
+        path = os.path.abspath(os.path.expanduser(link))
+        if path == root:
+            raise AgentError(ERR_INVALID, "A link can't point to itself: %s" % path)
+        if os.path.isdir(path):
+            raise AgentError(ERR_QUEUE, "Can't make a link at %s: it is a directory" % path)
+        if os.path.lexists(path):
+            target = read_link(path)
+            if target is None:
+                raise AgentError(ERR_QUEUE, "Can't make a link at %s: a file is there" % path)
+            if not force and resolve_queue_path(path) != root:
+                raise AgentError(
+                    ERR_QUEUE, "%s already links to %s (use --force to replace it)" % (path, target)
+                )
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700)
+        write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
+        return path
+
+    def install_agent(self, queue, source):
+        """Write this agent's source into the queue, where supervisors run from."""
+        target = self.agent_path(open_queue(queue, create=True))
+        if not os.path.exists(target):
+            tmp = target + ".tmp-%d" % os.getpid()
+            with open(tmp, "w") as stream:
+                stream.write(source)
+            os.replace(tmp, target)
+
+    def agent_path(self, queue):
+        """Where this agent's copy lives in a queue."""
+        if not self.digest:
+            raise AgentError(ERR_BAD_REQUEST, "hello must come first")
+        return queue.path(AGENT_DIR, "tej-agent-%s.py" % self.digest)
+
+    # upload and submit
+
+    def upload_begin(self, queue):
+        """Open a staging area for a new job's files; returns its token."""
+        queue = open_queue(queue, create=True)
+        token = "%x%08x" % (int(time.time()), random.randrange(1 << 32))
+        staging = queue.path(STAGING_DIR, token)
+        make_private_dir(staging)
+        make_private_dir(os.path.join(staging, WORK_DIR))
+        return token
+
+    def staging_dir(self, queue, token):
+        """The staging area of an upload in progress."""
+        if not isinstance(token, str) or not re.match(r"[0-9a-f]+\Z", token):
+            raise AgentError(ERR_INVALID, "Invalid upload token %r" % (token,))
+        path = queue.path(STAGING_DIR, token)
+        if not os.path.isdir(path):
+            raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+        return path
+
+    def upload_data(self, queue, token, chunks):
+        """Write chunks [path, offset, data] of the job's files into staging."""
+        work = os.path.join(self.staging_dir(open_queue(queue, create=False), token), WORK_DIR)
+        for relpath, offset, data in chunks:
+            if not isinstance(offset, int) or offset < 0 or not isinstance(data, bytes):
+                raise AgentError(ERR_BAD_REQUEST, "Invalid chunk for %s" % show(relpath))
+            parts = relative_parts(relpath)
+            if not parts:
+                raise AgentError(ERR_INVALID, "Invalid file path %s" % show(relpath))
+            parent = os.path.join(work.encode(), *parts[:-1]) if len(parts) > 1 else work.encode()
+            if not os.path.isdir(parent):
+                os.makedirs(parent, 0o700)
+            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(os.path.join(parent, parts[-1]), flags, 0o600)
+            try:
+                os.lseek(fd, offset, os.SEEK_SET)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+
+    def upload_abort(self, queue, token):
+        """Throw away an upload in progress."""
+        remove_tree(self.staging_dir(open_queue(queue, create=False), token))
+
+    def submit(self, queue, token, manifest, job_id=None, id_prefix=None, job=None):
+        """Turn a completed upload into a job and start it."""
+        queue = open_queue(queue, create=True)
+        supervisor_path = self.agent_path(queue)
+        if not os.path.exists(supervisor_path):
+            raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
+        staging = self.staging_dir(queue, token)
+        job = validate_job(job or {})
+        build_tree(os.path.join(staging, WORK_DIR), manifest)
+        check_script(os.path.join(staging, WORK_DIR), job["script"])
+        job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
+        try:
+            self.start_supervisor(supervisor_path, job_dir)
+        except BaseException:
+            remove_tree(job_dir)
+            raise
+        return job_id
+
+    def reserve_id(self, queue, staging, job_id, id_prefix, job):
+        """Atomically move the staged job to jobs/ID; returns (id, job_dir)."""
+        candidates = [job_id]
+        if job_id is None:
+            validate_job_id(id_prefix + "_0")
+            candidates = ["%s_%06d" % (id_prefix, random.randrange(10**6)) for _ in range(50)]
+        else:
+            validate_job_id(job_id)
+        for candidate in candidates:
+            record = {"id": candidate, "state": STATE_STARTING, "submitted_at": now_iso()}
+            write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
+            write_json_atomic(os.path.join(staging, STATUS_FILE), record)
+            job_dir = queue.path(JOBS_DIR, candidate)
+            try:
+                os.rename(staging, job_dir)
+                return candidate, job_dir
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        if job_id is not None:
+            raise AgentError(ERR_JOB_EXISTS, "A job %r already exists" % job_id)
+        raise AgentError(ERR_JOB_EXISTS, "Could not find a free identifier for %r" % id_prefix)
+
+    def start_supervisor(self, supervisor_path, job_dir):
+        """Start the detached supervisor of a job and wait until the job runs."""
+        log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, supervisor_path, "supervise", job_dir],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                close_fds=True,
+                start_new_session=True,
+                cwd="/",
+            )
+        finally:
+            os.close(log)
+        self.supervisors.append(proc)
+        pipe = proc.stdout
+        assert pipe is not None
+        report = read_line_with_timeout(pipe, START_TIMEOUT)
+        pipe.close()
+        if report.strip() != b"started":
+            with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
+                detail = stream.read().decode("utf-8", "replace").strip().splitlines()
+            raise AgentError(
+                ERR_SERVER,
+                "The job's supervisor failed: %s" % (detail[-1] if detail else "no report"),
+            )
+
+    # status, list, kill, delete
+
+    def status(self, queue, job_id):
+        """The status of one job."""
+        return public_status(job_id, current_record(self.existing_queue(queue).job_dir(job_id)))
+
+    def existing_queue(self, text):
+        """The queue at text; an empty stand-in if there is none yet."""
+        queue = open_queue(text, create=False)
+        return queue if queue is not None else Queue(resolve_queue_path(text), None)
+
+    def list_jobs(self, queue):
+        """The status of every job in the queue, oldest first."""
+        queue = self.existing_queue(queue)
+        try:
+            names = os.listdir(queue.path(JOBS_DIR))
+        except OSError:
+            return []
+        statuses = []
+        for name in names:
+            job_dir = queue.path(JOBS_DIR, name)
+            if ID_PATTERN.match(name) and os.path.isdir(job_dir):
+                statuses.append(public_status(name, current_record(job_dir)))
+        statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
+        return statuses
+
+    def kill(self, queue, job_id):
+        """Kill a job's whole process group; reports whether this call killed it."""
+        job_dir = self.existing_queue(queue).job_dir(job_id)
+        record = wait_for_state(job_dir, (STATE_RUNNING,) + END_STATES, START_TIMEOUT)
+        grace = float(read_json(os.path.join(job_dir, JOB_FILE)).get("kill_grace", KILL_GRACE))
+        if record.get("state") == STATE_RUNNING:
+            os.kill(record["supervisor"]["pid"], signal.SIGTERM)
+            record = wait_for_state(job_dir, END_STATES, grace + 10)
+            return {
+                "killed": record.get("state") == STATE_KILLED,
+                "status": public_status(job_id, record),
+            }
+        if record.get("state") == STATE_LOST:
+            return self.kill_orphan(job_id, job_dir, record, grace)
+        return {"killed": False, "status": public_status(job_id, record)}
+
+    def kill_orphan(self, job_id, job_dir, record, grace):
+        """Kill a job whose supervisor is gone, then record it as killed."""
+        job = record.get("job") or {}
+        if is_same_process(job):
+            terminate_group(job["pid"], grace)
+        record = dict(record, state=STATE_KILLED, ended_at=now_iso())
+        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+        return {"killed": True, "status": public_status(job_id, record)}
+
+    def delete(self, queue, job_id, force=False):
+        """Delete a job's directory; a running job only with force (killed first)."""
+        queue = self.existing_queue(queue)
+        job_dir = queue.job_dir(job_id)
+        if current_record(job_dir).get("state") in ACTIVE_STATES:
+            if not force:
+                raise AgentError(
+                    ERR_JOB_RUNNING,
+                    "Job %r is still running: kill it first (tej kill), or delete with --force"
+                    % job_id,
+                )
+            self.kill(queue.root, job_id)
+        trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
+        if not os.path.isdir(queue.path(TRASH_DIR)):
+            make_private_dir(queue.path(TRASH_DIR))
+        os.rename(job_dir, trash)
+        remove_tree(trash)
+
+    # download
+
+    def job_path(self, queue, job_id, relpath):
+        """The real path of a file in a job's directory, refusing any escape."""
+        work = os.path.realpath(os.path.join(self.existing_queue(queue).job_dir(job_id), WORK_DIR))
+        parts = relative_parts(relpath)
+        path = os.path.realpath(os.path.join(work.encode(), *parts) if parts else work.encode())
+        if path != work.encode() and not path.startswith(work.encode() + b"/"):
+            raise AgentError(ERR_INVALID, "Path %s leaves the job's directory" % show(relpath))
+        if not os.path.lexists(path):
+            raise AgentError(ERR_INVALID, "No file %s in job %r" % (show(relpath), job_id))
+        return path
+
+    def list_files(self, queue, job_id, path):
+        """Describe a file or folder of a job: [relpath, kind, mode, size-or-target]."""
+        root = self.job_path(queue, job_id, path)
+        if not os.path.isdir(root):
+            info = os.stat(root)
+            return [[b"", "f", info.st_mode & 0o7777, info.st_size]]
+        entries = [[b"", "d", os.stat(root).st_mode & 0o7777, 0]]
+        for folder, dirs, files in os.walk(root):
+            for name in sorted(dirs) + sorted(files):
+                full = os.path.join(folder, name)
+                entries.append(describe_entry(os.path.relpath(full, root), full))
+        return entries
+
+    def read_chunks(self, queue, job_id, chunks):
+        """Read chunks [path, offset, length] of a job's files."""
+        data = []
+        for relpath, offset, length in chunks:
+            with open(self.job_path(queue, job_id, relpath), "rb") as stream:
+                stream.seek(offset)
+                data.append(stream.read(min(length, 1 << 24)))
+        return data
+
+
+def internal_error(exc):
+    """The reply for an unexpected exception in a handler."""
+    return {"ok": False, "error": ERR_INTERNAL, "message": "%s: %s" % (type(exc).__name__, exc)}
+
+
+def describe_entry(relpath, full):
+    """One entry of list_files: [relpath, kind, mode, size-or-target]."""
+    info = os.lstat(full)
+    if os.path.islink(full):
+        return [relpath, "l", 0o777, os.readlink(full)]
+    if os.path.isdir(full):
+        return [relpath, "d", info.st_mode & 0o7777, 0]
+    if os.path.isfile(full):
+        return [relpath, "f", info.st_mode & 0o7777, info.st_size]
+    return [relpath, "s", info.st_mode & 0o7777, 0]
+
+
+def describe_os_error(exc):
+    """A one-line description of an OSError on the server."""
+    name = exc.filename if exc.filename is not None else ""
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    text = exc.strerror or str(exc)
+    return "%s: %s" % (text, name) if name else text
+
+
+def read_line_with_timeout(stream, timeout):
+    """Read one line from a pipe, giving up (empty result) after timeout."""
+    deadline = time.time() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.time()
+        if remaining <= 0 or not select.select([stream], [], [], remaining)[0]:
+            break
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def validate_job(job):
+    """Check the job's metadata sent by the client; returns it normalized."""
+    if not isinstance(job, dict):
+        raise AgentError(ERR_BAD_REQUEST, "Job metadata must be a dict")
+    script = job.get("script", DEFAULT_SCRIPT)
+    args = job.get("args", [])
+    if not isinstance(script, str) or not script:
+        raise AgentError(ERR_INVALID, "The script must be a path")
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise AgentError(ERR_INVALID, "The script's arguments must be strings")
+    relative_parts(os.fsencode(script))
+    return dict(job, script=script, args=args)
+
+
+def check_script(work, script):
+    """Refuse a script that isn't a regular file inside the job's directory."""
+    path = os.path.join(work, script)
+    real = os.path.realpath(path)
+    if not real.startswith(os.path.realpath(work) + "/"):
+        raise AgentError(ERR_INVALID, "The script %s is outside the job's directory" % script)
+    if not os.path.isfile(real):
+        raise AgentError(ERR_INVALID, "The script %s is not a file in the job's directory" % script)
+
+
+def build_tree(work, manifest):
+    """Complete a staged upload from its manifest: folders, symlinks, modes.
+
+    Each manifest entry is [relpath, kind, mode, size-or-target] with kind "d"
+    (folder), "f" (file, whose data came through upload_data) or "l" (symlink).
+    Symlinks are created last, so no write ever goes through one.
+    """
+    if not isinstance(manifest, list):
+        raise AgentError(ERR_BAD_REQUEST, "The manifest must be a list")
+    base = work.encode()
+    folders, links = [], []
+    for entry in manifest:
+        if not isinstance(entry, list) or len(entry) != 4:
+            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
+        relpath, kind, mode, extra = entry
+        parts = relative_parts(relpath)
+        if not parts or not isinstance(mode, int):
+            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
+        path = os.path.join(base, *parts)
+        if kind == "d":
+            if not os.path.isdir(path):
+                os.makedirs(path, 0o700)
+            folders.append((len(parts), path, mode))
+        elif kind == "f":
+            place_file(path, mode, extra)
+        elif kind == "l" and isinstance(extra, bytes):
+            links.append((path, extra))
+        else:
+            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
+    for path, target in links:
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700)
+        os.symlink(target, path)
+    for _, path, mode in sorted(folders, reverse=True):
+        os.chmod(path, (mode & 0o777) | 0o700)
+
+
+def place_file(path, mode, size):
+    """Check that an uploaded file arrived whole, and give it its mode."""
+    if not isinstance(size, int):
+        raise AgentError(ERR_BAD_REQUEST, "Invalid size for %s" % show(path))
+    if size == 0 and not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
+    actual = os.path.getsize(path)
+    if actual != size:
+        raise AgentError(
+            ERR_INVALID,
+            "The upload is incomplete: %s has %d of %d bytes" % (show(path), actual, size),
+        )
+    os.chmod(path, (mode & 0o777) | 0o600)
+
+
+# -- the supervisor ---------------------------------------------------------
+
+
+class Supervisor(object):
+    """Starts one job, waits for it, and records how it ended."""
+
+    def __init__(self, job_dir):
+        self.job_dir = job_dir
+        self.job = read_json(os.path.join(job_dir, JOB_FILE))
+        self.record = read_json(os.path.join(job_dir, STATUS_FILE))
+        self.grace = float(self.job.get("kill_grace", KILL_GRACE))
+        self.pgid = None
+        self.kill_requested = False
+
+    def run(self):
+        """Supervise the job from start to end; returns the process exit code."""
+        signal.signal(signal.SIGTERM, self.on_kill_request)
+        signal.signal(signal.SIGALRM, self.on_grace_expired)
+        for ignored in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+            signal.signal(ignored, signal.SIG_IGN)
+        become_subreaper()
+        self.record["supervisor"] = identify_process(os.getpid())
+        try:
+            proc = self.start_job()
+        except OSError as exc:
+            self.report_started()
+            self.fail_to_start(exc)
+            return 0
+        self.pgid = proc.pid
+        self.record.update(
+            state=STATE_RUNNING, started_at=now_iso(), job=identify_process(proc.pid)
+        )
+        self.save()
+        self.report_started()
+        if self.kill_requested:
+            self.on_kill_request(signal.SIGTERM, None)
+        wait_status = wait_for_child(proc.pid)
+        terminate_group(self.pgid, self.grace)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.finish(wait_status)
+        return 0
+
+    def start_job(self):
+        """Spawn the job's script in its own session, output to tej's files."""
+        work = os.path.join(self.job_dir, WORK_DIR)
+        script = os.path.join(work, self.job["script"])
+        env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        out = os.open(os.path.join(self.job_dir, STDOUT_FILE), flags, 0o600)
+        err = os.open(os.path.join(self.job_dir, STDERR_FILE), flags, 0o600)
+        try:
+            return subprocess.Popen(
+                script_command(script) + list(self.job.get("args", [])),
+                cwd=work,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                close_fds=True,
+                start_new_session=True,
+                restore_signals=True,
+            )
+        finally:
+            os.close(out)
+            os.close(err)
+
+    def report_started(self):
+        """Tell the agent that started us that the job is under way."""
+        os.write(1, b"started\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+    def fail_to_start(self, exc):
+        """Record a job whose script could not be executed, as a shell would."""
+        message = "tej: cannot run %s: %s\n" % (self.job["script"], exc.strerror or exc)
+        with open(os.path.join(self.job_dir, STDERR_FILE), "a") as stream:
+            stream.write(message)
+        code = 127 if exc.errno == errno.ENOENT else 126
+        started = now_iso()
+        self.record.update(
+            state=STATE_FINISHED, started_at=started, ended_at=started, exit_code=code
+        )
+        self.save()
+
+    def on_kill_request(self, _signum, _frame):
+        """SIGTERM from `tej kill`: terminate the job's group, then SIGKILL after grace."""
+        self.kill_requested = True
+        if self.pgid is not None:
+            signal_group(self.pgid, signal.SIGTERM)
+            signal.setitimer(signal.ITIMER_REAL, self.grace)
+
+    def on_grace_expired(self, _signum, _frame):
+        """The grace period after SIGTERM is over: SIGKILL what is left."""
+        if self.pgid is not None:
+            signal_group(self.pgid, signal.SIGKILL)
+
+    def finish(self, wait_status):
+        """Record the job's end state and exit code."""
+        if os.WIFSIGNALED(wait_status):
+            signum = os.WTERMSIG(wait_status)
+            self.record.update(exit_code=128 + signum, signal=signal_name(signum))
+        else:
+            self.record.update(exit_code=os.WEXITSTATUS(wait_status))
+        state = STATE_KILLED if self.kill_requested else STATE_FINISHED
+        self.record.update(state=state, ended_at=now_iso())
+        self.save()
+
+    def save(self):
+        """Write the status record atomically."""
+        write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record)
+
+
+def script_command(script):
+    """The command that runs a script: itself if executable, else its #! line or /bin/sh."""
+    if os.access(script, os.X_OK):
+        return [script]
+    with open(script, "rb") as stream:
+        first = stream.readline(4096)
+    if first.startswith(b"#!"):
+        interpreter, _, argument = first[2:].strip().partition(b" ")
+        command = [os.fsdecode(interpreter)]
+        if argument.strip():
+            command.append(os.fsdecode(argument.strip()))
+        return command + [script]
+    return ["/bin/sh", script]
+
+
+def become_subreaper():
+    """On Linux, adopt the job's orphaned descendants, so they can be reaped and counted."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_for_child(pid):
+    """Wait for the job's main process, reaping adopted orphans meanwhile."""
+    while True:
+        try:
+            reaped, wait_status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+        if reaped == pid:
+            return wait_status
+
+
+def reap_children():
+    """Reap every child that has exited, without blocking."""
+    while True:
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if reaped == 0:
+            return
+
+
+def terminate_group(pgid, grace):
+    """Terminate what is left of a process group: SIGTERM, then SIGKILL after grace."""
+    for signum, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        reap_children()
+        if not group_exists(pgid):
+            return
+        signal_group(pgid, signum)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            reap_children()
+            if not group_exists(pgid):
+                return
+            time.sleep(0.02)
+
+
+def signal_name(signum):
+    """The name of a signal number, such as SIGKILL."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "SIG%d" % signum
+
+
+def supervise(job_dir):
+    """Entry point of the supervisor process."""
+    try:
+        supervisor = Supervisor(job_dir)
+    except Exception as exc:  # noqa: BLE001 - reported to the agent that started us
+        sys.stderr.write("tej supervisor: %s\n" % exc)
+        return 1
+    return supervisor.run()
+
+
+def serve(channel):
+    """Answer requests on an execnet channel until the client closes it."""
+    agent = Agent()
+    for request in channel:
+        channel.send(agent.handle(request))
+
+
+def main(argv):
+    """Command-line entry point, used to run the supervisor."""
+    if len(argv) == 2 and argv[0] == "supervise":
+        return supervise(argv[1])
+    sys.stderr.write("usage: tej-agent supervise JOBDIR\n")
+    return 2
+
+
+if __name__ == "__channelexec__":
+    serve(channel)  # type: ignore[name-defined]  # noqa: F821 - provided by execnet
+elif __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

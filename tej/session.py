@@ -1,0 +1,302 @@
+"""A session: start the agent on a destination and exchange requests with it.
+
+The agent is started through our own bootstrap rather than execnet's
+``makegateway``, for three reasons: the ssh command line is ours (BatchMode,
+timeouts, keepalives, no forced compression), the server's stderr is captured
+so failures become one clear line, and the server's Python version is checked
+before execnet's own code is sent to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import execnet
+from execnet import gateway_base
+from execnet.gateway_io import Popen2IOMaster
+
+from tej import remote_agent as agent
+from tej.destination import ConnectOptions, Destination, agent_command
+from tej.errors import (
+    ConnectionFailed,
+    ProtocolError,
+    ServerPythonError,
+    TejError,
+    error_from_reply,
+)
+
+MIN_PYTHON = (3, 8)
+BOOT_MARKER = b"TEJ-BOOT "
+MAX_LOGIN_NOISE = 65536
+_BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
+# Stage one runs on any Python (2.7 included): it reports the version, and
+# only then reads execnet's code, which needs Python 3.8.
+_STAGE_ONE = (
+    "import sys\n"
+    "v = sys.version_info\n"
+    "sys.stdout.write('TEJ-BOOT %d.%d.%d\\n' % (v[0], v[1], v[2]))\n"
+    "sys.stdout.flush()\n"
+    f"if v < {MIN_PYTHON!r}:\n"
+    "    sys.exit(3)\n"
+    "exec(eval(sys.stdin.readline()))\n"
+)
+_gateway_ids = itertools.count(1)
+
+AGENT_SOURCE = Path(agent.__file__).read_text(encoding="utf-8")
+AGENT_DIGEST = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
+
+
+class _AgentIO(Popen2IOMaster):
+    """execnet IO over a child process whose stderr we keep."""
+
+    def __init__(self, args: list[str], stderr: IO[bytes]) -> None:
+        execmodel = gateway_base.get_execmodel("thread")
+        self.popen = process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        gateway_base.Popen2IO.__init__(self, process.stdin, process.stdout, execmodel=execmodel)
+
+
+class Session:
+    """One connection to the agent on a destination, serving many requests."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        options: ConnectOptions | None = None,
+        request_timeout: float = 300.0,
+    ) -> None:
+        self.destination = destination
+        self.options = options or ConnectOptions()
+        self.request_timeout = request_timeout
+        self.server: dict[str, Any] = {}
+        self._stderr: IO[bytes] | None = None
+        self._io: _AgentIO | None = None
+        self._group: execnet.Group | None = None
+        self._channel: Any = None
+
+    def __enter__(self) -> Session:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # opening and closing
+
+    def open(self) -> None:
+        """Start the agent on the destination and shake hands with it."""
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
+        argv = agent_command(self.destination, self.options, _BOOTSTRAP_LINE)
+        try:
+            self._io = _AgentIO(argv, self._stderr)
+        except OSError as exc:
+            self.close()
+            raise self._start_failure(argv[0], exc) from None
+        try:
+            self._bootstrap(self._io)
+            self._channel = self._start_agent(self._io)
+            self.server = self.call("hello", protocol=agent.PROTOCOL_VERSION, digest=AGENT_DIGEST)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_failure(self, program: str, exc: OSError) -> TejError:
+        if self.destination.is_local:
+            return ServerPythonError(f"Cannot run Python {program!r}: {exc.strerror}")
+        return ConnectionFailed(f"Cannot run {program!r}: {exc.strerror}")
+
+    def _bootstrap(self, io: _AgentIO) -> None:
+        """Check the server's Python, then send execnet's code; with a deadline."""
+        watchdog = threading.Timer(self._bootstrap_timeout(), io.popen.kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            io.write((repr(_STAGE_ONE) + "\n").encode())
+            version = self._read_boot_line(io)
+            if version < MIN_PYTHON:
+                raise ServerPythonError(
+                    f"Python {'.'.join(map(str, version))} on {self.destination} is too old: "
+                    f"tej needs Python {'.'.join(map(str, MIN_PYTHON))} or newer (see --python)"
+                )
+            io.write((repr(self._stage_two()) + "\n").encode())
+            if io.read(1) != b"1":
+                raise ProtocolError(f"The agent on {self.destination} did not start properly")
+        except (EOFError, OSError, ValueError):
+            raise self._failure_from_exit(watchdog.is_alive()) from None
+        finally:
+            watchdog.cancel()
+
+    def _bootstrap_timeout(self) -> float:
+        return self.options.connect_timeout * 2 + 30.0
+
+    @staticmethod
+    def _stage_two() -> str:
+        return "\n".join(
+            [
+                inspect.getsource(gateway_base),
+                "execmodel = get_execmodel('thread')",
+                "io = init_popen_io(execmodel)",
+                "io.write('1'.encode('ascii'))",
+                "serve(io, id='tej-agent')",
+            ]
+        )
+
+    def _read_boot_line(self, io: _AgentIO) -> tuple[int, ...]:
+        """Skip what login scripts print, up to the line that gives Python's version."""
+        noise = b""
+        while len(noise) < MAX_LOGIN_NOISE:
+            line = b""
+            while not line.endswith(b"\n"):
+                line += io.read(1)
+            if line.startswith(BOOT_MARKER):
+                return tuple(int(part) for part in line[len(BOOT_MARKER) :].split(b"."))
+            noise += line
+        raise ProtocolError(
+            f"The login scripts on {self.destination} print too much to standard output"
+        )
+
+    def _failure_from_exit(self, in_time: bool) -> TejError:
+        """Explain why the agent's process ended during the bootstrap."""
+        assert self._io is not None
+        try:
+            code = self._io.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._io.popen.kill()
+            code = None
+        detail = self.stderr_tail()
+        where = self.destination
+        if not in_time:
+            return ConnectionFailed(
+                f"Timed out connecting to {where} after {self._bootstrap_timeout():.0f} s"
+            )
+        if code == 255 and not where.is_local:
+            return ConnectionFailed(f"Cannot connect to {where}: {detail or 'ssh failed'}")
+        if code in (126, 127):
+            python = " ".join(self.options.python_command(where))
+            return ServerPythonError(
+                f"Cannot run {python!r} on {where}: {detail or 'not found'}; "
+                "install Python 3.8+ there or choose it with --python"
+            )
+        return ConnectionFailed(
+            f"The agent could not start on {where} (exit code {code}): {detail or 'no message'}"
+        )
+
+    def _start_agent(self, io: _AgentIO) -> Any:
+        spec = execnet.XSpec(f"popen//id=tej-{next(_gateway_ids)}")
+        spec.execmodel = "thread"
+        self._group = execnet.Group()
+        gateway = execnet.Gateway(io, spec)
+        self._group._register(gateway)
+        return gateway.remote_exec(AGENT_SOURCE)
+
+    def stderr_tail(self) -> str:
+        """The last meaningful line the server (or ssh) wrote to stderr."""
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        lines = [line.strip() for line in lines if line.strip()]
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        """End the session: stop the agent and its connection (jobs keep running)."""
+        group, self._group, self._channel = self._group, None, None
+        if group is not None:
+            for gateway in list(group):
+                gateway.exit()
+            group.terminate(timeout=2.0)
+        elif self._io is not None:
+            self._io.kill()
+            self._io.wait()
+        self._io = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    # requests
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result; raises the matching TejError."""
+        self._send(op, args)
+        return self._receive()
+
+    def pipeline(
+        self, requests: Iterable[tuple[str, dict[str, Any]]], window: int = 8
+    ) -> Iterator[Any]:
+        """Send requests keeping up to window of them in flight; yield results in order.
+
+        On an error reply, no new request is sent, the ones in flight are
+        drained (so the session stays usable) and the first error is raised.
+        """
+        in_flight = 0
+        error: TejError | None = None
+        for op, args in requests:
+            if in_flight >= window:
+                in_flight -= 1
+                try:
+                    yield self._receive()
+                except (ConnectionFailed, ProtocolError):
+                    raise
+                except TejError as exc:
+                    error = exc
+                    break
+            self._send(op, args)
+            in_flight += 1
+        for _ in range(in_flight):
+            try:
+                result = self._receive()
+            except (ConnectionFailed, ProtocolError):
+                raise
+            except TejError as exc:
+                error = error or exc
+                continue
+            if error is None:
+                yield result
+        if error is not None:
+            raise error
+
+    def _send(self, op: str, args: dict[str, Any]) -> None:
+        if self._channel is None:
+            raise ConnectionFailed(f"The session with {self.destination} is closed")
+        try:
+            self._channel.send({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
+        except (OSError, EOFError, ValueError) as exc:
+            raise self._lost(exc) from None
+
+    def _receive(self) -> Any:
+        channel = self._channel
+        if channel is None:
+            raise ConnectionFailed(f"The session with {self.destination} is closed")
+        try:
+            reply = channel.receive(timeout=self.request_timeout)
+        except channel.TimeoutError:
+            self.close()
+            raise ConnectionFailed(
+                f"No answer from {self.destination} in {self.request_timeout:.0f} s"
+            ) from None
+        except (OSError, EOFError, channel.RemoteError) as exc:
+            raise self._lost(exc) from None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise ProtocolError(f"Unexpected reply from the agent: {reply!r:.200}")
+        if reply["ok"]:
+            return reply.get("result")
+        raise error_from_reply(str(reply.get("error")), str(reply.get("message")))
+
+    def _lost(self, exc: BaseException) -> ConnectionFailed:
+        lines = str(exc).strip().splitlines()
+        detail = self.stderr_tail() or (lines[-1] if lines else type(exc).__name__)
+        self.close()
+        return ConnectionFailed(f"Lost the connection to {self.destination}: {detail}")

@@ -1,0 +1,60 @@
+"""Shared fixtures: a real sshd on loopback and helpers to look at its side as the SSH user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
+
+
+@pytest.fixture(scope="session")
+def ssh_server() -> Iterator[SshServer]:
+    """Yield a real sshd on 127.0.0.1 for the session; skip if unavailable, but fail in CI."""
+    reason = sshd_available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"SSH tests must run in CI, but sshd is unavailable: {reason}")
+        pytest.skip(f"sshd unavailable: {reason}")
+    server = start_sshd()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_tmp(ssh_server: SshServer) -> Iterator[str]:
+    """Yield a fresh empty directory in the SSH user's home, owned by that user; remove it after."""
+    base = Path(ssh_server.home) / "tejtests"
+    base.mkdir(mode=0o755, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="t-", dir=base))
+    if is_root():
+        os.chown(base, ssh_server.uid, ssh_server.gid)
+        os.chown(path, ssh_server.uid, ssh_server.gid)
+    yield str(path)
+    _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a tree, even parts a test made read-only (which only stops a non-root owner)."""
+    try:
+        shutil.rmtree(path)
+    except PermissionError:
+        path.chmod(0o700)
+        for parent, dirnames, _files in os.walk(path):
+            for name in dirnames:
+                os.chmod(os.path.join(parent, name), 0o700, follow_symlinks=False)
+        shutil.rmtree(path)
+
+
+@pytest.fixture
+def ssh_user_run(ssh_server: SshServer) -> UserRunner:
+    """Return `run(argv, *, timeout=30.0, input=None)`, which runs argv as the SSH user here.
+
+    It runs without ssh (via runuser when root), in the user's home, and returns a
+    CompletedProcess with text stdout and stderr; it never raises on a non-zero exit.
+    """
+    return ssh_server.run_as_user
