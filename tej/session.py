@@ -214,13 +214,13 @@ class Session:
     def close(self) -> None:
         """End the session: stop the agent and its connection (jobs keep running)."""
         group, self._group, self._channel = self._group, None, None
-        if group is not None:
-            for gateway in list(group):
-                gateway.exit()
-            group.terminate(timeout=2.0)
-        elif self._io is not None:
-            self._io.kill()
-            self._io.wait()
+        gateways = list(group) if group is not None else []
+        for gateway in gateways:
+            gateway.exit()
+        if self._io is not None:
+            _stop_process(self._io.popen, timeout=0 if not gateways else 3.0)
+        for gateway in gateways:
+            gateway.join(timeout=1.0)
         self._io = None
         if self._stderr is not None:
             self._stderr.close()
@@ -300,3 +300,12 @@ class Session:
         detail = self.stderr_tail() or (lines[-1] if lines else type(exc).__name__)
         self.close()
         return ConnectionFailed(f"Lost the connection to {self.destination}: {detail}")
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a process to end by itself for up to timeout seconds, then kill it."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
