@@ -160,8 +160,8 @@ class RemoteQueue:
         self.close()
 
     def session(self) -> Session:
-        """The open session, connecting on first use."""
-        if self._session is None:
+        """The open session, connecting on first use (and again after a lost connection)."""
+        if self._session is None or not self._session.is_open:
             session = Session(self.destination, self.options)
             session.open()
             self._session = session

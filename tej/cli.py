@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,7 +14,7 @@ import click
 
 from tej import __version__
 from tej.api import DEFAULT_QUEUE, JobState, JobStatus, RemoteQueue
-from tej.errors import InvalidInput, TejError
+from tej.errors import InvalidInput, JobNotFound, TejError
 
 EXIT_INTERRUPTED = 130
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,61 +45,86 @@ def emit_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
-def tej_command(function: F) -> F:
-    """Run a command body; the one place where errors become messages and exit codes."""
-
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        as_json = kwargs.get("as_json", False)
-        try:
-            return function(*args, **kwargs)
-        except TejError as exc:
-            if as_json:
-                emit_json({"error": type(exc).__name__, "message": str(exc)})
-            else:
-                click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-
-    return wrapper  # type: ignore[return-value]
+def report_error(exc: TejError, as_json: bool) -> None:
+    """Print an anticipated error: one line on stderr, or a JSON document."""
+    if as_json:
+        emit_json({"error": type(exc).__name__, "message": str(exc)})
+    else:
+        click.echo(f"{exc.prefix}{exc}", err=True)
 
 
-def queue_options(function: F) -> F:
-    """The options every command shares: destination, queue, connection, output."""
-    decorators = [
-        click.argument("destination"),
-        click.option(
-            "--queue",
-            default=DEFAULT_QUEUE,
-            envvar="TEJ_QUEUE",
-            show_default=True,
-            help="Queue directory on the server (or a link to one).",
-        ),
-        click.option(
-            "--ssh-config",
-            envvar="TEJ_SSH_CONFIG",
-            type=click.Path(dir_okay=False),
-            help="ssh configuration file (passed as ssh -F).",
-        ),
-        click.option(
-            "--python",
-            envvar="TEJ_PYTHON",
-            help="Python interpreter on the server [default: python3].",
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
-    ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+COMMON_OPTIONS = [
+    click.argument("destination"),
+    click.option(
+        "--queue",
+        default=DEFAULT_QUEUE,
+        envvar="TEJ_QUEUE",
+        show_default=True,
+        help="Queue directory on the server (or a link to one).",
+    ),
+    click.option(
+        "--ssh-config",
+        envvar="TEJ_SSH_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="ssh configuration file (passed as ssh -F).",
+    ),
+    click.option(
+        "--python",
+        envvar="TEJ_PYTHON",
+        help="Python interpreter on the server [default: python3].",
+    ),
+    click.option(
+        "--connect-timeout",
+        envvar="TEJ_CONNECT_TIMEOUT",
+        type=click.IntRange(1, 3600),
+        default=15,
+        show_default=True,
+        help="Seconds to wait for the server before giving up.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+]
 
 
-def open_queue(
-    destination: str, queue: str, ssh_config: str | None, python: str | None
-) -> RemoteQueue:
-    """The RemoteQueue a command works on."""
-    return RemoteQueue(destination, queue, python=python, ssh_config=ssh_config)
+def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
+    """Declare a command that works on a queue: `tej NAME DESTINATION [options]`.
+
+    The command's function receives an open RemoteQueue as `remote`. This is
+    the one place where errors become messages and exit codes.
+    """
+
+    def decorate(function: F) -> click.Command:
+        @functools.wraps(function)
+        def run(
+            destination: str,
+            queue: str,
+            ssh_config: str | None,
+            python: str | None,
+            connect_timeout: int,
+            as_json: bool,
+            **kwargs: Any,
+        ) -> None:
+            try:
+                remote = RemoteQueue(
+                    destination,
+                    queue,
+                    python=python,
+                    ssh_config=ssh_config,
+                    connect_timeout=connect_timeout,
+                )
+                with remote:
+                    function(remote=remote, as_json=as_json, **kwargs)
+            except TejError as exc:
+                report_error(exc, as_json)
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                click.echo("Error: interrupted", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+
+        for option in reversed(COMMON_OPTIONS):
+            run = option(run)
+        return cli.command(name)(run)
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,19 +137,14 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--make-link", "links", multiple=True, help="Make a link at PATH to the queue.")
 @click.option("--make-default-link", is_flag=True, help=f"Make a link at {DEFAULT_QUEUE}.")
 @click.option("--force", is_flag=True, help="Reconfigure an existing queue; replace links.")
 @click.option("--only-links", is_flag=True, help="Only make the links.")
 @click.option("--plugin", default="default", show_default=True, help="Runner of the queue.")
-@tej_command
 def setup(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
+    remote: RemoteQueue,
     as_json: bool,
     links: tuple[str, ...],
     make_default_link: bool,
@@ -132,23 +153,15 @@ def setup(
     plugin: str,
 ) -> None:
     """Create the queue on the server (else it is made on first use)."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        result = remote.setup(
-            links=links,
-            default_link=make_default_link,
-            force=force,
-            only_links=only_links,
-            runner=plugin,
-        )
+    result = remote.setup(
+        links=links,
+        default_link=make_default_link,
+        force=force,
+        only_links=only_links,
+        runner=plugin,
+    )
     if as_json:
-        emit_json(
-            {
-                "queue": result.queue,
-                "created": result.created,
-                "runner": result.runner,
-                "links": list(result.links),
-            }
-        )
+        emit_json(dataclasses.asdict(result))
         return
     if not only_links:
         verb = "Created" if result.created else "Reconfigured"
@@ -157,25 +170,15 @@ def setup(
         click.echo(f"Made link {link} -> {result.queue}")
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--id", "job_id", help="Identifier of the job [default: <dirname>_<user>_<random>].")
 @click.option("--script", help="Script to run, relative to DIRECTORY [default: start.sh].")
-@click.argument("directory", type=click.Path(file_okay=True, dir_okay=True))
-@tej_command
+@click.argument("directory")
 def submit(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
-    as_json: bool,
-    job_id: str | None,
-    script: str | None,
-    directory: str,
+    remote: RemoteQueue, as_json: bool, job_id: str | None, script: str | None, directory: str
 ) -> None:
     """Upload DIRECTORY and start its script at once."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        new_id = remote.submit(directory, job_id=job_id, script=script)
+    new_id = remote.submit(directory, job_id=job_id, script=script)
     if as_json:
         emit_json({"id": new_id})
     else:
@@ -183,42 +186,24 @@ def submit(
         click.echo(new_id)
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--id", "job_id", required=True, help="Identifier of the job.")
-@tej_command
-def status(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
-    as_json: bool,
-    job_id: str,
-) -> None:
+def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     """Show the state of a job."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        try:
-            result = remote.status(job_id)
-        except TejError as exc:
-            if type(exc).__name__ == "JobNotFound" and not as_json:
-                click.echo("No job with that identifier")
-                sys.exit(exc.exit_code)
-            raise
+    try:
+        result = remote.status(job_id)
+    except JobNotFound:
+        raise JobNotFound("No job with that identifier") from None
     if as_json:
         emit_json(result.to_json())
     else:
         click.echo(describe_status(result))
 
 
-@cli.command(name="list")
-@queue_options
-@tej_command
-def list_jobs(
-    destination: str, queue: str, ssh_config: str | None, python: str | None, as_json: bool
-) -> None:
+@queue_command("list")
+def list_jobs(remote: RemoteQueue, as_json: bool) -> None:
     """List the jobs in the queue."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        jobs = remote.list()
+    jobs = remote.list()
     if as_json:
         emit_json([job.to_json() for job in jobs])
         return
@@ -231,27 +216,11 @@ def list_jobs(
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--id", "job_id", required=True, help="Identifier of the job.")
-@tej_command
-def kill(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
-    as_json: bool,
-    job_id: str,
-) -> None:
+def kill(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     """Kill a job and every process it started."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        try:
-            result = remote.kill(job_id)
-        except TejError as exc:
-            if type(exc).__name__ == "JobNotFound" and not as_json:
-                click.echo(f"No job {job_id!r}")
-                sys.exit(exc.exit_code)
-            raise
+    result = remote.kill(job_id)
     if as_json:
         emit_json({"killed": result.killed, "status": result.status.to_json()})
     elif result.killed:
@@ -260,57 +229,35 @@ def kill(
         click.echo(f"Job {job_id!r} has already completed")
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--id", "job_id", required=True, help="Identifier of the job.")
 @click.option("--force", is_flag=True, help="Kill the job first if it is still running.")
-@tej_command
-def delete(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
-    as_json: bool,
-    job_id: str,
-    force: bool,
-) -> None:
+def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None:
     """Delete a job and its files from the server."""
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        remote.delete(job_id, force=force)
+    remote.delete(job_id, force=force)
     if as_json:
         emit_json({"id": job_id, "deleted": True})
     else:
         click.echo(f"Deleted job {job_id!r}")
 
 
-@cli.command()
-@queue_options
+@queue_command()
 @click.option("--id", "job_id", required=True, help="Identifier of the job.")
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
-@tej_command
-def download(
-    destination: str,
-    queue: str,
-    ssh_config: str | None,
-    python: str | None,
-    as_json: bool,
-    job_id: str,
-    specs: tuple[str, ...],
-) -> None:
+def download(remote: RemoteQueue, as_json: bool, job_id: str, specs: tuple[str, ...]) -> None:
     """Download files of a job: `path` to ./<basename>, `path:` to stdout, `path:dest`."""
     plan = [parse_download_spec(spec) for spec in specs]
     if as_json and any(local is None for _, local in plan):
         raise InvalidInput("--json can't be combined with printing a file (path:)")
     saved = []
-    with open_queue(destination, queue, ssh_config, python) as remote:
-        for path, local in plan:
-            if local is None:
-                out = click.get_binary_stream("stdout")
-                for chunk in remote.read(job_id, path):
-                    out.write(chunk)
-                out.flush()
-            else:
-                saved.append({"path": path, "local": remote.download(job_id, path, local)})
+    for path, local in plan:
+        if local is None:
+            out = click.get_binary_stream("stdout")
+            for chunk in remote.read(job_id, path):
+                out.write(chunk)
+            out.flush()
+        else:
+            saved.append({"path": path, "local": remote.download(job_id, path, local)})
     if as_json:
         emit_json({"id": job_id, "files": saved})
 

@@ -9,6 +9,8 @@ class TejError(Exception):
     """Root of every error tej reports; its message is meant for the user."""
 
     exit_code = 1
+    #: What the command line prints before the message.
+    prefix = "Error: "
 
 
 class InvalidInput(TejError):
@@ -41,6 +43,7 @@ class JobNotFound(TejError):
     """There is no job with the given identifier."""
 
     exit_code = 3
+    prefix = ""  # "No job 'x'" reads as an answer, as in `tej status`/`tej kill`
 
 
 class JobStateError(TejError):

@@ -115,7 +115,9 @@ class Session:
 
     def _start_failure(self, program: str, exc: OSError) -> TejError:
         if self.destination.is_local:
-            return ServerPythonError(f"Cannot run Python {program!r}: {exc.strerror}")
+            return ServerPythonError(
+                f"Cannot run Python {program!r}: {exc.strerror}; choose one with --python"
+            )
         return ConnectionFailed(f"Cannot run {program!r}: {exc.strerror}")
 
     def _bootstrap(self, io: _AgentIO) -> None:
@@ -190,8 +192,14 @@ class Session:
                 f"Cannot run {python!r} on {where}: {detail or 'not found'}; "
                 "install Python 3.8+ there or choose it with --python"
             )
+        if not detail:
+            python = " ".join(self.options.python_command(where))
+            return ServerPythonError(
+                f"{python!r} on {where} exited (code {code}) without starting the agent: "
+                "is it a Python interpreter? Choose one with --python"
+            )
         return ConnectionFailed(
-            f"The agent could not start on {where} (exit code {code}): {detail or 'no message'}"
+            f"The agent could not start on {where} (exit code {code}): {detail}"
         )
 
     def _start_agent(self, io: _AgentIO) -> Any:
@@ -295,11 +303,16 @@ class Session:
             return reply.get("result")
         raise error_from_reply(str(reply.get("error")), str(reply.get("message")))
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the session can still carry requests."""
+        return self._channel is not None
+
     def _lost(self, exc: BaseException) -> ConnectionFailed:
-        lines = str(exc).strip().splitlines()
-        detail = self.stderr_tail() or (lines[-1] if lines else type(exc).__name__)
+        detail = self.stderr_tail()
         self.close()
-        return ConnectionFailed(f"Lost the connection to {self.destination}: {detail}")
+        reason = f": {detail}" if detail else " (the connection closed)"
+        return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
