@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -68,12 +69,25 @@ def parse_destination(text: str) -> Destination:
         return Destination()
     if text.startswith("ssh://"):
         return _parse_url(text)
-    user, _, host = text.rpartition("@")
-    return _checked(text, host, user or None, None)
+    user, at, host = text.rpartition("@")
+    if ":" in host and not _is_ipv6(host):
+        raise InvalidInput(f"Invalid destination {text!r}: to give a port, use ssh://host:port")
+    return _checked(text, host, user if at else None, None)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_url(text: str) -> Destination:
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise InvalidInput(f"Invalid destination {text!r}: {exc}") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise InvalidInput(f"Invalid destination {text!r}: use ssh://[user@]host[:port]")
     userinfo, _, hostport = parts.netloc.rpartition("@")
@@ -87,13 +101,14 @@ def _parse_url(text: str) -> Destination:
     else:
         host, _, port_text = hostport.partition(":")
     port = _parse_port(text, port_text)
-    return _checked(text, unquote(host), unquote(userinfo) or None, port)
+    user = unquote(userinfo) if "@" in parts.netloc else None
+    return _checked(text, unquote(host), user, port)
 
 
 def _parse_port(text: str, port_text: str) -> int | None:
     if not port_text:
         return None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) < 65536:
         raise InvalidInput(f"Invalid port in destination {text!r}")
     return int(port_text)
 
@@ -103,7 +118,7 @@ def _checked(text: str, host: str, user: str | None, port: int | None) -> Destin
         raise InvalidInput(
             f"Invalid destination {text!r}: expected local, [user@]host or ssh://..."
         )
-    if user is not None and (user.startswith("-") or not _NAME.match(user) or ":" in user):
+    if user is not None and (not _NAME.match(user) or user.startswith("-") or ":" in user):
         raise InvalidInput(f"Invalid user name in destination {text!r}")
     return Destination(host=host, user=user, port=port)
 

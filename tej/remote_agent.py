@@ -242,14 +242,47 @@ def is_same_process(identity):
 
 
 def group_exists(pgid):
-    """Whether any process is left in the process group."""
+    """Whether any live (non-zombie) process is left in the process group."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return has_live_member(pgid)
+
+
+def has_live_member(pgid):
+    """Whether /proc shows a non-zombie process in the group (True where /proc is absent)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as stream:
+                fields = stream.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def owns_group(identity):
+    """Whether the group led by this recorded process can only hold the job's processes.
+
+    The group's id is the leader's pid: if that pid now belongs to another
+    process, or the server rebooted, the group is not the job's.
+    """
+    if not identity or not identity.get("pid"):
+        return False
+    if identity.get("boot") and identity.get("boot") != boot_id():
+        return False
+    start = process_start(identity["pid"])
+    return start is False or start is None or identity.get("start") in (None, start)
 
 
 def signal_group(pgid, signum):
@@ -540,8 +573,11 @@ class Agent(object):
             raise AgentError(
                 ERR_INVALID, "Unknown plugin %r (available: %s)" % (runner, ", ".join(RUNNERS))
             )
+        if not isinstance(links, (list, tuple)):
+            raise AgentError(ERR_BAD_REQUEST, "links must be a list")
         root = resolve_queue_path(queue)
         existing = load_queue(root)
+        paths = [self.link_location(link, root, force) for link in links]
         created = False
         if not only_links:
             if existing is not None and not force:
@@ -554,11 +590,17 @@ class Agent(object):
             else:
                 config = dict(existing.config, runner=runner)
                 write_json_atomic(os.path.join(root, QUEUE_CONFIG), config)
-        made = [self.make_link(link, root, force) for link in links]
-        return {"queue": root, "created": created, "runner": runner, "links": made}
+        for path in paths:
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, 0o700)
+            write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
+        return {"queue": root, "created": created, "runner": runner, "links": paths}
 
-    def make_link(self, link, root, force):
-        """Write a link file at link that redirects to the queue at root."""
+    def link_location(self, link, root, force):
+        """Check that a link to root can be written at link; returns its absolute path."""
+        if not isinstance(link, str) or not link:
+            raise AgentError(ERR_INVALID, "A link path can't be empty")
         path = os.path.abspath(os.path.expanduser(link))
         if path == root:
             raise AgentError(ERR_INVALID, "A link can't point to itself: %s" % path)
@@ -572,10 +614,6 @@ class Agent(object):
                 raise AgentError(
                     ERR_QUEUE, "%s already links to %s (use --force to replace it)" % (path, target)
                 )
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700)
-        write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
         return path
 
     def install_agent(self, queue, source):
@@ -616,9 +654,7 @@ class Agent(object):
     def upload_data(self, queue, token, chunks):
         """Write chunks [path, offset, data] of the job's files into staging."""
         work = os.path.join(self.staging_dir(open_queue(queue, create=False), token), WORK_DIR)
-        for relpath, offset, data in chunks:
-            if not isinstance(offset, int) or offset < 0 or not isinstance(data, bytes):
-                raise AgentError(ERR_BAD_REQUEST, "Invalid chunk for %s" % show(relpath))
+        for relpath, offset, data in checked_rows(chunks, (bytes, int, bytes)):
             parts = relative_parts(relpath)
             if not parts:
                 raise AgentError(ERR_INVALID, "Invalid file path %s" % show(relpath))
@@ -646,10 +682,14 @@ class Agent(object):
         if not os.path.exists(supervisor_path):
             raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
         staging = self.staging_dir(queue, token)
-        job = validate_job(job or {})
-        build_tree(os.path.join(staging, WORK_DIR), manifest)
-        check_script(os.path.join(staging, WORK_DIR), job["script"])
-        job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
+        try:
+            job = validate_job(job or {})
+            build_tree(os.path.join(staging, WORK_DIR), manifest)
+            check_script(os.path.join(staging, WORK_DIR), job["script"])
+            job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
+        except BaseException:
+            remove_tree(staging)  # a failed submit leaves nothing, not even the upload
+            raise
         try:
             self.start_supervisor(supervisor_path, job_dir)
         except BaseException:
@@ -661,10 +701,10 @@ class Agent(object):
         """Atomically move the staged job to jobs/ID; returns (id, job_dir)."""
         candidates = [job_id]
         if job_id is None:
-            validate_job_id(id_prefix + "_0")
+            if not isinstance(id_prefix, str):
+                raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
             candidates = ["%s_%06d" % (id_prefix, random.randrange(10**6)) for _ in range(50)]
-        else:
-            validate_job_id(job_id)
+        validate_job_id(candidates[0])
         for candidate in candidates:
             record = {"id": candidate, "state": STATE_STARTING, "submitted_at": now_iso()}
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
@@ -751,10 +791,11 @@ class Agent(object):
         return {"killed": False, "status": public_status(job_id, record)}
 
     def kill_orphan(self, job_id, job_dir, record, grace):
-        """Kill a job whose supervisor is gone, then record it as killed."""
+        """Kill what is left of a job whose supervisor is gone, and record it as killed."""
         job = record.get("job") or {}
-        if is_same_process(job):
-            terminate_group(job["pid"], grace)
+        if not (owns_group(job) and group_exists(job["pid"])):
+            return {"killed": False, "status": public_status(job_id, record)}
+        terminate_group(job["pid"], grace)
         record = dict(record, state=STATE_KILLED, ended_at=now_iso())
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
         return {"killed": True, "status": public_status(job_id, record)}
@@ -763,14 +804,15 @@ class Agent(object):
         """Delete a job's directory; a running job only with force (killed first)."""
         queue = self.existing_queue(queue)
         job_dir = queue.job_dir(job_id)
-        if current_record(job_dir).get("state") in ACTIVE_STATES:
-            if not force:
-                raise AgentError(
-                    ERR_JOB_RUNNING,
-                    "Job %r is still running: kill it first (tej kill), or delete with --force"
-                    % job_id,
-                )
-            self.kill(queue.root, job_id)
+        state = current_record(job_dir).get("state")
+        if state in ACTIVE_STATES and not force:
+            raise AgentError(
+                ERR_JOB_RUNNING,
+                "Job %r is still running: kill it first (tej kill), or delete with --force"
+                % job_id,
+            )
+        if state in ACTIVE_STATES or state == STATE_LOST:
+            self.kill(queue.root, job_id)  # a lost job may have processes left
         trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
@@ -806,11 +848,24 @@ class Agent(object):
     def read_chunks(self, queue, job_id, chunks):
         """Read chunks [path, offset, length] of a job's files."""
         data = []
-        for relpath, offset, length in chunks:
+        for relpath, offset, length in checked_rows(chunks, (bytes, int, int)):
             with open(self.job_path(queue, job_id, relpath), "rb") as stream:
                 stream.seek(offset)
                 data.append(stream.read(min(length, 1 << 24)))
         return data
+
+
+def checked_rows(rows, types):
+    """Check a list of rows of the given types (ints non-negative); BadRequest otherwise."""
+    if not isinstance(rows, list):
+        raise AgentError(ERR_BAD_REQUEST, "Expected a list of rows")
+    for row in rows:
+        valid = isinstance(row, list) and len(row) == len(types)
+        for value, kind in zip(row if valid else (), types):
+            valid = valid and isinstance(value, kind) and not (kind is int and value < 0)
+        if not valid:
+            raise AgentError(ERR_BAD_REQUEST, "Invalid row %r" % (row,))
+    return rows
 
 
 def internal_error(exc):
@@ -954,8 +1009,10 @@ class Supervisor(object):
         """Supervise the job from start to end; returns the process exit code."""
         signal.signal(signal.SIGTERM, self.on_kill_request)
         signal.signal(signal.SIGALRM, self.on_grace_expired)
-        for ignored in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
-            signal.signal(ignored, signal.SIG_IGN)
+        for ignored in (signal.SIGHUP, signal.SIGINT):
+            # A handler, not SIG_IGN: handlers are reset by exec, so the job
+            # starts with the default dispositions.
+            signal.signal(ignored, ignore_signal)
         become_subreaper()
         self.record["supervisor"] = identify_process(os.getpid())
         try:
@@ -986,18 +1043,14 @@ class Supervisor(object):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         out = os.open(os.path.join(self.job_dir, STDOUT_FILE), flags, 0o600)
         err = os.open(os.path.join(self.job_dir, STDERR_FILE), flags, 0o600)
+        args = list(self.job.get("args", []))
         try:
-            return subprocess.Popen(
-                script_command(script) + list(self.job.get("args", [])),
-                cwd=work,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                start_new_session=True,
-                restore_signals=True,
-            )
+            try:
+                return spawn(script_command(script) + args, work, env, out, err)
+            except OSError as exc:
+                if exc.errno != errno.ENOEXEC:
+                    raise
+                return spawn(["/bin/sh", script] + args, work, env, out, err)
         finally:
             os.close(out)
             os.close(err)
@@ -1047,6 +1100,25 @@ class Supervisor(object):
     def save(self):
         """Write the status record atomically."""
         write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record)
+
+
+def spawn(command, work, env, out, err):
+    """Start the job's command in a session of its own, detached from any terminal."""
+    return subprocess.Popen(
+        command,
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        close_fds=True,
+        start_new_session=True,
+        restore_signals=True,
+    )
+
+
+def ignore_signal(_signum, _frame):
+    """A signal handler that does nothing."""
 
 
 def script_command(script):

@@ -1,0 +1,1022 @@
+"""Fast tests of the server-side agent, driven directly (no ssh, no execnet).
+
+Jobs are real processes started by real supervisors; every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, TypeVar, Union
+
+import pytest
+
+import tej.session
+from tej import remote_agent as agent
+
+T = TypeVar("T")
+DEADLINE = 15.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class F(NamedTuple):
+    """A file of a job directory to upload."""
+
+    data: bytes
+    mode: int = 0o644
+
+
+class D(NamedTuple):
+    """A folder of a job directory to upload."""
+
+    mode: int = 0o755
+
+
+class L(NamedTuple):
+    """A symbolic link of a job directory to upload."""
+
+    target: str
+
+
+Entry = Union[F, D, L]
+
+
+def script(body: str, mode: int = 0o755, shebang: str = "#!/bin/sh\n") -> dict[str, Entry]:
+    """A job directory holding only start.sh."""
+    return {"start.sh": F((shebang + body).encode(), mode)}
+
+
+def manifest_of(tree: dict[str, Entry]) -> list[list[Any]]:
+    """The manifest rows the client would send for a tree."""
+    rows: list[list[Any]] = []
+    for path, entry in tree.items():
+        if isinstance(entry, F):
+            rows.append([path.encode(), "f", entry.mode, len(entry.data)])
+        elif isinstance(entry, D):
+            rows.append([path.encode(), "d", entry.mode, 0])
+        else:
+            rows.append([path.encode(), "l", 0o777, entry.target.encode()])
+    return rows
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
+    """Poll predicate until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def group_gone(pgid: int) -> bool:
+    """Whether no process (zombies included) is left in a process group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def process_gone(pid: int) -> bool:
+    """Whether a process no longer exists at all (reaped)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of a live process, from /proc; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(text.rsplit(b")", 1)[1].split()[1])
+
+
+def mode_of(path: Path) -> int:
+    """The permission bits of a path (not following symlinks)."""
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+class Harness:
+    """An Agent after its handshake, with one default queue in a temporary directory."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.queue = str(tmp_path / "queue")
+        self.agent = agent.Agent()
+        self.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request; the queue argument defaults to the harness's queue."""
+        if op != "hello":
+            args.setdefault("queue", self.queue)
+        reply = self.agent.handle({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
+        assert isinstance(reply, dict)
+        return reply
+
+    def ok(self, op: str, **args: Any) -> Any:
+        """Send a request that must succeed; return its result."""
+        reply = self.call(op, **args)
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def fail(self, error: str, op: str, **args: Any) -> str:
+        """Send a request that must fail with the given error type; return its message."""
+        reply = self.call(op, **args)
+        assert not reply["ok"] and reply["error"] == error, reply
+        return str(reply["message"])
+
+    def upload(self, tree: dict[str, Entry], queue: str | None = None) -> str:
+        """Stage a tree's file data; returns the upload token."""
+        queue = queue or self.queue
+        token = str(self.ok("upload_begin", queue=queue))
+        chunks = [[p.encode(), 0, e.data] for p, e in tree.items() if isinstance(e, F) and e.data]
+        if chunks:
+            self.ok("upload_data", queue=queue, token=token, chunks=chunks)
+        return token
+
+    def submit_reply(
+        self,
+        tree: dict[str, Entry],
+        queue: str | None = None,
+        manifest: list[list[Any]] | None = None,
+        token: str | None = None,
+        **request: Any,
+    ) -> dict[str, Any]:
+        """Upload and submit a tree, installing the agent if asked; returns the reply."""
+        queue = queue or self.queue
+        token = token or self.upload(tree, queue)
+        request.setdefault("id_prefix", "job")
+        request.setdefault("job", {"script": "start.sh", "args": []})
+        rows = manifest_of(tree) if manifest is None else manifest
+        reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+        if not reply["ok"] and reply["error"] == agent.ERR_AGENT_MISSING:
+            self.ok("install_agent", queue=queue, source=tej.session.AGENT_SOURCE)
+            reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+        return reply
+
+    def submit(self, tree: dict[str, Entry], **request: Any) -> str:
+        """Upload and submit a tree that must be accepted; returns the job id."""
+        reply = self.submit_reply(tree, **request)
+        assert reply["ok"], reply
+        return str(reply["result"])
+
+    def run(self, tree: dict[str, Entry], **request: Any) -> dict[str, Any]:
+        """Submit a job and wait for its end; returns its final status."""
+        return self.wait_end(self.submit(tree, **request), request.get("queue"))
+
+    def status(self, job_id: str, queue: str | None = None) -> dict[str, Any]:
+        """The job's public status."""
+        return dict(self.ok("status", queue=queue or self.queue, job_id=job_id))
+
+    def wait_end(self, job_id: str, queue: str | None = None) -> dict[str, Any]:
+        """Poll the job's status until it is in an end state."""
+        return wait_for(
+            lambda: (s := self.status(job_id, queue))["state"] in agent.END_STATES and s,
+            f"job {job_id} to end",
+        )
+
+    def job_dir(self, job_id: str, queue: str | None = None) -> Path:
+        """The job's directory in the queue."""
+        return Path(queue or self.queue) / agent.JOBS_DIR / job_id
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        """The job's raw status.json."""
+        return dict(json.loads((self.job_dir(job_id) / agent.STATUS_FILE).read_text()))
+
+    def jobs(self, queue: str | None = None) -> list[str]:
+        """The names in the queue's jobs folder."""
+        return sorted(os.listdir(Path(queue or self.queue) / agent.JOBS_DIR))
+
+    def cleanup(self) -> None:
+        """Kill whatever job is still alive under tmp, and wait for the supervisors."""
+        for path in self.tmp.rglob(agent.STATUS_FILE):
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text())
+                identity = record.get("job")
+                if agent.is_same_process(identity):
+                    agent.signal_group(identity["pid"], signal.SIGKILL)
+        for proc in self.agent.supervisors:
+            try:
+                proc.wait(timeout=DEADLINE)
+            except Exception:  # noqa: BLE001 - last resort in teardown
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """A fresh agent with a queue path under tmp_path (not created yet)."""
+    h = Harness(tmp_path)
+    yield h
+    h.cleanup()
+
+
+# -- the envelope ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        "hello",
+        None,
+        ["list"],
+        {"op": "list", "args": {}},
+        {"v": agent.PROTOCOL_VERSION + 1, "op": "list", "args": {}},
+        {"v": "1", "op": "list", "args": {}},
+        {"v": agent.PROTOCOL_VERSION, "op": "frobnicate", "args": {}},
+        {"v": agent.PROTOCOL_VERSION, "args": {}},
+        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": ["/tmp/q"]},
+        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": None},
+        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": {1: "/tmp/q"}},
+        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": {"queue": "/q", "bogus": 1}},
+        {"v": agent.PROTOCOL_VERSION, "op": "status", "args": {"queue": "/q"}},
+        {"v": agent.PROTOCOL_VERSION, "op": "hello", "args": {"protocol": 2, "digest": "x"}},
+    ],
+)
+def test_malformed_requests_get_bad_request_and_agent_keeps_serving(
+    harness: Harness, request_: Any
+) -> None:
+    reply = harness.agent.handle(request_)
+    assert reply["ok"] is False
+    assert reply["error"] == agent.ERR_BAD_REQUEST
+    assert isinstance(reply["message"], str) and reply["message"]
+    assert harness.ok("list") == []
+
+
+def test_hello_describes_the_server(harness: Harness) -> None:
+    info = harness.ok("hello", protocol=agent.PROTOCOL_VERSION, digest="abc")
+    assert info["protocol"] == agent.PROTOCOL_VERSION
+    assert info["pid"] == os.getpid()
+    assert info["python"] == "%d.%d.%d" % sys.version_info[:3]
+
+
+def test_install_agent_requires_hello(tmp_path: Path) -> None:
+    fresh = agent.Agent()
+    request = {"queue": str(tmp_path / "q"), "source": tej.session.AGENT_SOURCE}
+    reply = fresh.handle({"v": agent.PROTOCOL_VERSION, "op": "install_agent", "args": request})
+    assert reply["error"] == agent.ERR_BAD_REQUEST
+    assert "hello" in reply["message"]
+
+
+# -- job identifiers -----------------------------------------------------------
+
+VALID_IDS = ["a", "Job_1", "A-z_0.9+=@%:,", "x" * agent.MAX_ID_LENGTH, "...", "-n", ".x"]
+INVALID_IDS: list[Any] = [
+    "",
+    ".",
+    "..",
+    "a/b",
+    "/abs",
+    "a b",
+    "a\nb",
+    "a;b",
+    "$HOME",
+    "é",
+    "x" * (agent.MAX_ID_LENGTH + 1),
+    5,
+    ["a"],
+    b"abc",
+]
+
+
+@pytest.mark.parametrize("job_id", VALID_IDS)
+def test_valid_job_ids_are_accepted(harness: Harness, job_id: str) -> None:
+    assert harness.submit(script("true\n"), job_id=job_id) == job_id
+    assert harness.jobs() == [job_id]
+    assert harness.wait_end(job_id)["id"] == job_id
+    assert [job["id"] for job in harness.ok("list")] == [job_id]
+
+
+@pytest.mark.parametrize("job_id", INVALID_IDS)
+def test_invalid_job_ids_are_refused_by_submit(harness: Harness, job_id: Any) -> None:
+    reply = harness.submit_reply(script("true\n"), job_id=job_id)
+    assert (reply["ok"], reply.get("error")) == (False, agent.ERR_INVALID)
+    assert harness.jobs() == []
+
+
+@pytest.mark.parametrize("job_id", INVALID_IDS)
+@pytest.mark.parametrize("op", ["status", "kill", "delete"])
+def test_invalid_job_ids_are_refused_by_job_operations(
+    harness: Harness, op: str, job_id: Any
+) -> None:
+    harness.fail(agent.ERR_INVALID, op, job_id=job_id)
+    assert list(harness.tmp.iterdir()) == []
+
+
+# -- the queue directory -------------------------------------------------------
+
+
+def test_queue_is_created_private_on_first_upload(harness: Harness) -> None:
+    harness.ok("upload_begin")
+    root = Path(harness.queue)
+    config = json.loads((root / agent.QUEUE_CONFIG).read_text())
+    assert config["format"] == agent.QUEUE_FORMAT == 1
+    assert config["runner"] == "default"
+    for folder in (root, *(root / name for name in ("jobs", "staging", "trash", "agent"))):
+        assert mode_of(folder) == 0o700, folder
+
+
+def test_queue_parents_are_created(harness: Harness) -> None:
+    queue = str(harness.tmp / "deep" / "er" / "queue")
+    harness.submit(script("true\n"), queue=queue, job_id="j")
+    assert (Path(queue) / agent.QUEUE_CONFIG).is_file()
+
+
+def test_empty_existing_directory_becomes_a_queue(harness: Harness) -> None:
+    Path(harness.queue).mkdir()
+    harness.ok("upload_begin")
+    assert (Path(harness.queue) / agent.QUEUE_CONFIG).is_file()
+
+
+def test_status_and_list_do_not_create_a_missing_queue(harness: Harness) -> None:
+    assert harness.ok("list") == []
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id="nope")
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "kill", job_id="nope")
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "delete", job_id="nope")
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "list_files", job_id="nope", path=b"")
+    assert not os.path.lexists(harness.queue)
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("upload_begin", {}),
+        ("setup", {}),
+        ("list", {}),
+        ("status", {"job_id": "j"}),
+        ("install_agent", {"source": "x"}),
+    ],
+)
+def test_foreign_directory_is_refused_and_untouched(
+    harness: Harness, op: str, args: dict[str, Any]
+) -> None:
+    root = Path(harness.queue)
+    root.mkdir()
+    (root / "precious.txt").write_text("mine")
+    message = harness.fail(agent.ERR_QUEUE, op, **args)
+    assert "not a tej queue" in message
+    assert [p.name for p in root.iterdir()] == ["precious.txt"]
+    assert (root / "precious.txt").read_text() == "mine"
+
+
+def test_plain_file_at_queue_path_is_refused(harness: Harness) -> None:
+    Path(harness.queue).write_text("not json\n")
+    harness.fail(agent.ERR_QUEUE, "upload_begin")
+    assert Path(harness.queue).read_text() == "not json\n"
+
+
+def test_queue_of_a_newer_format_is_refused(harness: Harness) -> None:
+    harness.ok("setup")
+    config = Path(harness.queue) / agent.QUEUE_CONFIG
+    config.write_text(json.dumps({"format": agent.QUEUE_FORMAT + 1}))
+    for op, args in (("upload_begin", {}), ("list", {}), ("status", {"job_id": "j"})):
+        assert "newer tej" in harness.fail(agent.ERR_QUEUE, op, **args)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"format": "1"}', "{}", ""])
+def test_damaged_queue_config_is_a_queue_error(harness: Harness, text: str) -> None:
+    harness.ok("setup")
+    (Path(harness.queue) / agent.QUEUE_CONFIG).write_text(text)
+    harness.fail(agent.ERR_QUEUE, "list")
+    harness.fail(agent.ERR_QUEUE, "upload_begin")
+
+
+# -- setup and links -------------------------------------------------------------
+
+
+def test_setup_creates_a_queue(harness: Harness) -> None:
+    result = harness.ok("setup", runner="default")
+    assert result == {"queue": harness.queue, "created": True, "runner": "default", "links": []}
+    assert json.loads((Path(harness.queue) / agent.QUEUE_CONFIG).read_text())["format"] == 1
+
+
+def test_setup_again_needs_force(harness: Harness) -> None:
+    harness.ok("setup")
+    assert "force" in harness.fail(agent.ERR_QUEUE, "setup")
+
+
+def test_setup_with_force_rewrites_config_and_keeps_jobs(harness: Harness) -> None:
+    job_id = harness.submit(script("true\n"), job_id="kept")
+    harness.wait_end(job_id)
+    config_path = Path(harness.queue) / agent.QUEUE_CONFIG
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, runner="old")))
+    result = harness.ok("setup", force=True)
+    assert result["created"] is False
+    assert json.loads(config_path.read_text())["runner"] == "default"
+    assert harness.status("kept")["state"] == agent.STATE_FINISHED
+    assert (harness.job_dir("kept") / "work" / "start.sh").is_file()
+
+
+def test_setup_with_unknown_runner_is_invalid(harness: Harness) -> None:
+    harness.fail(agent.ERR_INVALID, "setup", runner="slurm-on-mars")
+    assert not os.path.lexists(harness.queue)
+
+
+def test_setup_link_redirects_later_operations(harness: Harness) -> None:
+    link = str(harness.tmp / "home" / ".tej")
+    assert harness.ok("setup", links=[link])["links"] == [link]
+    assert json.loads(Path(link).read_text())["tej_link"] == harness.queue
+    harness.run(script("true\n"), job_id="via-real")
+    harness.run(script("true\n"), queue=link, job_id="via-link")
+    assert harness.jobs() == ["via-link", "via-real"]
+    assert harness.ok("status", queue=link, job_id="via-real")["state"] == "finished"
+    assert {job["id"] for job in harness.ok("list", queue=link)} == {"via-link", "via-real"}
+
+
+def write_link(path: Path, target: str) -> None:
+    """Write a tej link file by hand."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tej_link": target, "format": agent.LINK_FORMAT}))
+
+
+def test_chains_of_links_are_followed(harness: Harness) -> None:
+    harness.run(script("true\n"), job_id="j")
+    first, second = harness.tmp / "first", harness.tmp / "second"
+    write_link(first, str(second))
+    write_link(second, harness.queue)
+    assert harness.ok("status", queue=str(first), job_id="j")["state"] == "finished"
+    assert [job["id"] for job in harness.ok("list", queue=str(first))] == ["j"]
+
+
+def test_relative_link_target_is_resolved_against_the_link_folder(harness: Harness) -> None:
+    real = harness.tmp / "real"
+    harness.run(script("true\n"), queue=str(real), job_id="j")
+    link = harness.tmp / "sub" / "link"
+    write_link(link, "../real")
+    assert harness.ok("status", queue=str(link), job_id="j")["state"] == "finished"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_a_loop_of_links_is_a_queue_error(harness: Harness, size: int) -> None:
+    links = [harness.tmp / f"link{i}" for i in range(size)]
+    for i, link in enumerate(links):
+        write_link(link, str(links[(i + 1) % size]))
+    assert "loop" in harness.fail(agent.ERR_QUEUE, "list", queue=str(links[0]))
+    harness.fail(agent.ERR_QUEUE, "upload_begin", queue=str(links[0]))
+
+
+def test_link_at_an_existing_directory_is_refused(harness: Harness) -> None:
+    folder = harness.tmp / "folder"
+    folder.mkdir()
+    harness.fail(agent.ERR_QUEUE, "setup", links=[str(folder)], only_links=True)
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_link_over_a_plain_file_is_refused(harness: Harness) -> None:
+    plain = harness.tmp / "notes.txt"
+    plain.write_text("keep me")
+    harness.fail(agent.ERR_QUEUE, "setup", links=[str(plain)], only_links=True)
+    assert plain.read_text() == "keep me"
+
+
+def test_replacing_a_link_to_another_queue_needs_force(harness: Harness) -> None:
+    link = str(harness.tmp / "link")
+    other = str(harness.tmp / "other")
+    harness.ok("setup", links=[link], only_links=True)
+    harness.ok("setup", links=[link], only_links=True)  # same target: fine
+    assert "force" in harness.fail(
+        agent.ERR_QUEUE, "setup", queue=other, links=[link], only_links=True
+    )
+    assert json.loads(Path(link).read_text())["tej_link"] == harness.queue
+    harness.ok("setup", queue=other, links=[link], only_links=True, force=True)
+    assert json.loads(Path(link).read_text())["tej_link"] == other
+
+
+def test_only_links_makes_links_without_creating_the_queue(harness: Harness) -> None:
+    link = str(harness.tmp / "link")
+    result = harness.ok("setup", links=[link], only_links=True)
+    assert result["created"] is False
+    assert result["links"] == [link]
+    assert not os.path.lexists(harness.queue)
+    assert harness.ok("list", queue=link) == []
+    assert not os.path.lexists(harness.queue)
+
+
+def test_link_to_itself_is_refused(harness: Harness) -> None:
+    harness.fail(agent.ERR_INVALID, "setup", links=[harness.queue], only_links=True)
+
+
+# -- submit ----------------------------------------------------------------------
+
+
+def test_submit_installs_the_agent_copy_on_request(harness: Harness) -> None:
+    token = harness.upload(script("true\n"))
+    rows = manifest_of(script("true\n"))
+    job = {"script": "start.sh", "args": []}
+    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, manifest=rows, job_id="j", job=job)
+    assert harness.jobs() == []
+    harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
+    copy = Path(harness.queue) / "agent" / f"tej-agent-{tej.session.AGENT_DIGEST}.py"
+    assert copy.read_text() == tej.session.AGENT_SOURCE
+    assert harness.ok("submit", token=token, manifest=rows, job_id="j", job=job) == "j"
+
+
+def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
+    tree: dict[str, Entry] = {
+        "start.sh": F(b"#!/bin/sh\ntrue\n", 0o755),
+        "data.txt": F(b"hello\n", 0o640),
+        "empty.bin": F(b"", 0o600),
+        "sub": D(0o750),
+        "sub/deeper/nested.txt": F(b"nested", 0o644),
+        "sub/deeper": D(0o755),
+        "void": D(0o711),
+        "link": L("data.txt"),
+        "dirlink": L("sub/deeper"),
+        "dangling": L("/nonexistent/target"),
+    }
+    job_id = harness.submit(tree, job_id="tree")
+    work = harness.job_dir(job_id) / "work"
+    assert (work / "start.sh").read_bytes() == b"#!/bin/sh\ntrue\n"
+    assert mode_of(work / "start.sh") == 0o755
+    assert (work / "data.txt").read_bytes() == b"hello\n"
+    assert mode_of(work / "data.txt") == 0o640
+    assert (work / "empty.bin").read_bytes() == b""
+    assert (work / "sub" / "deeper" / "nested.txt").read_bytes() == b"nested"
+    assert mode_of(work / "sub") == 0o750
+    assert mode_of(work / "sub" / "deeper") == 0o755
+    assert (work / "void").is_dir() and list((work / "void").iterdir()) == []
+    assert mode_of(work / "void") == 0o711
+    assert os.readlink(work / "link") == "data.txt"
+    assert os.readlink(work / "dirlink") == "sub/deeper"
+    assert os.readlink(work / "dangling") == "/nonexistent/target"
+    job = json.loads((harness.job_dir(job_id) / agent.JOB_FILE).read_text())
+    assert (job["id"], job["script"], job["args"]) == ("tree", "start.sh", [])
+    record = harness.record(job_id)
+    assert record["id"] == "tree" and record["submitted_at"]
+
+
+def test_upload_missing_a_file_is_incomplete(harness: Harness) -> None:
+    tree = {**script("true\n"), "data.txt": F(b"0123456789")}
+    token = harness.upload(script("true\n"))
+    reply = harness.submit_reply(tree, token=token, job_id="j")
+    assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
+    assert harness.jobs() == []
+
+
+def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
+    token = harness.upload({**script("true\n"), "data.txt": F(b"01234")})
+    tree = {**script("true\n"), "data.txt": F(b"0123456789")}
+    reply = harness.submit_reply(tree, token=token, job_id="j")
+    assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
+    assert harness.jobs() == []
+
+
+@pytest.mark.parametrize("path", [b"../escape", b"a/../../escape", b"/abs/escape", b"a/.."])
+def test_manifest_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
+    tree = script("true\n")
+    rows = [*manifest_of(tree), [path, "d", 0o755, 0]]
+    reply = harness.submit_reply(tree, manifest=rows, job_id="j")
+    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert harness.jobs() == []
+    assert not (harness.tmp / "escape").exists() and not Path("/abs/escape").exists()
+
+
+@pytest.mark.parametrize("path", [b"../escape", b"/tmp/escape-tej-test", b"x/../../escape", b""])
+def test_upload_data_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
+    token = harness.upload({})
+    harness.fail(agent.ERR_INVALID, "upload_data", token=token, chunks=[[path, 0, b"x"]])
+    assert not (harness.tmp / "escape").exists()
+
+
+def test_script_reached_through_a_symlink_outside_is_refused(harness: Harness) -> None:
+    outside = harness.tmp / "outside.sh"
+    outside.write_text("#!/bin/sh\ntrue\n")
+    outside.chmod(0o755)
+    reply = harness.submit_reply({"start.sh": L(str(outside))}, job_id="j")
+    assert reply.get("error") == agent.ERR_INVALID and "outside" in reply["message"], reply
+    assert harness.jobs() == []
+
+
+def test_script_in_a_linked_folder_outside_is_refused(harness: Harness) -> None:
+    (harness.tmp / "elsewhere").mkdir()
+    (harness.tmp / "elsewhere" / "run.sh").write_text("#!/bin/sh\ntrue\n")
+    tree: dict[str, Entry] = {"bin": L(str(harness.tmp / "elsewhere"))}
+    reply = harness.submit_reply(tree, job_id="j", job={"script": "bin/run.sh"})
+    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert harness.jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("tree", "script_path"),
+    [
+        ({"other.sh": F(b"true\n")}, "start.sh"),
+        ({"start.sh": D()}, "start.sh"),
+        ({"start.sh": F(b"true\n")}, "../start.sh"),
+        ({"start.sh": F(b"true\n")}, "/bin/true"),
+        ({"start.sh": F(b"true\n")}, ""),
+    ],
+)
+def test_missing_or_bad_script_is_refused(
+    harness: Harness, tree: dict[str, Entry], script_path: str
+) -> None:
+    reply = harness.submit_reply(tree, job_id="j", job={"script": script_path})
+    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert harness.jobs() == []
+
+
+def test_duplicate_job_id_is_refused(harness: Harness) -> None:
+    harness.run(script("echo first\n"), job_id="dup")
+    reply = harness.submit_reply(script("echo second\n"), job_id="dup")
+    assert reply.get("error") == agent.ERR_JOB_EXISTS, reply
+    assert (harness.job_dir("dup") / "stdout").read_text() == "first\n"
+
+
+def test_default_id_is_prefix_and_six_digits(harness: Harness) -> None:
+    job_id = harness.submit(script("true\n"), id_prefix="myjobdir_user")
+    assert re.fullmatch(r"myjobdir_user_\d{6}", job_id)
+    assert harness.jobs() == [job_id]
+
+
+def test_default_ids_are_distinct(harness: Harness) -> None:
+    ids = {harness.submit(script("true\n"), id_prefix="same") for _ in range(20)}
+    assert len(ids) == 20
+    assert harness.jobs() == sorted(ids)
+
+
+@pytest.mark.parametrize("prefix", ["a b", "../x", "x" * 200, None, 5])
+def test_bad_id_prefix_is_refused_cleanly(harness: Harness, prefix: Any) -> None:
+    """A bad or absent prefix (with no job_id) gets a clean error, never an internal one."""
+    reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
+    assert reply.get("error") in (agent.ERR_INVALID, agent.ERR_BAD_REQUEST), reply
+    assert harness.jobs() == []
+
+
+def test_longest_accepted_id_prefix_gives_a_usable_id(harness: Harness) -> None:
+    """A prefix the agent accepts must give an id that status can look up."""
+    prefix = "p" * (agent.MAX_ID_LENGTH - 2)
+    reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
+    if reply["ok"]:
+        job_id = reply["result"]
+        assert len(job_id) <= agent.MAX_ID_LENGTH
+        harness.wait_end(job_id)
+    else:
+        assert reply["error"] == agent.ERR_INVALID
+        assert harness.jobs() == []
+
+
+def test_failed_submit_leaves_no_way_to_write_outside_the_job(harness: Harness) -> None:
+    """Staging keeps no symlink a later upload_data could write through."""
+    outside = harness.tmp / "outside"
+    outside.mkdir()
+    token = harness.upload({})
+    tree: dict[str, Entry] = {"d": L(str(outside))}
+    harness.submit_reply(tree, token=token, job_id="j")  # no start.sh: refused
+    harness.call("upload_data", token=token, chunks=[[b"d/planted", 0, b"x"]])
+    assert list(outside.iterdir()) == []
+
+
+# -- running jobs ----------------------------------------------------------------
+
+
+def test_running_job_is_running_with_a_start_time(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="sleeper")
+    status = harness.status(job_id)
+    assert status["state"] == agent.STATE_RUNNING
+    assert status["started_at"] and status["ended_at"] is None
+    assert status["exit_code"] is None
+    record = harness.record(job_id)
+    assert not group_gone(record["job"]["pid"])
+    assert record["supervisor"]["pid"] != record["job"]["pid"]
+
+
+def test_kill_stops_the_job_and_its_process_group(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="victim")
+    pgid = harness.record(job_id)["job"]["pid"]
+    result = harness.ok("kill", job_id=job_id)
+    assert result["killed"] is True
+    assert result["status"]["state"] == agent.STATE_KILLED
+    assert harness.status(job_id)["state"] == agent.STATE_KILLED
+    assert harness.status(job_id)["ended_at"]
+    assert group_gone(pgid)
+
+
+def read_pid_file(path: Path) -> int:
+    """Wait until a job has written a pid to path; return it."""
+    text = wait_for(lambda: path.is_file() and path.read_text(), f"a pid in {path}")
+    assert text.endswith("\n"), text
+    return int(text)
+
+
+def test_kill_reaches_a_background_grandchild(harness: Harness) -> None:
+    body = "sleep 300 &\necho $! > grandchild.pid\nwait\n"
+    job_id = harness.submit(script(body), job_id="family")
+    grandchild = read_pid_file(harness.job_dir(job_id) / "work" / "grandchild.pid")
+    assert not process_gone(grandchild)
+    assert harness.ok("kill", job_id=job_id)["killed"] is True
+    assert process_gone(grandchild)
+    assert group_gone(harness.record(job_id)["job"]["pid"])
+
+
+def test_kill_uses_sigkill_after_the_grace_period(harness: Harness) -> None:
+    """A job ignoring SIGTERM (script and child alike) is SIGKILLed once the grace is over."""
+    body = "trap '' TERM\nsleep 300 &\necho $! > stubborn.pid\nwait\n"
+    job = {"script": "start.sh", "args": [], "kill_grace": 0.5}
+    job_id = harness.submit(script(body), job_id="stubborn", job=job)
+    stubborn = read_pid_file(harness.job_dir(job_id) / "work" / "stubborn.pid")
+    started = time.monotonic()
+    assert harness.ok("kill", job_id=job_id)["killed"] is True
+    assert time.monotonic() - started < DEADLINE / 2
+    assert process_gone(stubborn)
+
+
+def test_script_exit_leaves_no_background_process(harness: Harness) -> None:
+    body = "sleep 300 &\necho $! > bg.pid\n"
+    job_id = harness.submit(script(body), job_id="quitter")
+    background = read_pid_file(harness.job_dir(job_id) / "work" / "bg.pid")
+    assert harness.wait_end(job_id)["exit_code"] == 0
+    assert wait_for(lambda: process_gone(background), "the background sleep to go")
+
+
+def test_kill_of_a_finished_job_kills_nothing(harness: Harness) -> None:
+    harness.run(script("true\n"), job_id="done")
+    result = harness.ok("kill", job_id="done")
+    assert result["killed"] is False
+    assert result["status"]["state"] == agent.STATE_FINISHED
+
+
+def test_exit_code_is_recorded(harness: Harness) -> None:
+    status = harness.run(script("exit 3\n"), job_id="three")
+    assert (status["state"], status["exit_code"], status["signal"]) == ("finished", 3, None)
+    assert status["started_at"] <= status["ended_at"]
+    assert status["elapsed"] is not None and status["elapsed"] >= 0
+
+
+def test_death_by_signal_is_recorded(harness: Harness) -> None:
+    status = harness.run(script("kill -9 $$\n"), job_id="sigkilled")
+    assert status["state"] == agent.STATE_FINISHED
+    assert (status["exit_code"], status["signal"]) == (137, "SIGKILL")
+
+
+@pytest.mark.parametrize(
+    ("shebang", "mode"),
+    [
+        ("#!/bin/sh\n", 0o644),
+        ("#! /bin/sh -e\n", 0o644),
+        ("", 0o644),
+        ("", 0o755),
+    ],
+    ids=["shebang-not-executable", "shebang-with-argument", "plain-not-executable", "plain-exec"],
+)
+def test_scripts_run_like_a_shell_would(harness: Harness, shebang: str, mode: int) -> None:
+    tree = script("echo ran > ran.txt\nexit 0\n", mode=mode, shebang=shebang)
+    status = harness.run(tree, job_id="shell")
+    stderr = (harness.job_dir("shell") / "stderr").read_text()
+    assert status["exit_code"] == 0, stderr
+    assert (harness.job_dir("shell") / "work" / "ran.txt").read_text() == "ran\n"
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o644])
+def test_missing_interpreter_is_exit_126_or_127(harness: Harness, mode: int) -> None:
+    tree = script("true\n", mode=mode, shebang="#!/nonexistent/interpreter\n")
+    status = harness.run(tree, job_id="nointerp")
+    assert status["state"] == agent.STATE_FINISHED
+    assert status["exit_code"] in (126, 127)
+    stderr = (harness.job_dir("nointerp") / "stderr").read_text()
+    assert "start.sh" in stderr
+
+
+def test_output_goes_to_private_files(harness: Harness) -> None:
+    harness.run(script("echo to-out\necho to-err >&2\n"), job_id="talk")
+    for name, text in (("stdout", "to-out\n"), ("stderr", "to-err\n")):
+        path = harness.job_dir("talk") / name
+        assert path.read_text() == text
+        assert mode_of(path) == 0o600
+
+
+def test_job_gets_its_args_env_and_working_directory(harness: Harness) -> None:
+    body = 'printf "%s|%s|%s|%s\\n" "$TEJ_JOB_ID" "$(pwd -P)" "$1" "$2" > seen.txt\n'
+    job = {"script": "start.sh", "args": ["a b", "$x;y"]}
+    harness.run(script(body), job_id="argv", job=job)
+    work = harness.job_dir("argv") / "work"
+    expected = f"argv|{os.path.realpath(work)}|a b|$x;y\n"
+    assert (work / "seen.txt").read_text() == expected
+
+
+def test_job_starts_with_default_signal_handling(harness: Harness) -> None:
+    """The job must not inherit the supervisor's ignored SIGHUP/SIGINT/SIGPIPE."""
+    harness.run(script("grep SigIgn /proc/$$/status > sigign.txt\n"), job_id="sigs")
+    mask = int((harness.job_dir("sigs") / "work" / "sigign.txt").read_text().split()[1], 16)
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE, signal.SIGTERM):
+        assert not mask & (1 << (signum - 1)), f"{signum.name} is ignored in the job"
+
+
+# -- lost jobs ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def playing_init() -> Iterator[None]:
+    """Make this test process the reaper of orphans, as init is on a real server."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def reap_orphans_of(pgid: int) -> None:
+    """Reap, in the background, the group's processes as they are orphaned to us."""
+    wait_for(lambda: parent_pid(pgid) in (os.getpid(), None), f"{pgid} to be orphaned")
+
+    def reap() -> None:
+        deadline = time.monotonic() + 2 * DEADLINE
+        while not group_gone(pgid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-pgid, os.WNOHANG)
+            time.sleep(0.01)
+
+    threading.Thread(target=reap, daemon=True).start()
+
+
+def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: Harness) -> None:
+    job = {"script": "start.sh", "args": [], "kill_grace": 1}
+    job_id = harness.submit(script("sleep 30\n"), job_id="orphan", job=job)
+    record = harness.record(job_id)
+    pgid = record["job"]["pid"]
+    with playing_init():
+        os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+        reap_orphans_of(pgid)
+        lost = wait_for(
+            lambda: (s := harness.status(job_id))["state"] == agent.STATE_LOST and s,
+            "the job to be lost",
+        )
+        assert "supervisor" in lost["reason"]
+        assert [item["state"] for item in harness.ok("list")] == [agent.STATE_LOST]
+        assert not group_gone(pgid)
+        result = harness.ok("kill", job_id=job_id)
+        assert result["killed"] is True
+        assert result["status"]["state"] == agent.STATE_KILLED
+        assert group_gone(pgid)
+    harness.ok("delete", job_id=job_id)
+    assert harness.jobs() == []
+
+
+def test_status_from_an_earlier_boot_is_lost_by_restart(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="rebooted")
+    path = harness.job_dir(job_id) / agent.STATUS_FILE
+    original = path.read_text()
+    record = json.loads(original)
+    assert record["supervisor"]["boot"] == agent.boot_id()
+    record["supervisor"]["boot"] = "00000000-another-boot"
+    path.write_text(json.dumps(record))
+    status = harness.status(job_id)
+    assert status["state"] == agent.STATE_LOST
+    assert "restart" in status["reason"]
+    path.write_text(original)
+    assert harness.status(job_id)["state"] == agent.STATE_RUNNING
+
+
+def test_missing_status_file_is_lost(harness: Harness) -> None:
+    harness.run(script("true\n"), job_id="j")
+    (harness.job_dir("j") / agent.STATUS_FILE).unlink()
+    assert harness.status("j")["state"] == agent.STATE_LOST
+
+
+# -- delete ------------------------------------------------------------------------
+
+
+def test_delete_of_a_running_job_needs_force(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="busy")
+    pgid = harness.record(job_id)["job"]["pid"]
+    harness.fail(agent.ERR_JOB_RUNNING, "delete", job_id=job_id)
+    assert harness.status(job_id)["state"] == agent.STATE_RUNNING
+    harness.ok("delete", job_id=job_id, force=True)
+    assert group_gone(pgid)
+    assert harness.jobs() == []
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id=job_id)
+
+
+def test_delete_of_a_finished_job_removes_its_directory(harness: Harness) -> None:
+    harness.run({**script("true\n"), "sub": D(), "sub/f": F(b"x")}, job_id="gone")
+    harness.ok("delete", job_id="gone")
+    assert not harness.job_dir("gone").exists()
+    assert list((Path(harness.queue) / agent.TRASH_DIR).iterdir()) == []
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id="gone")
+
+
+def test_delete_of_an_unknown_job_is_not_found(harness: Harness) -> None:
+    harness.ok("setup")
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "delete", job_id="nobody")
+
+
+# -- download side -------------------------------------------------------------------
+
+
+@pytest.fixture
+def finished_job(harness: Harness) -> str:
+    """A finished job whose directory has files, folders and symlinks."""
+    tree: dict[str, Entry] = {
+        **script("true\n"),
+        "data.txt": F(b"hello world", 0o640),
+        "sub": D(0o750),
+        "sub/inner.txt": F(b"inner"),
+        "sub/deeper": D(),
+        "sub/deeper/x.bin": F(b"\0\1\2", 0o600),
+        "inside": L("data.txt"),
+        "out": L(str(harness.tmp)),
+        "out_file": L("/etc/hostname"),
+    }
+    harness.run(tree, job_id="results")
+    return "results"
+
+
+def test_list_files_of_a_file(harness: Harness, finished_job: str) -> None:
+    rows = harness.ok("list_files", job_id=finished_job, path=b"data.txt")
+    assert rows == [[b"", "f", 0o640, 11]]
+
+
+def test_list_files_of_a_folder_is_recursive(harness: Harness, finished_job: str) -> None:
+    rows = harness.ok("list_files", job_id=finished_job, path=b"sub")
+    assert rows[0] == [b"", "d", 0o750, 0]
+    assert sorted(map(tuple, rows[1:])) == [
+        (b"deeper", "d", 0o755, 0),
+        (b"deeper/x.bin", "f", 0o600, 3),
+        (b"inner.txt", "f", 0o644, 5),
+    ]
+
+
+def test_list_files_of_the_whole_job_shows_symlinks_unfollowed(
+    harness: Harness, finished_job: str
+) -> None:
+    rows = {row[0]: row for row in harness.ok("list_files", job_id=finished_job, path=b"")}
+    assert rows[b"out"][1:] == ["l", 0o777, str(harness.tmp).encode()]
+    assert rows[b"inside"][1:] == ["l", 0o777, b"data.txt"]
+    assert rows[b"start.sh"][1] == "f"
+    assert b"out/queue" not in rows
+
+
+def test_read_chunks_reads_ranges(harness: Harness, finished_job: str) -> None:
+    chunks = [[b"data.txt", 6, 5], [b"data.txt", 0, 100], [b"sub/deeper/x.bin", 1, 1]]
+    assert harness.ok("read_chunks", job_id=finished_job, chunks=chunks) == [
+        b"world",
+        b"hello world",
+        b"\1",
+    ]
+
+
+def test_symlink_inside_the_job_is_followed(harness: Harness, finished_job: str) -> None:
+    assert harness.ok("list_files", job_id=finished_job, path=b"inside") == [[b"", "f", 0o640, 11]]
+
+
+@pytest.mark.parametrize("path", [b"out", b"out/queue", b"out_file"])
+def test_symlinks_leaving_the_job_are_refused(
+    harness: Harness, finished_job: str, path: bytes
+) -> None:
+    message = harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=path)
+    assert "leaves" in message
+    chunks = [[path, 0, 10]]
+    message = harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=chunks)
+    assert "leaves" in message
+
+
+@pytest.mark.parametrize(
+    "path", [b"..", b"../status.json", b"sub/../../job.json", b"/etc/hostname", b"a\0b"]
+)
+def test_escaping_download_paths_are_refused(
+    harness: Harness, finished_job: str, path: bytes
+) -> None:
+    harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=path)
+    harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[path, 0, 1]])
+
+
+def test_missing_download_path_is_invalid(harness: Harness, finished_job: str) -> None:
+    message = harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=b"nope")
+    assert "nope" in message
+    harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[b"nope", 0, 1]])
+
+
+def test_download_from_an_unknown_job_is_not_found(harness: Harness, finished_job: str) -> None:
+    harness.fail(agent.ERR_JOB_NOT_FOUND, "list_files", job_id="other", path=b"")
+
+
+# -- the module itself -----------------------------------------------------------------
+
+
+def test_agent_is_standard_library_only_and_python38() -> None:
+    source = Path(agent.__file__).read_text(encoding="utf-8")
+    tree = ast.parse(source, feature_version=(3, 8))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module, ast.dump(node)
+            roots.add(node.module.split(".")[0])
+    assert {"os", "json", "ctypes"} <= roots  # nested imports are seen too
+    assert sorted(roots - sys.stdlib_module_names) == []
+    assert source == tej.session.AGENT_SOURCE

@@ -1,0 +1,410 @@
+"""Connection failures end quickly with one clear line; a session survives long use.
+
+Every failure here goes through the real command line (or the API where the CLI has no
+knob) against real processes: the loopback sshd, a port nobody listens on, a server that
+accepts TCP and never says a word, a key the server does not know.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from sshd import SshServer, is_root
+
+import tej
+
+CLI_DEADLINE = 60.0
+API_DEADLINE = 30.0
+QUICK_TIMEOUT_LIMIT = 10.0
+NOISE = "hello from bashrc"
+NOISE_BEGIN = "# >>> tej test_connection login noise >>>"
+NOISE_END = "# <<< tej test_connection login noise <<<"
+LOGIN_FILES_LOCK = "/tmp/tej-test-login-files.lock"
+T = TypeVar("T")
+
+
+# helpers
+
+
+def clean_env(path_prefix: str | None = None) -> dict[str, str]:
+    """The environment of tej commands, without settings that would leak from the caller."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_tej(
+    *args: str, deadline: float = CLI_DEADLINE, path_prefix: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m tej ARGS...`; fail if it outlives deadline."""
+    argv = [sys.executable, "-m", "tej", *args]
+    env = clean_env(path_prefix)
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=deadline, env=env, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tej {' '.join(args)} did not end within {deadline:.0f} s")
+
+
+def error_line(done: subprocess.CompletedProcess[str], exit_code: int) -> str:
+    """Check that tej failed with exit_code and exactly one `Error: ...` line; return it."""
+    assert done.returncode == exit_code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert re.fullmatch(r"Error: [^\n]+\n", done.stderr), repr(done.stderr)
+    return done.stderr[len("Error: ") :].rstrip("\n")
+
+
+def ssh_options(server: SshServer) -> list[str]:
+    return ["--ssh-config", server.config_path]
+
+
+def within(deadline: float, function: Callable[[], T]) -> T:
+    """Run function in a thread; fail the test if it has not returned within deadline."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(function)
+    try:
+        return future.result(timeout=deadline)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"no answer within {deadline:.0f} s (hang)")
+    finally:
+        pool.shutdown(wait=False)
+
+
+def make_job(parent: Path, script: str = "#!/bin/sh\necho hi > out.txt\n") -> str:
+    directory = parent / "job"
+    directory.mkdir()
+    start = directory / "start.sh"
+    start.write_text(script)
+    start.chmod(0o755)
+    return str(directory)
+
+
+# the server cannot be reached
+
+
+@pytest.mark.ssh
+def test_unknown_host(ssh_server: SshServer) -> None:
+    done = run_tej("list", "nosuchhost.invalid", *ssh_options(ssh_server))
+    message = error_line(done, 5)
+    assert "nosuchhost.invalid" in message
+    assert re.search(r"resolve|not known|no address", message, re.IGNORECASE), message
+
+
+@pytest.mark.ssh
+def test_refused_port(ssh_server: SshServer) -> None:
+    done = run_tej("list", "ssh://127.0.0.1:1", *ssh_options(ssh_server))
+    message = error_line(done, 5)
+    assert "ssh://127.0.0.1:1" in message
+    assert "refused" in message.lower(), message
+
+
+@pytest.mark.ssh
+def test_failed_authentication(ssh_server: SshServer, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    original = Path(ssh_server.config_path).read_text()
+    assert f"IdentityFile {ssh_server.identity_file}" in original
+    config = tmp_path / "ssh_config"
+    config.write_text(original.replace(ssh_server.identity_file, str(stranger)))
+    done = run_tej("list", ssh_server.alias, "--ssh-config", str(config))
+    message = error_line(done, 5)
+    assert ssh_server.alias in message
+    assert "Permission denied" in message, message
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("python", ["/nonexistent/python3", "no-such-python3"])
+def test_missing_python_on_the_server(ssh_server: SshServer, python: str) -> None:
+    done = run_tej("list", ssh_server.alias, *ssh_options(ssh_server), "--python", python)
+    message = error_line(done, 5)
+    assert python in message
+    assert "--python" in message
+
+
+def test_missing_python_locally(tmp_path: Path) -> None:
+    python = str(tmp_path / "no-such-python3")
+    done = run_tej("list", "local", "--queue", str(tmp_path / "q"), "--python", python)
+    message = error_line(done, 5)
+    assert python in message
+    assert "--python" in message
+
+
+# a server that accepts TCP and never answers
+
+
+class SilentServer:
+    """A TCP server on loopback that accepts connections and holds them without a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.ssh
+def test_silent_server_times_out_through_the_api(
+    ssh_server: SshServer, silent_server: SilentServer
+) -> None:
+    destination = f"ssh://127.0.0.1:{silent_server.port}"
+    remote = tej.RemoteQueue(destination, ssh_config=ssh_server.config_path, connect_timeout=2)
+
+    def connect() -> BaseException | None:
+        try:
+            remote.list()
+        except tej.TejError as exc:
+            return exc
+        return None
+
+    started = time.monotonic()
+    error = within(API_DEADLINE, connect)
+    elapsed = time.monotonic() - started
+    remote.close()
+    assert isinstance(error, tej.ConnectionFailed), error
+    assert silent_server.connections, "ssh never reached the silent server"
+    assert elapsed < QUICK_TIMEOUT_LIMIT, f"took {elapsed:.1f} s with connect_timeout=2"
+    assert "\n" not in str(error)
+    assert destination in str(error)
+
+
+@pytest.mark.ssh
+def test_silent_server_times_out_through_the_cli(
+    ssh_server: SshServer, silent_server: SilentServer
+) -> None:
+    destination = f"ssh://127.0.0.1:{silent_server.port}"
+    done = run_tej("list", destination, *ssh_options(ssh_server), deadline=CLI_DEADLINE)
+    message = error_line(done, 5)
+    assert destination in message
+    assert silent_server.connections, "ssh never reached the silent server"
+
+
+# destinations that do not parse never start ssh
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path) -> tuple[str, Path]:
+    """A directory holding an `ssh` that only records that it ran; and its record."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "ssh-ran"
+    ssh = bin_dir / "ssh"
+    ssh.write_text(f'#!/bin/sh\necho "$@" >> {record}\necho "fake ssh refuses" >&2\nexit 255\n')
+    ssh.chmod(0o755)
+    return str(bin_dir), record
+
+
+def test_fake_ssh_is_what_tej_runs(fake_ssh: tuple[str, Path]) -> None:
+    """The control of the next test: a valid destination does reach the fake ssh."""
+    bin_dir, record = fake_ssh
+    done = run_tej("list", "valid-host", path_prefix=bin_dir)
+    assert "fake ssh refuses" in error_line(done, 5)
+    assert "valid-host" in record.read_text()
+
+
+@pytest.mark.parametrize("destination", ["-oProxyCommand=x", "a b", "ssh://h:99999"])
+def test_unparsable_destination(destination: str, fake_ssh: tuple[str, Path]) -> None:
+    bin_dir, record = fake_ssh
+    done = run_tej("list", "--", destination, path_prefix=bin_dir)
+    message = error_line(done, 1)
+    assert repr(destination) in message or destination in message, message
+    assert done.stdout == ""
+    assert not record.exists(), f"ssh was started: {record.read_text()}"
+
+
+# login scripts that print to stdout
+
+
+@pytest.fixture
+def noisy_login(ssh_server: SshServer) -> Iterator[None]:
+    """Make the SSH user's ~/.bashrc and ~/.profile print to stdout; undo it afterwards.
+
+    The noise is printed only for connections to this test session's sshd (its port is in
+    $SSH_CONNECTION), so other test sessions logging in as the same user are not disturbed.
+    """
+    block = "\n".join(
+        [
+            NOISE_BEGIN,
+            f'case "$SSH_CONNECTION" in *" {ssh_server.port}")',
+            f"  echo '{NOISE}'; echo '{NOISE} again'; echo '';;",
+            "esac",
+            NOISE_END,
+            "",
+        ]
+    )
+    paths = [Path(ssh_server.home) / name for name in (".bashrc", ".profile")]
+    created = []
+    with _login_files_lock():
+        for path in paths:
+            if not path.exists():
+                path.write_text("")
+                if is_root():
+                    os.chown(path, ssh_server.uid, ssh_server.gid)
+                created.append(path)
+            # Prepended: Debian's .bashrc returns early for non-interactive shells.
+            path.write_text(block + path.read_text())
+    try:
+        yield
+    finally:
+        with _login_files_lock():
+            for path in paths:
+                text = path.read_text().replace(block, "", 1)
+                if path in created and not text:
+                    path.unlink()
+                else:
+                    path.write_text(text)
+
+
+@contextlib.contextmanager
+def _login_files_lock() -> Iterator[None]:
+    """Serialize edits of the SSH user's login files between parallel test sessions."""
+    with open(LOGIN_FILES_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.mark.ssh
+@pytest.mark.usefixtures("noisy_login")
+def test_login_noise_is_skipped(ssh_server: SshServer, server_tmp: str, tmp_path: Path) -> None:
+    seen = subprocess.run(
+        ssh_server.ssh_argv("true"), capture_output=True, text=True, timeout=30, check=False
+    )
+    assert NOISE in seen.stdout, "the login scripts do not print: the test proves nothing"
+    target = [ssh_server.alias, *ssh_options(ssh_server), "--queue", f"{server_tmp}/queue"]
+    done = run_tej("submit", *target, make_job(tmp_path), "--json")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    job_id = json.loads(done.stdout)["id"]
+    status = run_tej("status", *target, "--id", job_id, "--json")
+    assert (status.returncode, status.stderr) == (0, ""), status.stderr
+    assert json.loads(status.stdout)["state"] in ("starting", "running", "finished")
+
+
+# one session, many requests; a session that dies
+
+
+@pytest.mark.ssh
+def test_session_serves_many_requests(
+    ssh_server: SshServer, server_tmp: str, tmp_path: Path
+) -> None:
+    remote = tej.RemoteQueue(
+        ssh_server.alias, f"{server_tmp}/queue", ssh_config=ssh_server.config_path
+    )
+    with remote:
+        session = remote.session()
+        job_id = remote.submit(make_job(tmp_path))
+
+        def ask() -> tuple[int, int]:
+            found = missing = 0
+            for number in range(500):
+                if number == 250:
+                    assert remote.status(job_id).id == job_id
+                    found += 1
+                    continue
+                with pytest.raises(tej.JobNotFound):
+                    remote.status(f"nosuchjob-{number}")
+                missing += 1
+            return found, missing
+
+        assert within(API_DEADLINE * 2, ask) == (1, 499)
+        assert remote.session() is session, "the session was reopened"
+        assert session._io is not None and session._io.popen.poll() is None
+
+
+def _lost_session_error(remote: tej.RemoteQueue) -> BaseException | None:
+    try:
+        remote.status("nosuchjob")
+    except tej.TejError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.ssh
+def test_killed_ssh_client_fails_the_next_call(ssh_server: SshServer, server_tmp: str) -> None:
+    remote = tej.RemoteQueue(
+        ssh_server.alias, f"{server_tmp}/queue", ssh_config=ssh_server.config_path
+    )
+    try:
+        assert remote.list() == []
+        io = remote.session()._io
+        assert io is not None
+        io.popen.kill()
+        io.popen.wait(timeout=10)
+        error = within(API_DEADLINE, lambda: _lost_session_error(remote))
+    finally:
+        remote.close()
+    assert isinstance(error, tej.ConnectionFailed), error
+    assert "\n" not in str(error), str(error)
+    assert ssh_server.alias in str(error), str(error)
+
+
+@pytest.mark.ssh
+def test_killed_agent_fails_the_next_call(ssh_server: SshServer, server_tmp: str) -> None:
+    """The server side ends the session: the agent's process (its pid from hello) is killed."""
+    remote = tej.RemoteQueue(
+        ssh_server.alias, f"{server_tmp}/queue", ssh_config=ssh_server.config_path
+    )
+    try:
+        assert remote.list() == []
+        pid = remote.session().server["pid"]
+        with open(f"/proc/{pid}/status") as stream:
+            owner = next(line for line in stream if line.startswith("Uid:")).split()[1]
+        assert int(owner) == ssh_server.uid, "the pid from hello is not the SSH user's agent"
+        os.kill(pid, 9)
+        error = within(API_DEADLINE, lambda: _lost_session_error(remote))
+    finally:
+        remote.close()
+    assert isinstance(error, tej.ConnectionFailed), error
+    assert "\n" not in str(error), str(error)
+    assert ssh_server.alias in str(error), str(error)
