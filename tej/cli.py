@@ -111,8 +111,10 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
                     ssh_config=ssh_config,
                     connect_timeout=connect_timeout,
                 )
-                with remote:
+                try:  # connects on first use, so bad input costs no connection
                     function(remote=remote, as_json=as_json, **kwargs)
+                finally:
+                    remote.close()
             except TejError as exc:
                 report_error(exc, as_json)
                 sys.exit(exc.exit_code)
@@ -270,8 +272,8 @@ def parse_download_spec(spec: str) -> tuple[str, str | None]:
     if colon and not local:
         return path, None
     name = os.path.basename(path.rstrip("/"))
-    if not name or name in (".", ".."):
-        raise InvalidInput(f"Invalid download {spec!r}: give a destination (path:dest)")
+    if name in ("", ".", "..") and (not local or os.path.isdir(local)):
+        raise InvalidInput(f"Invalid download {spec!r}: give a new destination (path:dest)")
     if not local:
         return path, name
     if os.path.isdir(local):

@@ -252,12 +252,13 @@ def group_exists(pgid):
     return has_live_member(pgid)
 
 
-def has_live_member(pgid):
-    """Whether /proc shows a non-zombie process in the group (True where /proc is absent)."""
+def live_processes():
+    """(pid, parent pid, process group) of every non-zombie process; None without /proc."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return True
+        return None
+    processes = []
     for name in names:
         if not name.isdigit():
             continue
@@ -266,9 +267,28 @@ def has_live_member(pgid):
                 fields = stream.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+        if fields[0] not in (b"Z", b"X"):
+            processes.append((int(name), int(fields[1]), int(fields[2])))
+    return processes
+
+
+def has_live_member(pgid):
+    """Whether a non-zombie process is in the group (True where /proc is absent)."""
+    processes = live_processes()
+    return processes is None or any(group == pgid for _, _, group in processes)
+
+
+def descendants(root):
+    """The pids of the live descendants of a process, even those that left its group."""
+    children = {}  # type: dict[int, list[int]]
+    for pid, parent, _ in live_processes() or ():
+        children.setdefault(parent, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def owns_group(identity):
@@ -988,7 +1008,7 @@ def place_file(path, mode, size):
             ERR_INVALID,
             "The upload is incomplete: %s has %d of %d bytes" % (show(path), actual, size),
         )
-    os.chmod(path, (mode & 0o777) | 0o600)
+    os.chmod(path, mode & 0o777)
 
 
 # -- the supervisor ---------------------------------------------------------
@@ -1030,7 +1050,7 @@ class Supervisor(object):
         if self.kill_requested:
             self.on_kill_request(signal.SIGTERM, None)
         wait_status = wait_for_child(proc.pid)
-        terminate_group(self.pgid, self.grace)
+        terminate_group(self.pgid, self.grace, with_descendants=True)
         signal.setitimer(signal.ITIMER_REAL, 0)
         self.finish(wait_status)
         return 0
@@ -1078,13 +1098,13 @@ class Supervisor(object):
         """SIGTERM from `tej kill`: terminate the job's group, then SIGKILL after grace."""
         self.kill_requested = True
         if self.pgid is not None:
-            signal_group(self.pgid, signal.SIGTERM)
+            signal_job(self.pgid, signal.SIGTERM, with_descendants=True)
             signal.setitimer(signal.ITIMER_REAL, self.grace)
 
     def on_grace_expired(self, _signum, _frame):
         """The grace period after SIGTERM is over: SIGKILL what is left."""
         if self.pgid is not None:
-            signal_group(self.pgid, signal.SIGKILL)
+            signal_job(self.pgid, signal.SIGKILL, with_descendants=True)
 
     def finish(self, wait_status):
         """Record the job's end state and exit code."""
@@ -1169,19 +1189,37 @@ def reap_children():
             return
 
 
-def terminate_group(pgid, grace):
-    """Terminate what is left of a process group: SIGTERM, then SIGKILL after grace."""
+def terminate_group(pgid, grace, with_descendants=False):
+    """Terminate a process group: SIGTERM, then SIGKILL after grace.
+
+    with_descendants (for a supervisor): also every descendant of this
+    process, which catches the job's processes that left its group.
+    """
     for signum, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        reap_children()
-        if not group_exists(pgid):
+        if not job_alive(pgid, with_descendants):
             return
-        signal_group(pgid, signum)
+        signal_job(pgid, signum, with_descendants)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            reap_children()
-            if not group_exists(pgid):
+            if not job_alive(pgid, with_descendants):
                 return
             time.sleep(0.02)
+
+
+def job_alive(pgid, with_descendants):
+    """Whether anything is left of the job's group (or of this process's descendants)."""
+    reap_children()
+    return group_exists(pgid) or (with_descendants and bool(descendants(os.getpid())))
+
+
+def signal_job(pgid, signum, with_descendants):
+    """Signal the job's group (and this process's descendants)."""
+    signal_group(pgid, signum)
+    for pid in descendants(os.getpid()) if with_descendants else ():
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
 
 
 def signal_name(signum):

@@ -154,10 +154,13 @@ def download_tree(
         raise InvalidInput(f"Can't download the folder {remote} to {local}: it already exists")
     if not os.path.isdir(parent):
         raise InvalidInput(f"No such local folder: {parent}")
-    if entries[0].kind == "f":
-        _download_file(session, queue, job_id, remote, entries[0], local)
-    else:
-        _download_folder(session, queue, job_id, remote, entries, local)
+    try:
+        if entries[0].kind == "f":
+            _download_file(session, queue, job_id, remote, entries[0], local)
+        else:
+            _download_folder(session, queue, job_id, remote, entries, local)
+    except OSError as exc:
+        raise InvalidInput(f"Can't write {local}: {exc.strerror or exc}") from None
 
 
 def _download_file(
