@@ -254,7 +254,7 @@ def download(remote: RemoteQueue, as_json: bool, job_id: str, specs: tuple[str, 
     saved = []
     for path, local in plan:
         if local is None:
-            out = click.get_binary_stream("stdout")
+            out = sys.stdout.buffer
             for chunk in remote.read(job_id, path):
                 out.write(chunk)
             out.flush()
