@@ -12,6 +12,7 @@ from tej.errors import (
     ServerError,
     ServerPythonError,
     TejError,
+    WaitTimeout,
 )
 
 __version__ = "1.0.0.dev0"
@@ -32,5 +33,6 @@ __all__ = [
     "ServerPythonError",
     "SetupResult",
     "TejError",
+    "WaitTimeout",
     "__version__",
 ]

@@ -6,16 +6,17 @@ import contextlib
 import getpass
 import os
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+from tej import jobspec, transfer
 from tej import remote_agent as agent
-from tej import transfer
 from tej.destination import ConnectOptions, parse_destination
-from tej.errors import AgentMissing, InvalidInput, TejError
+from tej.errors import AgentMissing, InvalidInput, TejError, WaitTimeout
 from tej.session import AGENT_SOURCE, Session
 
 DEFAULT_QUEUE = "~/.tej"
@@ -26,9 +27,11 @@ class JobState(str, Enum):
     """The state of a job, as recorded on the server."""
 
     STARTING = agent.STATE_STARTING
+    SCHEDULED = agent.STATE_SCHEDULED
     RUNNING = agent.STATE_RUNNING
     FINISHED = agent.STATE_FINISHED
     KILLED = agent.STATE_KILLED
+    TIMED_OUT = agent.STATE_TIMED_OUT
     LOST = agent.STATE_LOST
 
     @property
@@ -47,9 +50,12 @@ class JobStatus:
     signal: str | None = None
     reason: str | None = None
     submitted_at: datetime | None = None
+    scheduled_for: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
     elapsed: float | None = None
+    notifications: tuple[dict[str, Any], ...] = ()
+    metadata: dict[str, Any] | None = None
 
     @classmethod
     def from_agent(cls, data: dict[str, Any]) -> JobStatus:
@@ -61,9 +67,12 @@ class JobStatus:
             signal=data.get("signal"),
             reason=data.get("reason"),
             submitted_at=_parse_time(data.get("submitted_at")),
+            scheduled_for=_parse_time(data.get("scheduled_for")),
             started_at=_parse_time(data.get("started_at")),
             ended_at=_parse_time(data.get("ended_at")),
             elapsed=data.get("elapsed"),
+            notifications=tuple(data.get("notifications") or ()),
+            metadata=data.get("metadata"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -75,9 +84,12 @@ class JobStatus:
             "signal": self.signal,
             "reason": self.reason,
             "submitted_at": _format_time(self.submitted_at),
+            "scheduled_for": _format_time(self.scheduled_for),
             "started_at": _format_time(self.started_at),
             "ended_at": _format_time(self.ended_at),
             "elapsed": self.elapsed,
+            "notifications": list(self.notifications),
+            **({"metadata": self.metadata} if self.metadata is not None else {}),
         }
 
 
@@ -196,25 +208,24 @@ class RemoteQueue:
             result["queue"], result["created"], result["runner"], tuple(result["links"])
         )
 
-    def submit(
-        self,
-        directory: str,
-        *,
-        job_id: str | None = None,
-        script: str | None = None,
-        args: Sequence[str] = (),
-    ) -> str:
-        """Upload a directory and start its script at once; returns the job's id."""
-        script = script or DEFAULT_SCRIPT
+    def submit(self, directory: str, *, job_id: str | None = None, **metadata: Any) -> str:
+        """Upload a directory and start its script; returns the job's id.
+
+        metadata overrides the directory's tej.json, with the same names
+        (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
+        delay, notify); see docs/tej-json.md. Everything is checked before
+        anything is sent.
+        """
+        job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
         entries = transfer.scan_directory(directory)
-        _check_script(directory, script, entries)
+        _check_script(directory, job["script"])
         if job_id is not None:
             check_job_id(job_id)
         session = self.session()
         token = self._call("upload_begin")
         try:
             transfer.upload_tree(session, self.queue, token, directory, entries)
-            return self._start(token, entries, job_id, default_id_prefix(directory), script, args)
+            return self._start(token, entries, job_id, default_id_prefix(directory), job)
         except BaseException:
             self._abort_upload(token)
             raise
@@ -225,15 +236,14 @@ class RemoteQueue:
         entries: list[transfer.Entry],
         job_id: str | None,
         id_prefix: str,
-        script: str,
-        args: Sequence[str],
+        job: dict[str, Any],
     ) -> str:
         request = {
             "token": token,
             "manifest": [entry.manifest_row() for entry in entries],
             "job_id": job_id,
             "id_prefix": id_prefix,
-            "job": {"script": script, "args": list(args)},
+            "job": job,
         }
         try:
             return str(self._call("submit", **request))
@@ -264,6 +274,66 @@ class RemoteQueue:
         """Delete a job and its files; a running job only with force (killed first)."""
         self._call("delete", job_id=check_job_id(job_id), force=force)
 
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[JobStatus], None] | None = None,
+        interval: float = agent.MAX_BLOCK,
+    ) -> JobStatus:
+        """Block until the job ends and return its final status.
+
+        Raises WaitTimeout if timeout seconds pass first. on_progress is called
+        with the job's status about every `interval` seconds while it runs.
+        """
+        check_job_id(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            block = interval if deadline is None else min(interval, deadline - time.monotonic())
+            status = JobStatus.from_agent(self._call("wait", job_id=job_id, timeout=max(block, 0)))
+            if not status.state.is_active:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"Job {job_id!r} is still {status.state.value} after {timeout:g} s"
+                )
+            if on_progress is not None:
+                on_progress(status)
+
+    def logs(
+        self,
+        job_id: str,
+        stream: str = "stdout",
+        follow: bool = False,
+        tail: int | None = None,
+    ) -> Iterator[bytes]:
+        """Yield the job's output (stdout or stderr) in chunks.
+
+        With follow, new output is streamed as it is written, until the job
+        ends and every last byte has been delivered. tail starts at the last
+        `tail` lines.
+        """
+        check_job_id(job_id)
+        if stream not in ("stdout", "stderr"):
+            raise InvalidInput(f"stream must be stdout or stderr, not {stream!r}")
+        offset = 0
+        if tail is not None:
+            offset = self._call("tail_offset", job_id=job_id, stream=stream, lines=tail)
+        while True:
+            reply = self._call(
+                "read_output",
+                job_id=job_id,
+                stream=stream,
+                offset=offset,
+                length=transfer.CHUNK_SIZE,
+                wait=agent.MAX_BLOCK if follow else 0,
+            )
+            if reply["data"]:
+                offset = reply["offset"]
+                yield reply["data"]
+            elif reply["ended"] or not follow:
+                return
+
     def download(self, job_id: str, path: str, local: str) -> str:
         """Download a job's file or folder (path relative to the job) to local, atomically."""
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
@@ -278,7 +348,7 @@ class RemoteQueue:
         yield from transfer.stream_file(self.session(), self.queue, job_id, path, entries[0].size)
 
 
-def _check_script(directory: str, script: str, entries: list[transfer.Entry]) -> None:
+def _check_script(directory: str, script: str) -> None:
     """Refuse a script that is not a file inside the job directory."""
     if os.path.isabs(script) or ".." in script.split("/"):
         raise InvalidInput(f"The script {script!r} must be a path inside {directory}")

@@ -6,17 +6,21 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
 
-from tej import __version__
+from tej import __version__, jobspec
 from tej.api import DEFAULT_QUEUE, JobState, JobStatus, RemoteQueue
 from tej.errors import InvalidInput, JobNotFound, TejError
 
 EXIT_INTERRUPTED = 130
+EXIT_JOB_LOST = 7
+EXIT_JOB_TIMED_OUT = 124
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -35,9 +39,33 @@ def describe_status(status: JobStatus) -> str:
         return "Job is starting"
     if status.state is JobState.FINISHED:
         return f"Job is finished ({elapsed}) with exit code {status.exit_code}"
+    if status.state is JobState.SCHEDULED:
+        return f"Job is scheduled to start at {format_local(status.scheduled_for)}"
+    if status.state is JobState.TIMED_OUT:
+        return f"Job timed out after {elapsed}"
+    if status.state is JobState.KILLED and status.started_at is None:
+        return "Job was cancelled before it started"
     if status.state is JobState.KILLED:
         return f"Job was killed ({elapsed})"
     return f"Job was lost ({status.reason or 'unknown reason'})"
+
+
+def format_local(when: datetime | None) -> str:
+    """A time in the local time zone, as YYYY-MM-DD HH:MM:SS TZ."""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z") if when else "an unknown time"
+
+
+def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
+    """The exit code of `tej wait`: see the README's table."""
+    if status.state is JobState.LOST:
+        return EXIT_JOB_LOST
+    if not use_job_code:
+        return 0
+    if status.state is JobState.TIMED_OUT:
+        return EXIT_JOB_TIMED_OUT
+    if status.exit_code is None:
+        return 128 + signal.SIGTERM
+    return status.exit_code
 
 
 def emit_json(document: Any) -> None:
@@ -175,17 +203,125 @@ def setup(
 @queue_command()
 @click.option("--id", "job_id", help="Identifier of the job [default: <dirname>_<user>_<random>].")
 @click.option("--script", help="Script to run, relative to DIRECTORY [default: start.sh].")
+@click.option("--max-runtime", help="Time limit (90, 90s, 15m, 2h, 1d); then it is killed.")
+@click.option("--start-at", help="Start at this ISO 8601 time (naive: the server's time).")
+@click.option("--delay", help="Start after this duration (90s, 15m, 2h).")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Add to the environment.")
+@click.option("--stdout", help="Where stdout goes: tej (kept), discard, or a path in the job.")
+@click.option("--stderr", help="Where stderr goes: tej, discard, stdout, or a path in the job.")
+@click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
+@click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end.")
+@click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
+@click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.argument("directory")
 def submit(
-    remote: RemoteQueue, as_json: bool, job_id: str | None, script: str | None, directory: str
+    remote: RemoteQueue,
+    as_json: bool,
+    job_id: str | None,
+    directory: str,
+    env: tuple[str, ...],
+    webhook: tuple[str, ...],
+    email: tuple[str, ...],
+    then_wait: bool,
+    exit_code: bool,
+    **metadata: str | None,
 ) -> None:
-    """Upload DIRECTORY and start its script at once."""
-    new_id = remote.submit(directory, job_id=job_id, script=script)
-    if as_json:
-        emit_json({"id": new_id})
-    else:
+    """Upload DIRECTORY and start its script at once (tej.json in it adds metadata)."""
+    overrides: dict[str, Any] = dict(metadata, env=parse_env(env) if env else None)
+    if webhook or email:
+        overrides["notify"] = {
+            **({"webhook": list(webhook)} if webhook else {}),
+            **({"email": list(email)} if email else {}),
+        }
+    new_id = remote.submit(directory, job_id=job_id, **overrides)
+    if not as_json:
         click.echo("Job submitted as:")
         click.echo(new_id)
+    if not then_wait:
+        if as_json:
+            emit_json({"id": new_id})
+        return
+    status = wait_for_job(remote, new_id, None, show_progress=not as_json)
+    if as_json:
+        emit_json({"id": new_id, "status": status.to_json()})
+    else:
+        click.echo(describe_status(status))
+    sys.exit(job_exit_code(status, exit_code))
+
+
+def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    """NAME=VALUE pairs from --env."""
+    env = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise InvalidInput(f"Invalid --env {pair!r}: use NAME=VALUE")
+        env[name] = value
+    return env
+
+
+def wait_for_job(
+    remote: RemoteQueue, job_id: str, timeout: float | None, show_progress: bool
+) -> JobStatus:
+    """Wait for a job, showing its state and elapsed time on a terminal."""
+    on_terminal = show_progress and sys.stderr.isatty()
+
+    def progress(status: JobStatus) -> None:
+        click.echo(f"\r\033[K{describe_status(status)}", err=True, nl=False)
+
+    try:
+        return remote.wait(
+            job_id,
+            timeout,
+            on_progress=progress if on_terminal else None,
+            interval=1.0 if on_terminal else 30.0,
+        )
+    finally:
+        if on_terminal:
+            click.echo("\r\033[K", err=True, nl=False)
+
+
+@queue_command()
+@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@click.option("--timeout", help="Give up after this duration (90, 15m, 2h): exit code 6.")
+@click.option("--exit-code", is_flag=True, help="Exit with the job's own exit code.")
+def wait(
+    remote: RemoteQueue, as_json: bool, job_id: str, timeout: str | None, exit_code: bool
+) -> None:
+    """Wait until a job ends, then show how it ended."""
+    seconds = jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout else None
+    status = wait_for_job(remote, job_id, seconds, show_progress=not as_json)
+    if as_json:
+        emit_json(status.to_json())
+    else:
+        click.echo(describe_status(status))
+    sys.exit(job_exit_code(status, exit_code))
+
+
+@queue_command()
+@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@click.option("--stderr", "use_stderr", is_flag=True, help="Show stderr instead of stdout.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
+@click.option("--tail", type=click.IntRange(0), help="Start with the last N lines.")
+def logs(
+    remote: RemoteQueue,
+    as_json: bool,
+    job_id: str,
+    use_stderr: bool,
+    follow: bool,
+    tail: int | None,
+) -> None:
+    """Print a job's output."""
+    stream = "stderr" if use_stderr else "stdout"
+    chunks = remote.logs(job_id, stream, follow=follow, tail=tail)
+    if as_json:
+        text = b"".join(chunks).decode("utf-8", "replace")
+        emit_json({"id": job_id, "stream": stream, "output": text})
+        return
+    out = click.get_binary_stream("stdout")
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
 
 
 @queue_command()

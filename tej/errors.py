@@ -60,6 +60,12 @@ class JobStillRunning(JobStateError):
     """The job is still running."""
 
 
+class WaitTimeout(TejError):
+    """The job was still running when the wait's timeout expired."""
+
+    exit_code = 6
+
+
 class AgentMissing(TejError):
     """The queue has no copy of this agent yet (handled inside the session)."""
 

@@ -48,17 +48,25 @@ STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
 
 STATE_STARTING = "starting"
+STATE_SCHEDULED = "scheduled"
 STATE_RUNNING = "running"
 STATE_FINISHED = "finished"
 STATE_KILLED = "killed"
+STATE_TIMED_OUT = "timed_out"
 STATE_LOST = "lost"
-ACTIVE_STATES = (STATE_STARTING, STATE_RUNNING)
-END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_LOST)
+ACTIVE_STATES = (STATE_STARTING, STATE_SCHEDULED, STATE_RUNNING)
+END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_TIMED_OUT, STATE_LOST)
+
+OUTPUT_KEPT = "tej"
+OUTPUT_DISCARDED = "discard"
+STDERR_MERGED = "stdout"
 
 RUNNERS = ("default",)
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
+POLL_INTERVAL = 0.02
+MAX_BLOCK = 30.0
 MAX_ID_LENGTH = 128
 ID_PATTERN = re.compile(r"[A-Za-z0-9_\-.+=@%:,]+\Z")
 
@@ -452,6 +460,7 @@ def public_status(job_id, record):
     if started:
         end = parse_iso(ended) if ended else time.time()
         elapsed = max(0.0, round(end - parse_iso(started), 3))
+    start_time = record.get("start_time")
     return {
         "id": job_id,
         "state": record.get("state"),
@@ -459,10 +468,22 @@ def public_status(job_id, record):
         "signal": record.get("signal"),
         "reason": record.get("reason"),
         "submitted_at": record.get("submitted_at"),
+        "scheduled_for": now_iso(start_time) if start_time else None,
         "started_at": started,
         "ended_at": ended,
         "elapsed": elapsed,
+        "notifications": record.get("notifications", []),
     }
+
+
+def job_status(job_id, job_dir):
+    """A job's public status, with the metadata it was submitted with."""
+    status = public_status(job_id, current_record(job_dir))
+    try:
+        status["metadata"] = read_json(os.path.join(job_dir, JOB_FILE))
+    except (OSError, AgentError):
+        status["metadata"] = None
+    return status
 
 
 def current_record(job_dir):
@@ -505,7 +526,7 @@ def wait_for_state(job_dir, states, timeout):
         record = current_record(job_dir)
         if record.get("state") in states or time.time() >= deadline:
             return record
-        time.sleep(0.02)
+        time.sleep(POLL_INTERVAL)
 
 
 # -- the request handlers ---------------------------------------------------
@@ -531,6 +552,9 @@ class Agent(object):
             "delete": self.delete,
             "list_files": self.list_files,
             "read_chunks": self.read_chunks,
+            "wait": self.wait,
+            "read_output": self.read_output,
+            "tail_offset": self.tail_offset,
         }
 
     def handle(self, request):
@@ -725,8 +749,11 @@ class Agent(object):
                 raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
             candidates = ["%s_%06d" % (id_prefix, random.randrange(10**6)) for _ in range(50)]
         validate_job_id(candidates[0])
+        start_time = start_time_of(job)
         for candidate in candidates:
             record = {"id": candidate, "state": STATE_STARTING, "submitted_at": now_iso()}
+            if start_time is not None:
+                record["start_time"] = start_time
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
             write_json_atomic(os.path.join(staging, STATUS_FILE), record)
             job_dir = queue.path(JOBS_DIR, candidate)
@@ -771,8 +798,44 @@ class Agent(object):
     # status, list, kill, delete
 
     def status(self, queue, job_id):
-        """The status of one job."""
-        return public_status(job_id, current_record(self.existing_queue(queue).job_dir(job_id)))
+        """The status of one job, with the metadata it was submitted with."""
+        return job_status(job_id, self.existing_queue(queue).job_dir(job_id))
+
+    def wait(self, queue, job_id, timeout):
+        """Block until the job ends or timeout seconds pass (at most MAX_BLOCK)."""
+        job_dir = self.existing_queue(queue).job_dir(job_id)
+        record = wait_for_state(job_dir, END_STATES, min(float(timeout), MAX_BLOCK))
+        return public_status(job_id, record)
+
+    def read_output(self, queue, job_id, stream, offset, length, wait=0):
+        """Read the job's stdout or stderr from offset, waiting up to wait s for new data.
+
+        "ended" says the job had ended before the read: an empty read with
+        "ended" set means every byte has been delivered.
+        """
+        job_dir = self.existing_queue(queue).job_dir(job_id)
+        path = self.output_file(job_dir, stream)
+        deadline = time.time() + min(float(wait), MAX_BLOCK)
+        while True:
+            ended = current_record(job_dir).get("state") in END_STATES
+            data = read_at(path, offset, min(int(length), 1 << 24))
+            if data or ended or time.time() >= deadline:
+                return {"data": data, "offset": offset + len(data), "ended": ended}
+            time.sleep(POLL_INTERVAL * 5)
+
+    def tail_offset(self, queue, job_id, stream, lines):
+        """The offset where the last `lines` lines of the job's output begin."""
+        job_dir = self.existing_queue(queue).job_dir(job_id)
+        return find_tail(self.output_file(job_dir, stream), int(lines))
+
+    def output_file(self, job_dir, stream):
+        """The file holding a job's stdout or stderr."""
+        if stream not in ("stdout", "stderr"):
+            raise AgentError(ERR_BAD_REQUEST, "stream must be stdout or stderr")
+        path = output_path(job_dir, read_json(os.path.join(job_dir, JOB_FILE)), stream)
+        if path is None:
+            raise AgentError(ERR_INVALID, "This job's %s is discarded" % stream)
+        return path
 
     def existing_queue(self, text):
         """The queue at text; an empty stand-in if there is none yet."""
@@ -790,16 +853,17 @@ class Agent(object):
         for name in names:
             job_dir = queue.path(JOBS_DIR, name)
             if ID_PATTERN.match(name) and os.path.isdir(job_dir):
-                statuses.append(public_status(name, current_record(job_dir)))
+                statuses.append(job_status(name, job_dir))
         statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
         return statuses
 
     def kill(self, queue, job_id):
         """Kill a job's whole process group; reports whether this call killed it."""
         job_dir = self.existing_queue(queue).job_dir(job_id)
-        record = wait_for_state(job_dir, (STATE_RUNNING,) + END_STATES, START_TIMEOUT)
+        settled = (STATE_SCHEDULED, STATE_RUNNING) + END_STATES
+        record = wait_for_state(job_dir, settled, START_TIMEOUT)
         grace = float(read_json(os.path.join(job_dir, JOB_FILE)).get("kill_grace", KILL_GRACE))
-        if record.get("state") == STATE_RUNNING:
+        if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
             os.kill(record["supervisor"]["pid"], signal.SIGTERM)
             record = wait_for_state(job_dir, END_STATES, grace + 10)
             return {
@@ -893,6 +957,48 @@ def internal_error(exc):
     return {"ok": False, "error": ERR_INTERNAL, "message": "%s: %s" % (type(exc).__name__, exc)}
 
 
+def read_at(path, offset, length):
+    """Read up to length bytes at offset (nothing if the file doesn't exist yet)."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(offset)
+            return stream.read(length)
+    except FileNotFoundError:
+        return b""
+
+
+def find_tail(path, lines):
+    """The offset of the start of the last `lines` lines of a file."""
+    try:
+        with open(path, "rb") as stream:
+            return tail_start(stream, lines)
+    except FileNotFoundError:
+        return 0
+
+
+def tail_start(stream, lines):
+    """The offset of the start of the last `lines` lines of an open binary file."""
+    end = position = stream.seek(0, os.SEEK_END)
+    if lines <= 0:
+        return end
+    while position > 0:
+        size = min(65536, position)
+        position -= size
+        stream.seek(position)
+        block = stream.read(size)
+        if position + size == end and block.endswith(b"\n"):
+            block = block[:-1]  # the final newline ends the last line, starts none
+        index = len(block)
+        while lines > 0:
+            index = block.rfind(b"\n", 0, index)
+            if index < 0:
+                break
+            lines -= 1
+        if lines == 0:
+            return position + index + 1
+    return 0
+
+
 def describe_entry(relpath, full):
     """One entry of list_files: [relpath, kind, mode, size-or-target]."""
     info = os.lstat(full)
@@ -940,7 +1046,46 @@ def validate_job(job):
     if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
         raise AgentError(ERR_INVALID, "The script's arguments must be strings")
     relative_parts(os.fsencode(script))
-    return dict(job, script=script, args=args)
+    env = job.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in env.items()
+    ):
+        raise AgentError(ERR_INVALID, "env must map names to strings")
+    for key in ("max_runtime", "kill_grace", "delay"):
+        value = job.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise AgentError(ERR_INVALID, "%s must be a number of seconds" % key)
+    for stream in ("stdout", "stderr"):
+        check_output_target(stream, job.get(stream, OUTPUT_KEPT))
+    if not isinstance(job.get("notify") or {}, dict):
+        raise AgentError(ERR_INVALID, "notify must be a dict")
+    return dict(job, script=script, args=args, env=env)
+
+
+def check_output_target(stream, target):
+    """Refuse an output target that is neither a keyword nor a path inside the job."""
+    if not isinstance(target, str) or not target:
+        raise AgentError(ERR_INVALID, "%s must be a string" % stream)
+    keywords = (OUTPUT_KEPT, OUTPUT_DISCARDED, STDERR_MERGED)
+    if target not in keywords and not relative_parts(os.fsencode(target)):
+        raise AgentError(ERR_INVALID, "Invalid %s path %r" % (stream, target))
+
+
+def start_time_of(job):
+    """When a job should start (POSIX time), from its delay or start_at; None for now."""
+    if job.get("delay") is not None:
+        return time.time() + float(job["delay"])
+    if job.get("start_at") is None:
+        return None
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(str(job["start_at"]))
+    except ValueError:
+        raise AgentError(ERR_INVALID, "Invalid start_at %r" % (job["start_at"],))
+    if when.tzinfo is None:  # naive: the server's local time
+        return time.mktime(when.timetuple()) + when.microsecond / 1e6
+    return when.timestamp()
 
 
 def check_script(work, script):
@@ -1015,30 +1160,35 @@ def place_file(path, mode, size):
 
 
 class Supervisor(object):
-    """Starts one job, waits for it, and records how it ended."""
+    """Starts one job (on time), enforces its time limit, records its end, notifies."""
 
     def __init__(self, job_dir):
         self.job_dir = job_dir
         self.job = read_json(os.path.join(job_dir, JOB_FILE))
         self.record = read_json(os.path.join(job_dir, STATUS_FILE))
-        self.grace = float(self.job.get("kill_grace", KILL_GRACE))
+        self.grace = max(float(self.job.get("kill_grace", KILL_GRACE)), 0.001)
         self.pgid = None
         self.kill_requested = False
+        self.timed_out = False
+        self.alarm_phase = None
+        self.reported = False
 
     def run(self):
         """Supervise the job from start to end; returns the process exit code."""
         signal.signal(signal.SIGTERM, self.on_kill_request)
-        signal.signal(signal.SIGALRM, self.on_grace_expired)
+        signal.signal(signal.SIGALRM, self.on_alarm)
         for ignored in (signal.SIGHUP, signal.SIGINT):
             # A handler, not SIG_IGN: handlers are reset by exec, so the job
             # starts with the default dispositions.
             signal.signal(ignored, ignore_signal)
         become_subreaper()
         self.record["supervisor"] = identify_process(os.getpid())
+        if not self.wait_for_start_time():
+            self.end(STATE_KILLED, reason="cancelled before it started")
+            return 0
         try:
             proc = self.start_job()
         except OSError as exc:
-            self.report_started()
             self.fail_to_start(exc)
             return 0
         self.pgid = proc.pid
@@ -1047,22 +1197,33 @@ class Supervisor(object):
         )
         self.save()
         self.report_started()
-        if self.kill_requested:
-            self.on_kill_request(signal.SIGTERM, None)
+        self.arm_time_limit()
         wait_status = wait_for_child(proc.pid)
         terminate_group(self.pgid, self.grace, with_descendants=True)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        self.finish(wait_status)
+        self.record.update(exit_code_fields(wait_status))
+        self.end(self.end_state())
         return 0
 
+    def wait_for_start_time(self):
+        """Stay scheduled until the start time; False if killed meanwhile."""
+        start_time = self.record.get("start_time")
+        if not start_time or start_time <= time.time():
+            return not self.kill_requested
+        self.record.update(state=STATE_SCHEDULED)
+        self.save()
+        self.report_started()
+        while not self.kill_requested and time.time() < start_time:
+            time.sleep(min(start_time - time.time(), 0.2))
+        return not self.kill_requested
+
     def start_job(self):
-        """Spawn the job's script in its own session, output to tej's files."""
+        """Spawn the job's script in its own session, its output where the job asks."""
         work = os.path.join(self.job_dir, WORK_DIR)
         script = os.path.join(work, self.job["script"])
         env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        out = os.open(os.path.join(self.job_dir, STDOUT_FILE), flags, 0o600)
-        err = os.open(os.path.join(self.job_dir, STDERR_FILE), flags, 0o600)
+        env.update(self.job.get("env") or {})
+        out, err = open_outputs(self.job_dir, self.job)
         args = list(self.job.get("args", []))
         try:
             try:
@@ -1076,7 +1237,10 @@ class Supervisor(object):
             os.close(err)
 
     def report_started(self):
-        """Tell the agent that started us that the job is under way."""
+        """Tell the agent that started us that the job is under way (once)."""
+        if self.reported:
+            return
+        self.reported = True
         os.write(1, b"started\n")
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -1084,42 +1248,200 @@ class Supervisor(object):
 
     def fail_to_start(self, exc):
         """Record a job whose script could not be executed, as a shell would."""
-        message = "tej: cannot run %s: %s\n" % (self.job["script"], exc.strerror or exc)
+        message = "tej: cannot run %s: %s\n" % (self.job["script"], describe_os_error(exc))
         with open(os.path.join(self.job_dir, STDERR_FILE), "a") as stream:
             stream.write(message)
-        code = 127 if exc.errno == errno.ENOENT else 126
-        started = now_iso()
         self.record.update(
-            state=STATE_FINISHED, started_at=started, ended_at=started, exit_code=code
+            started_at=now_iso(), exit_code=127 if exc.errno == errno.ENOENT else 126
         )
-        self.save()
+        self.end(STATE_FINISHED)
+
+    def arm_time_limit(self):
+        """Start the clock of max_runtime, if the job has one."""
+        limit = self.job.get("max_runtime")
+        if limit and not self.kill_requested:
+            self.alarm_phase = "runtime"
+            signal.setitimer(signal.ITIMER_REAL, float(limit))
+        elif self.kill_requested:
+            self.terminate()
+
+    def terminate(self):
+        """SIGTERM the job's processes now; SIGKILL when the grace period ends."""
+        signal_job(self.pgid, signal.SIGTERM, with_descendants=True)
+        self.alarm_phase = "grace"
+        signal.setitimer(signal.ITIMER_REAL, self.grace)
 
     def on_kill_request(self, _signum, _frame):
-        """SIGTERM from `tej kill`: terminate the job's group, then SIGKILL after grace."""
+        """SIGTERM from `tej kill`: terminate the job (or cancel it if not started)."""
         self.kill_requested = True
-        if self.pgid is not None:
-            signal_job(self.pgid, signal.SIGTERM, with_descendants=True)
-            signal.setitimer(signal.ITIMER_REAL, self.grace)
+        if self.pgid is not None and self.alarm_phase != "grace":
+            self.terminate()
 
-    def on_grace_expired(self, _signum, _frame):
-        """The grace period after SIGTERM is over: SIGKILL what is left."""
-        if self.pgid is not None:
+    def on_alarm(self, _signum, _frame):
+        """SIGALRM: max_runtime is reached, or the grace period after SIGTERM is over."""
+        if self.alarm_phase == "runtime":
+            self.timed_out = True
+            self.terminate()
+        elif self.alarm_phase == "grace":
             signal_job(self.pgid, signal.SIGKILL, with_descendants=True)
 
-    def finish(self, wait_status):
-        """Record the job's end state and exit code."""
-        if os.WIFSIGNALED(wait_status):
-            signum = os.WTERMSIG(wait_status)
-            self.record.update(exit_code=128 + signum, signal=signal_name(signum))
-        else:
-            self.record.update(exit_code=os.WEXITSTATUS(wait_status))
-        state = STATE_KILLED if self.kill_requested else STATE_FINISHED
+    def end_state(self):
+        """How the job ended: timed out, killed, or finished by itself."""
+        if self.timed_out:
+            return STATE_TIMED_OUT
+        return STATE_KILLED if self.kill_requested else STATE_FINISHED
+
+    def end(self, state, reason=None):
+        """Record the job's end, tell the agent if it still waits, then notify."""
         self.record.update(state=state, ended_at=now_iso())
+        if reason:
+            self.record["reason"] = reason
         self.save()
+        self.report_started()
+        results = send_notifications(self.job, self.record, self.job_dir)
+        if results:
+            self.record["notifications"] = results
+            self.save()
 
     def save(self):
         """Write the status record atomically."""
         write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record)
+
+
+def exit_code_fields(wait_status):
+    """The exit code (128 + N for a signal, as in a shell) and signal name of a wait status."""
+    if os.WIFSIGNALED(wait_status):
+        signum = os.WTERMSIG(wait_status)
+        return {"exit_code": 128 + signum, "signal": signal_name(signum)}
+    return {"exit_code": os.WEXITSTATUS(wait_status)}
+
+
+def output_path(job_dir, job, stream):
+    """Where a job's stdout or stderr goes: a path, or None when discarded."""
+    target = job.get(stream) or OUTPUT_KEPT
+    if stream == "stderr" and target == STDERR_MERGED:
+        raise AgentError(ERR_INVALID, "This job's stderr goes to its stdout: read stdout")
+    if target == OUTPUT_DISCARDED:
+        return None
+    if target == OUTPUT_KEPT:
+        return os.path.join(job_dir, stream)
+    work = os.path.realpath(os.path.join(job_dir, WORK_DIR))
+    path = os.path.join(work, target)
+    real = os.path.realpath(os.path.dirname(path))
+    if real != work and not real.startswith(work + "/"):
+        raise AgentError(ERR_INVALID, "The %s path %r leaves the job's folder" % (stream, target))
+    return path
+
+
+def open_outputs(job_dir, job):
+    """Open the job's stdout and stderr targets; returns two file descriptors."""
+    out = open_output(output_path(job_dir, job, "stdout"))
+    if (job.get("stderr") or OUTPUT_KEPT) == STDERR_MERGED:
+        return out, os.dup(out)
+    return out, open_output(output_path(job_dir, job, "stderr"))
+
+
+def open_output(path):
+    """Open an output file for appending (private), or /dev/null for None."""
+    if path is None:
+        return os.open(os.devnull, os.O_WRONLY)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, 0o700)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+# -- notifications ----------------------------------------------------------
+
+
+def send_notifications(job, record, job_dir):
+    """Send the job's webhooks and emails for its end state; returns one result each."""
+    notify = job.get("notify") or {}
+    if record.get("state") not in notify.get("on", ()):
+        return []
+    status = public_status(job["id"], record)
+    status.update(host=socket_hostname(), queue=os.path.dirname(os.path.dirname(job_dir)))
+    results = []
+    for url in notify.get("webhook", ()):
+        results.append(with_retries("webhook", url, lambda url=url: post_webhook(url, status)))
+    for address in notify.get("email", ()):
+        send = lambda address=address: send_email(notify, address, status)  # noqa: E731
+        results.append(with_retries("email", address, send))
+    return results
+
+
+def with_retries(kind, target, action, attempts=4, backoff=1.0):
+    """Run action until it succeeds, backing off between attempts; log each failure."""
+    error = None
+    for attempt in range(1, attempts + 1):
+        try:
+            action()
+            return {
+                "kind": kind,
+                "target": target,
+                "ok": True,
+                "attempts": attempt,
+                "at": now_iso(),
+            }
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded, none is fatal
+            error = "%s: %s" % (type(exc).__name__, exc)
+            sys.stderr.write(
+                "%s tej: %s %s failed (attempt %d): %s\n"
+                % (now_iso(), kind, target, attempt, error)
+            )
+            sys.stderr.flush()
+            if getattr(exc, "code", 500) in (400, 401, 403, 404, 405, 410, 422):
+                break
+            if attempt < attempts:
+                time.sleep(backoff * 2 ** (attempt - 1))
+    return {
+        "kind": kind,
+        "target": target,
+        "ok": False,
+        "attempts": attempt,
+        "error": error,
+        "at": now_iso(),
+    }
+
+
+def socket_hostname():
+    """This server's host name."""
+    import socket
+
+    return socket.gethostname()
+
+
+def post_webhook(url, status):
+    """POST the job's status as JSON to url."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(status).encode("utf-8"),
+        headers={"Content-Type": "application/json", "User-Agent": "tej"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=15) as response:
+        response.read()
+
+
+def send_email(notify, address, status):
+    """Send a short plain-text summary of the job's end through SMTP."""
+    import smtplib
+    from email.message import EmailMessage
+
+    message = EmailMessage()
+    message["Subject"] = "tej: job %s %s" % (status["id"], status["state"].replace("_", " "))
+    message["From"] = notify.get("from") or "tej@%s" % status["host"]
+    message["To"] = address
+    lines = ["Job %s on %s: %s." % (status["id"], status["host"], status["state"])]
+    for key in ("exit_code", "signal", "reason", "started_at", "ended_at", "elapsed", "queue"):
+        if status.get(key) is not None:
+            lines.append("%s: %s" % (key.replace("_", " ").capitalize(), status[key]))
+    message.set_content("\n".join(lines) + "\n")
+    host, _, port = notify.get("smtp", "localhost:25").rpartition(":")
+    with smtplib.SMTP(host, int(port), timeout=30) as smtp:
+        smtp.send_message(message)
 
 
 def spawn(command, work, env, out, err):
