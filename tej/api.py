@@ -20,6 +20,8 @@ from tej.errors import AgentMissing, InvalidInput, TejError, WaitTimeout
 from tej.session import AGENT_SOURCE, Session
 
 DEFAULT_QUEUE = "~/.tej"
+#: How long an idle ssh connection is kept for the next command (ControlPersist).
+SHARED_CONNECTION_SECONDS = 60
 DEFAULT_SCRIPT = agent.DEFAULT_SCRIPT
 
 
@@ -156,11 +158,15 @@ class RemoteQueue:
         python: str | None = None,
         ssh_config: str | None = None,
         connect_timeout: int = 15,
+        reuse_connection: bool = True,
     ) -> None:
         self.destination = parse_destination(destination)
         self.queue = queue
         self.options = ConnectOptions(
-            python=python, ssh_config=ssh_config, connect_timeout=connect_timeout
+            python=python,
+            ssh_config=ssh_config,
+            connect_timeout=connect_timeout,
+            reuse_for=SHARED_CONNECTION_SECONDS if reuse_connection else 0,
         )
         self._session: Session | None = None
 

@@ -109,6 +109,12 @@ COMMON_OPTIONS = [
         show_default=True,
         help="Seconds to wait for the server before giving up.",
     ),
+    click.option(
+        "--no-reuse",
+        is_flag=True,
+        envvar="TEJ_NO_REUSE",
+        help="Don't share one ssh connection between commands.",
+    ),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
 ]
 
@@ -128,6 +134,7 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
             ssh_config: str | None,
             python: str | None,
             connect_timeout: int,
+            no_reuse: bool,
             as_json: bool,
             **kwargs: Any,
         ) -> None:
@@ -138,6 +145,7 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
                     python=python,
                     ssh_config=ssh_config,
                     connect_timeout=connect_timeout,
+                    reuse_connection=not no_reuse,
                 )
                 try:  # connects on first use, so bad input costs no connection
                     function(remote=remote, as_json=as_json, **kwargs)

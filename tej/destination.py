@@ -6,7 +6,9 @@ import ipaddress
 import os
 import re
 import shlex
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -50,6 +52,8 @@ class ConnectOptions:
     connect_timeout: int = 15
     keepalive_interval: int = 10
     keepalive_count: int = 3
+    #: Seconds an idle shared ssh connection stays open for the next command; 0: no sharing.
+    reuse_for: int = 60
 
     def python_command(self, destination: Destination) -> list[str]:
         """The server's Python interpreter, as a command line."""
@@ -144,6 +148,7 @@ def ssh_command(destination: Destination, options: ConnectOptions) -> list[str]:
         "ServerAliveInterval": str(options.keepalive_interval),
         "ServerAliveCountMax": str(options.keepalive_count),
     }
+    settings.update(_sharing_settings(options.reuse_for))
     for key, value in settings.items():
         command += ["-o", f"{key}={value}"]
     if destination.port is not None:
@@ -151,3 +156,31 @@ def ssh_command(destination: Destination, options: ConnectOptions) -> list[str]:
     if destination.user is not None:
         command += ["-l", destination.user]
     return [*command, "--", destination.host]
+
+
+def _sharing_settings(reuse_for: int) -> dict[str, str]:
+    """ssh options that share one connection between commands (ControlMaster)."""
+    directory = control_directory() if reuse_for > 0 else None
+    if directory is None:
+        return {"ControlMaster": "no", "ControlPath": "none"}
+    return {
+        "ControlMaster": "auto",
+        "ControlPath": os.path.join(directory, "%C"),
+        "ControlPersist": str(reuse_for),
+    }
+
+
+def control_directory() -> str | None:
+    """A private folder for shared-connection sockets, or None if none can be had safely."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(base, f"tej-ssh-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None  # someone else's, or open to others: never put our sockets there
+    return path

@@ -1200,6 +1200,7 @@ class Supervisor(object):
         self.arm_time_limit()
         wait_status = wait_for_child(proc.pid)
         terminate_group(self.pgid, self.grace, with_descendants=True)
+        reap_remaining(time.time() + 1.0)
         signal.setitimer(signal.ITIMER_REAL, 0)
         self.record.update(exit_code_fields(wait_status))
         self.end(self.end_state())
@@ -1509,6 +1510,17 @@ def reap_children():
             return
         if reaped == 0:
             return
+
+
+def reap_remaining(deadline):
+    """Reap the children that are dying, so none is left a zombie (until deadline)."""
+    while time.time() < deadline:
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if reaped == 0:
+            time.sleep(0.01)
 
 
 def terminate_group(pgid, grace, with_descendants=False):

@@ -127,7 +127,8 @@ def test_failed_authentication(ssh_server: SshServer, tmp_path: Path) -> None:
     assert f"IdentityFile {ssh_server.identity_file}" in original
     config = tmp_path / "ssh_config"
     config.write_text(original.replace(ssh_server.identity_file, str(stranger)))
-    done = run_tej("list", ssh_server.alias, "--ssh-config", str(config))
+    # --no-reuse: a connection shared by earlier tests would log in without a key.
+    done = run_tej("list", ssh_server.alias, "--ssh-config", str(config), "--no-reuse")
     message = error_line(done, 5)
     assert ssh_server.alias in message
     assert "Permission denied" in message, message
