@@ -7,7 +7,7 @@ import getpass
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -214,15 +214,24 @@ class RemoteQueue:
             result["queue"], result["created"], result["runner"], tuple(result["links"])
         )
 
-    def submit(self, directory: str, *, job_id: str | None = None, **metadata: Any) -> str:
+    def submit(
+        self,
+        directory: str,
+        *,
+        job_id: str | None = None,
+        secrets: Mapping[str, str] | None = None,
+        **metadata: Any,
+    ) -> str:
         """Upload a directory and start its script; returns the job's id.
 
         metadata overrides the directory's tej.json, with the same names
         (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
-        delay, notify); see docs/tej-json.md. Everything is checked before
-        anything is sent.
+        delay, notify); see docs/tej-json.md. secrets are environment
+        variables for the job that are never written to disk on the server
+        nor shown by status. Everything is checked before anything is sent.
         """
         job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
+        secret_env = jobspec.secret_env(secrets or {})
         entries = transfer.scan_directory(directory)
         _check_script(directory, job["script"])
         if job_id is not None:
@@ -231,7 +240,8 @@ class RemoteQueue:
         token = self._call("upload_begin")
         try:
             transfer.upload_tree(session, self.queue, token, directory, entries)
-            return self._start(token, entries, job_id, default_id_prefix(directory), job)
+            prefix = default_id_prefix(directory)
+            return self._start(token, entries, job_id, prefix, job, secret_env)
         except BaseException:
             self._abort_upload(token)
             raise
@@ -243,6 +253,7 @@ class RemoteQueue:
         job_id: str | None,
         id_prefix: str,
         job: dict[str, Any],
+        secrets: dict[str, str],
     ) -> str:
         request = {
             "token": token,
@@ -250,6 +261,7 @@ class RemoteQueue:
             "job_id": job_id,
             "id_prefix": id_prefix,
             "job": job,
+            "secrets": secrets,
         }
         try:
             return str(self._call("submit", **request))

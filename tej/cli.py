@@ -215,6 +215,13 @@ def setup(
 @click.option("--start-at", help="Start at this ISO 8601 time (naive: the server's time).")
 @click.option("--delay", help="Start after this duration (90s, 15m, 2h).")
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Add to the environment.")
+@click.option(
+    "--env-secret",
+    "secrets",
+    multiple=True,
+    metavar="NAME",
+    help="Pass $NAME (or a prompted value) to the job, never written on the server.",
+)
 @click.option("--stdout", help="Where stdout goes: tej (kept), discard, or a path in the job.")
 @click.option("--stderr", help="Where stderr goes: tej, discard, stdout, or a path in the job.")
 @click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
@@ -228,6 +235,7 @@ def submit(
     job_id: str | None,
     directory: str,
     env: tuple[str, ...],
+    secrets: tuple[str, ...],
     webhook: tuple[str, ...],
     email: tuple[str, ...],
     then_wait: bool,
@@ -241,7 +249,8 @@ def submit(
             **({"webhook": list(webhook)} if webhook else {}),
             **({"email": list(email)} if email else {}),
         }
-    new_id = remote.submit(directory, job_id=job_id, **overrides)
+    secret_values = {name: read_secret(name) for name in secrets}
+    new_id = remote.submit(directory, job_id=job_id, secrets=secret_values, **overrides)
     if not as_json:
         click.echo("Job submitted as:")
         click.echo(new_id)
@@ -255,6 +264,15 @@ def submit(
     else:
         click.echo(describe_status(status))
     sys.exit(job_exit_code(status, exit_code))
+
+
+def read_secret(name: str) -> str:
+    """A secret's value: from this environment, else typed at a prompt (never echoed)."""
+    if name in os.environ:
+        return os.environ[name]
+    if not sys.stdin.isatty():
+        raise InvalidInput(f"--env-secret {name}: ${name} is not set and there is no terminal")
+    return str(click.prompt(f"Value of {name}", hide_input=True, err=True))
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:

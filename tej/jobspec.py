@@ -169,6 +169,14 @@ def _env(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def secret_env(secrets: Mapping[str, str]) -> dict[str, str]:
+    """Check secret environment variables (names like env's, string values)."""
+    for name, value in secrets.items():
+        if not _ENV_NAME.match(str(name)) or not isinstance(value, str):
+            raise InvalidInput(f"Invalid secret {name!r}: use a variable name and a string value")
+    return dict(secrets)
+
+
 def _output(value: Any, field: str) -> str:
     special = (OUTPUT_KEPT, OUTPUT_DISCARDED) + ((STDERR_MERGED,) if field == "stderr" else ())
     if isinstance(value, str) and value in special:

@@ -65,6 +65,8 @@ RUNNERS = ("default",)
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
+STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
+STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 POLL_INTERVAL = 0.02
 MAX_BLOCK = 30.0
 MAX_ID_LENGTH = 128
@@ -157,6 +159,22 @@ def remove_tree(path):
             pass
 
     shutil.rmtree(path, onerror=retry_writable)
+
+
+def remove_stale(folder, age):
+    """Remove what was left in folder by interrupted work, untouched for age seconds."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    limit = time.time() - age
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if os.lstat(path).st_mtime < limit:
+                remove_tree(path)
+        except OSError:
+            pass
 
 
 def make_private_dir(path):
@@ -680,6 +698,8 @@ class Agent(object):
     def upload_begin(self, queue):
         """Open a staging area for a new job's files; returns its token."""
         queue = open_queue(queue, create=True)
+        remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
+        remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
         token = "%x%08x" % (int(time.time()), random.randrange(1 << 32))
         staging = queue.path(STAGING_DIR, token)
         make_private_dir(staging)
@@ -719,15 +739,21 @@ class Agent(object):
         """Throw away an upload in progress."""
         remove_tree(self.staging_dir(open_queue(queue, create=False), token))
 
-    def submit(self, queue, token, manifest, job_id=None, id_prefix=None, job=None):
-        """Turn a completed upload into a job and start it."""
+    def submit(self, queue, token, manifest, job_id=None, id_prefix=None, job=None, secrets=None):
+        """Turn a completed upload into a job and start it.
+
+        secrets are environment variables for the job that are never written
+        to disk: they reach the supervisor through a pipe (job.json keeps
+        their names only).
+        """
+        secrets = validate_secrets(secrets or {})
         queue = open_queue(queue, create=True)
         supervisor_path = self.agent_path(queue)
         if not os.path.exists(supervisor_path):
             raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
         staging = self.staging_dir(queue, token)
         try:
-            job = validate_job(job or {})
+            job = dict(validate_job(job or {}), secret_env=sorted(secrets))
             build_tree(os.path.join(staging, WORK_DIR), manifest)
             check_script(os.path.join(staging, WORK_DIR), job["script"])
             job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
@@ -735,7 +761,7 @@ class Agent(object):
             remove_tree(staging)  # a failed submit leaves nothing, not even the upload
             raise
         try:
-            self.start_supervisor(supervisor_path, job_dir)
+            self.start_supervisor(supervisor_path, job_dir, secrets)
         except BaseException:
             remove_tree(job_dir)
             raise
@@ -767,13 +793,13 @@ class Agent(object):
             raise AgentError(ERR_JOB_EXISTS, "A job %r already exists" % job_id)
         raise AgentError(ERR_JOB_EXISTS, "Could not find a free identifier for %r" % id_prefix)
 
-    def start_supervisor(self, supervisor_path, job_dir):
+    def start_supervisor(self, supervisor_path, job_dir, secrets):
         """Start the detached supervisor of a job and wait until the job runs."""
         log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             proc = subprocess.Popen(
                 [sys.executable, supervisor_path, "supervise", job_dir],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
                 close_fds=True,
@@ -783,6 +809,11 @@ class Agent(object):
         finally:
             os.close(log)
         self.supervisors.append(proc)
+        try:
+            proc.stdin.write(json.dumps(secrets).encode("utf-8"))  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass  # the supervisor died at once: its report below says why
         pipe = proc.stdout
         assert pipe is not None
         report = read_line_with_timeout(pipe, START_TIMEOUT)
@@ -1071,6 +1102,27 @@ def check_output_target(stream, target):
         raise AgentError(ERR_INVALID, "Invalid %s path %r" % (stream, target))
 
 
+def validate_secrets(secrets):
+    """Check the secret environment variables of a submit."""
+    if not isinstance(secrets, dict) or not all(
+        isinstance(name, str)
+        and re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", name)
+        and isinstance(value, str)
+        for name, value in secrets.items()
+    ):
+        raise AgentError(ERR_INVALID, "secrets must map variable names to strings")
+    return secrets
+
+
+def read_secrets(stream):
+    """The secret environment variables the agent sends the supervisor on its stdin."""
+    try:
+        data = json.loads(stream.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def start_time_of(job):
     """When a job should start (POSIX time), from its delay or start_at; None for now."""
     if job.get("delay") is not None:
@@ -1172,6 +1224,7 @@ class Supervisor(object):
         self.timed_out = False
         self.alarm_phase = None
         self.reported = False
+        self.secrets = read_secrets(sys.stdin)
 
     def run(self):
         """Supervise the job from start to end; returns the process exit code."""
@@ -1224,6 +1277,7 @@ class Supervisor(object):
         script = os.path.join(work, self.job["script"])
         env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
         env.update(self.job.get("env") or {})
+        env.update(self.secrets)
         out, err = open_outputs(self.job_dir, self.job)
         args = list(self.job.get("args", []))
         try:
