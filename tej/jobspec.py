@@ -101,7 +101,7 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
         job["delay"] = duration(data["delay"], "delay", allow_zero=True)
     if "start_at" in data:
         job["start_at"] = parse_start_at(data["start_at"])
-    if data.get("notify"):
+    if "notify" in data:
         job["notify"] = _notify(data["notify"])
     return job
 
@@ -125,8 +125,8 @@ def duration(value: Any, field: str, allow_zero: bool = False) -> float:
             raise InvalidInput(f'Invalid duration for {field}: {value!r} (try "90s", "15m")')
         value = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     seconds = float(value)
-    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds:
-        raise InvalidInput(f"{field} must be a positive duration, not {value!r}")
+    if not 0 <= seconds <= agent.MAX_DURATION or (seconds == 0 and not allow_zero):
+        raise InvalidInput(f"{field} must be a positive duration up to 10 years, not {value!r}")
     return seconds
 
 
@@ -145,9 +145,10 @@ def parse_start_at(value: Any) -> str:
 
 
 def _relative_path(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{field} must be a path inside the job's directory")
-    if value.startswith("/") or ".." in value.split("/"):
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise InvalidInput(f"{field} must be the path of a file inside the job's directory")
+    parts = value.split("/")
+    if value.startswith("/") or ".." in parts or parts[-1] in ("", "."):
         raise InvalidInput(f"{field} {value!r} must be a path inside the job's directory")
     return value
 
@@ -155,6 +156,8 @@ def _relative_path(value: Any, field: str) -> str:
 def _strings(value: Any, field: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise InvalidInput(f"{field} must be a list of strings")
+    if any("\0" in item for item in value):
+        raise InvalidInput(f"{field} can't contain NUL characters")
     return list(value)
 
 
@@ -164,8 +167,8 @@ def _env(value: Any) -> dict[str, str]:
     for name, text in value.items():
         if not _ENV_NAME.match(str(name)):
             raise InvalidInput(f"Invalid environment variable name {name!r}")
-        if not isinstance(text, str):
-            raise InvalidInput(f"The value of env {name} must be a string")
+        if not isinstance(text, str) or "\0" in text:
+            raise InvalidInput(f"The value of env {name} must be a string (without NUL)")
     return dict(value)
 
 
@@ -196,7 +199,7 @@ def _notify(value: Any) -> dict[str, Any]:
     webhooks = _one_or_many(value.get("webhook", []), "notify.webhook")
     emails = _one_or_many(value.get("email", []), "notify.email")
     for url in webhooks:
-        if not re.match(r"https?://[^/\s]+", url):
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
             raise InvalidInput(f"Invalid webhook URL {url!r}: use http:// or https://")
     for address in emails:
         _email(address, "notify.email")
@@ -227,6 +230,6 @@ def _one_or_many(value: Any, field: str) -> list[str]:
 def _smtp(value: Any) -> str:
     text = value if isinstance(value, str) else ""
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"Invalid notify.smtp {value!r}: use host:port, such as localhost:25")
     return text

@@ -65,6 +65,7 @@ RUNNERS = ("default",)
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
+MAX_DURATION = 3650 * 86400.0  # ten years: longer is a mistake, and overflows timers
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 POLL_INTERVAL = 0.02
@@ -1084,7 +1085,9 @@ def validate_job(job):
         raise AgentError(ERR_INVALID, "env must map names to strings")
     for key in ("max_runtime", "kill_grace", "delay"):
         value = job.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+        if value is not None and not (
+            isinstance(value, (int, float)) and 0 <= value <= MAX_DURATION
+        ):
             raise AgentError(ERR_INVALID, "%s must be a number of seconds" % key)
     for stream in ("stdout", "stderr"):
         check_output_target(stream, job.get(stream, OUTPUT_KEPT))
@@ -1098,8 +1101,10 @@ def check_output_target(stream, target):
     if not isinstance(target, str) or not target:
         raise AgentError(ERR_INVALID, "%s must be a string" % stream)
     keywords = (OUTPUT_KEPT, OUTPUT_DISCARDED, STDERR_MERGED)
-    if target not in keywords and not relative_parts(os.fsencode(target)):
-        raise AgentError(ERR_INVALID, "Invalid %s path %r" % (stream, target))
+    if target in keywords:
+        return
+    if not relative_parts(os.fsencode(target)) or target.endswith(("/", "/.")):
+        raise AgentError(ERR_INVALID, "Invalid %s path %r: name a file" % (stream, target))
 
 
 def validate_secrets(secrets):
@@ -1136,8 +1141,12 @@ def start_time_of(job):
     except ValueError:
         raise AgentError(ERR_INVALID, "Invalid start_at %r" % (job["start_at"],))
     if when.tzinfo is None:  # naive: the server's local time
-        return time.mktime(when.timetuple()) + when.microsecond / 1e6
-    return when.timestamp()
+        start = time.mktime(when.timetuple()) + when.microsecond / 1e6
+    else:
+        start = when.timestamp()
+    if start > time.time() + MAX_DURATION:
+        raise AgentError(ERR_INVALID, "start_at is more than ten years away")
+    return start
 
 
 def check_script(work, script):
