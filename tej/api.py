@@ -147,7 +147,9 @@ class RemoteQueue:
     """A queue of jobs on a destination (``local``, ``user@host``, ``ssh://...``).
 
     Use it as a context manager: one connection serves every call made in
-    the block. Every failure is raised as a :class:`tej.TejError`.
+    the block. Every failure is raised as a :class:`tej.TejError`. A
+    connection that stops answering is detected after about three times
+    keepalive_interval seconds; connect_timeout bounds the connection's setup.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class RemoteQueue:
         ssh_config: str | None = None,
         connect_timeout: int = 15,
         reuse_connection: bool = True,
+        keepalive_interval: int = 10,
     ) -> None:
         self.destination = parse_destination(destination)
         self.queue = queue
@@ -166,6 +169,7 @@ class RemoteQueue:
             python=python,
             ssh_config=ssh_config,
             connect_timeout=connect_timeout,
+            keepalive_interval=keepalive_interval,
             reuse_for=SHARED_CONNECTION_SECONDS if reuse_connection else 0,
         )
         self._session: Session | None = None
