@@ -65,6 +65,8 @@ RUNNERS = ("default",)
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
+MAX_OFFSET = 1 << 62
+MAX_READ = 1 << 24
 MAX_DURATION = 3650 * 86400.0  # ten years: longer is a mistake, and overflows timers
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
@@ -116,12 +118,16 @@ def parse_iso(text):
 
 def write_json_atomic(path, data):
     """Write JSON to path atomically: temp file, fsync, rename."""
+    write_file_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_file_atomic(path, data):
+    """Write bytes to path atomically, private to its owner: temp file, fsync, rename."""
     tmp = "%s.tmp-%d-%d" % (path, os.getpid(), random.randrange(1 << 30))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-            stream.write("\n")
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -176,6 +182,17 @@ def remove_stale(folder, age):
                 remove_tree(path)
         except OSError:
             pass
+
+
+def make_private_dirs(path):
+    """Create a folder and any missing parents, each private to its owner (whatever the umask)."""
+    if os.path.isdir(path):
+        return
+    make_private_dirs(os.path.dirname(path))
+    try:
+        make_private_dir(path)
+    except FileExistsError:
+        pass
 
 
 def make_private_dir(path):
@@ -357,6 +374,8 @@ def read_link(path):
 
 def resolve_queue_path(text):
     """Follow tej links from the path the user gave to the real queue directory."""
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise AgentError(ERR_INVALID, "Invalid queue path %r" % (text,))
     path = os.path.abspath(os.path.expanduser(text))
     seen = []  # type: list[str]
     while os.path.isfile(path):
@@ -429,7 +448,7 @@ def create_queue(root, runner="default", options=None):
     """Create a queue at root atomically (built aside, then renamed into place)."""
     parent = os.path.dirname(root)
     if not os.path.isdir(parent):
-        os.makedirs(parent, 0o700)
+        make_private_dirs(parent)
     building = "%s.tej-new-%d-%d" % (root, os.getpid(), random.randrange(1 << 30))
     make_private_dir(building)
     try:
@@ -601,7 +620,7 @@ class Agent(object):
         if request.get("v") != PROTOCOL_VERSION:
             raise AgentError(ERR_BAD_REQUEST, "Unsupported protocol version %r" % request.get("v"))
         op, args = request.get("op"), request.get("args", {})
-        if op not in self.handlers:
+        if not isinstance(op, str) or op not in self.handlers:
             raise AgentError(ERR_BAD_REQUEST, "Unknown operation %r" % (op,))
         if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
             raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
@@ -615,11 +634,13 @@ class Agent(object):
 
     def hello(self, protocol, digest):
         """Handshake: check the protocol and describe this server."""
+        if not isinstance(digest, str) or not re.match(r"[0-9a-f]{1,64}\Z", digest):
+            raise AgentError(ERR_BAD_REQUEST, "Invalid agent digest %r" % (digest,))
         if protocol != PROTOCOL_VERSION:
             raise AgentError(
                 ERR_BAD_REQUEST, "Protocol %r is not %d" % (protocol, PROTOCOL_VERSION)
             )
-        self.digest = str(digest)
+        self.digest = digest
         return {
             "protocol": PROTOCOL_VERSION,
             "python": "%d.%d.%d" % sys.version_info[:3],
@@ -656,13 +677,13 @@ class Agent(object):
         for path in paths:
             parent = os.path.dirname(path)
             if not os.path.isdir(parent):
-                os.makedirs(parent, 0o700)
+                make_private_dirs(parent)
             write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
         return {"queue": root, "created": created, "runner": runner, "links": paths}
 
     def link_location(self, link, root, force):
         """Check that a link to root can be written at link; returns its absolute path."""
-        if not isinstance(link, str) or not link:
+        if not isinstance(link, str) or not link or "\0" in link:
             raise AgentError(ERR_INVALID, "A link path can't be empty")
         path = os.path.abspath(os.path.expanduser(link))
         if path == root:
@@ -681,12 +702,11 @@ class Agent(object):
 
     def install_agent(self, queue, source):
         """Write this agent's source into the queue, where supervisors run from."""
+        if not isinstance(source, str):
+            raise AgentError(ERR_BAD_REQUEST, "source must be a string")
         target = self.agent_path(open_queue(queue, create=True))
         if not os.path.exists(target):
-            tmp = target + ".tmp-%d" % os.getpid()
-            with open(tmp, "w") as stream:
-                stream.write(source)
-            os.replace(tmp, target)
+            write_file_atomic(target, source.encode("utf-8"))
 
     def agent_path(self, queue):
         """Where this agent's copy lives in a queue."""
@@ -711,8 +731,8 @@ class Agent(object):
         """The staging area of an upload in progress."""
         if not isinstance(token, str) or not re.match(r"[0-9a-f]+\Z", token):
             raise AgentError(ERR_INVALID, "Invalid upload token %r" % (token,))
-        path = queue.path(STAGING_DIR, token)
-        if not os.path.isdir(path):
+        path = queue.path(STAGING_DIR, token) if queue is not None else None
+        if path is None or not os.path.isdir(path):
             raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
         return path
 
@@ -725,7 +745,7 @@ class Agent(object):
                 raise AgentError(ERR_INVALID, "Invalid file path %s" % show(relpath))
             parent = os.path.join(work.encode(), *parts[:-1]) if len(parts) > 1 else work.encode()
             if not os.path.isdir(parent):
-                os.makedirs(parent, 0o700)
+                make_private_dirs(parent)
             flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(os.path.join(parent, parts[-1]), flags, 0o600)
             try:
@@ -835,8 +855,9 @@ class Agent(object):
 
     def wait(self, queue, job_id, timeout):
         """Block until the job ends or timeout seconds pass (at most MAX_BLOCK)."""
+        timeout = number_arg(timeout, "timeout", 0, MAX_DURATION)
         job_dir = self.existing_queue(queue).job_dir(job_id)
-        record = wait_for_state(job_dir, END_STATES, min(float(timeout), MAX_BLOCK))
+        record = wait_for_state(job_dir, END_STATES, min(timeout, MAX_BLOCK))
         return public_status(job_id, record)
 
     def read_output(self, queue, job_id, stream, offset, length, wait=0):
@@ -845,20 +866,24 @@ class Agent(object):
         "ended" says the job had ended before the read: an empty read with
         "ended" set means every byte has been delivered.
         """
+        offset = number_arg(offset, "offset", 0, MAX_OFFSET)
+        length = int(number_arg(length, "length", 1, MAX_READ))
+        wait = number_arg(wait, "wait", 0, MAX_DURATION)
         job_dir = self.existing_queue(queue).job_dir(job_id)
         path = self.output_file(job_dir, stream)
-        deadline = time.time() + min(float(wait), MAX_BLOCK)
+        deadline = time.time() + min(wait, MAX_BLOCK)
         while True:
             ended = current_record(job_dir).get("state") in END_STATES
-            data = read_at(path, offset, min(int(length), 1 << 24))
+            data = read_at(path, int(offset), length)
             if data or ended or time.time() >= deadline:
                 return {"data": data, "offset": offset + len(data), "ended": ended}
             time.sleep(POLL_INTERVAL * 5)
 
     def tail_offset(self, queue, job_id, stream, lines):
         """The offset where the last `lines` lines of the job's output begin."""
+        lines = int(number_arg(lines, "lines", 0, MAX_OFFSET))
         job_dir = self.existing_queue(queue).job_dir(job_id)
-        return find_tail(self.output_file(job_dir, stream), int(lines))
+        return find_tail(self.output_file(job_dir, stream), lines)
 
     def output_file(self, job_dir, stream):
         """The file holding a job's stdout or stderr."""
@@ -967,8 +992,16 @@ class Agent(object):
         for relpath, offset, length in checked_rows(chunks, (bytes, int, int)):
             with open(self.job_path(queue, job_id, relpath), "rb") as stream:
                 stream.seek(offset)
-                data.append(stream.read(min(length, 1 << 24)))
+                data.append(stream.read(min(length, MAX_READ)))
         return data
+
+
+def number_arg(value, name, low, high):
+    """Check a numeric argument: a finite int or float within [low, high]."""
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not valid or not low <= value <= high:
+        raise AgentError(ERR_BAD_REQUEST, "%s must be a number from %s to %s" % (name, low, high))
+    return value
 
 
 def checked_rows(rows, types):
@@ -978,7 +1011,8 @@ def checked_rows(rows, types):
     for row in rows:
         valid = isinstance(row, list) and len(row) == len(types)
         for value, kind in zip(row if valid else (), types):
-            valid = valid and isinstance(value, kind) and not (kind is int and value < 0)
+            valid = valid and isinstance(value, kind)
+            valid = valid and not (kind is int and not 0 <= value < MAX_OFFSET)
         if not valid:
             raise AgentError(ERR_BAD_REQUEST, "Invalid row %r" % (row,))
     return rows
@@ -1069,8 +1103,8 @@ def read_line_with_timeout(stream, timeout):
 
 def validate_job(job):
     """Check the job's metadata sent by the client; returns it normalized."""
-    if not isinstance(job, dict):
-        raise AgentError(ERR_BAD_REQUEST, "Job metadata must be a dict")
+    if not isinstance(job, dict) or not all(isinstance(key, str) for key in job):
+        raise AgentError(ERR_BAD_REQUEST, "Job metadata must be a dict with string keys")
     script = job.get("script", DEFAULT_SCRIPT)
     args = job.get("args", [])
     if not isinstance(script, str) or not script:
@@ -1180,7 +1214,7 @@ def build_tree(work, manifest):
         path = os.path.join(base, *parts)
         if kind == "d":
             if not os.path.isdir(path):
-                os.makedirs(path, 0o700)
+                make_private_dirs(path)
             folders.append((len(parts), path, mode))
         elif kind == "f":
             place_file(path, mode, extra)
@@ -1191,7 +1225,7 @@ def build_tree(work, manifest):
     for path, target in links:
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700)
+            make_private_dirs(parent)
         os.symlink(target, path)
     for _, path, mode in sorted(folders, reverse=True):
         os.chmod(path, (mode & 0o777) | 0o700)
@@ -1204,7 +1238,7 @@ def place_file(path, mode, size):
     if size == 0 and not os.path.lexists(path):
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700)
+            make_private_dirs(parent)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     if not os.path.isfile(path) or os.path.islink(path):
         raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
@@ -1411,7 +1445,7 @@ def open_output(path):
         return os.open(os.devnull, os.O_WRONLY)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        os.makedirs(parent, 0o700)
+        make_private_dirs(parent)
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 

@@ -42,7 +42,7 @@ _BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
 _STAGE_ONE = (
     "import sys\n"
     "v = sys.version_info\n"
-    "sys.stdout.write('TEJ-BOOT %d.%d.%d\\n' % (v[0], v[1], v[2]))\n"
+    "sys.stdout.write('\\nTEJ-BOOT %d.%d.%d\\n' % (v[0], v[1], v[2]))\n"
     "sys.stdout.flush()\n"
     f"if v < {MIN_PYTHON!r}:\n"
     "    sys.exit(3)\n"
