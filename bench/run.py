@@ -1,0 +1,1037 @@
+#!/usr/bin/env python3
+"""tej's benchmark suite: tej against the SSH floor, and against the original tej 0.6.
+
+    python3 bench/run.py [--smoke] [--runs N] [--output bench/RESULTS.md]
+
+It starts its own sshd on loopback (tests/sshd.py, the server's default settings, so
+compression is allowed), measures every row side by side in the same run (tej and its
+baseline alternate run by run; medians are compared), prints one table and writes it,
+with the date and the machine, to the output file. bench/README.md says what each row
+measures. Timings never fail the script: it exits 0 whatever the ratios, and non-zero
+only if something crashed (a row that could not be measured is marked `error`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import sshd  # noqa: E402  (tests/sshd.py: the loopback sshd the tests use)
+
+MiB = 1 << 20
+TEJ06_SPEC = "tej==0.6"
+TEJ06_BIG_TIMEOUT = 3600.0
+COMMAND_TIMEOUT = 1800.0
+STATUS_JOB = "bench-status"
+FILES_JOB = "bench-files"
+SSH_NAMES = ("tej", "ssh true")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each row's data is."""
+
+    small_files: int  # row 4: the number of small files
+    small_size: int  # row 4: bytes of each small file
+    big_file: int  # row 4: the one incompressible file
+    download: int  # row 6
+    submits: int  # row 7
+    list_jobs: int  # row 8
+    rss_download: int  # row 9
+
+
+FULL = Sizes(10_000, 10 * 1024, 100 * MiB, 200 * MiB, 1000, 10_000, 1024 * MiB)
+SMOKE = Sizes(50, 1024, 1 * MiB, 5 * MiB, 20, 200, 5 * MiB)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    key: str
+    what: str
+    tej: str = "-"
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    met: str = "-"
+    detail: str = ""
+
+
+class BenchError(Exception):
+    """A command of the benchmark failed (tej or a baseline): the row can't be measured."""
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    """A duration, in ms below a second."""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def fmt_size(size: int) -> str:
+    """A size in MiB or KiB."""
+    return f"{size / MiB:g} MiB" if size >= MiB else f"{size / 1024:g} KiB"
+
+
+def fmt_samples(times: Sequence[float]) -> str:
+    """Every sample, in ms."""
+    return ", ".join(f"{t * 1000:.0f}" for t in times) + " ms"
+
+
+def verdict(ok: bool) -> str:
+    """The `met` column."""
+    return "yes" if ok else "**no**"
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of samples."""
+    return statistics.median(values)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table, columns padded."""
+    header = ("#", "what", "tej", "baseline", "ratio", "target", "met")
+    cells = [header] + [(r.key, r.what, r.tej, r.baseline, r.ratio, r.target, r.met) for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(c) for c in cells[1:]])
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+def machine_info(bench: Bench) -> list[tuple[str, str]]:
+    """What the results were measured on."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                cpu = text.split(":", 1)[1].strip()
+                break
+    memory = "unknown"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for text in Path("/proc/meminfo").read_text().splitlines():
+            if text.startswith("MemTotal:"):
+                memory = f"{int(text.split()[1]) / (1 << 20):.1f} GiB"
+    system = platform.system()
+    with contextlib.suppress(OSError):
+        for text in Path("/etc/os-release").read_text().splitlines():
+            if text.startswith("PRETTY_NAME="):
+                system = text.split("=", 1)[1].strip().strip('"')
+    ssh_version = _output(["ssh", "-V"], stderr=True)
+    remote_python = _output(bench.server.ssh_argv("python3", "-V"))
+    import tej
+
+    commit = _output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "tej"])
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        ("CPU", cpu),
+        ("cores", str(os.cpu_count())),
+        ("memory", memory),
+        ("OS", f"{system} (kernel {platform.release()})"),
+        ("Python (client)", f"{platform.python_version()} ({sys.executable})"),
+        ("Python (server, as the SSH user)", remote_python),
+        ("OpenSSH", ssh_version),
+        ("tej", f"{tej.__version__} (commit {commit}{', tej/ modified' if dirty else ''})"),
+        ("load average at start", load),
+    ]
+
+
+def _output(argv: Sequence[str], stderr: bool = False) -> str:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    return (done.stderr if stderr else done.stdout).strip() or done.stderr.strip()
+
+
+# -- the bench -----------------------------------------------------------------------------
+
+
+class Bench:
+    """The server, the local scratch space, and how to run and time things."""
+
+    def __init__(self, server: sshd.SshServer, work: Path, sizes: Sizes, smoke: bool) -> None:
+        self.server = server
+        self.work = work
+        self.sizes = sizes
+        self.smoke = smoke
+        self.remote = Path(server.home) / f"tej-bench-{uuid.uuid4().hex[:8]}"
+        self.make_remote_dir(self.remote)
+        self.tiny = self.make_tiny_job(work / "tiny")
+        self._files_job: Path | None = None
+        self._big_dir: Path | None = None
+
+    # processes
+
+    def tej_env(self, control: Path) -> dict[str, str]:
+        """The environment of a tej CLI process: this tej, and its own ssh socket folder."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+        env["PYTHONPATH"] = str(ROOT)
+        env["XDG_RUNTIME_DIR"] = str(control)
+        return env
+
+    def tej_argv(self, command: str, *args: str, queue: Path | str) -> list[str]:
+        """`python -m tej COMMAND ALIAS --ssh-config CFG --queue QUEUE ARGS...`."""
+        return [
+            sys.executable,
+            "-m",
+            "tej",
+            command,
+            self.server.alias,
+            "--ssh-config",
+            self.server.config_path,
+            "--queue",
+            str(queue),
+            *args,
+        ]
+
+    def time_tej(self, command: str, *args: str, queue: Path | str, control: Path) -> float:
+        """Run the tej CLI once; return its wall time."""
+        return self.time_cmd(self.tej_argv(command, *args, queue=queue), env=self.tej_env(control))
+
+    def time_cmd(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdout: Any = subprocess.PIPE,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> float:
+        """Run a command; return its wall time; BenchError if it fails."""
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                list(argv), env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"timed out after {timeout:.0f} s: {shlex.join(argv)}") from None
+        elapsed = time.perf_counter() - start
+        if done.returncode != 0:
+            tail = done.stderr.decode("utf-8", "replace").strip()[-800:]
+            raise BenchError(f"exit {done.returncode}: {shlex.join(argv)}: {tail}")
+        return elapsed
+
+    @contextlib.contextmanager
+    def connection_scope(self) -> Iterator[Path]:
+        """A fresh folder for tej's shared ssh connections; they are closed on leaving."""
+        path = Path(tempfile.mkdtemp(prefix="ctl-", dir=self.work))
+        try:
+            yield path
+        finally:
+            close_masters(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def api(self, queue: Path | str) -> Iterator[Any]:
+        """A RemoteQueue over ssh, in its own connection scope."""
+        import tej
+
+        with self.connection_scope() as control:
+            saved = os.environ.get("XDG_RUNTIME_DIR")
+            os.environ["XDG_RUNTIME_DIR"] = str(control)
+            try:
+                remote = tej.RemoteQueue(
+                    self.server.alias, queue=str(queue), ssh_config=self.server.config_path
+                )
+                with remote:
+                    yield remote
+            finally:
+                if saved is None:
+                    os.environ.pop("XDG_RUNTIME_DIR", None)
+                else:
+                    os.environ["XDG_RUNTIME_DIR"] = saved
+
+    # files on the server (written directly, as the SSH user would own them)
+
+    def make_remote_dir(self, path: Path) -> None:
+        """Make a folder on the server side, owned by the SSH user."""
+        path.mkdir(mode=0o755, parents=False, exist_ok=True)
+        self.chown(path)
+
+    def chown(self, path: Path) -> None:
+        """Give path to the SSH user (only needed, and possible, as root)."""
+        if sshd.is_root():
+            os.chown(path, self.server.uid, self.server.gid, follow_symlinks=False)
+
+    def remote_path(self, name: str) -> Path:
+        """A fresh path in the benchmark's folder on the server (not created)."""
+        return self.remote / f"{name}-{uuid.uuid4().hex[:6]}"
+
+    # local data
+
+    @staticmethod
+    def make_tiny_job(path: Path) -> Path:
+        """A job directory with only a start.sh that exits at once."""
+        path.mkdir(parents=True, exist_ok=True)
+        script = path / "start.sh"
+        script.write_text("#!/bin/sh\nexit 0\n")
+        script.chmod(0o755)
+        return path
+
+    def big_dir(self) -> Path:
+        """Row 4's directory: many small text files, one big incompressible file."""
+        if self._big_dir is None:
+            path = self.make_tiny_job(self.work / "bigjob")
+            per_folder = 100
+            for index in range(self.sizes.small_files):
+                folder = path / f"d{index // per_folder:03d}"
+                if index % per_folder == 0:
+                    folder.mkdir()
+                (folder / f"f{index:05d}.txt").write_bytes(small_content(self.sizes.small_size))
+            write_random(path / "big.bin", self.sizes.big_file)
+            self._big_dir = path
+        return self._big_dir
+
+    def files_job(self) -> Path:
+        """A finished job, on the server, whose work folder rows 6 and 9 download from."""
+        if self._files_job is None:
+            queue = self.remote_path("q-files")
+            with self.api(queue) as remote:
+                remote.submit(str(self.tiny), job_id=FILES_JOB)
+                remote.wait(FILES_JOB, timeout=60)
+            work = queue / "jobs" / FILES_JOB / "work"
+            if not work.is_dir():
+                raise BenchError(f"no {work}: has docs/queue-format.md's layout changed?")
+            self._files_job = queue
+        return self._files_job
+
+
+def small_content(size: int) -> bytes:
+    """Text that compresses somewhat, as source and data files do (base64 of random)."""
+    import base64
+
+    return base64.b64encode(os.urandom(size * 3 // 4 + 3))[:size]
+
+
+def write_random(path: Path, size: int, owner: tuple[int, int] | None = None) -> None:
+    """An incompressible file of size bytes."""
+    with open(path, "wb") as out:
+        left = size
+        while left > 0:
+            out.write(os.urandom(min(left, 4 * MiB)))
+            left -= 4 * MiB
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def close_masters(folder: Path) -> None:
+    """Close every ssh ControlMaster whose socket is under folder."""
+    for path in folder.rglob("*"):
+        if not _is_socket(path):
+            continue
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["ssh", "-F", "/dev/null", "-o", f"ControlPath={path}", "-O", "exit", "bench"],
+                capture_output=True,
+                timeout=10,
+            )
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return path.is_socket()
+    except OSError:
+        return False
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, retrying while processes (supervisors) may still write in it."""
+    for _ in range(5):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.2)
+
+
+def side_by_side(
+    runs: int, tej_run: Callable[[], float], base_run: Callable[[], float], label: str
+) -> tuple[list[float], list[float]]:
+    """Alternate tej and its baseline, run by run (the order flips each run)."""
+    tej_times: list[float] = []
+    base_times: list[float] = []
+    for index in range(runs):
+        progress(f"{label}: run {index + 1}/{runs}")
+        if index % 2 == 0:
+            tej_times.append(tej_run())
+            base_times.append(base_run())
+        else:
+            base_times.append(base_run())
+            tej_times.append(tej_run())
+    return tej_times, base_times
+
+
+def progress(message: str) -> None:
+    """A line on stderr, to follow a long run."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ratio_row(
+    key: str,
+    what: str,
+    tej_times: Sequence[float],
+    base_times: Sequence[float],
+    limit: float | None,
+    names: tuple[str, str] = ("tej", "baseline"),
+) -> Row:
+    """A row whose ratio is tej's median time over the baseline's (lower is better)."""
+    ratio = median(tej_times) / median(base_times)
+    return Row(
+        key,
+        what,
+        tej=fmt_time(median(tej_times)),
+        baseline=fmt_time(median(base_times)),
+        ratio=fmt_ratio(ratio, limit),
+        target="-" if limit is None else f"<= {limit:.2f}",
+        met="-" if limit is None else verdict(ratio <= limit),
+        detail=f"{names[0]} {fmt_samples(tej_times)}; {names[1]} {fmt_samples(base_times)}",
+    )
+
+
+def fmt_ratio(ratio: float, limit: float | None) -> str:
+    """A ratio to 2 decimals; 3 when small, or where 2 would hide its side of the limit."""
+    if ratio < 0.1 or (limit is not None and f"{ratio:.2f}" == f"{limit:.2f}"):
+        return f"{ratio:.3f}"
+    return f"{ratio:.2f}"
+
+
+# -- the rows ------------------------------------------------------------------------------
+
+
+class Rows:
+    """Each row's measurement."""
+
+    def __init__(self, bench: Bench, runs: int, heavy_runs: int, mid_runs: int) -> None:
+        self.b = bench
+        self.runs = runs
+        self.heavy_runs = heavy_runs
+        self.mid_runs = mid_runs
+        self._status_queue: Path | None = None
+        self._tiny_queue: Path | None = None
+
+    def ssh_true(self) -> float:
+        """The floor: `ssh -F CFG ALIAS true`."""
+        return self.b.time_cmd(self.b.server.ssh_argv("true"))
+
+    def status_queue(self) -> Path:
+        """A queue holding one finished job, STATUS_JOB (rows 1, 2, 10)."""
+        if self._status_queue is None:
+            queue = self.b.remote_path("q-status")
+            with self.b.api(queue) as remote:
+                remote.submit(str(self.b.tiny), job_id=STATUS_JOB)
+                remote.wait(STATUS_JOB, timeout=60)
+            self._status_queue = queue
+        return self._status_queue
+
+    def tiny_queue(self) -> Path:
+        """An existing queue that tiny jobs are submitted to (rows 3, 10)."""
+        if self._tiny_queue is None:
+            queue = self.b.remote_path("q-tiny")
+            with self.b.api(queue) as remote:
+                remote.submit(str(self.b.tiny))
+            self._tiny_queue = queue
+        return self._tiny_queue
+
+    def cold_status(self) -> float:
+        with self.b.connection_scope() as control:
+            return self.b.time_tej(
+                "status", "--id", STATUS_JOB, queue=self.status_queue(), control=control
+            )
+
+    def row1(self) -> list[Row]:
+        self.status_queue()
+        tej_t, base_t = side_by_side(self.runs, self.cold_status, self.ssh_true, "row 1")
+        return [ratio_row("1", "cold `tej status` vs `ssh true`", tej_t, base_t, 1.15, SSH_NAMES)]
+
+    def row2(self) -> list[Row]:
+        queue = self.status_queue()
+
+        def warm() -> float:
+            with self.b.connection_scope() as control:
+                self.b.time_tej("status", "--id", STATUS_JOB, queue=queue, control=control)
+                return self.b.time_tej("status", "--id", STATUS_JOB, queue=queue, control=control)
+
+        tej_t, base_t = side_by_side(self.runs, warm, self.ssh_true, "row 2")
+        return [
+            ratio_row(
+                "2", "warm `tej status` (2nd call) vs `ssh true`", tej_t, base_t, 0.35, SSH_NAMES
+            )
+        ]
+
+    def cold_tiny_submit(self) -> float:
+        with self.b.connection_scope() as control:
+            return self.b.time_tej(
+                "submit", str(self.b.tiny), queue=self.tiny_queue(), control=control
+            )
+
+    def row3(self) -> list[Row]:
+        self.tiny_queue()
+        tej_t, base_t = side_by_side(self.runs, self.cold_tiny_submit, self.ssh_true, "row 3")
+        return [ratio_row("3", "submit a tiny job vs `ssh true`", tej_t, base_t, None, SSH_NAMES)]
+
+    def fresh_queue_with_job(self, name: str) -> Path:
+        """A new queue that already exists on the server (one tiny job in it)."""
+        queue = self.b.remote_path(name)
+        with self.b.api(queue) as remote:
+            remote.submit(str(self.b.tiny))
+        return queue
+
+    def tar_ssh(self, directory: Path) -> float:
+        """`tar c DIR | ssh ALIAS tar x -C DEST`, into a new folder."""
+        dest = self.b.remote_path("tar")
+        self.b.make_remote_dir(dest)
+        ssh = shlex.join(self.b.server.ssh_argv("tar", "x", "-C", str(dest)))
+        pipeline = f"set -o pipefail; tar c -C {shlex.quote(str(directory))} . | {ssh}"
+        try:
+            return self.b.time_cmd(["bash", "-c", pipeline])
+        finally:
+            remove_tree(dest)
+
+    def rows4_5(self) -> list[Row]:
+        directory = self.b.big_dir()
+        progress(f"row 4/5: {directory} ready")
+        first: list[float] = []
+        again: list[float] = []
+        changed = sorted(directory.glob("d000/*.txt"))[0]
+
+        def tej_run() -> float:
+            queue = self.fresh_queue_with_job("q-big")
+            try:
+                with self.b.connection_scope() as control:
+                    first.append(
+                        self.b.time_tej("submit", str(directory), queue=queue, control=control)
+                    )
+                    changed.write_bytes(small_content(self.b.sizes.small_size))
+                    # The re-submit follows at once, as a user's would, in the same scope.
+                    again.append(
+                        self.b.time_tej("submit", str(directory), queue=queue, control=control)
+                    )
+                return first[-1]
+            finally:
+                remove_tree(queue)
+
+        tej_t, base_t = side_by_side(
+            self.mid_runs, tej_run, lambda: self.tar_ssh(directory), "row 4/5"
+        )
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        what4 = (
+            f"submit {self.b.sizes.small_files} small files + {fmt_size(self.b.sizes.big_file)}"
+            f" incompressible ({size / MiB:.0f} MiB) vs `tar c | ssh tar x`"
+        )
+        row4 = ratio_row("4", what4, tej_t, base_t, 1.25, ("tej", "tar | ssh"))
+        what5 = "re-submit, one small file changed, vs first submit"
+        row5 = ratio_row("5", what5, again, first, 0.10, ("re-submit", "first submit"))
+        row5.baseline += " (first submit)"
+        return [row4, row5]
+
+    def row6(self) -> list[Row]:
+        size = self.b.sizes.download
+        queue = self.b.files_job()
+        work = queue / "jobs" / FILES_JOB / "work"
+        write_random(work / "download.bin", size, self.owner())
+        local = self.b.work / "download.bin"
+
+        def tej_run() -> float:
+            with self.b.connection_scope() as control:
+                try:
+                    return self.b.time_tej(
+                        "download",
+                        "--id",
+                        FILES_JOB,
+                        f"download.bin:{local}",
+                        queue=queue,
+                        control=control,
+                    )
+                finally:
+                    local.unlink(missing_ok=True)
+
+        def base_run() -> float:
+            try:
+                with open(local, "wb") as out:
+                    argv = self.b.server.ssh_argv("cat", str(work / "download.bin"))
+                    return self.b.time_cmd(argv, stdout=out)
+            finally:
+                local.unlink(missing_ok=True)
+
+        tej_t, base_t = side_by_side(self.mid_runs, tej_run, base_run, "row 6")
+        tej_rate = size / MiB / median(tej_t)
+        base_rate = size / MiB / median(base_t)
+        throughput = tej_rate / base_rate
+        return [
+            Row(
+                "6",
+                f"download {fmt_size(size)} incompressible vs `ssh cat > file` (throughput)",
+                tej=f"{fmt_time(median(tej_t))} ({tej_rate:.0f} MiB/s)",
+                baseline=f"{fmt_time(median(base_t))} ({base_rate:.0f} MiB/s)",
+                ratio=fmt_ratio(throughput, 0.8),
+                target=">= 0.80",
+                met=verdict(throughput >= 0.8),
+                detail=f"tej {fmt_samples(tej_t)}; ssh cat {fmt_samples(base_t)}",
+            )
+        ]
+
+    def owner(self) -> tuple[int, int] | None:
+        return (self.b.server.uid, self.b.server.gid) if sshd.is_root() else None
+
+    def row7(self) -> list[Row]:
+        count = self.b.sizes.submits
+
+        def tej_run() -> float:
+            queue = self.b.remote_path("q-many")
+            try:
+                with self.b.api(queue) as remote:
+                    remote.submit(str(self.b.tiny))  # opens the session, creates the queue
+                    start = time.perf_counter()
+                    for _ in range(count):
+                        remote.submit(str(self.b.tiny))
+                    return time.perf_counter() - start
+            finally:
+                remove_tree(queue)
+
+        tej_t, base_t = side_by_side(self.heavy_runs, tej_run, self.ssh_true, "row 7")
+        per_job = median(tej_t) / count
+        rate = count / median(tej_t)
+        return [
+            Row(
+                "7",
+                f"{count} tiny submits in one API session: per job vs `ssh true`",
+                tej=f"{per_job * 1000:.1f} ms/job ({rate:.0f} jobs/s)",
+                baseline=fmt_time(median(base_t)),
+                ratio=f"{per_job / median(base_t):.3f}",
+                target=">= 200 jobs/s",
+                met=verdict(rate >= 200),
+                detail=f"tej {fmt_samples(tej_t)} for {count} jobs; ssh true {fmt_samples(base_t)}",
+            )
+        ]
+
+    def row8(self) -> list[Row]:
+        count = self.b.sizes.list_jobs
+        queue = self.b.remote_path("q-list")
+        with self.b.api(queue) as remote:
+            template_id = remote.submit(str(self.b.tiny), job_id="bench-00000")
+            remote.wait(template_id, timeout=60)
+        progress(f"row 8: making {count} jobs")
+        clone_jobs(queue / "jobs", template_id, count - 1, self.owner())
+        listed: list[int] = []
+
+        def tej_run() -> float:
+            with self.b.connection_scope() as control:
+                argv = self.b.tej_argv("list", queue=queue)
+                start = time.perf_counter()
+                done = subprocess.run(
+                    argv, env=self.b.tej_env(control), capture_output=True, timeout=600
+                )
+                elapsed = time.perf_counter() - start
+            if done.returncode != 0:
+                raise BenchError(f"tej list exited {done.returncode}: {done.stderr[-800:]!r}")
+            listed.append(len(done.stdout.splitlines()) - 1)
+            return elapsed
+
+        def base_run() -> float:
+            return self.b.time_cmd(self.b.server.ssh_argv("ls", str(queue / "jobs")))
+
+        try:
+            tej_t, base_t = side_by_side(self.runs, tej_run, base_run, "row 8")
+        finally:
+            remove_tree(queue)
+        row = ratio_row(
+            "8",
+            f"`tej list` of {count} jobs vs `ssh ls QUEUE/jobs`",
+            tej_t,
+            base_t,
+            2.0,
+            ("tej list", "ssh ls"),
+        )
+        if any(n != count for n in listed):
+            row.detail += f"; WARNING: tej list printed {sorted(set(listed))} jobs, not {count}"
+        return [row]
+
+    def row9(self) -> list[Row]:
+        size = self.b.sizes.rss_download
+        queue = self.b.files_job()
+        write_random(queue / "jobs" / FILES_JOB / "work" / "rss.bin", size, self.owner())
+        local = self.b.work / "rss.bin"
+        with self.b.connection_scope() as control:
+            argv = self.b.tej_argv("download", "--id", FILES_JOB, f"rss.bin:{local}", queue=queue)
+            progress(f"row 9: downloading {fmt_size(size)}")
+            try:
+                peak_kib, elapsed = peak_rss(argv, self.b.tej_env(control))
+                got = local.stat().st_size
+            finally:
+                local.unlink(missing_ok=True)
+        if got != size:
+            raise BenchError(f"downloaded {got} bytes, not {size}")
+        peak = peak_kib / 1024
+        return [
+            Row(
+                "9",
+                f"peak client RSS, `tej download` of {fmt_size(size)}",
+                tej=f"{peak:.1f} MB",
+                target="< 100 MB",
+                met=verdict(peak < 100),
+                detail=f"peak RSS of the tej process (its ssh child included); took "
+                f"{fmt_time(elapsed)}",
+            )
+        ]
+
+    def row10(self, tej06: Tej06 | None, reason: str) -> list[Row]:
+        keys = [
+            ("10a", "tej 0.6: cold `status`, tej vs 0.6"),
+            ("10b", "tej 0.6: submit a tiny job, tej vs 0.6"),
+            ("10c", "tej 0.6: submit row 4's directory, tej vs 0.6"),
+        ]
+        if tej06 is None:
+            return [Row(k, w, met="skipped", detail=reason) for k, w in keys]
+        rows = []
+        # a: status of a finished job.
+        queue06 = self.b.remote_path("q06")
+        tej06.submit(queue06, self.b.tiny, job_id=STATUS_JOB)
+        tej06.wait_finished(queue06, STATUS_JOB)
+        self.status_queue()
+        tej_t, old_t = side_by_side(
+            self.runs, self.cold_status, lambda: tej06.status(queue06, STATUS_JOB), "row 10a"
+        )
+        rows.append(self.versus06(keys[0], tej_t, old_t))
+        # b: a tiny submit into an existing queue.
+        self.tiny_queue()
+        tej_t, old_t = side_by_side(
+            self.runs, self.cold_tiny_submit, lambda: tej06.submit(queue06, self.b.tiny), "row 10b"
+        )
+        rows.append(self.versus06(keys[1], tej_t, old_t))
+
+        # c: the big directory, each into a new queue.
+        directory = self.b.big_dir()
+
+        def tej_run() -> float:
+            queue = self.fresh_queue_with_job("q-big")
+            try:
+                with self.b.connection_scope() as control:
+                    return self.b.time_tej("submit", str(directory), queue=queue, control=control)
+            finally:
+                remove_tree(queue)
+
+        def old_run() -> float:
+            queue = self.b.remote_path("q06-big")
+            try:
+                tej06.submit(queue, self.b.tiny)
+                return tej06.submit(queue, directory, timeout=TEJ06_BIG_TIMEOUT)
+            finally:
+                remove_tree(queue)
+
+        try:
+            tej_t, old_t = side_by_side(1, tej_run, old_run, "row 10c")
+            rows.append(self.versus06(keys[2], tej_t, old_t))
+        except BenchError as exc:
+            rows.append(Row(*keys[2], met="error", detail=str(exc)))
+        return rows
+
+    @staticmethod
+    def versus06(key: tuple[str, str], tej_t: list[float], old_t: list[float]) -> Row:
+        row = ratio_row(key[0], key[1], tej_t, old_t, None, ("tej", "tej 0.6"))
+        row.baseline += " (0.6)"
+        ratio = median(tej_t) / median(old_t)
+        row.target = "< 1 (tej ahead)"
+        row.met = verdict(ratio < 1)
+        return row
+
+
+def clone_jobs(jobs: Path, template_id: str, count: int, owner: tuple[int, int] | None) -> None:
+    """Make count copies of a finished job, with new ids, as tej lays them out."""
+    template = jobs / template_id
+    files: dict[str, tuple[bytes, int]] = {}
+    for path in template.rglob("*"):
+        if path.is_file():
+            files[str(path.relative_to(template))] = (path.read_bytes(), path.stat().st_mode)
+    folders = sorted(str(p.relative_to(template)) for p in template.rglob("*") if p.is_dir())
+    for index in range(1, count + 1):
+        job_id = f"bench-{index:05d}"
+        target = jobs / job_id
+        target.mkdir(mode=0o700)
+        made = [target]
+        for folder in folders:
+            (target / folder).mkdir(mode=0o700)
+            made.append(target / folder)
+        for name, (data, mode) in files.items():
+            if name in ("job.json", "status.json"):
+                record = json.loads(data)
+                record["id"] = job_id
+                data = json.dumps(record, indent=1, sort_keys=True).encode()
+            path = target / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & 0o777)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            made.append(path)
+        if owner is not None:
+            for path in made:
+                os.chown(path, *owner)
+
+
+def peak_rss(argv: Sequence[str], env: dict[str, str]) -> tuple[int, float]:
+    """Run argv; return its peak resident memory (KiB, from wait4) and its wall time."""
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(list(argv), env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - start
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        process.returncode = code
+        if code != 0:
+            errors.seek(0)
+            raise BenchError(f"exit {code}: {shlex.join(argv)}: {errors.read()[-800:]!r}")
+    return usage.ru_maxrss, elapsed
+
+
+# -- the original tej 0.6 ------------------------------------------------------------------
+
+
+class Tej06:
+    """The original tej 0.6 (paramiko), in a throwaway venv, logging in with the test key."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.b = bench
+        self.venv = bench.work / "tej06-venv"
+        self.home = bench.work / "tej06-home"
+        self.program = self.venv / "bin" / "tej"
+
+    def install(self) -> None:
+        """Make the venv and install tej 0.6; BenchError with the reason if it can't."""
+        progress(f"row 10: installing {TEJ06_SPEC} into {self.venv}")
+        for argv in (
+            [sys.executable, "-m", "venv", str(self.venv)],
+            # tej 0.6 imports pkg_resources, gone from setuptools 81 and from new venvs.
+            [
+                str(self.venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                TEJ06_SPEC,
+                "setuptools<81",
+            ],
+        ):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise BenchError(f"{shlex.join(argv)} failed: {done.stderr.strip()[-600:]}")
+        # paramiko finds the key in ~/.ssh and checks the host in ~/.ssh/known_hosts.
+        ssh_dir = self.home / ".ssh"
+        ssh_dir.mkdir(parents=True, mode=0o700)
+        shutil.copy(self.b.server.identity_file, ssh_dir / "id_ed25519")
+        (ssh_dir / "id_ed25519").chmod(0o600)
+        scan = subprocess.run(
+            ["ssh-keyscan", "-t", "ed25519", "-p", str(self.b.server.port), self.b.server.host],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if scan.returncode != 0 or not scan.stdout.strip():
+            raise BenchError(f"ssh-keyscan failed: {scan.stderr.strip()}")
+        (ssh_dir / "known_hosts").write_text(scan.stdout)
+        self.status_text(self.b.remote_path("q06-probe"), "probe")  # can it log in?
+
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8"}
+
+    def argv(self, command: str, queue: Path, *args: str) -> list[str]:
+        return [str(self.program), command, self.b.server.url, "--queue", str(queue), *args]
+
+    def submit(
+        self, queue: Path, directory: Path, job_id: str | None = None, timeout: float = 600
+    ) -> float:
+        args = ["--id", job_id] if job_id else []
+        argv = self.argv("submit", queue, *args, str(directory))
+        return self.b.time_cmd(argv, env=self.env(), timeout=timeout)
+
+    def status(self, queue: Path, job_id: str) -> float:
+        return self.b.time_cmd(self.argv("status", queue, "--id", job_id), env=self.env())
+
+    def status_text(self, queue: Path, job_id: str) -> str:
+        done = subprocess.run(
+            self.argv("status", queue, "--id", job_id),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0 and "doesn't exist" not in done.stderr:
+            raise BenchError(f"tej 0.6 status failed ({done.returncode}): {done.stderr[-600:]}")
+        return done.stdout.strip()
+
+    def wait_finished(self, queue: Path, job_id: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.status_text(queue, job_id).startswith("finished"):
+                return
+            time.sleep(0.2)
+        raise BenchError(f"tej 0.6 job {job_id} did not finish")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1-2 runs (< 60 s)")
+    parser.add_argument("--runs", type=int, help="runs of the light rows [7; smoke: 2]")
+    parser.add_argument(
+        "--output",
+        default=str(ROOT / "bench" / "RESULTS.md"),
+        help="where to write the results [bench/RESULTS.md]",
+    )
+    parser.add_argument("--no-tej06", action="store_true", help="skip row 10 (tej 0.6)")
+    parser.add_argument("--tej06", action="store_true", help="run row 10 in smoke mode too")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    runs = max(1, args.runs or (2 if args.smoke else 7))
+    heavy = 1 if args.smoke else min(runs, 3)
+    mid = 1 if args.smoke else min(runs, 5)
+    reason = sshd.sshd_available()
+    if reason is not None:
+        print(f"error: cannot start a loopback sshd: {reason}", file=sys.stderr)
+        return 2
+    import tej
+
+    if Path(tej.__file__).resolve().parent.parent != ROOT:
+        print(f"error: tej is imported from {tej.__file__}, not from {ROOT}", file=sys.stderr)
+        return 2
+    started = datetime.datetime.now(datetime.timezone.utc)
+    work = Path(tempfile.mkdtemp(prefix="tej-bench-"))
+    progress(f"data in {work}; starting sshd")
+    server = sshd.start_sshd()
+    bench: Bench | None = None
+    rows: list[Row] = []
+    info: list[tuple[str, str]] = []
+    crashed = False
+    try:
+        bench = Bench(server, work, sizes, args.smoke)
+        info = machine_info(bench)
+        measure = Rows(bench, runs, heavy, mid)
+        steps: list[tuple[list[str], Callable[[], list[Row]]]] = [
+            (["1"], measure.row1),
+            (["2"], measure.row2),
+            (["3"], measure.row3),
+            (["4", "5"], measure.rows4_5),
+            (["6"], measure.row6),
+            (["7"], measure.row7),
+            (["8"], measure.row8),
+            (["9"], measure.row9),
+        ]
+        for keys, step in steps:
+            try:
+                rows += step()
+            except Exception as exc:  # noqa: BLE001 - reported in the table, then exit 1
+                crashed = True
+                traceback.print_exc()
+                rows += [Row(k, f"row {k}", met="error", detail=f"{exc}") for k in keys]
+        tej06, why = None, "smoke mode: tej 0.6 is not installed"
+        if args.no_tej06:
+            why = "--no-tej06"
+        elif args.tej06 or not args.smoke:
+            try:
+                tej06 = Tej06(bench)
+                tej06.install()
+                why = ""
+            except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                tej06, why = None, f"tej 0.6 could not run here: {exc}"
+                progress(why)
+        try:
+            rows += measure.row10(tej06, why)
+        except Exception as exc:  # noqa: BLE001
+            crashed = True
+            traceback.print_exc()
+            rows += [Row("10", "tej 0.6", met="error", detail=str(exc))]
+    finally:
+        progress("stopping sshd, removing data")
+        close_masters(work)
+        server.stop()
+        if bench is not None:
+            remove_tree(bench.remote)
+        remove_tree(work)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    report = render(rows, info, args, runs, heavy, mid, sizes, started, finished)
+    print(table(rows))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report)
+    print(f"\nwritten to {output}", file=sys.stderr)
+    return 1 if crashed else 0
+
+
+def render(
+    rows: Sequence[Row],
+    info: Sequence[tuple[str, str]],
+    args: argparse.Namespace,
+    runs: int,
+    heavy: int,
+    mid: int,
+    sizes: Sizes,
+    started: datetime.datetime,
+    finished: datetime.datetime,
+) -> str:
+    """The RESULTS.md document."""
+    minutes = (finished - started).total_seconds() / 60
+    command = "python3 bench/run.py" + (" --smoke" if args.smoke else "")
+    if args.runs:
+        command += f" --runs {args.runs}"
+    lines = [
+        "# tej benchmark results" + (" (smoke: tiny sizes, not meaningful)" if args.smoke else ""),
+        "",
+        f"Run on {started:%Y-%m-%d %H:%M} UTC ({minutes:.1f} min) with `{command}`. "
+        "Loopback sshd started by the script (server defaults: compression allowed). "
+        "tej and its baseline alternate run by run; each cell is the median. "
+        f"Runs: {runs} for rows 1, 2, 3, 8, 10a, 10b; {mid} for rows 4, 5, 6; {heavy} for "
+        "row 7; 1 for rows 9 and 10c. What each row measures: [README.md](README.md).",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {name}: {value}" for name, value in info]
+    lines += [
+        f"- sizes: {sizes.small_files} files of {fmt_size(sizes.small_size)} + "
+        f"{fmt_size(sizes.big_file)} (row 4), {fmt_size(sizes.download)} (row 6), "
+        f"{sizes.submits} submits (row 7), {sizes.list_jobs} jobs (row 8), "
+        f"{fmt_size(sizes.rss_download)} (row 9)",
+        "",
+        "## Results",
+        "",
+        table(rows),
+        "",
+        "## Samples and notes",
+        "",
+    ]
+    lines += [f"- row {r.key}: {r.detail}" for r in rows if r.detail]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
