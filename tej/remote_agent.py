@@ -13,9 +13,9 @@ It has two roles:
   request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}`` and the
   reply is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": TYPE,
   "message": TEXT}``. One connection serves any number of requests, in order.
-* Run as a script from the copy it writes into the queue
-  (``python3 QUEUE/agent/tej-agent-DIGEST.py supervise JOBDIR``), it is the
-  supervisor of one job: it starts the job in its own process group, waits for
+* Imported from the copy it writes into the queue
+  (QUEUE/agent/tej_agent_DIGEST.py, then ``main(["supervise", JOBDIR])``), it
+  is the supervisor of one job: it starts the job in its own process group, waits for
   it, and records how it ended, whether or not anyone is still connected.
 """
 
@@ -111,8 +111,9 @@ def parse_iso(text):
     """Parse a time written by now_iso back into POSIX time."""
     import calendar
 
-    base, _, fraction = text.rstrip("Z").partition(".")
-    seconds = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    fields = (text[0:4], text[5:7], text[8:10], text[11:13], text[14:16], text[17:19])
+    seconds = calendar.timegm(tuple(int(field) for field in fields) + (0, 0, 0))
+    fraction = text[20:].rstrip("Z")
     return seconds + (float("0." + fraction) if fraction else 0.0)
 
 
@@ -705,6 +706,8 @@ class Agent(object):
         if not isinstance(source, str):
             raise AgentError(ERR_BAD_REQUEST, "source must be a string")
         target = self.agent_path(open_queue(queue, create=True))
+        # Python caches the compiled copy there: make it private before Python does.
+        make_private_dirs(os.path.join(os.path.dirname(target), "__pycache__"))
         if not os.path.exists(target):
             write_file_atomic(target, source.encode("utf-8"))
 
@@ -712,7 +715,7 @@ class Agent(object):
         """Where this agent's copy lives in a queue."""
         if not self.digest:
             raise AgentError(ERR_BAD_REQUEST, "hello must come first")
-        return queue.path(AGENT_DIR, "tej-agent-%s.py" % self.digest)
+        return queue.path(AGENT_DIR, "%s.py" % agent_module_name(self.digest))
 
     # upload and submit
 
@@ -819,7 +822,7 @@ class Agent(object):
         log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             proc = subprocess.Popen(
-                [sys.executable, supervisor_path, "supervise", job_dir],
+                supervisor_command(supervisor_path, job_dir),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -900,7 +903,7 @@ class Agent(object):
         return queue if queue is not None else Queue(resolve_queue_path(text), None)
 
     def list_jobs(self, queue):
-        """The status of every job in the queue, oldest first."""
+        """The status of every job in the queue, oldest first (without metadata: see status)."""
         queue = self.existing_queue(queue)
         try:
             names = os.listdir(queue.path(JOBS_DIR))
@@ -910,7 +913,7 @@ class Agent(object):
         for name in names:
             job_dir = queue.path(JOBS_DIR, name)
             if ID_PATTERN.match(name) and os.path.isdir(job_dir):
-                statuses.append(job_status(name, job_dir))
+                statuses.append(public_status(name, current_record(job_dir)))
         statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
         return statuses
 
@@ -1084,6 +1087,23 @@ def describe_os_error(exc):
         name = os.fsdecode(name)
     text = exc.strerror or str(exc)
     return "%s: %s" % (text, name) if name else text
+
+
+def agent_module_name(digest):
+    """The module name of this agent's copy in a queue."""
+    return "tej_agent_%s" % digest
+
+
+def supervisor_command(agent_path, job_dir):
+    """The command that runs a job's supervisor from the agent's copy in the queue.
+
+    The copy is imported as a module (not run as a script), so Python keeps
+    its compiled form in agent/__pycache__ and each supervisor starts fast.
+    """
+    module = os.path.splitext(os.path.basename(agent_path))[0]
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import %s as agent; " % module
+    code += "sys.exit(agent.main(sys.argv[2:]))"
+    return [sys.executable, "-c", code, os.path.dirname(agent_path), "supervise", job_dir]
 
 
 def read_line_with_timeout(stream, timeout):
@@ -1282,6 +1302,7 @@ class Supervisor(object):
         if not self.wait_for_start_time():
             self.end(STATE_KILLED, reason="cancelled before it started")
             return 0
+        started_at = now_iso()  # before the spawn: the job may be at work before it returns
         try:
             proc = self.start_job()
         except OSError as exc:
@@ -1289,7 +1310,7 @@ class Supervisor(object):
             return 0
         self.pgid = proc.pid
         self.record.update(
-            state=STATE_RUNNING, started_at=now_iso(), job=identify_process(proc.pid)
+            state=STATE_RUNNING, started_at=started_at, job=identify_process(proc.pid)
         )
         self.save()
         self.report_started()

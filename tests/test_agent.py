@@ -521,7 +521,7 @@ def test_submit_installs_the_agent_copy_on_request(harness: Harness) -> None:
     harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, manifest=rows, job_id="j", job=job)
     assert harness.jobs() == []
     harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
-    copy = Path(harness.queue) / "agent" / f"tej-agent-{tej.session.AGENT_DIGEST}.py"
+    copy = Path(harness.queue) / "agent" / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
     assert copy.read_text() == tej.session.AGENT_SOURCE
     assert harness.ok("submit", token=token, manifest=rows, job_id="j", job=job) == "j"
 

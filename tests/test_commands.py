@@ -645,6 +645,7 @@ def test_list_json(target: Target) -> None:
         assert {"id", "state", "exit_code", "started_at", "ended_at", "elapsed"} <= set(document)
         _check_times(document)
     single = json.loads(target.cli("status", "--json", "--id", finished).stdout)
+    assert single.pop("metadata")["id"] == finished  # status adds the job's metadata
     assert single == by_id[finished]
 
 
