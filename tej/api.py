@@ -189,6 +189,12 @@ class RemoteQueue:
             self._session = session
         return self._session
 
+    def abort(self) -> None:
+        """Drop the connection at once, without waiting for the server (after Ctrl-C)."""
+        if self._session is not None:
+            self._session.abort()
+            self._session = None
+
     def close(self) -> None:
         """Close the connection (jobs keep running on the server)."""
         if self._session is not None:

@@ -138,6 +138,7 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
             as_json: bool,
             **kwargs: Any,
         ) -> None:
+            remote: RemoteQueue | None = None
             try:
                 remote = RemoteQueue(
                     destination,
@@ -155,6 +156,8 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
                 report_error(exc, as_json)
                 sys.exit(exc.exit_code)
             except KeyboardInterrupt:
+                if remote is not None:
+                    remote.abort()
                 click.echo("Error: interrupted", err=True)
                 sys.exit(EXIT_INTERRUPTED)
 
@@ -389,6 +392,8 @@ def kill(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
         emit_json({"killed": result.killed, "status": result.status.to_json()})
     elif result.killed:
         click.echo(f"Job {job_id!r} killed")
+    elif result.status.state is JobState.LOST:
+        click.echo(f"Job {job_id!r} is lost ({result.status.reason}): no process of it to kill")
     else:
         click.echo(f"Job {job_id!r} has already completed")
 

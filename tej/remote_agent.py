@@ -515,6 +515,14 @@ def public_status(job_id, record):
     }
 
 
+def read_job(job_dir, job_id):
+    """A job's metadata; JobNotFound if the job was deleted meanwhile."""
+    try:
+        return read_json(os.path.join(job_dir, JOB_FILE))
+    except FileNotFoundError:
+        raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
+
+
 def job_status(job_id, job_dir):
     """A job's public status, with the metadata it was submitted with."""
     status = public_status(job_id, current_record(job_dir))
@@ -922,7 +930,7 @@ class Agent(object):
         job_dir = self.existing_queue(queue).job_dir(job_id)
         settled = (STATE_SCHEDULED, STATE_RUNNING) + END_STATES
         record = wait_for_state(job_dir, settled, START_TIMEOUT)
-        grace = float(read_json(os.path.join(job_dir, JOB_FILE)).get("kill_grace", KILL_GRACE))
+        grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
         if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
             os.kill(record["supervisor"]["pid"], signal.SIGTERM)
             record = wait_for_state(job_dir, END_STATES, grace + 10)
@@ -960,7 +968,10 @@ class Agent(object):
         trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
-        os.rename(job_dir, trash)
+        try:
+            os.rename(job_dir, trash)
+        except FileNotFoundError:  # deleted meanwhile by another client
+            raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
         remove_tree(trash)
 
     # download

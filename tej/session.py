@@ -239,7 +239,16 @@ class Session:
     def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; raises the matching TejError."""
         self._send(op, args)
-        return self._receive()
+        try:
+            return self._receive()
+        except ProtocolError:
+            self.close()
+            raise
+        except TejError:
+            raise  # an error reply: the exchange is complete, the session still in step
+        except BaseException:
+            self.close()  # interrupted mid-exchange: its reply would answer the next call
+            raise
 
     def pipeline(
         self, requests: Iterable[tuple[str, dict[str, Any]]], window: int = 8
@@ -248,33 +257,49 @@ class Session:
 
         On an error reply, no new request is sent, the ones in flight are
         drained (so the session stays usable) and the first error is raised.
+        Anything else that interrupts it with replies in flight (a local error
+        while producing requests, Ctrl-C) closes the session, whose next call
+        reconnects, so no reply ever answers the wrong request.
         """
         in_flight = 0
         error: TejError | None = None
-        for op, args in requests:
-            if in_flight >= window:
+        try:
+            for op, args in requests:
+                if in_flight >= window:
+                    in_flight -= 1
+                    result, error = self._receive_result()
+                    if error is not None:
+                        break
+                    yield result
+                self._send(op, args)
+                in_flight += 1
+            while in_flight:
                 in_flight -= 1
-                try:
-                    yield self._receive()
-                except (ConnectionFailed, ProtocolError):
-                    raise
-                except TejError as exc:
-                    error = exc
-                    break
-            self._send(op, args)
-            in_flight += 1
-        for _ in range(in_flight):
-            try:
-                result = self._receive()
-            except (ConnectionFailed, ProtocolError):
-                raise
-            except TejError as exc:
-                error = error or exc
-                continue
-            if error is None:
-                yield result
+                result, failure = self._receive_result()
+                error = error or failure
+                if error is None:
+                    yield result
+        except BaseException:
+            if in_flight:
+                self.close()
+            raise
         if error is not None:
             raise error
+
+    def _receive_result(self) -> tuple[Any, TejError | None]:
+        """The next reply: (result, None), or (None, the error it reports)."""
+        try:
+            return self._receive(), None
+        except (ConnectionFailed, ProtocolError):
+            raise
+        except TejError as exc:
+            return None, exc
+
+    def abort(self) -> None:
+        """End the session at once, without waiting for the agent (after Ctrl-C)."""
+        if self._io is not None:
+            self._io.kill()
+        self.close()
 
     def _send(self, op: str, args: dict[str, Any]) -> None:
         if self._channel is None:
