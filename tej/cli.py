@@ -347,7 +347,7 @@ def logs(
         text = b"".join(chunks).decode("utf-8", "replace")
         emit_json({"id": job_id, "stream": stream, "output": text})
         return
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     for chunk in chunks:
         out.write(chunk)
         out.flush()
