@@ -230,6 +230,7 @@ class RemoteQueue:
         *,
         job_id: str | None = None,
         secrets: Mapping[str, str] | None = None,
+        progress: transfer.Progress | None = None,
         **metadata: Any,
     ) -> str:
         """Upload a directory and start its script; returns the job's id.
@@ -238,7 +239,8 @@ class RemoteQueue:
         (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
         delay, notify); see docs/tej-json.md. secrets are environment
         variables for the job that are never written to disk on the server
-        nor shown by status. Everything is checked before anything is sent.
+        nor shown by status. progress, if given, is called with (bytes just
+        sent, total bytes). Everything is checked before anything is sent.
         """
         job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
         secret_env = jobspec.secret_env(secrets or {})
@@ -249,7 +251,7 @@ class RemoteQueue:
         session = self.session()
         token = self._call("upload_begin")
         try:
-            transfer.upload_tree(session, self.queue, token, directory, entries)
+            transfer.upload_tree(session, self.queue, token, directory, entries, progress)
             prefix = default_id_prefix(directory)
             return self._start(token, entries, job_id, prefix, job, secret_env)
         except BaseException:
@@ -362,10 +364,15 @@ class RemoteQueue:
             elif reply["ended"] or not follow:
                 return
 
-    def download(self, job_id: str, path: str, local: str) -> str:
-        """Download a job's file or folder (path relative to the job) to local, atomically."""
+    def download(
+        self, job_id: str, path: str, local: str, progress: transfer.Progress | None = None
+    ) -> str:
+        """Download a job's file or folder (path relative to the job) to local, atomically.
+
+        progress, if given, is called with (bytes just received, total bytes).
+        """
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
-        transfer.download_tree(self.session(), self.queue, job_id, path, entries, local)
+        transfer.download_tree(self.session(), self.queue, job_id, path, entries, local, progress)
         return local
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:

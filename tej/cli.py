@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -231,6 +232,7 @@ def setup(
 @click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end.")
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("directory")
 def submit(
     remote: RemoteQueue,
@@ -243,6 +245,7 @@ def submit(
     email: tuple[str, ...],
     then_wait: bool,
     exit_code: bool,
+    quiet: bool,
     **metadata: str | None,
 ) -> None:
     """Upload DIRECTORY and start its script at once (tej.json in it adds metadata)."""
@@ -253,7 +256,10 @@ def submit(
             **({"email": list(email)} if email else {}),
         }
     secret_values = {name: read_secret(name) for name in secrets}
-    new_id = remote.submit(directory, job_id=job_id, secrets=secret_values, **overrides)
+    with ProgressBar("Uploading", quiet) as progress:
+        new_id = remote.submit(
+            directory, job_id=job_id, secrets=secret_values, progress=progress, **overrides
+        )
     if not as_json:
         click.echo("Job submitted as:")
         click.echo(new_id)
@@ -276,6 +282,35 @@ def read_secret(name: str) -> str:
     if not sys.stdin.isatty():
         raise InvalidInput(f"--env-secret {name}: ${name} is not set and there is no terminal")
     return str(click.prompt(f"Value of {name}", hide_input=True, err=True))
+
+
+class ProgressBar:
+    """A transfer's progress bar on stderr: only on a terminal, only after a second."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.done = 0
+        self.bar: Any = None
+
+    def __call__(self, advance: int, total: int) -> None:
+        self.done += advance
+        if not self.enabled:
+            return
+        if self.bar is None and time.monotonic() - self.started >= 1.0:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+            self.bar.update(self.done)
+        elif self.bar is not None:
+            self.bar.update(advance)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -412,8 +447,11 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
 
 @queue_command()
 @click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
-def download(remote: RemoteQueue, as_json: bool, job_id: str, specs: tuple[str, ...]) -> None:
+def download(
+    remote: RemoteQueue, as_json: bool, job_id: str, quiet: bool, specs: tuple[str, ...]
+) -> None:
     """Download files of a job: `path` to ./<basename>, `path:` to stdout, `path:dest`."""
     plan = [parse_download_spec(spec) for spec in specs]
     if as_json and any(local is None for _, local in plan):
@@ -426,7 +464,9 @@ def download(remote: RemoteQueue, as_json: bool, job_id: str, specs: tuple[str, 
                 out.write(chunk)
             out.flush()
         else:
-            saved.append({"path": path, "local": remote.download(job_id, path, local)})
+            with ProgressBar(f"Downloading {path}", quiet) as progress:
+                written = remote.download(job_id, path, local, progress)
+            saved.append({"path": path, "local": written})
     if as_json:
         emit_json({"id": job_id, "files": saved})
 

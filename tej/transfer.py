@@ -8,16 +8,20 @@ either side's memory.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from tej.errors import InvalidInput
 from tej.session import Session
+
+#: Called with (bytes just moved, total bytes of the transfer).
+Progress = Callable[[int, int], None]
 
 CHUNK_SIZE = 1 << 20
 BATCH_SIZE = 1 << 20
@@ -80,15 +84,27 @@ def _scan_entry(base: bytes, path: bytes) -> Entry:
     return Entry(relpath, "f", mode, size=info.st_size)
 
 
-def upload_tree(session: Session, queue: str, token: str, root: str, entries: list[Entry]) -> None:
+def upload_tree(
+    session: Session,
+    queue: str,
+    token: str,
+    root: str,
+    entries: list[Entry],
+    progress: Progress | None = None,
+) -> None:
     """Send the data of every file in entries into the upload staged under token."""
     base = os.fsencode(root)
-    requests = (
-        ("upload_data", {"queue": queue, "token": token, "chunks": batch})
-        for batch in _upload_batches(base, entries)
-    )
-    for _ in session.pipeline(requests, WINDOW):
-        pass
+    total = sum(entry.size for entry in entries if entry.kind == "f")
+    sizes: collections.deque[int] = collections.deque()
+
+    def requests() -> Iterator[tuple[str, dict[str, Any]]]:
+        for batch in _upload_batches(base, entries):
+            sizes.append(sum(len(chunk[2]) for chunk in batch))
+            yield "upload_data", {"queue": queue, "token": token, "chunks": batch}
+
+    for _ in session.pipeline(requests(), WINDOW):
+        if progress is not None:
+            progress(sizes.popleft(), total)
 
 
 def _upload_batches(base: bytes, entries: list[Entry]) -> Iterator[list[list[Any]]]:
@@ -137,16 +153,27 @@ def list_remote(session: Session, queue: str, job_id: str, remote: str) -> list[
 
 
 def stream_file(
-    session: Session, queue: str, job_id: str, remote: str, size: int
+    session: Session,
+    queue: str,
+    job_id: str,
+    remote: str,
+    size: int,
+    progress: Progress | None = None,
 ) -> Iterator[bytes]:
     """Yield the content of a job's file, chunk by chunk."""
     files = [(os.fsencode(remote), size)]
-    for _, _, data in _fetch(session, queue, job_id, files):
+    for _, _, data in _fetch(session, queue, job_id, files, progress):
         yield data
 
 
 def download_tree(
-    session: Session, queue: str, job_id: str, remote: str, entries: list[Entry], local: str
+    session: Session,
+    queue: str,
+    job_id: str,
+    remote: str,
+    entries: list[Entry],
+    local: str,
+    progress: Progress | None = None,
 ) -> None:
     """Download a job's file or folder to local, atomically (all or nothing)."""
     parent = os.path.dirname(os.path.abspath(local))
@@ -156,22 +183,28 @@ def download_tree(
         raise InvalidInput(f"No such local folder: {parent}")
     try:
         if entries[0].kind == "f":
-            _download_file(session, queue, job_id, remote, entries[0], local)
+            _download_file(session, queue, job_id, remote, entries[0], local, progress)
         else:
-            _download_folder(session, queue, job_id, remote, entries, local)
+            _download_folder(session, queue, job_id, remote, entries, local, progress)
     except OSError as exc:
         raise InvalidInput(f"Can't write {local}: {exc.strerror or exc}") from None
 
 
 def _download_file(
-    session: Session, queue: str, job_id: str, remote: str, entry: Entry, local: str
+    session: Session,
+    queue: str,
+    job_id: str,
+    remote: str,
+    entry: Entry,
+    local: str,
+    progress: Progress | None,
 ) -> None:
     fd, partial = tempfile.mkstemp(
         prefix=".tej-partial-", dir=os.path.dirname(os.path.abspath(local))
     )
     try:
         with os.fdopen(fd, "wb") as stream:
-            for data in stream_file(session, queue, job_id, remote, entry.size):
+            for data in stream_file(session, queue, job_id, remote, entry.size, progress):
                 stream.write(data)
         os.chmod(partial, entry.mode & 0o777)
         os.replace(partial, local)
@@ -181,7 +214,13 @@ def _download_file(
 
 
 def _download_folder(
-    session: Session, queue: str, job_id: str, remote: str, entries: list[Entry], local: str
+    session: Session,
+    queue: str,
+    job_id: str,
+    remote: str,
+    entries: list[Entry],
+    local: str,
+    progress: Progress | None,
 ) -> None:
     partial = tempfile.mkdtemp(prefix=".tej-partial-", dir=os.path.dirname(os.path.abspath(local)))
     base = os.fsencode(partial)
@@ -190,7 +229,7 @@ def _download_folder(
         prefix = os.fsencode(remote).rstrip(b"/") + b"/"
         remote_files = [(prefix + entry.relpath, entry.size) for entry in files]
         local_paths = {prefix + entry.relpath: os.path.join(base, entry.relpath) for entry in files}
-        for path, offset, data in _fetch(session, queue, job_id, remote_files):
+        for path, offset, data in _fetch(session, queue, job_id, remote_files, progress):
             with open(local_paths[path], "r+b") as stream:
                 stream.seek(offset)
                 stream.write(data)
@@ -227,15 +266,22 @@ def _apply_modes(base: bytes, entries: list[Entry]) -> None:
 
 
 def _fetch(
-    session: Session, queue: str, job_id: str, files: list[tuple[bytes, int]]
+    session: Session,
+    queue: str,
+    job_id: str,
+    files: list[tuple[bytes, int]],
+    progress: Progress | None = None,
 ) -> Iterator[tuple[bytes, int, bytes]]:
     """Yield (path, offset, data) for every chunk of the given files."""
+    total = sum(size for _, size in files)
     batches = list(_read_batches(files))
     requests = (
         ("read_chunks", {"queue": queue, "job_id": job_id, "chunks": batch}) for batch in batches
     )
     for batch, results in zip(batches, session.pipeline(requests, WINDOW)):
         for (path, offset, _), data in zip(batch, results):
+            if progress is not None:
+                progress(len(data), total)
             yield path, offset, data
 
 
