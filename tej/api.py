@@ -16,7 +16,7 @@ from typing import Any
 from tej import jobspec, transfer
 from tej import remote_agent as agent
 from tej.destination import ConnectOptions, parse_destination
-from tej.errors import AgentMissing, InvalidInput, TejError, WaitTimeout
+from tej.errors import AgentMissing, ConnectionFailed, InvalidInput, TejError, WaitTimeout
 from tej.session import AGENT_SOURCE, Session
 
 DEFAULT_QUEUE = "~/.tej"
@@ -254,6 +254,8 @@ class RemoteQueue:
             transfer.upload_tree(session, self.queue, token, directory, entries, progress)
             prefix = default_id_prefix(directory)
             return self._start(token, entries, job_id, prefix, job, secret_env)
+        except ConnectionFailed:
+            raise  # no reconnecting to a server that is gone: its stale cleanup will do
         except BaseException:
             self._abort_upload(token)
             raise

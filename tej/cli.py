@@ -64,9 +64,9 @@ def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
         return 0
     if status.state is JobState.TIMED_OUT:
         return EXIT_JOB_TIMED_OUT
-    if status.exit_code is None:
-        return 128 + signal.SIGTERM
-    return status.exit_code
+    if status.state is JobState.KILLED and (status.exit_code or 0) < 128:
+        return 128 + signal.SIGTERM  # killed, even if its script caught SIGTERM and exited 0
+    return status.exit_code if status.exit_code is not None else 128 + signal.SIGTERM
 
 
 def emit_json(document: Any) -> None:

@@ -933,9 +933,11 @@ class Agent(object):
         grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
         if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
             os.kill(record["supervisor"]["pid"], signal.SIGTERM)
-            record = wait_for_state(job_dir, END_STATES, grace + 10)
+            # A long grace period goes on after the reply: the supervisor finishes the kill.
+            record = wait_for_state(job_dir, END_STATES, min(grace + 10, MAX_BLOCK))
+            state = record.get("state")
             return {
-                "killed": record.get("state") == STATE_KILLED,
+                "killed": state == STATE_KILLED or state in ACTIVE_STATES,
                 "status": public_status(job_id, record),
             }
         if record.get("state") == STATE_LOST:
@@ -964,7 +966,13 @@ class Agent(object):
                 % job_id,
             )
         if state in ACTIVE_STATES or state == STATE_LOST:
-            self.kill(queue.root, job_id)  # a lost job may have processes left
+            result = self.kill(queue.root, job_id)  # a lost job may have processes left
+            if result["status"]["state"] in ACTIVE_STATES:
+                raise AgentError(
+                    ERR_JOB_RUNNING,
+                    "Job %r is being killed (its grace period is long): delete it once it has "
+                    "ended" % job_id,
+                )
         trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
