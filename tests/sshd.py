@@ -348,15 +348,66 @@ def ensure_test_user() -> pwd.struct_passwd:
     return account
 
 
+LOGIN_FILES_LOCK = "/tmp/tej-test-login-files.lock"
+
+
 @contextlib.contextmanager
-def _user_lock() -> Iterator[None]:
-    """Serialize account changes between parallel test processes."""
-    with open(USER_LOCK, "a") as lock:
+def login_script_lines(server: SshServer, lines: Sequence[str], tag: str) -> Iterator[None]:
+    """Prepend lines to the SSH user's ~/.bashrc and ~/.profile, for this sshd's port only.
+
+    Each line is a shell `case` branch body ending in `;;`. Other test sessions logging in
+    as the same user (on other ports) are not affected; edits are serialized by a lock, and
+    the block (and any file created for it) is removed afterwards. Prepended because
+    Debian's .bashrc returns early for non-interactive shells.
+    """
+    block = "\n".join(
+        [
+            f"# >>> tej tests: {tag} >>>",
+            f'case "$SSH_CONNECTION" in *" {server.port}")',
+            *lines,
+            "esac",
+            f"# <<< tej tests: {tag} <<<",
+            "",
+        ]
+    )
+    paths = [Path(server.home) / name for name in (".bashrc", ".profile")]
+    created: list[Path] = []
+    with _file_lock(LOGIN_FILES_LOCK):
+        for path in paths:
+            if not path.exists():
+                path.write_text("")
+                if is_root():
+                    os.chown(path, server.uid, server.gid)
+                created.append(path)
+            path.write_text(block + path.read_text())
+    try:
+        yield
+    finally:
+        with _file_lock(LOGIN_FILES_LOCK):
+            for path in paths:
+                text = path.read_text().replace(block, "", 1)
+                if path in created and not text:
+                    path.unlink()
+                else:
+                    path.write_text(text)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on a file, shared by parallel test processes."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _user_lock() -> Iterator[None]:
+    """Serialize account changes between parallel test processes."""
+    with _file_lock(USER_LOCK):
+        yield
 
 
 def _run_checked(argv: list[str]) -> None:

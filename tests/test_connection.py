@@ -8,8 +8,6 @@ accepts TCP and never says a word, a key the server does not know.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from sshd import SshServer, is_root
+from sshd import SshServer, login_script_lines
 
 import tej
 
@@ -31,9 +29,6 @@ CLI_DEADLINE = 60.0
 API_DEADLINE = 30.0
 QUICK_TIMEOUT_LIMIT = 10.0
 NOISE = "hello from bashrc"
-NOISE_BEGIN = "# >>> tej test_connection login noise >>>"
-NOISE_END = "# <<< tej test_connection login noise <<<"
-LOGIN_FILES_LOCK = "/tmp/tej-test-login-files.lock"
 T = TypeVar("T")
 
 
@@ -272,48 +267,9 @@ def noisy_login(ssh_server: SshServer) -> Iterator[None]:
     The noise is printed only for connections to this test session's sshd (its port is in
     $SSH_CONNECTION), so other test sessions logging in as the same user are not disturbed.
     """
-    block = "\n".join(
-        [
-            NOISE_BEGIN,
-            f'case "$SSH_CONNECTION" in *" {ssh_server.port}")',
-            f"  echo '{NOISE}'; echo '{NOISE} again'; echo '';;",
-            "esac",
-            NOISE_END,
-            "",
-        ]
-    )
-    paths = [Path(ssh_server.home) / name for name in (".bashrc", ".profile")]
-    created = []
-    with _login_files_lock():
-        for path in paths:
-            if not path.exists():
-                path.write_text("")
-                if is_root():
-                    os.chown(path, ssh_server.uid, ssh_server.gid)
-                created.append(path)
-            # Prepended: Debian's .bashrc returns early for non-interactive shells.
-            path.write_text(block + path.read_text())
-    try:
+    lines = [f"  echo '{NOISE}'; echo '{NOISE} again'; echo '';;"]
+    with login_script_lines(ssh_server, lines, "test_connection login noise"):
         yield
-    finally:
-        with _login_files_lock():
-            for path in paths:
-                text = path.read_text().replace(block, "", 1)
-                if path in created and not text:
-                    path.unlink()
-                else:
-                    path.write_text(text)
-
-
-@contextlib.contextmanager
-def _login_files_lock() -> Iterator[None]:
-    """Serialize edits of the SSH user's login files between parallel test sessions."""
-    with open(LOGIN_FILES_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.mark.ssh

@@ -23,7 +23,6 @@ check that the job arrived whole instead.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import json
 import os
@@ -45,15 +44,12 @@ if str(TESTS) not in sys.path:
 
 import pytest  # noqa: E402
 from helpers import kill_processes_under, make_job, wait_until  # noqa: E402
-from sshd import SshServer, is_root  # noqa: E402
+from sshd import SshServer, is_root, login_script_lines  # noqa: E402
 
 REPO = TESTS.parent
 CLI_DEADLINE = 60.0
 PYENV_ROOT = os.environ.get("PYENV_ROOT", "/root/.pyenv")
 NOISE = "tej bad-input login noise"
-NOISE_BEGIN = "# >>> tej test_bad_input login noise >>>"
-NOISE_END = "# <<< tej test_bad_input login noise <<<"
-LOGIN_FILES_LOCK = "/tmp/tej-test-login-files.lock"  # the lock test_connection.py takes
 FINISHED_ID = "finished_job"
 ON_CI = os.environ.get("CI", "").lower() == "true"
 # Root reads every file: the client runs without the capabilities that allow it.
@@ -507,45 +503,9 @@ def noisy_login(noise: str) -> Setup:
 def make_noise(ctx: Context, noise: str) -> dict[str, str]:
     server = ctx.bench.server
     assert server is not None
-    block = "\n".join(
-        [
-            NOISE_BEGIN,
-            f'case "$SSH_CONNECTION" in *" {server.port}")',
-            f"  {noise};;",
-            "esac",
-            NOISE_END,
-            "",
-        ]
-    )
-    paths = [Path(server.home) / name for name in (".bashrc", ".profile")]
-    created: list[Path] = []
-
-    def edit(change: Callable[[Path], None]) -> None:
-        with open(LOGIN_FILES_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                for path in paths:
-                    change(path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def add(path: Path) -> None:
-        if not path.exists():
-            path.write_text("")
-            if is_root():
-                os.chown(path, server.uid, server.gid)
-            created.append(path)
-        path.write_text(block + path.read_text())
-
-    def undo(path: Path) -> None:
-        text = path.read_text().replace(block, "", 1)
-        if path in created and not text:
-            path.unlink()
-        else:
-            path.write_text(text)
-
-    edit(add)
-    ctx.cleanups.append(lambda: edit(undo))
+    noise_block = login_script_lines(server, [f"  {noise};;"], "test_bad_input login noise")
+    noise_block.__enter__()
+    ctx.cleanups.append(lambda: noise_block.__exit__(None, None, None))
     seen = subprocess.run(
         server.ssh_argv("-o", "ControlPath=none", "true"),
         capture_output=True,

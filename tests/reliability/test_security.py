@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import inspect
 import json
@@ -46,7 +45,7 @@ from helpers import (  # noqa: E402
     target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
-from sshd import SshServer, is_root  # noqa: E402
+from sshd import SshServer, login_script_lines  # noqa: E402
 
 import tej  # noqa: E402
 from tej import remote_agent  # noqa: E402
@@ -54,9 +53,6 @@ from tej.session import AGENT_DIGEST, AGENT_SOURCE  # noqa: E402
 
 REPO = TESTS.parent
 CLI_DEADLINE = 60.0
-LOGIN_FILES_LOCK = "/tmp/tej-test-login-files.lock"  # the lock test_connection.py takes
-UMASK_BEGIN = "# >>> tej test_security umask >>>"
-UMASK_END = "# <<< tej test_security umask <<<"
 SECRET_NAME = "TEJ_TEST_SECRET"
 
 
@@ -113,42 +109,8 @@ def submitted_id(done: subprocess.CompletedProcess[bytes]) -> str:
 @contextlib.contextmanager
 def login_block(server: SshServer, lines: list[str]) -> Iterator[None]:
     """Prepend lines to the SSH user's ~/.bashrc and ~/.profile for this sshd's port only."""
-    block = "\n".join(
-        [UMASK_BEGIN, f'case "$SSH_CONNECTION" in *" {server.port}")', *lines, "esac", UMASK_END]
-    )
-    block += "\n"
-    paths = [Path(server.home) / name for name in (".bashrc", ".profile")]
-    created: list[Path] = []
-
-    def edit(change: Callable[[Path], None]) -> None:
-        with open(LOGIN_FILES_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                for path in paths:
-                    change(path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def add(path: Path) -> None:
-        if not path.exists():
-            path.write_text("")
-            if is_root():
-                os.chown(path, server.uid, server.gid)
-            created.append(path)
-        path.write_text(block + path.read_text())
-
-    def undo(path: Path) -> None:
-        text = path.read_text().replace(block, "", 1)
-        if path in created and not text:
-            path.unlink()
-        else:
-            path.write_text(text)
-
-    edit(add)
-    try:
+    with login_script_lines(server, lines, "test_security umask"):
         yield
-    finally:
-        edit(undo)
 
 
 def tej_files(queue: Path) -> Iterator[tuple[Path, os.stat_result]]:
