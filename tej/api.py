@@ -13,10 +13,17 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from tej import jobspec, transfer
+from tej import jobspec, runners, transfer
 from tej import remote_agent as agent
 from tej.destination import ConnectOptions, parse_destination
-from tej.errors import AgentMissing, ConnectionFailed, InvalidInput, TejError, WaitTimeout
+from tej.errors import (
+    AgentMissing,
+    ConnectionFailed,
+    InvalidInput,
+    RunnerMissing,
+    TejError,
+    WaitTimeout,
+)
 from tej.session import AGENT_SOURCE, Session
 
 DEFAULT_QUEUE = "~/.tej"
@@ -29,12 +36,14 @@ class JobState(str, Enum):
     """The state of a job, as recorded on the server."""
 
     STARTING = agent.STATE_STARTING
+    QUEUED = agent.STATE_QUEUED
     SCHEDULED = agent.STATE_SCHEDULED
     RUNNING = agent.STATE_RUNNING
     FINISHED = agent.STATE_FINISHED
     KILLED = agent.STATE_KILLED
     TIMED_OUT = agent.STATE_TIMED_OUT
     LOST = agent.STATE_LOST
+    CANCELLED = agent.STATE_CANCELLED
 
     @property
     def is_active(self) -> bool:
@@ -56,6 +65,8 @@ class JobStatus:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     elapsed: float | None = None
+    #: For a queued job whose runner orders its queue: (place, number of jobs queued).
+    position: tuple[int, int] | None = None
     notifications: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, Any] | None = None
 
@@ -73,6 +84,7 @@ class JobStatus:
             started_at=_parse_time(data.get("started_at")),
             ended_at=_parse_time(data.get("ended_at")),
             elapsed=data.get("elapsed"),
+            position=tuple(data["position"]) if data.get("position") else None,
             notifications=tuple(data.get("notifications") or ()),
             metadata=data.get("metadata"),
         )
@@ -90,6 +102,7 @@ class JobStatus:
             "started_at": _format_time(self.started_at),
             "ended_at": _format_time(self.ended_at),
             "elapsed": self.elapsed,
+            "position": list(self.position) if self.position else None,
             "notifications": list(self.notifications),
             **({"metadata": self.metadata} if self.metadata is not None else {}),
         }
@@ -111,6 +124,8 @@ class SetupResult:
     created: bool
     runner: str
     links: tuple[str, ...]
+    #: Batch systems found on the server (such as "sbatch"), which a runner could use.
+    batch_systems: tuple[str, ...] = ()
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -202,7 +217,23 @@ class RemoteQueue:
             self._session = None
 
     def _call(self, op: str, **args: Any) -> Any:
-        return self.session().call(op, queue=self.queue, **args)
+        """Send a request about the queue, installing the agent or runner it lacks first."""
+        installed: set[str] = set()
+        while True:
+            try:
+                return self.session().call(op, queue=self.queue, **args)
+            except AgentMissing:
+                if "agent" in installed:
+                    raise
+                installed.add("agent")
+                self.session().call("install_agent", queue=self.queue, source=AGENT_SOURCE)
+            except RunnerMissing as exc:
+                name = str(exc)
+                if name in installed:
+                    raise
+                installed.add(name)
+                source = runners.load(name).source
+                self.session().call("install_runner", queue=self.queue, runner=name, source=source)
 
     # operations
 
@@ -214,14 +245,24 @@ class RemoteQueue:
         force: bool = False,
         only_links: bool = False,
         runner: str = "default",
+        options: Mapping[str, str] | None = None,
     ) -> SetupResult:
-        """Create the queue (or reconfigure it with force) and make links to it."""
+        """Create the queue (or reconfigure it with force) and make links to it.
+
+        runner names the queue's runner (see tej.runners.available()); options
+        are its settings, such as {"max_running": "4"} for the queue runner.
+        """
         all_links = [*links, DEFAULT_QUEUE] if default_link else list(links)
-        result = self._call(
-            "setup", links=all_links, runner=runner, force=force, only_links=only_links
-        )
+        request: dict[str, Any] = {"runner": runner, "options": dict(options or {})}
+        if runner != agent.DEFAULT_RUNNER:
+            request["runner_source"] = runners.load(runner).source
+        result = self._call("setup", links=all_links, force=force, only_links=only_links, **request)
         return SetupResult(
-            result["queue"], result["created"], result["runner"], tuple(result["links"])
+            result["queue"],
+            result["created"],
+            result["runner"],
+            tuple(result["links"]),
+            tuple(result.get("batch_systems") or ()),
         )
 
     def submit(
@@ -277,11 +318,7 @@ class RemoteQueue:
             "job": job,
             "secrets": secrets,
         }
-        try:
-            return str(self._call("submit", **request))
-        except AgentMissing:
-            self._call("install_agent", source=AGENT_SOURCE)
-            return str(self._call("submit", **request))
+        return str(self._call("submit", **request))
 
     def _abort_upload(self, token: str) -> None:
         if self._session is None:

@@ -38,6 +38,12 @@ def describe_status(status: JobStatus) -> str:
         return f"Job is still running ({elapsed})"
     if status.state is JobState.STARTING:
         return "Job is starting"
+    if status.state is JobState.QUEUED:
+        if status.position:
+            return f"Job is queued (position {status.position[0]} of {status.position[1]})"
+        return f"Job is queued ({status.reason})" if status.reason else "Job is queued"
+    if status.state is JobState.CANCELLED:
+        return f"Job was cancelled ({status.reason or 'unknown reason'})"
     if status.state is JobState.FINISHED:
         return f"Job is finished ({elapsed}) with exit code {status.exit_code}"
     if status.state is JobState.SCHEDULED:
@@ -184,7 +190,19 @@ def cli() -> None:
 @click.option("--make-default-link", is_flag=True, help=f"Make a link at {DEFAULT_QUEUE}.")
 @click.option("--force", is_flag=True, help="Reconfigure an existing queue; replace links.")
 @click.option("--only-links", is_flag=True, help="Only make the links.")
-@click.option("--plugin", default="default", show_default=True, help="Runner of the queue.")
+@click.option(
+    "--plugin",
+    default="default",
+    show_default=True,
+    help="Runner of the queue: default (at once), queue (limits, order), slurm, or a plugin's.",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A setting of the runner, such as max_running=4 (repeatable).",
+)
 def setup(
     remote: RemoteQueue,
     as_json: bool,
@@ -193,6 +211,7 @@ def setup(
     force: bool,
     only_links: bool,
     plugin: str,
+    options: tuple[str, ...],
 ) -> None:
     """Create the queue on the server (else it is made on first use)."""
     result = remote.setup(
@@ -201,6 +220,7 @@ def setup(
         force=force,
         only_links=only_links,
         runner=plugin,
+        options=parse_pairs(options, "--option", "KEY=VALUE"),
     )
     if as_json:
         emit_json(dataclasses.asdict(result))
@@ -210,6 +230,12 @@ def setup(
         click.echo(f"{verb} queue {result.queue} (plugin: {result.runner})")
     for link in result.links:
         click.echo(f"Made link {link} -> {result.queue}")
+    if "sbatch" in result.batch_systems and result.runner == "default" and not only_links:
+        click.echo(
+            "Note: this server has Slurm (sbatch). To run jobs through it: "
+            f"tej setup {remote.destination} --force --plugin slurm",
+            err=True,
+        )
 
 
 @queue_command()
@@ -230,6 +256,10 @@ def setup(
 @click.option("--stderr", help="Where stderr goes: tej, discard, stdout, or a path in the job.")
 @click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
 @click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end.")
+@click.option("--priority", type=int, help="Queue runner: higher starts first [default: 0].")
+@click.option(
+    "--after", multiple=True, metavar="ID", help="Queue runner: start once job ID has succeeded."
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -243,13 +273,24 @@ def submit(
     secrets: tuple[str, ...],
     webhook: tuple[str, ...],
     email: tuple[str, ...],
+    priority: int | None,
+    after: tuple[str, ...],
     then_wait: bool,
     exit_code: bool,
     quiet: bool,
     **metadata: str | None,
 ) -> None:
-    """Upload DIRECTORY and start its script at once (tej.json in it adds metadata)."""
-    overrides: dict[str, Any] = dict(metadata, env=parse_env(env) if env else None)
+    """Upload DIRECTORY and start its script (tej.json in it adds metadata).
+
+    The queue's runner decides when: at once (default), in turn (queue), or
+    through a batch system (slurm).
+    """
+    overrides: dict[str, Any] = dict(
+        metadata,
+        env=parse_env(env) if env else None,
+        priority=priority,
+        after=list(after) or None,
+    )
     if webhook or email:
         overrides["notify"] = {
             **({"webhook": list(webhook)} if webhook else {}),
@@ -315,13 +356,18 @@ class ProgressBar:
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     """NAME=VALUE pairs from --env."""
-    env = {}
+    return parse_pairs(pairs, "--env", "NAME=VALUE")
+
+
+def parse_pairs(pairs: tuple[str, ...], option: str, form: str) -> dict[str, str]:
+    """KEY=VALUE pairs from a repeatable option."""
+    found = {}
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name:
-            raise InvalidInput(f"Invalid --env {pair!r}: use NAME=VALUE")
-        env[name] = value
-    return env
+            raise InvalidInput(f"Invalid {option} {pair!r}: use {form}")
+        found[name] = value
+    return found
 
 
 def wait_for_job(

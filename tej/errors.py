@@ -70,6 +70,10 @@ class AgentMissing(TejError):
     """The queue has no copy of this agent yet (handled inside the session)."""
 
 
+class RunnerMissing(TejError):
+    """The queue's runner is not installed in it, or is older than the client's (handled)."""
+
+
 #: Error types named in the agent's replies, and the exception each becomes.
 ERRORS_BY_TYPE: dict[str, type[TejError]] = {
     agent.ERR_BAD_REQUEST: ProtocolError,
@@ -79,6 +83,7 @@ ERRORS_BY_TYPE: dict[str, type[TejError]] = {
     agent.ERR_JOB_RUNNING: JobStillRunning,
     agent.ERR_QUEUE: QueueError,
     agent.ERR_AGENT_MISSING: AgentMissing,
+    agent.ERR_RUNNER_MISSING: RunnerMissing,
     agent.ERR_SERVER: ServerError,
     agent.ERR_INTERNAL: ServerError,
 }

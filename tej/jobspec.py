@@ -36,8 +36,25 @@ FIELDS = (
     "start_at",
     "delay",
     "notify",
+    "priority",
+    "after",
+    "slurm",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
+#: tej.json's "slurm" object: sbatch settings, passed as arguments (never through a shell).
+SLURM_FIELDS = (
+    "partition",
+    "time",
+    "cpus",
+    "memory",
+    "nodes",
+    "gpus",
+    "account",
+    "qos",
+    "constraint",
+    "extra_args",
+)
+MAX_PRIORITY = 1_000_000
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -103,7 +120,52 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
         job["start_at"] = parse_start_at(data["start_at"])
     if "notify" in data:
         job["notify"] = _notify(data["notify"])
+    if data.get("priority") is not None:
+        job["priority"] = _priority(data["priority"])
+    if data.get("after"):
+        job["after"] = _job_ids(data["after"], "after")
+    if data.get("slurm") is not None:
+        job["slurm"] = _slurm(data["slurm"])
     return job
+
+
+def _priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
+        raise InvalidInput(
+            f"priority must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}"
+        )
+    return value
+
+
+def _job_ids(value: Any, field: str) -> list[str]:
+    ids = _one_or_many(value, field)
+    for job_id in ids:
+        if not agent.ID_PATTERN.match(job_id) or len(job_id) > agent.MAX_ID_LENGTH:
+            raise InvalidInput(f"Invalid job identifier {job_id!r} in {field}")
+    return list(dict.fromkeys(ids))
+
+
+def _slurm(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidInput('slurm must be an object of sbatch settings, such as {"cpus": 4}')
+    _check_keys(value, SLURM_FIELDS, "slurm")
+    slurm: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "time":
+            slurm[key] = duration(item, "slurm.time")
+        elif key in ("cpus", "nodes", "gpus"):
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise InvalidInput(f"slurm.{key} must be a positive whole number")
+            slurm[key] = item
+        elif key == "extra_args":
+            slurm[key] = _strings(item, "slurm.extra_args")
+            if any(not arg.startswith("-") for arg in slurm[key]):
+                raise InvalidInput("slurm.extra_args must be sbatch options, such as --exclusive")
+        else:
+            if not isinstance(item, str) or not item.strip() or "\0" in item:
+                raise InvalidInput(f"slurm.{key} must be a non-empty string")
+            slurm[key] = item
+    return slurm
 
 
 def _check_keys(data: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:

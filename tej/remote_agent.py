@@ -48,20 +48,25 @@ STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
 
 STATE_STARTING = "starting"
+STATE_QUEUED = "queued"
 STATE_SCHEDULED = "scheduled"
 STATE_RUNNING = "running"
 STATE_FINISHED = "finished"
 STATE_KILLED = "killed"
 STATE_TIMED_OUT = "timed_out"
 STATE_LOST = "lost"
-ACTIVE_STATES = (STATE_STARTING, STATE_SCHEDULED, STATE_RUNNING)
-END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_TIMED_OUT, STATE_LOST)
+STATE_CANCELLED = "cancelled"
+ACTIVE_STATES = (STATE_STARTING, STATE_QUEUED, STATE_SCHEDULED, STATE_RUNNING)
+END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_TIMED_OUT, STATE_LOST, STATE_CANCELLED)
 
 OUTPUT_KEPT = "tej"
 OUTPUT_DISCARDED = "discard"
 STDERR_MERGED = "stdout"
 
-RUNNERS = ("default",)
+DEFAULT_RUNNER = "default"
+RUNNER_FIELDS = ("priority", "after", "slurm")  # job fields only some runners accept
+RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
+LOCK_FILE = "queue.lock"
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
@@ -82,6 +87,7 @@ ERR_JOB_EXISTS = "JobExists"
 ERR_JOB_RUNNING = "JobRunning"
 ERR_QUEUE = "QueueError"
 ERR_AGENT_MISSING = "AgentMissing"
+ERR_RUNNER_MISSING = "RunnerMissing"
 ERR_SERVER = "ServerError"
 ERR_INTERNAL = "InternalError"
 
@@ -397,6 +403,7 @@ class Queue(object):
     def __init__(self, root, config):
         self.root = root
         self.config = config
+        self.runner = None  # set by open_runner()
 
     def path(self, *parts):
         """A path inside the queue."""
@@ -409,6 +416,21 @@ class Queue(object):
         if not os.path.isdir(path):
             raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
         return path
+
+    def job_ids(self):
+        """The identifiers of the jobs in the queue, in no particular order."""
+        try:
+            names = os.listdir(self.path(JOBS_DIR))
+        except OSError:
+            return []
+        return [name for name in names if ID_PATTERN.match(name)]
+
+    def record(self, job_id, job_dir):
+        """A job's status record, brought up to date by the queue's runner."""
+        record = read_status_record(job_dir)
+        if record is None:
+            return missing_status()
+        return self.runner.refresh(job_id, job_dir, record)  # type: ignore[union-attr]
 
 
 def load_queue(root):
@@ -511,6 +533,7 @@ def public_status(job_id, record):
         "started_at": started,
         "ended_at": ended,
         "elapsed": elapsed,
+        "position": record.get("position"),
         "notifications": record.get("notifications", []),
     }
 
@@ -523,9 +546,9 @@ def read_job(job_dir, job_id):
         raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
 
 
-def job_status(job_id, job_dir):
+def job_status(queue, job_id, job_dir):
     """A job's public status, with the metadata it was submitted with."""
-    status = public_status(job_id, current_record(job_dir))
+    status = public_status(job_id, queue.record(job_id, job_dir))
     try:
         status["metadata"] = read_json(os.path.join(job_dir, JOB_FILE))
     except (OSError, AgentError):
@@ -533,12 +556,20 @@ def job_status(job_id, job_dir):
     return status
 
 
-def current_record(job_dir):
-    """The job's status record, with dead supervisors reported as lost."""
-    record = read_status_record(job_dir)
+def missing_status():
+    """The record of a job whose status file is gone."""
+    return {"state": STATE_LOST, "reason": "the job's status file is missing"}
+
+
+def supervised_record(job_dir, record=None):
+    """The job's status record, with dead supervisors reported as lost.
+
+    A queued job has no supervisor yet, so it is never lost.
+    """
+    record = record or read_status_record(job_dir)
     if record is None:
-        return {"state": STATE_LOST, "reason": "the job's status file is missing"}
-    if record.get("state") not in ACTIVE_STATES:
+        return missing_status()
+    if record.get("state") not in ACTIVE_STATES or record.get("state") == STATE_QUEUED:
         return record
     if is_same_process(record.get("supervisor")):
         return record
@@ -557,7 +588,8 @@ def is_starting_in_time(record):
     """Whether a job is being started, and still within the time allowed for it."""
     if record.get("state") != STATE_STARTING or record.get("supervisor"):
         return False
-    return time.time() - parse_iso(record["submitted_at"]) < START_TIMEOUT
+    since = record.get("admitted_at") or record["submitted_at"]
+    return time.time() - parse_iso(since) < START_TIMEOUT
 
 
 def rebooted(record):
@@ -566,14 +598,356 @@ def rebooted(record):
     return bool(recorded) and recorded != boot_id()
 
 
-def wait_for_state(job_dir, states, timeout):
+def wait_for_state(queue, job_id, job_dir, states, timeout):
     """Poll a job's record until its state is one of states, or timeout."""
     deadline = time.time() + timeout
+    interval = getattr(queue.runner, "poll_interval", POLL_INTERVAL)
     while True:
-        record = current_record(job_dir)
+        record = queue.record(job_id, job_dir)
         if record.get("state") in states or time.time() >= deadline:
             return record
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
+
+
+# -- runners ----------------------------------------------------------------
+#
+# A queue's runner decides how its jobs run: at once (the default runner,
+# below), in a queue with limits, through a batch system... A runner other
+# than the default one is a stdlib-only module shipped by the client and kept
+# in QUEUE/agent/; its class Runner(host) gets a RunnerHost.  See
+# docs/runners.md for the interface.
+
+
+class RunnerHost(object):
+    """What tej offers a runner: the queue's jobs, their records, supervisors."""
+
+    STATES = {
+        "starting": STATE_STARTING,
+        "queued": STATE_QUEUED,
+        "scheduled": STATE_SCHEDULED,
+        "running": STATE_RUNNING,
+        "finished": STATE_FINISHED,
+        "killed": STATE_KILLED,
+        "timed_out": STATE_TIMED_OUT,
+        "lost": STATE_LOST,
+        "cancelled": STATE_CANCELLED,
+    }
+    ACTIVE_STATES = ACTIVE_STATES
+    END_STATES = END_STATES
+
+    def __init__(self, queue, agent_path):
+        self.queue = queue
+        self.root = queue.root
+        self.options = dict((queue.config or {}).get("options") or {})
+        self.agent_path = agent_path
+
+    # the queue's jobs
+
+    def job_ids(self):
+        """The identifiers of the queue's jobs."""
+        return self.queue.job_ids()
+
+    def job_dir(self, job_id):
+        """The directory of a job; JobNotFound if there is none."""
+        return self.queue.job_dir(job_id)
+
+    def job_path(self, job_id):
+        """Where a job's directory is (whether or not it exists)."""
+        return self.queue.path(JOBS_DIR, job_id)
+
+    def has_job(self, job_id):
+        """Whether the queue holds a job with this identifier."""
+        return bool(ID_PATTERN.match(job_id)) and os.path.isdir(self.queue.path(JOBS_DIR, job_id))
+
+    def read_job(self, job_dir):
+        """A job's metadata (its job.json), or None if it is gone."""
+        try:
+            return read_json(os.path.join(job_dir, JOB_FILE))
+        except (OSError, AgentError):
+            return None
+
+    def read_record(self, job_dir):
+        """A job's status record as last written, or None if it is gone."""
+        return read_status_record(job_dir)
+
+    def supervised_record(self, job_dir, record=None):
+        """A job's status record, with a dead supervisor reported as lost."""
+        return supervised_record(job_dir, record)
+
+    def write_record(self, job_dir, record):
+        """Replace a job's status record (atomically)."""
+        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+
+    def read_data(self, job_dir):
+        """The runner's own record of a job (a dict; empty if none)."""
+        try:
+            data = read_json(os.path.join(job_dir, RUNNER_DATA))
+        except (OSError, AgentError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_data(self, job_dir, data):
+        """Replace the runner's own record of a job (atomically)."""
+        write_json_atomic(os.path.join(job_dir, RUNNER_DATA), data)
+
+    # supervisors and processes
+
+    def start_supervisor(self, job_dir, secrets=None):
+        """Start a job's supervisor here, detached; returns once the job runs."""
+        start_supervisor(self.agent_path, job_dir, secrets or {})
+
+    def supervisor_command(self, job_dir):
+        """The command (a list) that runs a job's supervisor in the foreground."""
+        return supervisor_command(self.agent_path, job_dir)
+
+    def kill_supervised(self, job_id, job_dir, record, grace):
+        """Kill a job through its supervisor on this machine; returns (killed, record)."""
+        return kill_supervised(self.queue, job_id, job_dir, record, grace)
+
+    def lock(self):
+        """An exclusive lock on the queue, for a with statement."""
+        return QueueLock(self.queue.path(LOCK_FILE))
+
+    # helpers
+
+    def now(self):
+        """The current time, as recorded in status records (ISO 8601, UTC)."""
+        return now_iso()
+
+    def invalid(self, message):
+        """An error to raise for bad input; the user sees message."""
+        return AgentError(ERR_INVALID, message)
+
+    def failure(self, message):
+        """An error to raise when the server can't do what was asked."""
+        return AgentError(ERR_SERVER, message)
+
+
+class QueueLock(object):
+    """An exclusive advisory lock (flock) on a file of the queue."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info):
+        os.close(self.fd)  # type: ignore[arg-type]  # releases the lock
+        self.fd = None
+
+
+class DefaultRunner(object):
+    """Runs each job at once, under its own supervisor on this machine."""
+
+    name = DEFAULT_RUNNER
+    job_fields = ()
+    initial_state = STATE_STARTING
+    takes_secrets = True
+
+    def __init__(self, host):
+        self.host = host
+
+    def submit(self, job_id, job_dir, job, secrets):
+        """Start the job now."""
+        self.host.start_supervisor(job_dir, secrets)
+
+    def refresh(self, job_id, job_dir, record):
+        """The job's record, lost if its supervisor died."""
+        return self.host.supervised_record(job_dir, record)
+
+    def kill(self, job_id, job_dir, record, grace):
+        """Kill the job through its supervisor."""
+        return self.host.kill_supervised(job_id, job_dir, record, grace)
+
+
+RUNNER_CACHE = {}  # type: dict[str, object]  # runner modules imported by this process
+
+
+def runner_module_name(name, digest):
+    """The module name of a runner's copy in a queue."""
+    return "tej_runner_%s_%s" % (name, digest)
+
+
+def open_runner(queue, agent_path, wanted=None):
+    """Give queue its runner; wanted maps runner names to the digests the client has.
+
+    A runner module missing from the queue, or older than the client's,
+    gives RunnerMissing: the client then installs it and asks again.
+    """
+    config = queue.config or {}
+    name = config.get("runner") or DEFAULT_RUNNER
+    host = RunnerHost(queue, agent_path)
+    if name == DEFAULT_RUNNER:
+        queue.runner = DefaultRunner(host)
+        return queue.runner
+    module_name = config.get("runner_module")
+    digest = (wanted or {}).get(name)
+    if digest is not None and module_name != runner_module_name(name, digest):
+        raise AgentError(ERR_RUNNER_MISSING, name)
+    path = queue.path(AGENT_DIR, "%s.py" % module_name)
+    if not isinstance(module_name, str) or not os.path.isfile(path):
+        if digest is None:
+            raise AgentError(
+                ERR_QUEUE,
+                "This queue uses the runner %r, which is neither installed in the queue nor "
+                "known to this tej client (install its plugin)" % name,
+            )
+        raise AgentError(ERR_RUNNER_MISSING, name)
+    queue.runner = load_runner_module(path, module_name).Runner(host)
+    return queue.runner
+
+
+def load_runner_module(path, module_name):
+    """Import a runner module from the queue (once per process); its .pyc is cached."""
+    if module_name not in RUNNER_CACHE:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        RUNNER_CACHE[module_name] = module
+    return RUNNER_CACHE[module_name]
+
+
+def install_runner(queue, name, source):
+    """Write a runner module into the queue; returns its module name."""
+    import hashlib
+
+    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
+    module_name = runner_module_name(name, digest)
+    target = queue.path(AGENT_DIR, "%s.py" % module_name)
+    make_private_dirs(queue.path(AGENT_DIR, "__pycache__"))
+    if not os.path.exists(target):
+        write_file_atomic(target, source.encode("utf-8"))
+    try:
+        module = load_runner_module(target, module_name)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin is the user's to fix
+        remove_quietly(target)
+        RUNNER_CACHE.pop(module_name, None)
+        raise AgentError(ERR_INVALID, "The runner %r does not load: %s" % (name, exc))
+    if not hasattr(module, "Runner"):
+        raise AgentError(ERR_INVALID, "The runner %r has no Runner class" % name)
+    return module_name, module
+
+
+def configure_runner(module, name, options):
+    """Check a runner's setup options with the runner; returns them normalized."""
+    if not isinstance(options, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in options.items()
+    ):
+        raise AgentError(ERR_BAD_REQUEST, "options must map names to strings")
+    configure = getattr(module, "configure", None)
+    if configure is None:
+        if options:
+            raise AgentError(ERR_INVALID, "The runner %r takes no options" % name)
+        return {}
+    try:
+        return configure(dict(options))
+    except ValueError as exc:
+        raise AgentError(ERR_INVALID, "%s runner: %s" % (name, exc))
+
+
+def check_runner_fields(runner, job, secrets):
+    """Refuse job fields and secrets the queue's runner doesn't support."""
+    for field in RUNNER_FIELDS:
+        if job.get(field) is not None and field not in runner.job_fields:
+            suggestion = "queue" if field in ("priority", "after") else field
+            raise AgentError(
+                ERR_INVALID,
+                "%s needs a runner that supports it; this queue's runner is %r "
+                "(see tej setup --plugin %s)" % (field, runner.name, suggestion),
+            )
+    if secrets and not runner.takes_secrets:
+        raise AgentError(
+            ERR_INVALID,
+            "The %s runner can't take secrets: tej keeps them only in the memory of a "
+            "running supervisor, and this runner doesn't start the job at once" % runner.name,
+        )
+    check = getattr(runner, "check_job", None)
+    if check is not None:
+        check(job)
+
+
+def runner_tick(queue):
+    """Let the queue's runner catch up (start queued jobs...), if it wants to."""
+    tick = getattr(queue.runner, "tick", None)
+    if tick is not None:
+        tick()
+
+
+def kill_supervised(queue, job_id, job_dir, record, grace):
+    """Kill a job through its supervisor on this machine; returns (killed, record)."""
+    settled = (STATE_QUEUED, STATE_SCHEDULED, STATE_RUNNING) + END_STATES
+    if record.get("state") not in settled:
+        record = wait_for_state(queue, job_id, job_dir, settled, START_TIMEOUT)
+    if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
+        os.kill(record["supervisor"]["pid"], signal.SIGTERM)
+        # A long grace period goes on after the reply: the supervisor finishes the kill.
+        record = wait_for_state(queue, job_id, job_dir, END_STATES, min(grace + 10, MAX_BLOCK))
+        state = record.get("state")
+        return state == STATE_KILLED or state in ACTIVE_STATES, record
+    if record.get("state") == STATE_LOST:
+        return kill_orphan(job_dir, record, grace)
+    return False, record
+
+
+def kill_orphan(job_dir, record, grace):
+    """Kill what is left of a job whose supervisor is gone, and record it as killed."""
+    job = record.get("job") or {}
+    if not (owns_group(job) and group_exists(job["pid"])):
+        return False, record
+    terminate_group(job["pid"], grace)
+    record = dict(record, state=STATE_KILLED, ended_at=now_iso())
+    write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+    return True, record
+
+
+SUPERVISORS = []  # type: list[subprocess.Popen[bytes]]  # started here, to be reaped
+
+
+def start_supervisor(agent_path, job_dir, secrets):
+    """Start the detached supervisor of a job and wait until the job runs."""
+    log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        proc = subprocess.Popen(
+            supervisor_command(agent_path, job_dir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+        )
+    finally:
+        os.close(log)
+    SUPERVISORS.append(proc)
+    try:
+        proc.stdin.write(json.dumps(secrets).encode("utf-8"))  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    except OSError:
+        pass  # the supervisor died at once: its report below says why
+    pipe = proc.stdout
+    assert pipe is not None
+    report = read_line_with_timeout(pipe, START_TIMEOUT)
+    pipe.close()
+    if report.strip() != b"started":
+        with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
+            detail = stream.read().decode("utf-8", "replace").strip().splitlines()
+        raise AgentError(
+            ERR_SERVER,
+            "The job's supervisor failed: %s" % (detail[-1] if detail else "no report"),
+        )
+
+
+def reap_supervisors():
+    """Collect supervisors that have exited, so none stays a zombie."""
+    SUPERVISORS[:] = [proc for proc in SUPERVISORS if proc.poll() is None]
 
 
 # -- the request handlers ---------------------------------------------------
@@ -584,11 +958,12 @@ class Agent(object):
 
     def __init__(self):
         self.digest = None
-        self.supervisors = []
+        self.runners = {}
         self.handlers = {
             "hello": self.hello,
             "setup": self.setup,
             "install_agent": self.install_agent,
+            "install_runner": self.install_runner,
             "upload_begin": self.upload_begin,
             "upload_data": self.upload_data,
             "upload_abort": self.upload_abort,
@@ -620,7 +995,7 @@ class Agent(object):
         except Exception as exc:  # noqa: BLE001 - the agent must answer, whatever happens
             return internal_error(exc)
         finally:
-            self.reap_supervisors()
+            reap_supervisors()
 
     def parse_request(self, request):
         """Check a request's envelope; return its operation name and arguments."""
@@ -635,21 +1010,30 @@ class Agent(object):
             raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
         return op, args
 
-    def reap_supervisors(self):
-        """Collect supervisors that have exited, so none stays a zombie."""
-        self.supervisors = [proc for proc in self.supervisors if proc.poll() is None]
-
     # connection
 
-    def hello(self, protocol, digest):
-        """Handshake: check the protocol and describe this server."""
+    def hello(self, protocol, digest, runners=None):
+        """Handshake: check the protocol and describe this server.
+
+        runners maps the names of the runners the client can install to their digests.
+        """
         if not isinstance(digest, str) or not re.match(r"[0-9a-f]{1,64}\Z", digest):
             raise AgentError(ERR_BAD_REQUEST, "Invalid agent digest %r" % (digest,))
         if protocol != PROTOCOL_VERSION:
             raise AgentError(
                 ERR_BAD_REQUEST, "Protocol %r is not %d" % (protocol, PROTOCOL_VERSION)
             )
+        runners = runners or {}
+        if not isinstance(runners, dict) or not all(
+            isinstance(name, str)
+            and re.match(r"[a-z][a-z0-9_]{0,63}\Z", name)
+            and isinstance(value, str)
+            and re.match(r"[0-9a-f]{16}\Z", value)
+            for name, value in runners.items()
+        ):
+            raise AgentError(ERR_BAD_REQUEST, "Invalid runner digests %r" % (runners,))
         self.digest = digest
+        self.runners = runners
         return {
             "protocol": PROTOCOL_VERSION,
             "python": "%d.%d.%d" % sys.version_info[:3],
@@ -660,14 +1044,25 @@ class Agent(object):
 
     # setup
 
-    def setup(self, queue, links=(), runner="default", force=False, only_links=False):
-        """Create or reconfigure a queue and make links to it."""
-        if runner not in RUNNERS:
-            raise AgentError(
-                ERR_INVALID, "Unknown plugin %r (available: %s)" % (runner, ", ".join(RUNNERS))
-            )
+    def setup(
+        self,
+        queue,
+        links=(),
+        runner=DEFAULT_RUNNER,
+        force=False,
+        only_links=False,
+        runner_source=None,
+        options=None,
+    ):
+        """Create or reconfigure a queue and make links to it.
+
+        A runner other than the default one comes with its source, which is
+        installed in the queue; options are its settings (names to strings).
+        """
         if not isinstance(links, (list, tuple)):
             raise AgentError(ERR_BAD_REQUEST, "links must be a list")
+        if runner != DEFAULT_RUNNER and not isinstance(runner_source, str):
+            raise AgentError(ERR_INVALID, "Unknown plugin %r" % (runner,))
         root = resolve_queue_path(queue)
         existing = load_queue(root)
         paths = [self.link_location(link, root, force) for link in links]
@@ -678,17 +1073,53 @@ class Agent(object):
                     ERR_QUEUE, "A queue already exists at %s (use --force to reconfigure it)" % root
                 )
             if existing is None:
-                create_queue(root, runner)
+                create_queue(root)
                 created = True
-            else:
-                config = dict(existing.config, runner=runner)
-                write_json_atomic(os.path.join(root, QUEUE_CONFIG), config)
+            try:
+                self.configure_queue(load_queue(root), runner, runner_source, options or {})
+            except BaseException:
+                if created:
+                    remove_tree(root)
+                raise
         for path in paths:
             parent = os.path.dirname(path)
             if not os.path.isdir(parent):
                 make_private_dirs(parent)
             write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
-        return {"queue": root, "created": created, "runner": runner, "links": paths}
+        return {
+            "queue": root,
+            "created": created,
+            "runner": runner,
+            "links": paths,
+            "batch_systems": [name for name in ("sbatch",) if shutil.which(name)],
+        }
+
+    def configure_queue(self, queue, runner, source, options):
+        """Install a queue's runner and record it, with its checked options."""
+        config = dict(queue.config, runner=runner)
+        config.pop("runner_module", None)
+        if runner == DEFAULT_RUNNER:
+            config["options"] = configure_runner(DefaultRunner, runner, options)
+        else:
+            if not re.match(r"[a-z][a-z0-9_]{0,63}\Z", runner):
+                raise AgentError(ERR_INVALID, "Invalid plugin name %r" % (runner,))
+            module_name, module = install_runner(queue, runner, source)
+            config.update(
+                runner_module=module_name, options=configure_runner(module, runner, options)
+            )
+        write_json_atomic(queue.path(QUEUE_CONFIG), config)
+
+    def install_runner(self, queue, runner, source):
+        """Install the source of the runner a queue uses (a newer one, or a missing one)."""
+        if not isinstance(source, str) or not isinstance(runner, str):
+            raise AgentError(ERR_BAD_REQUEST, "runner and source must be strings")
+        found = open_queue(queue, create=False)
+        if found is None or (found.config or {}).get("runner") != runner:
+            raise AgentError(ERR_QUEUE, "This queue does not use the runner %r" % runner)
+        with QueueLock(found.path(LOCK_FILE)):
+            module_name, _ = install_runner(found, runner, source)
+            config = dict(load_queue(found.root).config, runner_module=module_name)
+            write_json_atomic(found.path(QUEUE_CONFIG), config)
 
     def link_location(self, link, root, force):
         """Check that a link to root can be written at link; returns its absolute path."""
@@ -724,6 +1155,15 @@ class Agent(object):
         if not self.digest:
             raise AgentError(ERR_BAD_REQUEST, "hello must come first")
         return queue.path(AGENT_DIR, "%s.py" % agent_module_name(self.digest))
+
+    def open_queue(self, text, create=False):
+        """The queue at text, with its runner; an empty stand-in if there is none yet."""
+        queue = open_queue(text, create)
+        if queue is None:
+            queue = Queue(resolve_queue_path(text), None)
+        agent_path = self.agent_path(queue) if self.digest else None
+        open_runner(queue, agent_path, self.runners)
+        return queue
 
     # upload and submit
 
@@ -779,13 +1219,13 @@ class Agent(object):
         their names only).
         """
         secrets = validate_secrets(secrets or {})
-        queue = open_queue(queue, create=True)
-        supervisor_path = self.agent_path(queue)
-        if not os.path.exists(supervisor_path):
+        queue = self.open_queue(queue, create=True)
+        if not os.path.exists(self.agent_path(queue)):
             raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
         staging = self.staging_dir(queue, token)
         try:
             job = dict(validate_job(job or {}), secret_env=sorted(secrets))
+            check_runner_fields(queue.runner, job, secrets)
             build_tree(os.path.join(staging, WORK_DIR), manifest)
             check_script(os.path.join(staging, WORK_DIR), job["script"])
             job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
@@ -793,7 +1233,7 @@ class Agent(object):
             remove_tree(staging)  # a failed submit leaves nothing, not even the upload
             raise
         try:
-            self.start_supervisor(supervisor_path, job_dir, secrets)
+            queue.runner.submit(job_id, job_dir, job, secrets)
         except BaseException:
             remove_tree(job_dir)
             raise
@@ -809,7 +1249,11 @@ class Agent(object):
         validate_job_id(candidates[0])
         start_time = start_time_of(job)
         for candidate in candidates:
-            record = {"id": candidate, "state": STATE_STARTING, "submitted_at": now_iso()}
+            record = {
+                "id": candidate,
+                "state": queue.runner.initial_state,
+                "submitted_at": now_iso(),
+            }
             if start_time is not None:
                 record["start_time"] = start_time
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
@@ -825,50 +1269,19 @@ class Agent(object):
             raise AgentError(ERR_JOB_EXISTS, "A job %r already exists" % job_id)
         raise AgentError(ERR_JOB_EXISTS, "Could not find a free identifier for %r" % id_prefix)
 
-    def start_supervisor(self, supervisor_path, job_dir, secrets):
-        """Start the detached supervisor of a job and wait until the job runs."""
-        log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            proc = subprocess.Popen(
-                supervisor_command(supervisor_path, job_dir),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                close_fds=True,
-                start_new_session=True,
-                cwd="/",
-            )
-        finally:
-            os.close(log)
-        self.supervisors.append(proc)
-        try:
-            proc.stdin.write(json.dumps(secrets).encode("utf-8"))  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass  # the supervisor died at once: its report below says why
-        pipe = proc.stdout
-        assert pipe is not None
-        report = read_line_with_timeout(pipe, START_TIMEOUT)
-        pipe.close()
-        if report.strip() != b"started":
-            with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
-                detail = stream.read().decode("utf-8", "replace").strip().splitlines()
-            raise AgentError(
-                ERR_SERVER,
-                "The job's supervisor failed: %s" % (detail[-1] if detail else "no report"),
-            )
-
     # status, list, kill, delete
 
     def status(self, queue, job_id):
         """The status of one job, with the metadata it was submitted with."""
-        return job_status(job_id, self.existing_queue(queue).job_dir(job_id))
+        queue = self.open_queue(queue)
+        return job_status(queue, job_id, queue.job_dir(job_id))
 
     def wait(self, queue, job_id, timeout):
         """Block until the job ends or timeout seconds pass (at most MAX_BLOCK)."""
         timeout = number_arg(timeout, "timeout", 0, MAX_DURATION)
-        job_dir = self.existing_queue(queue).job_dir(job_id)
-        record = wait_for_state(job_dir, END_STATES, min(timeout, MAX_BLOCK))
+        queue = self.open_queue(queue)
+        job_dir = queue.job_dir(job_id)
+        record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
         return public_status(job_id, record)
 
     def read_output(self, queue, job_id, stream, offset, length, wait=0):
@@ -880,11 +1293,12 @@ class Agent(object):
         offset = number_arg(offset, "offset", 0, MAX_OFFSET)
         length = int(number_arg(length, "length", 1, MAX_READ))
         wait = number_arg(wait, "wait", 0, MAX_DURATION)
-        job_dir = self.existing_queue(queue).job_dir(job_id)
+        queue = self.open_queue(queue)
+        job_dir = queue.job_dir(job_id)
         path = self.output_file(job_dir, stream)
         deadline = time.time() + min(wait, MAX_BLOCK)
         while True:
-            ended = current_record(job_dir).get("state") in END_STATES
+            ended = queue.record(job_id, job_dir).get("state") in END_STATES
             data = read_at(path, int(offset), length)
             if data or ended or time.time() >= deadline:
                 return {"data": data, "offset": offset + len(data), "ended": ended}
@@ -893,7 +1307,7 @@ class Agent(object):
     def tail_offset(self, queue, job_id, stream, lines):
         """The offset where the last `lines` lines of the job's output begin."""
         lines = int(number_arg(lines, "lines", 0, MAX_OFFSET))
-        job_dir = self.existing_queue(queue).job_dir(job_id)
+        job_dir = self.open_queue(queue).job_dir(job_id)
         return find_tail(self.output_file(job_dir, stream), lines)
 
     def output_file(self, job_dir, stream):
@@ -905,65 +1319,44 @@ class Agent(object):
             raise AgentError(ERR_INVALID, "This job's %s is discarded" % stream)
         return path
 
-    def existing_queue(self, text):
-        """The queue at text; an empty stand-in if there is none yet."""
-        queue = open_queue(text, create=False)
-        return queue if queue is not None else Queue(resolve_queue_path(text), None)
-
     def list_jobs(self, queue):
         """The status of every job in the queue, oldest first (without metadata: see status)."""
-        queue = self.existing_queue(queue)
-        try:
-            names = os.listdir(queue.path(JOBS_DIR))
-        except OSError:
-            return []
-        statuses = []
-        for name in names:
+        queue = self.open_queue(queue)
+        runner_tick(queue)
+        jobs = []
+        for name in queue.job_ids():
             job_dir = queue.path(JOBS_DIR, name)
-            if ID_PATTERN.match(name) and os.path.isdir(job_dir):
-                statuses.append(public_status(name, current_record(job_dir)))
+            record = read_status_record(job_dir)
+            if record is not None or os.path.isdir(job_dir):
+                jobs.append((name, job_dir, record or missing_status()))
+        refresh_many = getattr(queue.runner, "refresh_many", None)
+        if refresh_many is not None:
+            records = refresh_many(jobs)
+        else:
+            records = [queue.runner.refresh(*job) for job in jobs]
+        statuses = [public_status(job[0], record) for job, record in zip(jobs, records)]
         statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
         return statuses
 
     def kill(self, queue, job_id):
-        """Kill a job's whole process group; reports whether this call killed it."""
-        job_dir = self.existing_queue(queue).job_dir(job_id)
-        settled = (STATE_SCHEDULED, STATE_RUNNING) + END_STATES
-        record = wait_for_state(job_dir, settled, START_TIMEOUT)
+        """Kill a job (through its runner); reports whether this call killed it."""
+        queue = self.open_queue(queue)
+        job_dir = queue.job_dir(job_id)
         grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
-        if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
-            os.kill(record["supervisor"]["pid"], signal.SIGTERM)
-            # A long grace period goes on after the reply: the supervisor finishes the kill.
-            record = wait_for_state(job_dir, END_STATES, min(grace + 10, MAX_BLOCK))
-            state = record.get("state")
-            return {
-                "killed": state == STATE_KILLED or state in ACTIVE_STATES,
-                "status": public_status(job_id, record),
-            }
-        if record.get("state") == STATE_LOST:
-            return self.kill_orphan(job_id, job_dir, record, grace)
-        return {"killed": False, "status": public_status(job_id, record)}
-
-    def kill_orphan(self, job_id, job_dir, record, grace):
-        """Kill what is left of a job whose supervisor is gone, and record it as killed."""
-        job = record.get("job") or {}
-        if not (owns_group(job) and group_exists(job["pid"])):
-            return {"killed": False, "status": public_status(job_id, record)}
-        terminate_group(job["pid"], grace)
-        record = dict(record, state=STATE_KILLED, ended_at=now_iso())
-        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
-        return {"killed": True, "status": public_status(job_id, record)}
+        killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
+        runner_tick(queue)
+        return {"killed": killed, "status": public_status(job_id, record)}
 
     def delete(self, queue, job_id, force=False):
         """Delete a job's directory; a running job only with force (killed first)."""
-        queue = self.existing_queue(queue)
+        queue = self.open_queue(queue)
         job_dir = queue.job_dir(job_id)
-        state = current_record(job_dir).get("state")
+        state = queue.record(job_id, job_dir).get("state")
         if state in ACTIVE_STATES and not force:
             raise AgentError(
                 ERR_JOB_RUNNING,
-                "Job %r is still running: kill it first (tej kill), or delete with --force"
-                % job_id,
+                "Job %r is still %s: kill it first (tej kill), or delete with --force"
+                % (job_id, "queued" if state == STATE_QUEUED else "running"),
             )
         if state in ACTIVE_STATES or state == STATE_LOST:
             result = self.kill(queue.root, job_id)  # a lost job may have processes left
@@ -981,12 +1374,13 @@ class Agent(object):
         except FileNotFoundError:  # deleted meanwhile by another client
             raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
         remove_tree(trash)
+        runner_tick(queue)
 
     # download
 
     def job_path(self, queue, job_id, relpath):
         """The real path of a file in a job's directory, refusing any escape."""
-        work = os.path.realpath(os.path.join(self.existing_queue(queue).job_dir(job_id), WORK_DIR))
+        work = os.path.realpath(os.path.join(self.open_queue(queue).job_dir(job_id), WORK_DIR))
         parts = relative_parts(relpath)
         path = os.path.realpath(os.path.join(work.encode(), *parts) if parts else work.encode())
         if path != work.encode() and not path.startswith(work.encode() + b"/"):
@@ -1321,6 +1715,8 @@ class Supervisor(object):
         if not self.wait_for_start_time():
             self.end(STATE_KILLED, reason="cancelled before it started")
             return 0
+        if self.record.get("start_time") and not self.admitted():
+            return 0  # queued: the runner starts the job later
         started_at = now_iso()  # before the spawn: the job may be at work before it returns
         try:
             proc = self.start_job()
@@ -1353,6 +1749,18 @@ class Supervisor(object):
         while not self.kill_requested and time.time() < start_time:
             time.sleep(min(start_time - time.time(), 0.2))
         return not self.kill_requested
+
+    def admitted(self):
+        """Whether the queue's runner lets a job start now that its start time has come."""
+        runner = runner_of_job(self.job_dir)
+        admit = getattr(runner, "admit", None)
+        if admit is None:
+            return True
+        self.record = admit(self.job["id"], self.job_dir, self.record)
+        if self.record.get("state") == STATE_QUEUED:
+            self.report_started()
+            return False
+        return True
 
     def start_job(self):
         """Spawn the job's script in its own session, its output where the job asks."""
@@ -1436,6 +1844,7 @@ class Supervisor(object):
             self.record["reason"] = reason
         self.save()
         self.report_started()
+        tick_after_end(self.job_dir)
         results = send_notifications(self.job, self.record, self.job_dir)
         if results:
             self.record["notifications"] = results
@@ -1444,6 +1853,26 @@ class Supervisor(object):
     def save(self):
         """Write the status record atomically."""
         write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record)
+
+
+def runner_of_job(job_dir):
+    """The runner of the queue a job is in (for a supervisor); None for the default one."""
+    queue = load_queue(os.path.dirname(os.path.dirname(job_dir)))
+    if queue is None or (queue.config or {}).get("runner", DEFAULT_RUNNER) == DEFAULT_RUNNER:
+        return None
+    return open_runner(queue, os.path.abspath(__file__))
+
+
+def tick_after_end(job_dir):
+    """Let the queue's runner react to a job's end (start the next queued job...)."""
+    try:
+        runner = runner_of_job(job_dir)
+        tick = getattr(runner, "tick", None)
+        if tick is not None:
+            tick()
+    except Exception as exc:  # noqa: BLE001 - the job's end is recorded: log, don't fail
+        sys.stderr.write("%s tej: the queue's runner failed: %s\n" % (now_iso(), exc))
+        sys.stderr.flush()
 
 
 def exit_code_fields(wait_status):

@@ -24,6 +24,7 @@ from execnet import gateway_base
 from execnet.gateway_io import Popen2IOMaster
 
 from tej import remote_agent as agent
+from tej import runners
 from tej.destination import ConnectOptions, Destination, agent_command
 from tej.errors import (
     ConnectionFailed,
@@ -108,7 +109,12 @@ class Session:
         try:
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
-            self.server = self.call("hello", protocol=agent.PROTOCOL_VERSION, digest=AGENT_DIGEST)
+            self.server = self.call(
+                "hello",
+                protocol=agent.PROTOCOL_VERSION,
+                digest=AGENT_DIGEST,
+                runners=runners.builtin_digests(),
+            )
         except BaseException:
             self.close()
             raise

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -209,7 +210,7 @@ class Harness:
                 identity = record.get("job")
                 if agent.is_same_process(identity):
                     agent.signal_group(identity["pid"], signal.SIGKILL)
-        for proc in self.agent.supervisors:
+        for proc in agent.SUPERVISORS:
             try:
                 proc.wait(timeout=DEADLINE)
             except Exception:  # noqa: BLE001 - last resort in teardown
@@ -400,7 +401,14 @@ def test_damaged_queue_config_is_a_queue_error(harness: Harness, text: str) -> N
 
 def test_setup_creates_a_queue(harness: Harness) -> None:
     result = harness.ok("setup", runner="default")
-    assert result == {"queue": harness.queue, "created": True, "runner": "default", "links": []}
+    batch_systems = ["sbatch"] if shutil.which("sbatch") else []
+    assert result == {
+        "queue": harness.queue,
+        "created": True,
+        "runner": "default",
+        "links": [],
+        "batch_systems": batch_systems,
+    }
     assert json.loads((Path(harness.queue) / agent.QUEUE_CONFIG).read_text())["format"] == 1
 
 

@@ -1,0 +1,220 @@
+"""tej's queue runner: at most N jobs run at once; the others wait their turn.
+
+This module runs on the server, inside tej's agent and supervisors (see
+docs/runners.md): standard library only, Python 3.8 and newer.
+
+* ``max_running`` (``tej setup DEST --plugin queue --option max_running=N``,
+  1 by default) jobs run at once; the others are ``queued``.
+* Waiting jobs start by ``priority`` (higher first, 0 by default), then in
+  submission order.
+* A job with ``after`` (job ids) starts only once all of those finished with
+  exit code 0; if one of them fails, is killed, times out, is lost, is
+  cancelled or is deleted first, the job is ``cancelled``, with the reason.
+* A job with a start time waits for it under its supervisor (``scheduled``),
+  then joins the queue.
+
+There is no daemon: the queue moves on whenever a job ends (its supervisor
+"ticks"), and whenever a client submits, kills, deletes or lists. Every
+decision is taken under the queue's lock, so concurrent clients and
+supervisors never start more than ``max_running`` jobs.
+"""
+
+import time
+
+DEFAULT_MAX_RUNNING = 1
+MAX_RUNNING_LIMIT = 100000
+OCCUPYING = ("starting", "running")  # the states that take a place
+ENDINGS = {
+    "killed": "was killed",
+    "timed_out": "timed out",
+    "lost": "was lost",
+    "cancelled": "was cancelled",
+}
+
+
+def configure(options):
+    """Check the queue's settings; returns them normalized (ValueError if bad)."""
+    unknown = sorted(set(options) - {"max_running"})
+    if unknown:
+        raise ValueError("unknown option %r (this runner takes max_running)" % unknown[0])
+    text = options.get("max_running", str(DEFAULT_MAX_RUNNING))
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("max_running must be a whole number, not %r" % text) from None
+    if not 1 <= value <= MAX_RUNNING_LIMIT:
+        raise ValueError("max_running must be from 1 to %d, not %d" % (MAX_RUNNING_LIMIT, value))
+    return {"max_running": value}
+
+
+class Runner(object):
+    """Runs jobs in turn, at most max_running at once, by priority and dependencies."""
+
+    name = "queue"
+    job_fields = ("priority", "after")
+    initial_state = "queued"
+    takes_secrets = False
+
+    def __init__(self, host):
+        self.host = host
+        self.max_running = int(host.options.get("max_running", DEFAULT_MAX_RUNNING))
+
+    # the interface
+
+    def check_job(self, job):
+        """Refuse a bad priority, and dependencies on jobs that don't exist."""
+        priority = job.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise self.host.invalid("priority must be a whole number")
+        after = job.get("after") or []
+        if not isinstance(after, list) or not all(isinstance(item, str) for item in after):
+            raise self.host.invalid("after must be a list of job identifiers")
+        for job_id in after:
+            if not self.host.has_job(job_id):
+                raise self.host.invalid("after: there is no job %r in this queue" % job_id)
+
+    def submit(self, job_id, job_dir, job, secrets):
+        """Queue the job (or schedule it, if it has a start time), then move the queue on."""
+        with self.host.lock():
+            record = self.host.read_record(job_dir)
+            record.update(
+                priority=job.get("priority", 0),
+                after=job.get("after") or [],
+                queued_at=time.time(),
+            )
+            scheduled = (record.get("start_time") or 0) > time.time()
+            if scheduled:  # its supervisor waits for the time, then calls admit()
+                record.update(state="starting", admitted_at=self.host.now())
+            self.host.write_record(job_dir, record)
+        if scheduled:
+            self.host.start_supervisor(job_dir)
+        self.tick()
+
+    def admit(self, job_id, job_dir, record):
+        """Called by a scheduled job's supervisor at its start time: join the queue."""
+        if record.get("state") != "scheduled":
+            return record  # started by tick() already
+        with self.host.lock():
+            record = dict(self.host.read_record(job_dir) or record)
+            if record.get("state") == "scheduled":
+                record.pop("supervisor", None)
+                record.update(state="queued", queued_at=record.get("start_time") or time.time())
+                self.host.write_record(job_dir, record)
+            self.dispatch()
+        return record
+
+    def refresh(self, job_id, job_dir, record):
+        """The job's record; a queued job's has its position in the queue."""
+        return self.refresh_many([(job_id, job_dir, record)])[0]
+
+    def refresh_many(self, jobs):
+        """The records of several jobs, with the positions of the queued ones."""
+        records = [self.host.supervised_record(job_dir, record) for _, job_dir, record in jobs]
+        if any(record.get("state") == "queued" for record in records):
+            order = self.waiting_order(self.load())
+            places = dict((job_id, place) for place, job_id in enumerate(order, 1))
+            for (job_id, _, _), record in zip(jobs, records):
+                if record.get("state") == "queued" and job_id in places:
+                    record["position"] = [places[job_id], len(order)]
+        return records
+
+    def kill(self, job_id, job_dir, record, grace):
+        """Take a queued job out of the queue; kill a running one through its supervisor."""
+        if record.get("state") == "queued":
+            with self.host.lock():
+                current = self.host.read_record(job_dir) or record
+                if current.get("state") == "queued":
+                    current.update(
+                        state="killed",
+                        ended_at=self.host.now(),
+                        reason="cancelled before it started",
+                    )
+                    self.host.write_record(job_dir, current)
+                    return True, current
+            record = self.host.supervised_record(job_dir)  # it started meanwhile
+        return self.host.kill_supervised(job_id, job_dir, record, grace)
+
+    def tick(self):
+        """Cancel jobs whose dependencies failed, and start jobs while there is room."""
+        with self.host.lock():
+            self.dispatch()
+
+    # the queue's logic (called under the lock)
+
+    def load(self):
+        """Every job's current record, by id."""
+        records = {}
+        for job_id in self.host.job_ids():
+            job_dir = self.host.job_path(job_id)
+            record = self.host.read_record(job_dir)
+            if record is not None:
+                records[job_id] = self.host.supervised_record(job_dir, record)
+        return records
+
+    def dispatch(self):
+        """Cancel the jobs that can no longer run, then start the next ones in turn."""
+        records = self.load()
+        while self.cancel_doomed(records):
+            pass
+        running = sum(1 for record in records.values() if record.get("state") in OCCUPYING)
+        for job_id in self.waiting_order(records):
+            if running >= self.max_running:
+                break
+            if self.ready(records[job_id], records):
+                self.start(job_id, records)
+                running += 1
+
+    def waiting_order(self, records):
+        """The queued jobs' ids, in the order they will start: priority, then arrival."""
+        queued = [
+            (-(record.get("priority") or 0), record.get("queued_at") or 0, job_id)
+            for job_id, record in records.items()
+            if record.get("state") == "queued"
+        ]
+        return [job_id for _, _, job_id in sorted(queued)]
+
+    def ready(self, record, records):
+        """Whether every job this one waits for has finished successfully."""
+        for dependency in record.get("after") or []:
+            found = records.get(dependency) or {}
+            if found.get("state") != "finished" or found.get("exit_code") != 0:
+                return False
+        return True
+
+    def cancel_doomed(self, records):
+        """Cancel the queued jobs that depend on a job that failed; whether any was."""
+        changed = False
+        for job_id, record in records.items():
+            if record.get("state") != "queued":
+                continue
+            reason = self.failed_dependency(record, records)
+            if reason:
+                record.update(state="cancelled", ended_at=self.host.now(), reason=reason)
+                self.host.write_record(self.host.job_path(job_id), record)
+                changed = True
+        return changed
+
+    def failed_dependency(self, record, records):
+        """Why a job can never start (a dependency failed), or None."""
+        for dependency in record.get("after") or []:
+            found = records.get(dependency)
+            if found is None:
+                return "job %s was deleted before it succeeded" % dependency
+            state = found.get("state")
+            if state == "finished" and found.get("exit_code") != 0:
+                return "job %s failed with exit code %s" % (dependency, found.get("exit_code"))
+            if state in ENDINGS:
+                return "job %s %s" % (dependency, ENDINGS[state])
+        return None
+
+    def start(self, job_id, records):
+        """Start a queued job under its supervisor; a failure to start is recorded."""
+        job_dir = self.host.job_path(job_id)
+        record = records[job_id]
+        record.update(state="starting", admitted_at=self.host.now())
+        self.host.write_record(job_dir, record)
+        try:
+            self.host.start_supervisor(job_dir)
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
+            record.update(state="lost", ended_at=self.host.now(), reason=str(exc))
+            self.host.write_record(job_dir, record)

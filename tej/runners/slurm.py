@@ -1,0 +1,335 @@
+"""tej's Slurm runner: each job goes to Slurm through sbatch.
+
+This module runs on the server, inside tej's agent and supervisors (see
+docs/runners.md): standard library only, Python 3.8 and newer. Slurm's
+commands are run with argument lists, never through a shell.
+
+The job's batch script is tej's own supervisor (a few lines of Python that
+import the agent's copy in the queue), so a job under Slurm is supervised as
+under the default runner: its exit code, max_runtime, kill_grace, outputs
+and notifications behave the same. Slurm says when and where it runs:
+squeue while it is pending or running, ``scontrol show job`` (or sacct, with
+accounting) once it has ended without its supervisor saying so.
+
+Slurm states, and what tej shows:
+
+* PENDING, CONFIGURING, REQUEUED, REQUEUE_HOLD, REQUEUE_FED, RESV_DEL_HOLD:
+  queued (with Slurm's reason);
+* RUNNING, COMPLETING, SUSPENDED, STOPPED, SIGNALING, STAGE_OUT, RESIZING:
+  running;
+* COMPLETED, FAILED, SPECIAL_EXIT: finished, with the exit code;
+* CANCELLED, PREEMPTED, OUT_OF_MEMORY: killed (with the reason);
+* TIMEOUT, DEADLINE: timed_out;
+* NODE_FAIL, BOOT_FAIL: lost; REVOKED: cancelled.
+"""
+
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+
+STATES = {
+    "PENDING": "queued",
+    "CONFIGURING": "queued",
+    "REQUEUED": "queued",
+    "REQUEUE_HOLD": "queued",
+    "REQUEUE_FED": "queued",
+    "RESV_DEL_HOLD": "queued",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SUSPENDED": "running",
+    "STOPPED": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+    "RESIZING": "running",
+    "COMPLETED": "finished",
+    "FAILED": "finished",
+    "SPECIAL_EXIT": "finished",
+    "CANCELLED": "killed",
+    "PREEMPTED": "killed",
+    "OUT_OF_MEMORY": "killed",
+    "TIMEOUT": "timed_out",
+    "DEADLINE": "timed_out",
+    "NODE_FAIL": "lost",
+    "BOOT_FAIL": "lost",
+    "REVOKED": "cancelled",
+}
+END_STATES = ("finished", "killed", "timed_out", "lost", "cancelled")
+SETTINGS = ("partition", "account", "qos")
+#: tej.json "slurm" fields given as text, and the sbatch option each becomes.
+TEXT_OPTIONS = {
+    "partition": "--partition",
+    "memory": "--mem",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+}
+#: tej.json "slurm" fields given as counts, and the sbatch option each becomes.
+COUNT_OPTIONS = {"cpus": "--cpus-per-task", "nodes": "--nodes", "gpus": "--gpus"}
+COMMAND_TIMEOUT = 60.0
+QUERY_CACHE = 0.5  # seconds a squeue answer is reused for
+BATCH_SCRIPT = "slurm-batch.py"
+
+
+def configure(options):
+    """Check the queue's settings (defaults for every job); ValueError if bad."""
+    unknown = sorted(set(options) - set(SETTINGS))
+    if unknown:
+        raise ValueError(
+            "unknown option %r (this runner takes %s)" % (unknown[0], ", ".join(SETTINGS))
+        )
+    for key, value in options.items():
+        if not value.strip() or "\0" in value:
+            raise ValueError("%s can't be empty" % key)
+    if run_command(["sbatch", "--version"]) is None:
+        raise ValueError("sbatch is not available on this server (is Slurm's client installed?)")
+    return dict(options)
+
+
+def run_command(argv):
+    """Run a Slurm command; its CompletedProcess (text), or None if it can't be run."""
+    try:
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            universal_newlines=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def last_line(proc):
+    """The last line a failed command printed, for an error message."""
+    if proc is None:
+        return "could not run it"
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return lines[-1] if lines else "exit code %d" % proc.returncode
+
+
+def time_limit(seconds):
+    """An sbatch --time value (whole minutes, rounded up; at least one)."""
+    return str(max(1, math.ceil(seconds / 60.0)))
+
+
+def exit_fields(text):
+    """tej's exit_code and signal from Slurm's ExitCode ("3:0", "0:15")."""
+    match = re.match(r"(\d+):(\d+)\Z", text or "")
+    if not match:
+        return {}
+    code, signum = int(match.group(1)), int(match.group(2))
+    if signum:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = "SIG%d" % signum
+        return {"exit_code": 128 + signum, "signal": name}
+    return {"exit_code": code}
+
+
+class Runner(object):
+    """Submits jobs with sbatch and follows them with squeue and scontrol."""
+
+    name = "slurm"
+    job_fields = ("slurm",)
+    initial_state = "queued"
+    takes_secrets = False
+    poll_interval = 0.25
+
+    def __init__(self, host):
+        self.host = host
+        self.queried_at = None
+        self.active = {}
+
+    # the interface
+
+    def check_job(self, job):
+        """Refuse sbatch settings of the wrong type (the client checks them too)."""
+        slurm = job.get("slurm") or {}
+        if not isinstance(slurm, dict):
+            raise self.host.invalid("slurm must be an object of sbatch settings")
+        for key, value in slurm.items():
+            if key in TEXT_OPTIONS:
+                ok = isinstance(value, str) and value.strip() and "\0" not in value
+            elif key in COUNT_OPTIONS:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            elif key == "time":
+                ok = isinstance(value, (int, float)) and 0 < value <= 3650 * 86400
+            elif key == "extra_args":
+                ok = isinstance(value, list) and all(
+                    isinstance(arg, str) and arg.startswith("-") and "\0" not in arg
+                    for arg in value
+                )
+            else:
+                raise self.host.invalid("Unknown slurm setting %r" % key)
+            if not ok:
+                raise self.host.invalid("Invalid slurm setting %s: %r" % (key, value))
+
+    def submit(self, job_id, job_dir, job, secrets):
+        """Hand the job to Slurm; its batch script is the job's supervisor."""
+        script = self.write_batch_script(job_dir)
+        proc = run_command(self.sbatch_command(job_id, job_dir, job, script))
+        if proc is None or proc.returncode != 0:
+            raise self.host.failure("sbatch failed: %s" % last_line(proc))
+        slurm_id = proc.stdout.strip().split(";")[0]
+        if not slurm_id.isdigit():
+            raise self.host.failure("sbatch gave no job id: %r" % proc.stdout.strip())
+        self.host.write_data(job_dir, {"slurm_id": slurm_id})
+
+    def refresh(self, job_id, job_dir, record):
+        """The job's record, from its supervisor's reports and from Slurm."""
+        if record.get("state") in END_STATES:
+            return record
+        slurm_id = self.host.read_data(job_dir).get("slurm_id")
+        if not slurm_id:
+            return record  # being submitted
+        active = self.query()
+        if active is None:
+            return dict(record, reason="Slurm does not answer (squeue failed)")
+        if slurm_id in active:
+            return self.while_active(record, *active[slurm_id])
+        # Ended: its supervisor may have said how; otherwise ask Slurm.
+        latest = self.host.read_record(job_dir) or record
+        if latest.get("state") in END_STATES:
+            return latest
+        return self.record_end(job_dir, slurm_id, latest)
+
+    def refresh_many(self, jobs):
+        """The records of several jobs, with one squeue for all."""
+        self.queried_at = None
+        return [self.refresh(*job) for job in jobs]
+
+    def kill(self, job_id, job_dir, record, grace):
+        """Cancel a pending job; ask a running job's supervisor to kill it (kill_grace)."""
+        slurm_id = self.host.read_data(job_dir).get("slurm_id")
+        record = self.refresh(job_id, job_dir, record)
+        if not slurm_id or record.get("state") in END_STATES:
+            return False, record
+        deadline = time.time() + min(grace + 10, 30.0)
+        if record.get("supervisor") and record.get("state") == "running":
+            run_command(["scancel", "--batch", "--signal=TERM", slurm_id])
+            record = self.wait_for_end(job_id, job_dir, record, deadline - 5)
+        if record.get("state") not in END_STATES:
+            run_command(["scancel", slurm_id])
+            record = self.wait_for_end(job_id, job_dir, record, deadline)
+        return record.get("state") == "killed", record
+
+    # Slurm's view
+
+    def query(self):
+        """The user's active Slurm jobs: id -> (state, reason); None if squeue fails."""
+        if self.queried_at is not None and time.time() - self.queried_at < QUERY_CACHE:
+            return self.active
+        proc = run_command(["squeue", "-h", "-u", str(os.getuid()), "-o", "%i|%T|%r"])
+        if proc is None or proc.returncode != 0:
+            return None
+        active = {}
+        for line in proc.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                active[parts[0]] = (parts[1], parts[2])
+        self.active, self.queried_at = active, time.time()
+        return active
+
+    def while_active(self, record, slurm_state, reason):
+        """A pending or running job's record, as Slurm sees it."""
+        state = STATES.get(slurm_state, "running")
+        if state == "queued":
+            why = "" if reason in ("None", "") else ", %s" % reason
+            return dict(record, state="queued", reason="Slurm: %s%s" % (slurm_state, why))
+        if record.get("state") == "queued":  # started; its supervisor will say so
+            return dict(record, state="running", reason=None)
+        return record
+
+    def record_end(self, job_dir, slurm_id, record):
+        """Ask Slurm how an ended job ended, and record it for good."""
+        ended = self.final_state(slurm_id)
+        if ended is None:
+            return dict(record, reason="Slurm has no record of job %s yet" % slurm_id)
+        slurm_state, exit_code = ended
+        state = STATES.get(slurm_state, "lost")
+        if state not in END_STATES:  # squeue missed it between two states
+            return record
+        record = dict(record, state=state, ended_at=self.host.now())
+        record.update(exit_fields(exit_code))
+        if slurm_state == "UNKNOWN":
+            record["reason"] = "Slurm no longer knows job %s" % slurm_id
+        elif state == "killed" and not record.get("started_at"):
+            record["reason"] = "cancelled before it started"
+        elif slurm_state not in ("COMPLETED", "FAILED"):
+            record["reason"] = "Slurm: %s" % slurm_state
+        self.host.write_record(job_dir, record)
+        return record
+
+    def final_state(self, slurm_id):
+        """(Slurm state, ExitCode) of an ended job; ("UNKNOWN", "") if Slurm forgot it.
+
+        None if Slurm can't be asked now (the answer may come later).
+        """
+        proc = run_command(["scontrol", "show", "job", "-o", slurm_id])
+        if proc is not None and proc.returncode == 0:
+            fields = dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
+            if fields.get("JobState"):
+                return fields["JobState"], fields.get("ExitCode", "")
+        forgotten = proc is not None and "Invalid job id" in (proc.stderr or "")
+        proc = run_command(["sacct", "-n", "-P", "-X", "-j", slurm_id, "-o", "State,ExitCode"])
+        if proc is not None and proc.returncode == 0 and proc.stdout.strip():
+            state, _, exit_code = proc.stdout.strip().splitlines()[0].partition("|")
+            return state.split()[0], exit_code
+        return ("UNKNOWN", "") if forgotten else None
+
+    def wait_for_end(self, job_id, job_dir, record, deadline):
+        """Poll the job until it has ended, or deadline."""
+        while record.get("state") not in END_STATES and time.time() < deadline:
+            time.sleep(self.poll_interval)
+            self.queried_at = None
+            record = self.refresh(job_id, job_dir, self.host.read_record(job_dir) or record)
+        return record
+
+    # sbatch
+
+    def write_batch_script(self, job_dir):
+        """Write the job's batch script: Python that runs tej's supervisor for the job."""
+        command = self.host.supervisor_command(job_dir)
+        python, code, arguments = command[0], command[2], command[3:]
+        if re.search(r"\s", python) or len(python) > 120:
+            raise self.host.failure("Python's path %r can't be a #! line" % python)
+        text = "#!%s\nimport sys\nsys.argv[1:] = %r\n%s\n" % (python, arguments, code)
+        path = os.path.join(job_dir, BATCH_SCRIPT)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(text)
+        return path
+
+    def sbatch_command(self, job_id, job_dir, job, script):
+        """sbatch's arguments for a job: the queue's settings, then the job's."""
+        argv = [
+            "sbatch",
+            "--parsable",
+            "--job-name=tej-%s" % job_id,
+            "--chdir=%s" % os.path.join(job_dir, "work"),
+            "--output=%s" % os.path.join(job_dir, "supervisor.log"),
+            "--open-mode=append",
+        ]
+        for key in SETTINGS:
+            if self.host.options.get(key):
+                argv.append("%s=%s" % (TEXT_OPTIONS[key], self.host.options[key]))
+        slurm = job.get("slurm") or {}
+        limit = slurm.get("time")
+        if limit is None and job.get("max_runtime"):
+            # tej's supervisor enforces max_runtime to the second; Slurm's limit
+            # leaves it the grace period to do so.
+            limit = job["max_runtime"] + job.get("kill_grace", 5.0) + 30
+        if limit is not None:
+            argv.append("--time=%s" % time_limit(limit))
+        for key, option in sorted(TEXT_OPTIONS.items()):
+            if slurm.get(key):
+                argv.append("%s=%s" % (option, slurm[key]))
+        for key, option in sorted(COUNT_OPTIONS.items()):
+            if slurm.get(key):
+                argv.append("%s=%d" % (option, slurm[key]))
+        return argv + list(slurm.get("extra_args") or []) + [script]
