@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -198,7 +199,11 @@ def test_setup(target: Target) -> None:
             remote.setup(runner="nope")
         result = remote.setup(links=[link])
         assert isinstance(result, SetupResult)
-        assert result == SetupResult(os.path.abspath(target.queue), True, "default", (link,))
+        batch_systems = ("sbatch",) if shutil.which("sbatch") else ()
+        expected = SetupResult(
+            os.path.abspath(target.queue), True, "default", (link,), batch_systems
+        )
+        assert result == expected
         with pytest.raises(tej.QueueError):
             remote.setup()
         assert remote.setup(force=True).created is False
