@@ -1,14 +1,16 @@
-"""Shared fixtures: a real sshd on loopback and helpers to look at its side as the SSH user."""
+"""Shared fixtures: a real sshd on loopback, a one-node Slurm, helpers to act as the SSH user."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
 
 
@@ -23,6 +25,37 @@ def ssh_server() -> Iterator[SshServer]:
     server = start_sshd()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(ssh_server: SshServer) -> Iterator[SlurmCluster]:
+    """Yield a one-node Slurm cluster whose commands work over ssh_server as the SSH user.
+
+    Its slurm.conf is written where ssh_server's sessions find it (SLURM_CONF, set by sshd).
+    Skips if Slurm cannot run here, but fails in CI.
+    """
+    reason = slurm_available()
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Slurm tests must run in CI, but Slurm is unavailable: {reason}")
+        pytest.skip(f"Slurm unavailable: {reason}")
+    cluster = start_slurm(ssh_server.tmpdir, conf_path=ssh_server.slurm_conf)
+    try:
+        _check_slurm_over_ssh(ssh_server, cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _check_slurm_over_ssh(server: SshServer, cluster: SlurmCluster) -> None:
+    """Raise unless `sinfo` run over ssh as the SSH user sees the cluster's idle node."""
+    argv = server.ssh_argv("sinfo -h -o '%P %T'")  # One shell command line.
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or done.stdout.split() != [f"{cluster.partition}*", "idle"]:
+        raise RuntimeError(
+            f"sinfo over ssh exited {done.returncode}: {(done.stdout + done.stderr).strip()}\n"
+            f"{cluster.logs()}"
+        )
 
 
 @pytest.fixture

@@ -8,16 +8,45 @@ PYTHON="${PYTHON:-python3}"
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
+can_apt() { [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; }
+
+# apt-get install, with one `apt-get update` first per run of this script.
+APT_UPDATED=0
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  if [[ "$APT_UPDATED" -eq 0 ]]; then
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  apt-get install -y -qq "$@" >/dev/null
+}
+
 # The SSH tests need a real OpenSSH server; CI machines may lack one.
 if [[ ! -x /usr/sbin/sshd ]] || ! command -v ssh-keygen >/dev/null; then
-  if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+  if can_apt; then
     step "installing openssh-server"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq openssh-server openssh-client >/dev/null
+    apt_install openssh-server openssh-client
   else
     echo "warning: /usr/sbin/sshd or ssh-keygen missing and cannot install it here;" \
       "SSH tests will be skipped (and fail when CI=true)" >&2
+  fi
+fi
+
+# The Slurm tests need a real one-node Slurm (slurmctld, slurmd) and munge.
+missing_slurm() {
+  local tool
+  for tool in sbatch slurmctld slurmd munged; do
+    command -v "$tool" >/dev/null || [[ -x "/usr/sbin/$tool" ]] || return 0
+  done
+  return 1
+}
+if missing_slurm; then
+  if can_apt; then
+    step "installing slurm-wlm and munge"
+    apt_install slurm-wlm munge
+  else
+    echo "warning: sbatch, slurmctld, slurmd or munged missing and cannot install them here;" \
+      "Slurm tests will be skipped (and fail when CI=true)" >&2
   fi
 fi
 

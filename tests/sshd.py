@@ -37,6 +37,9 @@ USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Options only newer OpenSSH versions know; each is kept only if this sshd accepts it.
 # Penalties (OpenSSH 9.8+) would make deliberately failing connections in tests slow others.
 OPTIONAL_SSHD_LINES = ("PerSourcePenalties no",)
+# Every session gets SLURM_CONF=<tmpdir>/slurm.conf, where a test Slurm cluster (tests/slurm.py)
+# writes its configuration: Slurm commands run over ssh find it, whatever the login shell.
+SLURM_CONF_NAME = "slurm.conf"
 
 
 class UserRunner(Protocol):
@@ -70,6 +73,11 @@ class SshServer:
     log_path: str
     tmpdir: str
     process: subprocess.Popen[bytes] = field(repr=False, compare=False)
+
+    @property
+    def slurm_conf(self) -> str:
+        """The SLURM_CONF this sshd sets in its sessions; it exists while a test cluster runs."""
+        return str(Path(self.tmpdir) / SLURM_CONF_NAME)
 
     @property
     def url(self) -> str:
@@ -296,7 +304,8 @@ def _write_sshd_config(tmpdir: Path, port: int, host_key: Path) -> Path:
     # No AcceptEnv: the client's environment does not leak into the server.
     path = tmpdir / "sshd_config"
     path.write_text("\n".join(lines) + "\n")
-    accepted = [line for line in OPTIONAL_SSHD_LINES if _sshd_accepts(path, line)]
+    optional = [*OPTIONAL_SSHD_LINES, f"SetEnv SLURM_CONF={tmpdir / SLURM_CONF_NAME}"]
+    accepted = [line for line in optional if _sshd_accepts(path, line)]
     path.write_text("\n".join(lines + accepted) + "\n")
     return path
 
@@ -458,7 +467,7 @@ def log_tail(path: str, lines: int = 30) -> str:
 
 def stop_process_tree(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """Terminate a process and its current descendants: TERM, then KILL after grace."""
-    pids = [*_descendants(process.pid), process.pid] if process.poll() is None else []
+    pids = [*descendants(process.pid), process.pid] if process.poll() is None else []
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -476,7 +485,7 @@ def _signal_all(pids: Sequence[int], signum: signal.Signals) -> None:
             os.kill(pid, signum)
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """PIDs below root in the process tree (read from /proc; empty where there is none)."""
     children: dict[int, list[int]] = {}
     for pid, ppid in _parent_table():
