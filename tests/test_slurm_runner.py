@@ -1,0 +1,230 @@
+"""The slurm runner against a real one-node Slurm cluster, over the real loopback sshd.
+
+Every test sets up a queue with `tej setup DEST --plugin slurm` and then uses the same
+commands as with any runner: submit, status, wait, logs, download, kill, delete, list.
+Slurm's own view is checked with `scontrol show job` where it matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Target, assert_one_line_error, one_line_answer, process_alive, wait_until
+from slurm import SlurmCluster
+from sshd import SshServer
+
+pytestmark = [pytest.mark.ssh, pytest.mark.slurm, pytest.mark.timeout(120)]
+SLURM_WAIT = 60.0
+
+
+@pytest.fixture
+def slurm(
+    slurm_cluster: SlurmCluster, ssh_server: SshServer, server_tmp: str, tmp_path: Path
+) -> Iterator[Target]:
+    """An ssh target whose queue uses the slurm runner; the user's Slurm jobs end with it."""
+    dirs = {name: tmp_path / name for name in ("client-home", "client", "src")}
+    for path in dirs.values():
+        path.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+    env["HOME"] = str(dirs["client-home"])
+    target = Target(
+        kind="ssh",
+        destination=ssh_server.alias,
+        queue=os.path.join(server_tmp, "queue"),
+        home=ssh_server.home,
+        client_env=env,
+        client_dir=dirs["client"],
+        src_dir=dirs["src"],
+        ssh_config=ssh_server.config_path,
+        server=ssh_server,
+    )
+    setup = target.cli("setup", "--plugin", "slurm", check=0)
+    assert "(plugin: slurm)" in setup.stdout
+    try:
+        yield target
+    finally:
+        slurm_cluster.run("scancel", "-u", ssh_server.user)
+        target.cleanup()
+
+
+def scontrol(cluster: SlurmCluster, target: Target, job_id: str) -> dict[str, str]:
+    """Slurm's record of a tej job (`scontrol show job`), as a dict."""
+    slurm_id = json.loads((target.job_dir(job_id) / "runner.json").read_text())["slurm_id"]
+    done = cluster.run("scontrol", "show", "job", "-o", slurm_id)
+    assert done.returncode == 0, done.stderr
+    return dict(item.split("=", 1) for item in done.stdout.split() if "=" in item)
+
+
+def status_json(target: Target, job_id: str) -> dict[str, Any]:
+    """`tej status --json` of a job."""
+    document: dict[str, Any] = json.loads(target.cli("status", "--id", job_id, "--json").stdout)
+    return document
+
+
+def wait_for_state(target: Target, job_id: str, *states: str) -> dict[str, Any]:
+    """Poll `tej status --json` until the job is in one of states."""
+    return wait_until(
+        lambda: (found := status_json(target, job_id))["state"] in states and found,
+        SLURM_WAIT,
+        f"job {job_id} to be {'/'.join(states)}",
+    )
+
+
+def test_a_job_runs_through_slurm_and_finishes_with_its_exit_code(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    job = slurm.make_job(
+        script='#!/bin/sh\necho "hello from $SLURM_JOB_ID"\necho result > out.txt\nexit 0\n'
+    )
+    job_id = slurm.submit(job, "--id", "ok")
+    first = status_json(slurm, job_id)
+    assert first["state"] in ("queued", "running", "finished")
+    final = wait_for_state(slurm, job_id, "finished")
+    assert final["exit_code"] == 0
+    answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
+    assert re.fullmatch(r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0", answer)
+    # It ran under Slurm, named after the job, in the job's directory.
+    record = scontrol(slurm_cluster, slurm, job_id)
+    assert record["JobName"] == f"tej-{job_id}"
+    assert record["JobState"] == "COMPLETED"
+    assert record["WorkDir"] == str(slurm.work(job_id))
+    logs = slurm.cli("logs", "--id", job_id, check=0).stdout
+    assert re.fullmatch(r"hello from \d+\n", logs)
+    slurm.cli("download", "--id", job_id, "out.txt", check=0)
+    assert (slurm.client_dir / "out.txt").read_text() == "result\n"
+
+
+def test_a_failing_job_keeps_its_exit_code(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\necho oops >&2\nexit 3\n"))
+    waited = slurm.cli("wait", "--id", job_id, "--exit-code", timeout=SLURM_WAIT + 10)
+    assert waited.returncode == 3, waited
+    final = status_json(slurm, job_id)
+    assert (final["state"], final["exit_code"]) == ("finished", 3)
+    assert slurm.cli("logs", "--id", job_id, "--stderr", check=0).stdout == "oops\n"
+
+
+def test_kill_a_running_job_kills_its_processes(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    script = "#!/bin/sh\nsleep 300 &\necho $! > child.pid\nwait\n"
+    job_id = slurm.submit(slurm.make_job(script=script))
+    wait_for_state(slurm, job_id, "running")
+    pid_file = slurm.work(job_id, "child.pid")
+    child = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30))
+    answer = one_line_answer(slurm.cli("kill", "--id", job_id), 0)
+    assert answer == f"Job {job_id!r} killed"
+    final = status_json(slurm, job_id)
+    assert final["state"] == "killed"
+    assert final["started_at"] is not None
+    wait_until(lambda: not process_alive(child), 15, "the job's child to die")
+    wait_until(
+        lambda: scontrol(slurm_cluster, slurm, job_id)["JobState"] in ("COMPLETED", "CANCELLED"),
+        15,
+        "Slurm to see the job end",
+    )
+
+
+def test_a_pending_job_is_queued_with_slurms_reason_and_kill_cancels_it(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    job = slurm.make_job(files={"tej.json": json.dumps({"slurm": {"extra_args": ["--hold"]}})})
+    job_id = slurm.submit(job)
+    answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
+    assert answer == "Job is queued (Slurm: PENDING, JobHeldUser)"
+    assert status_json(slurm, job_id)["state"] == "queued"
+    slurm.cli("kill", "--id", job_id, check=0)
+    final = status_json(slurm, job_id)
+    assert final["state"] == "killed"
+    assert final["started_at"] is None
+    answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
+    assert answer == "Job was cancelled before it started"
+    assert scontrol(slurm_cluster, slurm, job_id)["JobState"] == "CANCELLED"
+
+
+def test_scancel_outside_tej_shows_as_killed(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\nsleep 300\n"))
+    wait_for_state(slurm, job_id, "running")
+    slurm_id = json.loads((slurm.job_dir(job_id) / "runner.json").read_text())["slurm_id"]
+    assert slurm_cluster.run("scancel", slurm_id).returncode == 0
+    final = wait_for_state(slurm, job_id, "killed")
+    assert final["exit_code"] is not None or final["signal"] is not None or final["reason"]
+
+
+def test_max_runtime_times_out_and_becomes_slurms_time_limit(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\nsleep 300\n"), "--max-runtime", "2s")
+    final = wait_for_state(slurm, job_id, "timed_out")
+    assert 1.5 <= final["elapsed"] < 30, final
+    assert scontrol(slurm_cluster, slurm, job_id)["TimeLimit"] == "00:01:00"
+    waited = slurm.cli("wait", "--id", job_id, "--exit-code")
+    assert waited.returncode == 124, waited
+
+
+def test_slurm_settings_in_tej_json_become_sbatch_options(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    settings = {"slurm": {"cpus": 2, "time": "5m", "partition": slurm_cluster.partition}}
+    job = slurm.make_job(files={"tej.json": json.dumps(settings)})
+    job_id = slurm.submit(job)
+    record = scontrol(slurm_cluster, slurm, job_id)
+    assert record["TimeLimit"] == "00:05:00"
+    assert record["Partition"] == slurm_cluster.partition
+    assert record["NumCPUs"] == "2"
+    wait_for_state(slurm, job_id, "finished")
+
+
+def test_list_delete_and_delete_force(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    done_id = slurm.submit(slurm.make_job("a"), "--id", "done")
+    held = json.dumps({"slurm": {"extra_args": ["--hold"]}})
+    held_id = slurm.submit(slurm.make_job("b", files={"tej.json": held}), "--id", "held")
+    wait_for_state(slurm, done_id, "finished")
+    listed = json.loads(slurm.cli("list", "--json", check=0).stdout)
+    assert {job["id"]: job["state"] for job in listed} == {"done": "finished", "held": "queued"}
+    refused = slurm.cli("delete", "--id", held_id)
+    assert "still queued" in assert_one_line_error(refused, 4)
+    slurm.cli("delete", "--id", held_id, "--force", check=0)
+    slurm.cli("delete", "--id", done_id, check=0)
+    assert json.loads(slurm.cli("list", "--json", check=0).stdout) == []
+    assert not slurm.job_dir(held_id).exists()
+
+
+def test_bad_input_for_the_slurm_runner(slurm: Target) -> None:
+    job = slurm.make_job()
+    slurm.client_env["TOKEN"] = "secret"
+    refused = slurm.cli("submit", "--env-secret", "TOKEN", str(job))
+    assert "can't take secrets" in assert_one_line_error(refused)
+    bad = slurm.make_job("bad", files={"tej.json": json.dumps({"slurm": {"cpus": 0}})})
+    assert "slurm.cpus" in assert_one_line_error(slurm.cli("submit", str(bad)))
+    bad_arg = json.dumps({"slurm": {"extra_args": ["--no-such-sbatch-option"]}})
+    refused = slurm.cli("submit", str(slurm.make_job("bad2", files={"tej.json": bad_arg})))
+    assert "sbatch failed" in assert_one_line_error(refused)
+    assert not list(Path(slurm.queue, "jobs").iterdir())  # nothing half-made
+    unknown = slurm.cli("setup", "--force", "--plugin", "slurm", "--option", "nodes=3")
+    assert "unknown option 'nodes'" in assert_one_line_error(unknown)
+
+
+def test_setup_suggests_slurm_without_choosing_it(
+    slurm_cluster: SlurmCluster, ssh_server: SshServer, server_tmp: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+    env["HOME"] = str(tmp_path)
+    target = Target(
+        kind="ssh",
+        destination=ssh_server.alias,
+        queue=os.path.join(server_tmp, "queue"),
+        home=ssh_server.home,
+        client_env=env,
+        client_dir=tmp_path,
+        src_dir=tmp_path,
+        ssh_config=ssh_server.config_path,
+    )
+    done = target.cli("setup", check=0)
+    assert "(plugin: default)" in done.stdout
+    assert "has Slurm (sbatch)" in done.stderr and "--plugin slurm" in done.stderr
+    config = json.loads(Path(target.queue, "tej-queue.json").read_text())
+    assert config["runner"] == "default"
