@@ -77,6 +77,7 @@ STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 POLL_INTERVAL = 0.02
 MAX_BLOCK = 30.0
+MAX_FD = 65536  # file descriptors a forked supervisor closes
 MAX_ID_LENGTH = 128
 ID_PATTERN = re.compile(r"[A-Za-z0-9_\-.+=@%:,]+\Z")
 
@@ -123,20 +124,26 @@ def parse_iso(text):
     return seconds + (float("0." + fraction) if fraction else 0.0)
 
 
-def write_json_atomic(path, data):
-    """Write JSON to path atomically: temp file, fsync, rename."""
-    write_file_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+def write_json_atomic(path, data, durable=True):
+    """Write JSON to path atomically: temp file, fsync (if durable), rename."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    write_file_atomic(path, text.encode("utf-8"), durable)
 
 
-def write_file_atomic(path, data):
-    """Write bytes to path atomically, private to its owner: temp file, fsync, rename."""
+def write_file_atomic(path, data, durable=True):
+    """Write bytes to path atomically, private to its owner: temp file, fsync, rename.
+
+    Without durable, no fsync: readers still never see a partial file, but
+    a power cut may lose the write (for records that a crash makes moot).
+    """
     tmp = "%s.tmp-%d-%d" % (path, os.getpid(), random.randrange(1 << 30))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
@@ -908,34 +915,19 @@ def kill_orphan(job_dir, record, grace):
     return True, record
 
 
-SUPERVISORS = []  # type: list[subprocess.Popen[bytes]]  # started here, to be reaped
-
-
 def start_supervisor(agent_path, job_dir, secrets):
-    """Start the detached supervisor of a job and wait until the job runs."""
-    log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        proc = subprocess.Popen(
-            supervisor_command(agent_path, job_dir),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            close_fds=True,
-            start_new_session=True,
-            cwd="/",
-        )
-    finally:
-        os.close(log)
-    SUPERVISORS.append(proc)
-    try:
-        proc.stdin.write(json.dumps(secrets).encode("utf-8"))  # type: ignore[union-attr]
-        proc.stdin.close()  # type: ignore[union-attr]
-    except OSError:
-        pass  # the supervisor died at once: its report below says why
-    pipe = proc.stdout
-    assert pipe is not None
-    report = read_line_with_timeout(pipe, START_TIMEOUT)
-    pipe.close()
+    """Start the detached supervisor of a job and wait until the job runs.
+
+    The supervisor is forked, not started as a new interpreter: from this
+    process if it has a single thread, else (the agent, under execnet) from
+    a fork server, a single-threaded process this agent starts once.
+    """
+    if agent_path is None:
+        raise AgentError(ERR_BAD_REQUEST, "hello must come first")
+    if threading_count() > 1:
+        report = fork_server(agent_path).start(job_dir, secrets)
+    else:
+        report = fork_supervisor(job_dir, secrets)
     if report.strip() != b"started":
         with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
             detail = stream.read().decode("utf-8", "replace").strip().splitlines()
@@ -945,9 +937,114 @@ def start_supervisor(agent_path, job_dir, secrets):
         )
 
 
-def reap_supervisors():
-    """Collect supervisors that have exited, so none stays a zombie."""
-    SUPERVISORS[:] = [proc for proc in SUPERVISORS if proc.poll() is None]
+def threading_count():
+    """How many threads this process runs (1 if threading was never imported)."""
+    threading = sys.modules.get("threading")
+    return threading.active_count() if threading is not None else 1
+
+
+def fork_supervisor(job_dir, secrets):
+    """Fork a detached supervisor for a job; returns its report ("started", or empty)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    c_library()  # loaded here once, not in each supervisor
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a short-lived child: it forks the supervisor and exits, so none is a zombie
+        code = 1
+        try:
+            os.close(read_end)
+            os.setsid()
+            code = run_forked_supervisor(job_dir, secrets, write_end) if os.fork() == 0 else 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb", 0) as pipe:
+        return read_line_with_timeout(pipe, START_TIMEOUT)
+
+
+def run_forked_supervisor(job_dir, secrets, report_fd):
+    """In the forked supervisor: settle its files, then supervise the job; an exit code."""
+    try:
+        log = os.open(
+            os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(report_fd, 1)
+        os.dup2(log, 2)
+        os.closerange(3, MAX_FD)
+        os.chdir("/")
+        return supervise(job_dir, secrets)
+    except BaseException as exc:  # noqa: BLE001 - the child must never return to its caller
+        try:
+            os.write(2, ("tej supervisor: %s\n" % exc).encode("utf-8", "replace"))
+        except OSError:
+            pass
+        return 1
+
+
+class ForkServer(object):
+    """A single-threaded child of the agent that forks supervisors on request.
+
+    Forking the agent itself is unsafe (execnet runs threads in it), and a
+    new interpreter per job is slow; this process is started once per
+    connection, from the agent's compiled copy in the queue. One request is
+    a JSON line {"job_dir", "secrets"}; the answer is the supervisor's report.
+    """
+
+    def __init__(self, agent_path):
+        self.proc = subprocess.Popen(
+            fork_server_command(agent_path),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+        )
+
+    def start(self, job_dir, secrets):
+        """Have a supervisor forked for job_dir; returns its report (empty if it failed)."""
+        request = json.dumps({"job_dir": job_dir, "secrets": secrets}) + "\n"
+        try:
+            self.proc.stdin.write(request.encode("utf-8"))  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError:
+            return b""
+        return read_line_with_timeout(self.proc.stdout, START_TIMEOUT + 5)
+
+    def alive(self):
+        """Whether the fork server still runs."""
+        return self.proc.poll() is None
+
+
+FORK_SERVERS = {}  # type: dict[str, ForkServer]  # by agent copy, in this agent
+
+
+def fork_server(agent_path):
+    """This agent's fork server for supervisors run from agent_path (started if need be)."""
+    server = FORK_SERVERS.get(agent_path)
+    if server is None or not server.alive():
+        server = FORK_SERVERS[agent_path] = ForkServer(agent_path)
+    return server
+
+
+def serve_forks(stdin, stdout):
+    """The fork server's loop: fork a supervisor per request, until stdin closes."""
+    for line in stdin:
+        try:
+            request = json.loads(line)
+            report = fork_supervisor(request["job_dir"], request.get("secrets") or {})
+        except Exception:  # noqa: BLE001 - one bad request must not stop the server
+            report = b""
+        stdout.write(report.strip() + b"\n")
+        stdout.flush()
+    return 0
 
 
 # -- the request handlers ---------------------------------------------------
@@ -994,8 +1091,6 @@ class Agent(object):
             return {"ok": False, "error": ERR_SERVER, "message": describe_os_error(exc)}
         except Exception as exc:  # noqa: BLE001 - the agent must answer, whatever happens
             return internal_error(exc)
-        finally:
-            reap_supervisors()
 
     def parse_request(self, request):
         """Check a request's envelope; return its operation name and arguments."""
@@ -1257,7 +1352,8 @@ class Agent(object):
             if start_time is not None:
                 record["start_time"] = start_time
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
-            write_json_atomic(os.path.join(staging, STATUS_FILE), record)
+            # Not durable: after a power cut, a job that was starting is lost anyway.
+            write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
             job_dir = queue.path(JOBS_DIR, candidate)
             try:
                 os.rename(staging, job_dir)
@@ -1507,16 +1603,26 @@ def agent_module_name(digest):
     return "tej_agent_%s" % digest
 
 
-def supervisor_command(agent_path, job_dir):
-    """The command that runs a job's supervisor from the agent's copy in the queue.
+def agent_copy_command(agent_path, *arguments):
+    """The command that runs the agent's copy in the queue with arguments (see main()).
 
     The copy is imported as a module (not run as a script), so Python keeps
-    its compiled form in agent/__pycache__ and each supervisor starts fast.
+    its compiled form in agent/__pycache__ and starts it fast.
     """
     module = os.path.splitext(os.path.basename(agent_path))[0]
     code = "import sys; sys.path.insert(0, sys.argv[1]); import %s as agent; " % module
     code += "sys.exit(agent.main(sys.argv[2:]))"
-    return [sys.executable, "-c", code, os.path.dirname(agent_path), "supervise", job_dir]
+    return [sys.executable, "-c", code, os.path.dirname(agent_path)] + list(arguments)
+
+
+def supervisor_command(agent_path, job_dir):
+    """The command that supervises a job in the foreground (for a batch system)."""
+    return agent_copy_command(agent_path, "supervise", job_dir)
+
+
+def fork_server_command(agent_path):
+    """The command that runs a fork server for supervisors."""
+    return agent_copy_command(agent_path, "fork-server")
 
 
 def read_line_with_timeout(stream, timeout):
@@ -1690,7 +1796,7 @@ def place_file(path, mode, size):
 class Supervisor(object):
     """Starts one job (on time), enforces its time limit, records its end, notifies."""
 
-    def __init__(self, job_dir):
+    def __init__(self, job_dir, secrets=None):
         self.job_dir = job_dir
         self.job = read_json(os.path.join(job_dir, JOB_FILE))
         self.record = read_json(os.path.join(job_dir, STATUS_FILE))
@@ -1700,7 +1806,7 @@ class Supervisor(object):
         self.timed_out = False
         self.alarm_phase = None
         self.reported = False
-        self.secrets = read_secrets(sys.stdin)
+        self.secrets = read_secrets(sys.stdin) if secrets is None else secrets
 
     def run(self):
         """Supervise the job from start to end; returns the process exit code."""
@@ -1851,8 +1957,9 @@ class Supervisor(object):
             self.save()
 
     def save(self):
-        """Write the status record atomically."""
-        write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record)
+        """Write the status record atomically; durably once the job has ended."""
+        durable = self.record.get("state") in END_STATES
+        write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record, durable)
 
 
 def runner_of_job(job_dir):
@@ -2045,14 +2152,26 @@ def script_command(script):
     return ["/bin/sh", script]
 
 
+LIBC = []  # type: list[object]  # the C library, once loaded (see c_library)
+
+
+def c_library():
+    """The C library through ctypes, loaded once (forked supervisors inherit it); or None."""
+    if not LIBC:
+        try:
+            import ctypes
+
+            LIBC.append(ctypes.CDLL(None, use_errno=True))
+        except (ImportError, OSError):
+            LIBC.append(None)
+    return LIBC[0]
+
+
 def become_subreaper():
     """On Linux, adopt the job's orphaned descendants, so they can be reaped and counted."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
+        c_library().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except AttributeError:  # no C library, or no prctl: not Linux
         pass
 
 
@@ -2130,10 +2249,10 @@ def signal_name(signum):
         return "SIG%d" % signum
 
 
-def supervise(job_dir):
-    """Entry point of the supervisor process."""
+def supervise(job_dir, secrets=None):
+    """Entry point of the supervisor process (secrets: read from stdin if None)."""
     try:
-        supervisor = Supervisor(job_dir)
+        supervisor = Supervisor(job_dir, secrets)
     except Exception as exc:  # noqa: BLE001 - reported to the agent that started us
         sys.stderr.write("tej supervisor: %s\n" % exc)
         return 1
@@ -2151,7 +2270,9 @@ def main(argv):
     """Command-line entry point, used to run the supervisor."""
     if len(argv) == 2 and argv[0] == "supervise":
         return supervise(argv[1])
-    sys.stderr.write("usage: tej-agent supervise JOBDIR\n")
+    if argv == ["fork-server"]:
+        return serve_forks(sys.stdin.buffer, sys.stdout.buffer)
+    sys.stderr.write("usage: tej-agent supervise JOBDIR | fork-server\n")
     return 2
 
 

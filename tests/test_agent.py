@@ -204,18 +204,17 @@ class Harness:
 
     def cleanup(self) -> None:
         """Kill whatever job is still alive under tmp, and wait for the supervisors."""
+        supervisors = []
         for path in self.tmp.rglob(agent.STATUS_FILE):
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads(path.read_text())
                 identity = record.get("job")
                 if agent.is_same_process(identity):
                     agent.signal_group(identity["pid"], signal.SIGKILL)
-        for proc in agent.SUPERVISORS:
-            try:
-                proc.wait(timeout=DEADLINE)
-            except Exception:  # noqa: BLE001 - last resort in teardown
-                proc.kill()
-                proc.wait()
+                supervisors.append(record.get("supervisor"))
+        deadline = time.monotonic() + DEADLINE
+        while any(agent.is_same_process(s) for s in supervisors) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 @pytest.fixture
@@ -853,11 +852,13 @@ def reap_orphans_of(pgid: int) -> None:
 
 def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: Harness) -> None:
     job = {"script": "start.sh", "args": [], "kill_grace": 1}
-    job_id = harness.submit(script("sleep 30\n"), job_id="orphan", job=job)
-    record = harness.record(job_id)
-    pgid = record["job"]["pid"]
     with playing_init():
+        # The supervisor is forked twice (so it is nobody's zombie): it becomes our child.
+        job_id = harness.submit(script("sleep 30\n"), job_id="orphan", job=job)
+        record = harness.record(job_id)
+        pgid = record["job"]["pid"]
         os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+        os.waitpid(record["supervisor"]["pid"], 0)
         reap_orphans_of(pgid)
         lost = wait_for(
             lambda: (s := harness.status(job_id))["state"] == agent.STATE_LOST and s,
