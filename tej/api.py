@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import re
 import time
@@ -332,7 +333,9 @@ class RemoteQueue:
 
     def list(self) -> list[JobStatus]:
         """The status of every job in the queue, oldest first."""
-        return [JobStatus.from_agent(item) for item in self._call("list")]
+        reply = self._call("list")
+        fields = reply["fields"]
+        return [JobStatus.from_agent(dict(zip(fields, row))) for row in json.loads(reply["rows"])]
 
     def kill(self, job_id: str) -> KillResult:
         """Kill a job's whole process group (SIGTERM, then SIGKILL after a grace period)."""

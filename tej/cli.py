@@ -460,8 +460,10 @@ def list_jobs(remote: RemoteQueue, as_json: bool) -> None:
         code = "" if job.exit_code is None else str(job.exit_code)
         rows.append((job.id, job.state.value, format_elapsed(job.elapsed), code))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    ]
+    click.echo("\n".join(lines))
 
 
 @queue_command()

@@ -67,6 +67,22 @@ DEFAULT_RUNNER = "default"
 RUNNER_FIELDS = ("priority", "after", "slurm")  # job fields only some runners accept
 RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
 LOCK_FILE = "queue.lock"
+LIST_CACHE = "list-cache.json"
+LIST_CACHE_FORMAT = 1
+LIST_FIELDS = (
+    "id",
+    "state",
+    "exit_code",
+    "signal",
+    "reason",
+    "submitted_at",
+    "scheduled_for",
+    "started_at",
+    "ended_at",
+    "elapsed",
+    "position",
+    "notifications",
+)
 DEFAULT_SCRIPT = "start.sh"
 KILL_GRACE = 5.0
 START_TIMEOUT = 60.0
@@ -1047,6 +1063,62 @@ def serve_forks(stdin, stdout):
     return 0
 
 
+# -- the list cache ---------------------------------------------------------
+
+
+class ListCache(object):
+    """The public status of ended jobs, kept so that `list` needn't read every job.
+
+    An entry is keyed by the (inode, mtime) of the job's status.json: status
+    files are replaced, never edited, so any change misses the cache. It is
+    only a cache: lost, unreadable or unwritable, it is rebuilt.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.entries = {}  # type: dict[str, list[object]]  # job id -> [key, status]
+        self.used = {}  # type: dict[str, list[object]]  # the entries of the jobs seen
+        self.changed = False
+        try:
+            data = read_json(path)
+            if isinstance(data, dict) and data.get("format") == LIST_CACHE_FORMAT:
+                self.entries = data.get("jobs") or {}
+        except (OSError, AgentError):
+            pass
+
+    @staticmethod
+    def key(job_dir):
+        """The cache key of a job's status file, or None if it has none."""
+        try:
+            info = os.stat(os.path.join(job_dir, STATUS_FILE))
+        except OSError:
+            return None
+        return [info.st_ino, info.st_mtime_ns]
+
+    def get(self, job_id, key):
+        """The cached status of a job, if its status file is unchanged."""
+        entry = self.entries.get(job_id)
+        if key is None or not isinstance(entry, list) or len(entry) != 2 or entry[0] != key:
+            return None
+        self.used[job_id] = entry
+        return entry[1]
+
+    def put(self, job_id, key, status):
+        """Remember the status of an ended job."""
+        self.used[job_id] = [key, status]
+        self.changed = True
+
+    def save(self):
+        """Write the entries of the jobs seen (dropping deleted ones), if anything changed."""
+        if not self.changed and len(self.used) == len(self.entries):
+            return
+        try:
+            data = {"format": LIST_CACHE_FORMAT, "jobs": self.used}
+            write_file_atomic(self.path, json.dumps(data).encode("utf-8"), durable=False)
+        except OSError:
+            pass
+
+
 # -- the request handlers ---------------------------------------------------
 
 
@@ -1416,23 +1488,43 @@ class Agent(object):
         return path
 
     def list_jobs(self, queue):
-        """The status of every job in the queue, oldest first (without metadata: see status)."""
+        """The status of every job, oldest first: {"fields": names, "rows": JSON of values}.
+
+        Without metadata (see status). Ended jobs come from the list cache
+        while their status file is unchanged; the others from their runner.
+        """
         queue = self.open_queue(queue)
         runner_tick(queue)
-        jobs = []
+        cache = ListCache(queue.path(LIST_CACHE))
+        statuses, pending = [], []
         for name in queue.job_ids():
             job_dir = queue.path(JOBS_DIR, name)
+            key = cache.key(job_dir)
+            status = cache.get(name, key)
+            if status is not None:
+                statuses.append(status)
+                continue
             record = read_status_record(job_dir)
             if record is not None or os.path.isdir(job_dir):
-                jobs.append((name, job_dir, record or missing_status()))
+                pending.append((name, job_dir, record or missing_status(), key))
+        for (name, _, written, key), record in zip(pending, self.refresh_all(queue, pending)):
+            status = public_status(name, record)
+            statuses.append(status)
+            if key is not None and written.get("state") in END_STATES:
+                cache.put(name, key, status)
+        cache.save()
+        statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
+        rows = [[status[field] for field in LIST_FIELDS] for status in statuses]
+        # As JSON text: thousands of rows go faster as one string than as execnet objects.
+        return {"fields": LIST_FIELDS, "rows": json.dumps(rows)}
+
+    def refresh_all(self, queue, jobs):
+        """The records of jobs [(id, dir, record, ...)], brought up to date by the runner."""
+        jobs = [job[:3] for job in jobs]
         refresh_many = getattr(queue.runner, "refresh_many", None)
         if refresh_many is not None:
-            records = refresh_many(jobs)
-        else:
-            records = [queue.runner.refresh(*job) for job in jobs]
-        statuses = [public_status(job[0], record) for job, record in zip(jobs, records)]
-        statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
-        return statuses
+            return refresh_many(jobs)
+        return [queue.runner.refresh(*job) for job in jobs]
 
     def kill(self, queue, job_id):
         """Kill a job (through its runner); reports whether this call killed it."""

@@ -134,6 +134,12 @@ class Harness:
         assert reply["ok"], reply
         return reply["result"]
 
+    def jobs_listed(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """The `list` reply, as one dict per job."""
+        reply = self.ok("list", **({"queue": queue} if queue else {}))
+        assert reply["fields"] == list(agent.LIST_FIELDS) or reply["fields"] == agent.LIST_FIELDS
+        return [dict(zip(reply["fields"], row)) for row in json.loads(reply["rows"])]
+
     def fail(self, error: str, op: str, **args: Any) -> str:
         """Send a request that must fail with the given error type; return its message."""
         reply = self.call(op, **args)
@@ -254,7 +260,7 @@ def test_malformed_requests_get_bad_request_and_agent_keeps_serving(
     assert reply["ok"] is False
     assert reply["error"] == agent.ERR_BAD_REQUEST
     assert isinstance(reply["message"], str) and reply["message"]
-    assert harness.ok("list") == []
+    assert harness.jobs_listed() == []
 
 
 def test_hello_describes_the_server(harness: Harness) -> None:
@@ -298,7 +304,7 @@ def test_valid_job_ids_are_accepted(harness: Harness, job_id: str) -> None:
     assert harness.submit(script("true\n"), job_id=job_id) == job_id
     assert harness.jobs() == [job_id]
     assert harness.wait_end(job_id)["id"] == job_id
-    assert [job["id"] for job in harness.ok("list")] == [job_id]
+    assert [job["id"] for job in harness.jobs_listed()] == [job_id]
 
 
 @pytest.mark.parametrize("job_id", INVALID_IDS)
@@ -343,7 +349,7 @@ def test_empty_existing_directory_becomes_a_queue(harness: Harness) -> None:
 
 
 def test_status_and_list_do_not_create_a_missing_queue(harness: Harness) -> None:
-    assert harness.ok("list") == []
+    assert harness.jobs_listed() == []
     harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id="nope")
     harness.fail(agent.ERR_JOB_NOT_FOUND, "kill", job_id="nope")
     harness.fail(agent.ERR_JOB_NOT_FOUND, "delete", job_id="nope")
@@ -442,7 +448,7 @@ def test_setup_link_redirects_later_operations(harness: Harness) -> None:
     harness.run(script("true\n"), queue=link, job_id="via-link")
     assert harness.jobs() == ["via-link", "via-real"]
     assert harness.ok("status", queue=link, job_id="via-real")["state"] == "finished"
-    assert {job["id"] for job in harness.ok("list", queue=link)} == {"via-link", "via-real"}
+    assert {job["id"] for job in harness.jobs_listed(queue=link)} == {"via-link", "via-real"}
 
 
 def write_link(path: Path, target: str) -> None:
@@ -457,7 +463,7 @@ def test_chains_of_links_are_followed(harness: Harness) -> None:
     write_link(first, str(second))
     write_link(second, harness.queue)
     assert harness.ok("status", queue=str(first), job_id="j")["state"] == "finished"
-    assert [job["id"] for job in harness.ok("list", queue=str(first))] == ["j"]
+    assert [job["id"] for job in harness.jobs_listed(queue=str(first))] == ["j"]
 
 
 def test_relative_link_target_is_resolved_against_the_link_folder(harness: Harness) -> None:
@@ -510,7 +516,7 @@ def test_only_links_makes_links_without_creating_the_queue(harness: Harness) -> 
     assert result["created"] is False
     assert result["links"] == [link]
     assert not os.path.lexists(harness.queue)
-    assert harness.ok("list", queue=link) == []
+    assert harness.jobs_listed(queue=link) == []
     assert not os.path.lexists(harness.queue)
 
 
@@ -865,7 +871,7 @@ def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: H
             "the job to be lost",
         )
         assert "supervisor" in lost["reason"]
-        assert [item["state"] for item in harness.ok("list")] == [agent.STATE_LOST]
+        assert [item["state"] for item in harness.jobs_listed()] == [agent.STATE_LOST]
         assert not group_gone(pgid)
         result = harness.ok("kill", job_id=job_id)
         assert result["killed"] is True
