@@ -1036,3 +1036,35 @@ def test_agent_is_standard_library_only_and_python38() -> None:
     assert {"os", "json", "ctypes"} <= roots  # nested imports are seen too
     assert sorted(roots - sys.stdlib_module_names) == []
     assert source == tej.session.AGENT_SOURCE
+
+
+# -- the list cache --------------------------------------------------------------
+
+
+def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Harness) -> None:
+    first = harness.run(script("exit 3\n"), job_id="first")
+    harness.run(script("true\n"), job_id="second")
+    assert first["exit_code"] == 3
+    listed = {job["id"]: job for job in harness.jobs_listed()}
+    assert (listed["first"]["exit_code"], listed["second"]["exit_code"]) == (3, 0)
+    cache_path = Path(harness.queue) / agent.LIST_CACHE
+    assert set(json.loads(cache_path.read_text())["jobs"]) == {"first", "second"}
+    # A status file replaced after caching (as when notifications are recorded) is read again.
+    path = harness.job_dir("first") / agent.STATUS_FILE
+    agent.write_json_atomic(str(path), dict(harness.record("first"), reason="changed"))
+    assert {job["id"]: job["reason"] for job in harness.jobs_listed()}["first"] == "changed"
+    # A deleted job leaves the list and the cache.
+    harness.ok("delete", job_id="second")
+    assert [job["id"] for job in harness.jobs_listed()] == ["first"]
+    assert set(json.loads(cache_path.read_text())["jobs"]) == {"first"}
+    # A damaged cache is only a cache.
+    for damage in ("{not json", json.dumps({"format": 1, "jobs": {"first": [1, 2, 3]}})):
+        cache_path.write_text(damage)
+        assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]
+
+
+def test_list_never_caches_a_running_job(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="busy")
+    assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_RUNNING]
+    assert harness.ok("kill", job_id=job_id)["killed"] is True
+    assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_KILLED]
