@@ -1165,6 +1165,20 @@ class Agent(object):
         open_runner(queue, agent_path, self.runners)
         return queue
 
+    def open_ticking_queue(self, text):
+        """The queue at text, for a request that lets its runner move it on.
+
+        A runner that ticks may start jobs, from this agent's copy in the
+        queue: if it is missing (the queue was used by another version of
+        tej), the client installs it first.
+        """
+        queue = self.open_queue(text)
+        if getattr(queue.runner, "tick", None) is not None and not os.path.exists(
+            self.agent_path(queue)
+        ):
+            raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
+        return queue
+
     # upload and submit
 
     def upload_begin(self, queue):
@@ -1321,7 +1335,7 @@ class Agent(object):
 
     def list_jobs(self, queue):
         """The status of every job in the queue, oldest first (without metadata: see status)."""
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         runner_tick(queue)
         jobs = []
         for name in queue.job_ids():
@@ -1340,7 +1354,7 @@ class Agent(object):
 
     def kill(self, queue, job_id):
         """Kill a job (through its runner); reports whether this call killed it."""
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         job_dir = queue.job_dir(job_id)
         grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
         killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
@@ -1349,7 +1363,7 @@ class Agent(object):
 
     def delete(self, queue, job_id, force=False):
         """Delete a job's directory; a running job only with force (killed first)."""
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         job_dir = queue.job_dir(job_id)
         state = queue.record(job_id, job_dir).get("state")
         if state in ACTIVE_STATES and not force:
