@@ -853,6 +853,25 @@ def configure_runner(module, name, options):
         raise AgentError(ERR_INVALID, "%s runner: %s" % (name, exc))
 
 
+def check_runner_change(queue, runner):
+    """Refuse to give a queue another runner while jobs wait in it: it wouldn't run them."""
+    current = (queue.config or {}).get("runner") or DEFAULT_RUNNER
+    if runner == current:
+        return
+    waiting = sorted(
+        job_id
+        for job_id in queue.job_ids()
+        if (read_status_record(queue.path(JOBS_DIR, job_id)) or {}).get("state") == STATE_QUEUED
+    )
+    if waiting:
+        raise AgentError(
+            ERR_QUEUE,
+            "Can't change the runner of %s from %r to %r while jobs are queued in it "
+            "(%d, such as %s): kill or delete them first"
+            % (queue.root, current, runner, len(waiting), waiting[0]),
+        )
+
+
 def check_runner_fields(runner, job, secrets):
     """Refuse job fields and secrets the queue's runner doesn't support."""
     for field in RUNNER_FIELDS:
@@ -1072,6 +1091,8 @@ class Agent(object):
                 raise AgentError(
                     ERR_QUEUE, "A queue already exists at %s (use --force to reconfigure it)" % root
                 )
+            if existing is not None:
+                check_runner_change(existing, runner)
             if existing is None:
                 create_queue(root)
                 created = True
