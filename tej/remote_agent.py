@@ -876,6 +876,25 @@ def configure_runner(module, name, options):
         raise AgentError(ERR_INVALID, "%s runner: %s" % (name, exc))
 
 
+def check_runner_change(queue, runner):
+    """Refuse to give a queue another runner while jobs wait in it: it wouldn't run them."""
+    current = (queue.config or {}).get("runner") or DEFAULT_RUNNER
+    if runner == current:
+        return
+    waiting = sorted(
+        job_id
+        for job_id in queue.job_ids()
+        if (read_status_record(queue.path(JOBS_DIR, job_id)) or {}).get("state") == STATE_QUEUED
+    )
+    if waiting:
+        raise AgentError(
+            ERR_QUEUE,
+            "Can't change the runner of %s from %r to %r while jobs are queued in it "
+            "(%d, such as %s): kill or delete them first"
+            % (queue.root, current, runner, len(waiting), waiting[0]),
+        )
+
+
 def check_runner_fields(runner, job, secrets):
     """Refuse job fields and secrets the queue's runner doesn't support."""
     for field in RUNNER_FIELDS:
@@ -1239,6 +1258,8 @@ class Agent(object):
                 raise AgentError(
                     ERR_QUEUE, "A queue already exists at %s (use --force to reconfigure it)" % root
                 )
+            if existing is not None:
+                check_runner_change(existing, runner)
             if existing is None:
                 create_queue(root)
                 created = True
@@ -1330,6 +1351,20 @@ class Agent(object):
             queue = Queue(resolve_queue_path(text), None)
         agent_path = self.agent_path(queue) if self.digest else None
         open_runner(queue, agent_path, self.runners)
+        return queue
+
+    def open_ticking_queue(self, text):
+        """The queue at text, for a request that lets its runner move it on.
+
+        A runner that ticks may start jobs, from this agent's copy in the
+        queue: if it is missing (the queue was used by another version of
+        tej), the client installs it first.
+        """
+        queue = self.open_queue(text)
+        if getattr(queue.runner, "tick", None) is not None and not os.path.exists(
+            self.agent_path(queue)
+        ):
+            raise AgentError(ERR_AGENT_MISSING, "The agent is not installed in this queue")
         return queue
 
     # upload and submit
@@ -1493,7 +1528,7 @@ class Agent(object):
         Without metadata (see status). Ended jobs come from the list cache
         while their status file is unchanged; the others from their runner.
         """
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         runner_tick(queue)
         cache = ListCache(queue.path(LIST_CACHE))
         statuses, pending = [], []
@@ -1528,7 +1563,7 @@ class Agent(object):
 
     def kill(self, queue, job_id):
         """Kill a job (through its runner); reports whether this call killed it."""
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         job_dir = queue.job_dir(job_id)
         grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
         killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
@@ -1537,7 +1572,7 @@ class Agent(object):
 
     def delete(self, queue, job_id, force=False):
         """Delete a job's directory; a running job only with force (killed first)."""
-        queue = self.open_queue(queue)
+        queue = self.open_ticking_queue(queue)
         job_dir = queue.job_dir(job_id)
         state = queue.record(job_id, job_dir).get("state")
         if state in ACTIVE_STATES and not force:

@@ -113,7 +113,7 @@ class Session:
                 "hello",
                 protocol=agent.PROTOCOL_VERSION,
                 digest=AGENT_DIGEST,
-                runners=runners.builtin_digests(),
+                runners=runners.digests(),
             )
         except BaseException:
             self.close()

@@ -9,7 +9,9 @@ docs/runners.md): standard library only, Python 3.8 and newer.
   submission order.
 * A job with ``after`` (job ids) starts only once all of those finished with
   exit code 0; if one of them fails, is killed, times out, is lost, is
-  cancelled or is deleted first, the job is ``cancelled``, with the reason.
+  cancelled or is deleted before it succeeded, the job is ``cancelled``, with
+  the reason (a job that succeeded may then be deleted: the jobs after it
+  still start).
 * A job with a start time waits for it under its supervisor (``scheduled``),
   then joins the queue.
 
@@ -154,6 +156,7 @@ class Runner(object):
     def dispatch(self):
         """Cancel the jobs that can no longer run, then start the next ones in turn."""
         records = self.load()
+        self.note_succeeded(records)
         while self.cancel_doomed(records):
             pass
         running = sum(1 for record in records.values() if record.get("state") in OCCUPYING)
@@ -175,11 +178,26 @@ class Runner(object):
 
     def ready(self, record, records):
         """Whether every job this one waits for has finished successfully."""
-        for dependency in record.get("after") or []:
-            found = records.get(dependency) or {}
-            if found.get("state") != "finished" or found.get("exit_code") != 0:
-                return False
-        return True
+        return all(succeeded(records.get(dependency)) for dependency in self.pending(record))
+
+    def pending(self, record):
+        """The jobs a job waits for that weren't seen succeed yet."""
+        done = record.get("after_done") or []
+        return [job_id for job_id in record.get("after") or [] if job_id not in done]
+
+    def note_succeeded(self, records):
+        """Record in each queued job the jobs it waits for that have succeeded.
+
+        A job that succeeded may be deleted before the jobs after it start:
+        they must still start, so each remembers it (in after_done).
+        """
+        for job_id, record in records.items():
+            if record.get("state") != "queued":
+                continue
+            done = [dep for dep in self.pending(record) if succeeded(records.get(dep))]
+            if done:
+                record["after_done"] = (record.get("after_done") or []) + done
+                self.host.write_record(self.host.job_path(job_id), record)
 
     def cancel_doomed(self, records):
         """Cancel the queued jobs that depend on a job that failed; whether any was."""
@@ -196,7 +214,7 @@ class Runner(object):
 
     def failed_dependency(self, record, records):
         """Why a job can never start (a dependency failed), or None."""
-        for dependency in record.get("after") or []:
+        for dependency in self.pending(record):
             found = records.get(dependency)
             if found is None:
                 return "job %s was deleted before it succeeded" % dependency
@@ -218,3 +236,8 @@ class Runner(object):
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
             record.update(state="lost", ended_at=self.host.now(), reason=str(exc))
             self.host.write_record(job_dir, record)
+
+
+def succeeded(record):
+    """Whether a job's record says it finished with exit code 0."""
+    return bool(record) and record.get("state") == "finished" and record.get("exit_code") == 0
