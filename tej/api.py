@@ -21,6 +21,7 @@ from tej.errors import (
     AgentMissing,
     ConnectionFailed,
     InvalidInput,
+    QueueError,
     RunnerMissing,
     TejError,
     WaitTimeout,
@@ -233,8 +234,19 @@ class RemoteQueue:
                 if name in installed:
                     raise
                 installed.add(name)
-                source = runners.load(name).source
+                source = self._runner_source(name)
                 self.session().call("install_runner", queue=self.queue, runner=name, source=source)
+
+    @staticmethod
+    def _runner_source(name: str) -> str:
+        """The source of the runner a queue uses, to install it there."""
+        try:
+            return runners.load(name).source
+        except InvalidInput:
+            raise QueueError(
+                f"This queue uses the runner {name!r}, which this tej client doesn't have: "
+                "install its plugin"
+            ) from None
 
     # operations
 

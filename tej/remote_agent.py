@@ -815,12 +815,6 @@ def open_runner(queue, agent_path, wanted=None):
         raise AgentError(ERR_RUNNER_MISSING, name)
     path = queue.path(AGENT_DIR, "%s.py" % module_name)
     if not isinstance(module_name, str) or not os.path.isfile(path):
-        if digest is None:
-            raise AgentError(
-                ERR_QUEUE,
-                "This queue uses the runner %r, which is neither installed in the queue nor "
-                "known to this tej client (install its plugin)" % name,
-            )
         raise AgentError(ERR_RUNNER_MISSING, name)
     queue.runner = load_runner_module(path, module_name).Runner(host)
     return queue.runner
@@ -962,7 +956,7 @@ def start_supervisor(agent_path, job_dir, secrets):
     if threading_count() > 1:
         report = fork_server(agent_path).start(job_dir, secrets)
     else:
-        report = fork_supervisor(job_dir, secrets)
+        report = fork_supervisor(agent_path, job_dir, secrets)
     if report.strip() != b"started":
         with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
             detail = stream.read().decode("utf-8", "replace").strip().splitlines()
@@ -973,12 +967,13 @@ def start_supervisor(agent_path, job_dir, secrets):
 
 
 def threading_count():
-    """How many threads this process runs (1 if threading was never imported)."""
-    threading = sys.modules.get("threading")
-    return threading.active_count() if threading is not None else 1
+    """How many threads this process runs (execnet starts them with _thread, not threading)."""
+    import _thread
+
+    return _thread._count() + 1
 
 
-def fork_supervisor(job_dir, secrets):
+def fork_supervisor(agent_path, job_dir, secrets):
     """Fork a detached supervisor for a job; returns its report ("started", or empty)."""
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -993,7 +988,8 @@ def fork_supervisor(job_dir, secrets):
         try:
             os.close(read_end)
             os.setsid()
-            code = run_forked_supervisor(job_dir, secrets, write_end) if os.fork() == 0 else 0
+            forked = os.fork() == 0
+            code = run_forked_supervisor(agent_path, job_dir, secrets, write_end) if forked else 0
         finally:
             os._exit(code)
     os.close(write_end)
@@ -1002,7 +998,7 @@ def fork_supervisor(job_dir, secrets):
         return read_line_with_timeout(pipe, START_TIMEOUT)
 
 
-def run_forked_supervisor(job_dir, secrets, report_fd):
+def run_forked_supervisor(agent_path, job_dir, secrets, report_fd):
     """In the forked supervisor: settle its files, then supervise the job; an exit code."""
     try:
         log = os.open(
@@ -1014,7 +1010,7 @@ def run_forked_supervisor(job_dir, secrets, report_fd):
         os.dup2(log, 2)
         os.closerange(3, MAX_FD)
         os.chdir("/")
-        return supervise(job_dir, secrets)
+        return supervise(job_dir, secrets, agent_path)
     except BaseException as exc:  # noqa: BLE001 - the child must never return to its caller
         try:
             os.write(2, ("tej supervisor: %s\n" % exc).encode("utf-8", "replace"))
@@ -1074,7 +1070,8 @@ def serve_forks(stdin, stdout):
     for line in stdin:
         try:
             request = json.loads(line)
-            report = fork_supervisor(request["job_dir"], request.get("secrets") or {})
+            secrets = request.get("secrets") or {}
+            report = fork_supervisor(os.path.abspath(__file__), request["job_dir"], secrets)
         except Exception:  # noqa: BLE001 - one bad request must not stop the server
             report = b""
         stdout.write(report.strip() + b"\n")
@@ -1923,8 +1920,9 @@ def place_file(path, mode, size):
 class Supervisor(object):
     """Starts one job (on time), enforces its time limit, records its end, notifies."""
 
-    def __init__(self, job_dir, secrets=None):
+    def __init__(self, job_dir, secrets, agent_path):
         self.job_dir = job_dir
+        self.agent_path = agent_path
         self.job = read_json(os.path.join(job_dir, JOB_FILE))
         self.record = read_json(os.path.join(job_dir, STATUS_FILE))
         self.grace = max(float(self.job.get("kill_grace", KILL_GRACE)), 0.001)
@@ -1985,7 +1983,7 @@ class Supervisor(object):
 
     def admitted(self):
         """Whether the queue's runner lets a job start now that its start time has come."""
-        runner = runner_of_job(self.job_dir)
+        runner = runner_of_job(self.job_dir, self.agent_path)
         admit = getattr(runner, "admit", None)
         if admit is None:
             return True
@@ -2077,7 +2075,7 @@ class Supervisor(object):
             self.record["reason"] = reason
         self.save()
         self.report_started()
-        tick_after_end(self.job_dir)
+        tick_after_end(self.job_dir, self.agent_path)
         results = send_notifications(self.job, self.record, self.job_dir)
         if results:
             self.record["notifications"] = results
@@ -2089,18 +2087,18 @@ class Supervisor(object):
         write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record, durable)
 
 
-def runner_of_job(job_dir):
+def runner_of_job(job_dir, agent_path):
     """The runner of the queue a job is in (for a supervisor); None for the default one."""
     queue = load_queue(os.path.dirname(os.path.dirname(job_dir)))
     if queue is None or (queue.config or {}).get("runner", DEFAULT_RUNNER) == DEFAULT_RUNNER:
         return None
-    return open_runner(queue, os.path.abspath(__file__))
+    return open_runner(queue, agent_path)
 
 
-def tick_after_end(job_dir):
+def tick_after_end(job_dir, agent_path):
     """Let the queue's runner react to a job's end (start the next queued job...)."""
     try:
-        runner = runner_of_job(job_dir)
+        runner = runner_of_job(job_dir, agent_path)
         tick = getattr(runner, "tick", None)
         if tick is not None:
             tick()
@@ -2376,10 +2374,14 @@ def signal_name(signum):
         return "SIG%d" % signum
 
 
-def supervise(job_dir, secrets=None):
-    """Entry point of the supervisor process (secrets: read from stdin if None)."""
+def supervise(job_dir, secrets=None, agent_path=None):
+    """Entry point of the supervisor process (secrets: read from stdin if None).
+
+    agent_path is the agent's copy in the queue (this module's file if None),
+    which the supervisor gives the queue's runner.
+    """
     try:
-        supervisor = Supervisor(job_dir, secrets)
+        supervisor = Supervisor(job_dir, secrets, agent_path or os.path.abspath(__file__))
     except Exception as exc:  # noqa: BLE001 - reported to the agent that started us
         sys.stderr.write("tej supervisor: %s\n" % exc)
         return 1

@@ -113,7 +113,7 @@ class Session:
                 "hello",
                 protocol=agent.PROTOCOL_VERSION,
                 digest=AGENT_DIGEST,
-                runners=runners.digests(),
+                runners=runners.builtin_digests(),
             )
         except BaseException:
             self.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ ENTRY_POINT_GROUP = "tej.runners"
 #: The runners that ship with tej, by name: the module holding each one's server side.
 BUILTIN = {"queue": "tej.runners.queue", "slurm": "tej.runners.slurm"}
 _HERE = Path(__file__).parent
-_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")  # the runner names the agent accepts
 
 
 @dataclass(frozen=True)
@@ -39,26 +37,13 @@ class RunnerSource:
 
 
 def builtin_digests() -> dict[str, str]:
-    """The digests of the built-in runners, which the agent checks its copies against."""
-    return {name: _builtin(name).digest for name in BUILTIN}
+    """The digests of the built-in runners, which the agent checks its copies against.
 
-
-def digests() -> dict[str, str]:
-    """The digests of every runner this client can install: built-in, then plugins'.
-
-    The agent checks a queue's copy of its runner against them: a copy that is
-    missing or differs is installed again from this client. A plugin whose
-    module can't be found, or whose name the agent would refuse, is left out.
+    Plugins' are not sent: finding them costs every connection tens of
+    milliseconds. A queue's plugin runner is installed again only when its
+    copy is missing, or by `tej setup --force --plugin NAME`.
     """
-    found = builtin_digests()
-    for name in _plugins():
-        if name in found or not _NAME.match(name):
-            continue
-        try:
-            found[name] = load(name).digest
-        except (InvalidInput, ImportError, OSError, ValueError):
-            continue
-    return found
+    return {name: _builtin(name).digest for name in BUILTIN}
 
 
 def available() -> list[str]:
