@@ -923,7 +923,10 @@ def kill_supervised(queue, job_id, job_dir, record, grace):
     if record.get("state") not in settled:
         record = wait_for_state(queue, job_id, job_dir, settled, START_TIMEOUT)
     if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
-        os.kill(record["supervisor"]["pid"], signal.SIGTERM)
+        try:
+            os.kill(record["supervisor"]["pid"], signal.SIGTERM)
+        except ProcessLookupError:  # it has just ended (or left the job to its runner)
+            pass
         # A long grace period goes on after the reply: the supervisor finishes the kill.
         record = wait_for_state(queue, job_id, job_dir, END_STATES, min(grace + 10, MAX_BLOCK))
         state = record.get("state")
@@ -1266,6 +1269,7 @@ class Agent(object):
                 if created:
                     remove_tree(root)
                 raise
+            self.tick_after_setup(root)
         for path in paths:
             parent = os.path.dirname(path)
             if not os.path.isdir(parent):
@@ -1278,6 +1282,12 @@ class Agent(object):
             "links": paths,
             "batch_systems": [name for name in ("sbatch",) if shutil.which(name)],
         }
+
+    def tick_after_setup(self, root):
+        """Let a reconfigured queue move on (a higher max_running starts jobs now)."""
+        queue = self.open_queue(root)
+        if self.digest and os.path.exists(self.agent_path(queue)):
+            runner_tick(queue)  # else the next submit does it, with the agent installed
 
     def configure_queue(self, queue, runner, source, options):
         """Install a queue's runner and record it, with its checked options."""
@@ -1948,6 +1958,9 @@ class Supervisor(object):
             return 0
         if self.record.get("start_time") and not self.admitted():
             return 0  # queued: the runner starts the job later
+        if self.kill_requested:
+            self.end(STATE_KILLED, reason="cancelled before it started")
+            return 0
         started_at = now_iso()  # before the spawn: the job may be at work before it returns
         try:
             proc = self.start_job()
@@ -1988,10 +2001,13 @@ class Supervisor(object):
         if admit is None:
             return True
         self.record = admit(self.job["id"], self.job_dir, self.record)
-        if self.record.get("state") == STATE_QUEUED:
-            self.report_started()
-            return False
-        return True
+        if self.record.get("state") != STATE_QUEUED:
+            return True
+        self.report_started()
+        if self.kill_requested:  # it came while the job joined the queue: pass it on
+            record = supervised_record(self.job_dir)
+            runner.kill(self.job["id"], self.job_dir, record, self.grace)
+        return False
 
     def start_job(self):
         """Spawn the job's script in its own session, its output where the job asks."""

@@ -739,3 +739,19 @@ def test_a_newer_plugin_replaces_the_queues_copy(with_plugin: Target, tmp_path: 
     assert new_module != old_module
     assert target.server_path("agent", f"{new_module}.py").is_file()
     assert json.loads((target.job_dir(first) / "runner.json").read_text())["version"] == "1.0"
+
+
+@pytest.mark.timeout(120)
+def test_raising_max_running_starts_waiting_jobs_at_once(target: Target) -> None:
+    target.cli("setup", "--plugin", "queue", "--option", "max_running=1", check=0)
+    gate = target.server_path("gate")
+    script = f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n"
+    first = target.submit(target.make_job("first", script))
+    second = target.submit(target.make_job("second", script))
+    target.wait_for(first, ("running",))
+    assert status_text(target, second) == "Job is queued (position 1 of 1)"
+    target.cli("setup", "--force", "--plugin", "queue", "--option", "max_running=2", check=0)
+    target.wait_for(second, ("running",), timeout=15)
+    gate.touch()
+    for job_id in (first, second):
+        assert target.wait_for(job_id)["exit_code"] == 0
