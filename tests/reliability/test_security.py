@@ -526,14 +526,21 @@ class Fuzzer:
                 },
             }[op]
         return {
-            "hello": {"protocol": remote_agent.PROTOCOL_VERSION, "digest": AGENT_DIGEST},
+            "hello": {
+                "protocol": remote_agent.PROTOCOL_VERSION,
+                "digest": AGENT_DIGEST,
+                "runners": {"queue": "0123456789abcdef"},
+            },
             "setup": {
                 "queue": str(self.root / f"setup-{self.serial}"),
                 "links": [str(self.root / f"link-{self.serial}")],
                 "runner": "default",
                 "force": False,
                 "only_links": False,
+                "runner_source": None,
+                "options": {},
             },
+            "install_runner": {"queue": queue, "runner": "queue", "source": "#"},
             # A new queue each time, so the agent's source is really written.
             "install_agent": {"queue": str(self.root / f"install-{self.serial}"), "source": "#"},
             "upload_begin": {"queue": queue},
