@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shlex
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 from tej.errors import InvalidInput
 
@@ -80,6 +77,8 @@ def parse_destination(text: str) -> Destination:
 
 
 def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
     try:
         ipaddress.IPv6Address(text.split("%", 1)[0])
     except ValueError:
@@ -88,6 +87,8 @@ def _is_ipv6(text: str) -> bool:
 
 
 def _parse_url(text: str) -> Destination:
+    from urllib.parse import unquote, urlsplit
+
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -172,6 +173,8 @@ def _sharing_settings(reuse_for: int) -> dict[str, str]:
 
 def control_directory() -> str | None:
     """A private folder for shared-connection sockets, or None if none can be had safely."""
+    import tempfile
+
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = os.path.join(base, f"tej-ssh-{os.getuid()}")
     try:
