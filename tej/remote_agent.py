@@ -1,15 +1,17 @@
 """tej's agent: everything that runs on the server.
 
-This module is shipped as source over the execnet channel on every
-connection, so it is kept small on purpose: standard library only, Python 3.8
-and newer, plain data (dicts, lists, str, bytes, numbers) on the wire and on
-disk. It owns the protocol version, the operation names, the job states and
-the queue format; the client imports these constants instead of restating
-them.
+This module is shipped as source to the server (which keeps it in a private
+cache, see tej/session.py), so it is kept small on purpose: standard library
+only, Python 3.8 and newer, plain data (dicts, lists, str, bytes, numbers) on
+the wire and on disk. It owns the protocol version, the operation names, the
+job states and the queue format; the client restates the few it needs in
+tej/protocol.py (a test checks that they are equal), so that no command has to
+import this module.
 
 It has two roles:
 
-* Under execnet (``__name__ == "__channelexec__"``) it serves requests: a
+* Under execnet (imported from the server's cache, then ``serve(channel)``;
+  or run with ``__name__ == "__channelexec__"``) it serves requests: a
   request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}`` and the
   reply is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": TYPE,
   "message": TEXT}``. One connection serves any number of requests, in order.
