@@ -12,7 +12,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from tej import protocol
-from tej.destination import ConnectOptions, parse_destination
+from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
 from tej.errors import AgentMissing, ConnectionFailed, InvalidInput, TejError, WaitTimeout
 from tej.session import Session
 
@@ -20,8 +20,6 @@ if TYPE_CHECKING:  # imported where used, so that commands load only what they n
     from tej import transfer
 
 DEFAULT_QUEUE = "~/.tej"
-#: How long an idle ssh connection is kept for the next command (ControlPersist).
-SHARED_CONNECTION_SECONDS = 60
 DEFAULT_SCRIPT = protocol.DEFAULT_SCRIPT
 
 

@@ -13,6 +13,8 @@ from tej.errors import InvalidInput
 
 LOCAL = "local"
 DEFAULT_REMOTE_PYTHON = "python3"
+#: How long an idle ssh connection is kept for the next command (ControlPersist).
+SHARED_CONNECTION_SECONDS = 60
 _NAME = re.compile(r"[^\s@/'\"`$;&|<>()\\]+\Z")
 
 

@@ -24,14 +24,13 @@ It has two roles:
 import errno
 import json
 import os
-import random
 import re
-import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
+
+# random, select, shutil and subprocess are imported where they are used: a
+# connection that only reads (status, list) does not pay for them.
 
 PROTOCOL_VERSION = 1
 QUEUE_FORMAT = 1
@@ -119,6 +118,13 @@ def parse_iso(text):
     return seconds + (float("0." + fraction) if fraction else 0.0)
 
 
+def randrange(limit):
+    """A random number in [0, limit)."""
+    import random
+
+    return random.randrange(limit)
+
+
 def write_json_atomic(path, data):
     """Write JSON to path atomically: temp file, fsync, rename."""
     write_file_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"))
@@ -126,7 +132,7 @@ def write_json_atomic(path, data):
 
 def write_file_atomic(path, data):
     """Write bytes to path atomically, private to its owner: temp file, fsync, rename."""
-    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), random.randrange(1 << 30))
+    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), randrange(1 << 30))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
@@ -167,6 +173,8 @@ def remove_tree(path):
             function(failed_path)
         except OSError:
             pass
+
+    import shutil
 
     shutil.rmtree(path, onerror=retry_writable)
 
@@ -452,7 +460,7 @@ def create_queue(root, runner="default", options=None):
     parent = os.path.dirname(root)
     if not os.path.isdir(parent):
         make_private_dirs(parent)
-    building = "%s.tej-new-%d-%d" % (root, os.getpid(), random.randrange(1 << 30))
+    building = "%s.tej-new-%d-%d" % (root, os.getpid(), randrange(1 << 30))
     make_private_dir(building)
     try:
         for name in (JOBS_DIR, STAGING_DIR, TRASH_DIR, AGENT_DIR):
@@ -734,7 +742,7 @@ class Agent(object):
         queue = open_queue(queue, create=True)
         remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
         remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
-        token = "%x%08x" % (int(time.time()), random.randrange(1 << 32))
+        token = "%x%08x" % (int(time.time()), randrange(1 << 32))
         staging = queue.path(STAGING_DIR, token)
         make_private_dir(staging)
         make_private_dir(os.path.join(staging, WORK_DIR))
@@ -807,7 +815,7 @@ class Agent(object):
         if job_id is None:
             if not isinstance(id_prefix, str):
                 raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
-            candidates = ["%s_%06d" % (id_prefix, random.randrange(10**6)) for _ in range(50)]
+            candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
         validate_job_id(candidates[0])
         start_time = start_time_of(job)
         for candidate in candidates:
@@ -829,6 +837,8 @@ class Agent(object):
 
     def start_supervisor(self, supervisor_path, job_dir, secrets):
         """Start the detached supervisor of a job and wait until the job runs."""
+        import subprocess
+
         log = os.open(os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             proc = subprocess.Popen(
@@ -975,7 +985,7 @@ class Agent(object):
                     "Job %r is being killed (its grace period is long): delete it once it has "
                     "ended" % job_id,
                 )
-        trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
+        trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
         try:
@@ -1129,6 +1139,8 @@ def supervisor_command(agent_path, job_dir):
 
 def read_line_with_timeout(stream, timeout):
     """Read one line from a pipe, giving up (empty result) after timeout."""
+    import select
+
     deadline = time.time() + timeout
     data = b""
     while not data.endswith(b"\n"):
@@ -1586,6 +1598,8 @@ def send_email(notify, address, status):
 
 def spawn(command, work, env, out, err):
     """Start the job's command in a session of its own, detached from any terminal."""
+    import subprocess
+
     return subprocess.Popen(
         command,
         cwd=work,

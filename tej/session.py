@@ -26,7 +26,7 @@ client imports execnet.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import itertools
 import os
 import subprocess
@@ -226,9 +226,6 @@ def tej_boot(modules, start):
 '''.replace("CACHE_DIR_NAME", repr(CACHE_DIR_NAME)).replace("CACHE_MAX_AGE", str(CACHE_MAX_AGE))
 
 AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_agent.py")
-with open(AGENT_PATH, encoding="utf-8") as _stream:
-    AGENT_SOURCE = _stream.read()
-AGENT_DIGEST = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
 _gateway_ids = itertools.count(1)
 
 
@@ -236,24 +233,36 @@ class _Code:
     """A module the agent's side needs: its source and its name in the server's cache."""
 
     def __init__(self, prefix: str, source: str) -> None:
+        import hashlib
+
         self.source = source
         self.digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
         self.name = f"{prefix}{self.digest[:16]}"
 
 
-_CODE: list[_Code] = []
+@functools.lru_cache(maxsize=None)
+def _agent() -> _Code:
+    """The agent's code (named tej_agent_DIGEST, as its copy in a queue)."""
+    with open(AGENT_PATH, encoding="utf-8") as stream:
+        return _Code("tej_agent_", stream.read())
 
 
-def _code() -> list[_Code]:
-    """execnet's gateway_base and the agent, as the loader wants them (computed once)."""
-    if not _CODE:
-        from execnet import gateway_base
+@functools.lru_cache(maxsize=None)
+def _code() -> tuple[_Code, _Code]:
+    """execnet's gateway_base and the agent, as the loader wants them."""
+    from execnet import gateway_base
 
-        loader: Any = gateway_base.__loader__
-        source = loader.get_source(gateway_base.__name__)
-        _CODE.append(_Code("tej_execnet_", source))
-        _CODE.append(_Code("tej_agent_", AGENT_SOURCE))  # named as its copy in a queue
-    return _CODE
+    loader: Any = gateway_base.__loader__
+    return _Code("tej_execnet_", loader.get_source(gateway_base.__name__)), _agent()
+
+
+def __getattr__(name: str) -> str:
+    """AGENT_SOURCE and AGENT_DIGEST, read when first needed (not by every import)."""
+    if name == "AGENT_SOURCE":
+        return _agent().source
+    if name == "AGENT_DIGEST":
+        return _agent().name[len("tej_agent_") :]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_sources() -> dict[str, str]:
@@ -344,18 +353,21 @@ class Session:
 
     def open(self) -> None:
         """Start the agent on the destination and shake hands with it."""
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
         argv = agent_command(self.destination, self.options, _BOOTSTRAP_LINE)
-        try:
-            self._io = _AgentIO(argv, self._stderr)
-        except OSError as exc:
-            self.close()
-            raise self._start_failure(argv[0], exc) from None
+        started = _prestarted.pop(tuple(argv), None)
+        if started is None:
+            try:
+                started = _start(argv)
+            except OSError as exc:
+                self.close()
+                raise self._start_failure(argv[0], exc) from None
+        self._io, self._stderr = started
         try:
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
             # Its reply is read with the first request's: no round trip of its own.
-            self._send("hello", {"protocol": PROTOCOL_VERSION, "digest": AGENT_DIGEST})
+            digest = _agent().name[len("tej_agent_") :]
+            self._send("hello", {"protocol": PROTOCOL_VERSION, "digest": digest})
             self._hello_pending = True
         except BaseException:
             self.close()
@@ -374,11 +386,6 @@ class Session:
         watchdog.daemon = True
         watchdog.start()
         try:
-            io.write(_line(_STAGE_ONE))
-            # While the server starts: import execnet, send the loader. If the server has
-            # exited already, the version line (or its absence) says why.
-            with contextlib.suppress(OSError):
-                io.write(_line(_loader()))
             version = self._read_boot_line(io)
             if version < MIN_PYTHON:
                 raise ServerPythonError(
@@ -465,7 +472,7 @@ class Session:
         self._group = execnet.Group()
         gateway = execnet.Gateway(io, spec)
         self._group._register(gateway)
-        return gateway.remote_exec(f"import sys\nsys.modules[{_code()[1].name!r}].serve(channel)\n")
+        return gateway.remote_exec(f"import sys\nsys.modules[{_agent().name!r}].serve(channel)\n")
 
     def stderr_tail(self) -> str:
         """The last meaningful line the server (or ssh) wrote to stderr."""
@@ -614,6 +621,51 @@ class Session:
         self.close()
         reason = f": {detail}" if detail else " (the connection closed)"
         return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
+
+
+def _start(argv: list[str]) -> tuple[_AgentIO, IO[bytes]]:
+    """Start the agent's process and write the bootstrap's first two lines (OSError if not)."""
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
+    try:
+        io = _AgentIO(argv, stderr)
+    except BaseException:
+        stderr.close()
+        raise
+    # While the server starts: import execnet, send the loader. If the process has exited
+    # already, the version line (or its absence) says why.
+    with contextlib.suppress(OSError):
+        io.write(_line(_STAGE_ONE))
+        io.write(_line(_loader()))
+    return io, stderr
+
+
+#: Agent processes started ahead of their session, by command line (see prestart).
+_prestarted: dict[tuple[str, ...], tuple[_AgentIO, IO[bytes]]] = {}
+
+
+def prestart(destination: Destination, options: ConnectOptions) -> None:
+    """Start connecting now, for a session that will be opened soon (or not: discard).
+
+    The next Session.open() whose command line is the same takes this process over, so
+    the connection is made while the client does other work (the command line loads).
+    """
+    argv = agent_command(destination, options, _BOOTSTRAP_LINE)
+    if tuple(argv) not in _prestarted:
+        with contextlib.suppress(OSError):
+            _prestarted[tuple(argv)] = _start(argv)
+
+
+def discard_prestarted() -> None:
+    """End the processes that prestart() started and no session took over."""
+    while _prestarted:
+        _, (io, stderr) = _prestarted.popitem()
+        io.kill()
+        with contextlib.suppress(OSError):
+            io.popen.wait()
+        for stream in (io.popen.stdin, io.popen.stdout, stderr):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
 
 
 def _line(value: object) -> bytes:
