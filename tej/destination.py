@@ -7,7 +7,7 @@ import re
 import shlex
 import stat
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tej.errors import InvalidInput
 
@@ -18,8 +18,9 @@ SHARED_CONNECTION_SECONDS = 60
 _NAME = re.compile(r"[^\s@/'\"`$;&|<>()\\]+\Z")
 
 
-@dataclass(frozen=True)
-class Destination:
+# NamedTuples rather than dataclasses: `tej` builds these before it starts the agent, and
+# importing dataclasses would delay that (see tej.launcher).
+class Destination(NamedTuple):
     """Where jobs go: this machine (``local``) or a host reached with ssh."""
 
     host: str | None = None
@@ -42,8 +43,7 @@ class Destination:
         return f"ssh://{user}{host}{port}"
 
 
-@dataclass(frozen=True)
-class ConnectOptions:
+class ConnectOptions(NamedTuple):
     """How to reach a destination and start the agent there."""
 
     python: str | None = None

@@ -39,7 +39,7 @@ def main() -> None:
         _exit(exc)
         raise
     finally:
-        from tej.session import discard_prestarted
+        from tej.bootstrap import discard_prestarted
 
         discard_prestarted()
 
@@ -54,7 +54,7 @@ def _exit(exc: SystemExit) -> None:
     import atexit
     import threading
 
-    from tej.session import discard_prestarted
+    from tej.bootstrap import discard_prestarted
 
     discard_prestarted()
     others = [thread for thread in threading.enumerate() if thread is not threading.main_thread()]
@@ -102,9 +102,8 @@ def _prestart(args: list[str]) -> None:
     found = connection_arguments(args)
     if found is None:
         return
+    from tej.bootstrap import prestart
     from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
-    from tej.errors import TejError
-    from tej.session import prestart
 
     python, ssh_config = found.get("--python"), found.get("--ssh-config")
     timeout = str(found.get("--connect-timeout", DEFAULT_CONNECT_TIMEOUT))
@@ -118,5 +117,5 @@ def _prestart(args: list[str]) -> None:
             reuse_for=0 if found["--no-reuse"] else SHARED_CONNECTION_SECONDS,
         )
         prestart(parse_destination(str(found["destination"])), options)
-    except TejError:
-        pass  # the command line will say what is wrong
+    except Exception:  # noqa: BLE001 - the command line will say what is wrong
+        pass

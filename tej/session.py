@@ -1,39 +1,33 @@
 """A session: start the agent on a destination and exchange requests with it.
 
-The agent is started through our own bootstrap rather than execnet's
-``makegateway``, for three reasons: the ssh command line is ours (BatchMode,
-timeouts, keepalives, no forced compression), the server's stderr is captured
-so failures become one clear line, and the server's Python version is checked
-before execnet's own code is sent to it.
-
-The bootstrap, line by line on the agent's stdin:
-
-1. stage one (any Python, 2.7 included) reports the server's version, and
-   exits there if it is too old;
-2. the loader (Python 3.8+) imports execnet's gateway_base and the agent from
-   a private cache on the server (``$XDG_CACHE_HOME/tej``, else
-   ``~/.cache/tej``, files named by the digest of their source), so Python
-   keeps their compiled form and a connection costs no compilation; it
-   answers with the names it could not find there;
-3. only then, and only for those, the source is sent (and written to the
-   cache, best effort: a read-only or full home just compiles it every time).
-
-The client writes lines 1 and 2 at once, so a cache hit costs no round trip
-more than the version check, and the ssh connection is started before the
-client imports execnet.
+The agent is started through our own bootstrap (tej.bootstrap) rather than
+execnet's ``makegateway``, for three reasons: the ssh command line is ours
+(BatchMode, timeouts, keepalives, no forced compression), the server's stderr
+is captured so failures become one clear line, and the server's Python version
+is checked before execnet's own code is sent to it; and a fourth: execnet's
+code and the agent are kept compiled in a cache on the server.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
-import os
 import subprocess
-import tempfile
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
+from tej.bootstrap import (
+    BOOT_MARKER,
+    BOOTSTRAP_LINE,
+    CACHE_MARKER,
+    MAX_LOGIN_NOISE,
+    MIN_PYTHON,
+    AgentIO,
+    agent_code,
+    boot_line,
+    cache_sources,
+    prestarted,
+    start,
+)
 from tej.destination import ConnectOptions, Destination, agent_command
 from tej.errors import (
     ConnectionFailed,
@@ -49,276 +43,16 @@ if TYPE_CHECKING:
 
     import execnet
 
-MIN_PYTHON = (3, 8)
-BOOT_MARKER = b"TEJ-BOOT "
-CACHE_MARKER = b"TEJ-CACHE"
-MAX_LOGIN_NOISE = 65536
-#: Where the server keeps its cache of tej's code, under $XDG_CACHE_HOME or ~/.cache.
-CACHE_DIR_NAME = "tej"
-#: Cache files not rewritten for this long are removed (when the cache is written to).
-CACHE_MAX_AGE = 30 * 86400
-_BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
-# Stage one runs on any Python (2.7 included): it reports the version, and
-# only then reads the loader, which needs Python 3.8.
-_STAGE_ONE = (
-    "import sys\n"
-    "v = sys.version_info\n"
-    "sys.stdout.write('\\nTEJ-BOOT %d.%d.%d\\n' % (v[0], v[1], v[2]))\n"
-    "sys.stdout.flush()\n"
-    f"if v < {MIN_PYTHON!r}:\n"
-    "    sys.exit(3)\n"
-    "exec(eval(sys.stdin.readline()))\n"
-)
-# The loader (stage two) runs in stage one's namespace, then serves execnet's
-# protocol; tej_boot(modules, start) is appended with this connection's values.
-_LOADER = r'''
-import os, stat, sys
-
-
-def tej_cache_dir():
-    """The private cache folder, made if missing; None if it can't be had safely."""
-    try:
-        base = os.environ.get("XDG_CACHE_HOME", "")
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, CACHE_DIR_NAME)
-        if not os.path.isabs(path):
-            return None  # no home folder
-        try:
-            if not os.path.isdir(base):
-                os.makedirs(base, 0o700)
-            os.mkdir(path, 0o700)
-        except OSError:
-            pass
-        info = os.lstat(path)
-        # Only a folder of ours that nobody else can write to: code is imported from it.
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            return None
-        return None if info.st_mode & 0o022 else path
-    except Exception:  # no cache, whatever the reason: the source is sent instead
-        return None
-
-
-def tej_sha256(data):
-    try:
-        from _sha2 import sha256  # the built-in one: no OpenSSL to load
-    except ImportError:
-        try:
-            from _sha256 import sha256
-        except ImportError:
-            from hashlib import sha256
-    return sha256(data).hexdigest()
-
-
-def tej_import(name, path):
-    """Import the file at path as module name (Python caches its compiled form)."""
-    from importlib.machinery import SourceFileLoader
-
-    loader = SourceFileLoader(name, path)
-    module = type(sys)(name)
-    module.__file__ = path
-    module.__loader__ = loader
-    sys.modules[name] = module
-    try:
-        loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def tej_from_cache(cache, name, digest):
-    """The module from the cache if its file is ours, private and intact; else None."""
-    path = os.path.join(cache, name + ".py")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as stream:
-            info = os.fstat(stream.fileno())
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-                return None
-            if info.st_mode & 0o022:
-                return None
-            data = stream.read()
-        if tej_sha256(data) != digest:
-            return None
-        return tej_import(name, path)
-    except Exception:  # a damaged or vanished copy: the source is sent instead
-        return None
-
-
-def tej_from_source(cache, name, source):
-    """The module from its source: written to the cache and imported, or just run."""
-    if cache is not None:
-        path = os.path.join(cache, name + ".py")
-        temporary = "%s.tmp-%d" % (path, os.getpid())
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(temporary, flags, 0o600)
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(source.encode("utf-8"))
-            os.replace(temporary, path)
-            try:  # a compiled copy that failed to load
-                from importlib.util import cache_from_source
-
-                os.unlink(cache_from_source(path))
-            except Exception:
-                pass
-            return tej_import(name, path)
-        except Exception:  # a read-only or full disk: run it from memory
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-    module = type(sys)(name)
-    sys.modules[name] = module
-    exec(compile(source, name, "exec"), module.__dict__)
-    return module
-
-
-def tej_prune(cache, keep):
-    """Remove what older versions of tej left in the cache."""
-    import time
-
-    limit = time.time() - CACHE_MAX_AGE
-    for folder in (cache, os.path.join(cache, "__pycache__")):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for entry in names:
-            if entry.split(".")[0] in keep:
-                continue
-            path = os.path.join(folder, entry)
-            try:
-                if os.lstat(path).st_mtime < limit:
-                    os.unlink(path)
-            except OSError:
-                pass
-
-
-def tej_boot(modules, start):
-    """Load the modules [(name, digest)], asking for the source of those not cached."""
-    cache = tej_cache_dir()
-    loaded = {}
-    for name, digest in modules:
-        if cache is not None:
-            loaded[name] = tej_from_cache(cache, name, digest)
-    missing = [name for name, _ in modules if loaded.get(name) is None]
-    sys.stdout.write("TEJ-CACHE%s\n" % "".join(" " + name for name in missing))
-    sys.stdout.flush()
-    if missing:
-        sources = eval(sys.stdin.readline())
-        for name in missing:
-            loaded[name] = tej_from_source(cache, name, sources[name])
-        if cache is not None:
-            tej_prune(cache, [name for name, _ in modules])
-    base = loaded[start]
-    io = base.init_popen_io(base.get_execmodel("thread"))
-    io.write(b"1")
-    base.serve(io, id="tej-agent")
-    # The client has closed the session: end now, without the interpreter's cleanup,
-    # which the client would wait for (supervisors are detached: they go on).
-    sys.stderr.flush()
-    os._exit(0)
-'''.replace("CACHE_DIR_NAME", repr(CACHE_DIR_NAME)).replace("CACHE_MAX_AGE", str(CACHE_MAX_AGE))
-
-AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_agent.py")
 _gateway_ids = itertools.count(1)
-
-
-class _Code:
-    """A module the agent's side needs: its source and its name in the server's cache."""
-
-    def __init__(self, prefix: str, source: str) -> None:
-        import hashlib
-
-        self.source = source
-        self.digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
-        self.name = f"{prefix}{self.digest[:16]}"
-
-
-@functools.lru_cache(maxsize=None)
-def _agent() -> _Code:
-    """The agent's code (named tej_agent_DIGEST, as its copy in a queue)."""
-    with open(AGENT_PATH, encoding="utf-8") as stream:
-        return _Code("tej_agent_", stream.read())
-
-
-@functools.lru_cache(maxsize=None)
-def _code() -> tuple[_Code, _Code]:
-    """execnet's gateway_base and the agent, as the loader wants them."""
-    from execnet import gateway_base
-
-    loader: Any = gateway_base.__loader__
-    return _Code("tej_execnet_", loader.get_source(gateway_base.__name__)), _agent()
 
 
 def __getattr__(name: str) -> str:
     """AGENT_SOURCE and AGENT_DIGEST, read when first needed (not by every import)."""
     if name == "AGENT_SOURCE":
-        return _agent().source
+        return agent_code().source
     if name == "AGENT_DIGEST":
-        return _agent().name[len("tej_agent_") :]
+        return agent_code().digest[:16]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def cache_sources() -> dict[str, str]:
-    """What the server's cache holds for this client: {module name: source}, file NAME.py."""
-    return {code.name: code.source for code in _code()}
-
-
-class _AgentIO:
-    """The agent's process, and its pipes as execnet's gateway reads and writes them."""
-
-    def __init__(self, args: list[str], stderr: IO[bytes]) -> None:
-        self.popen = process = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        assert process.stdin is not None and process.stdout is not None
-        self._in = process.stdout
-        self._out = process.stdin
-        self.execmodel: Any = None  # set once execnet is imported
-
-    def read(self, numbytes: int) -> bytes:
-        """Read exactly numbytes bytes; EOFError if the pipe ends first."""
-        buf = b""
-        while numbytes > len(buf):
-            data = self._in.read(numbytes - len(buf))
-            if not data:
-                raise EOFError(f"expected {numbytes} bytes, got {len(buf)}")
-            buf += data
-        return buf
-
-    def readline(self) -> bytes:
-        """One line, with its newline; EOFError if the pipe ends first."""
-        line = self._in.readline()
-        if not line.endswith(b"\n"):
-            raise EOFError("the agent's output ended")
-        return line
-
-    def write(self, data: bytes) -> None:
-        self._out.write(data)
-        self._out.flush()
-
-    def close_read(self) -> None:
-        self._in.close()
-
-    def close_write(self) -> None:
-        self._out.close()
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.popen.kill()
-
-    def wait(self) -> int | None:
-        return self.popen.wait()
 
 
 class Session:
@@ -336,7 +70,7 @@ class Session:
         self._server: dict[str, Any] = {}
         self._hello_pending = False
         self._stderr: IO[bytes] | None = None
-        self._io: _AgentIO | None = None
+        self._io: AgentIO | None = None
         self._group: execnet.Group | None = None
         self._channel: Any = None
         #: The modules whose source had to be sent (not in the server's cache).
@@ -353,11 +87,11 @@ class Session:
 
     def open(self) -> None:
         """Start the agent on the destination and shake hands with it."""
-        argv = agent_command(self.destination, self.options, _BOOTSTRAP_LINE)
-        started = _prestarted.pop(tuple(argv), None)
+        argv = agent_command(self.destination, self.options, BOOTSTRAP_LINE)
+        started = prestarted.pop(tuple(argv), None)
         if started is None:
             try:
-                started = _start(argv)
+                started = start(argv)
             except OSError as exc:
                 self.close()
                 raise self._start_failure(argv[0], exc) from None
@@ -366,7 +100,7 @@ class Session:
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
             # Its reply is read with the first request's: no round trip of its own.
-            digest = _agent().name[len("tej_agent_") :]
+            digest = agent_code().digest[:16]
             self._send("hello", {"protocol": PROTOCOL_VERSION, "digest": digest})
             self._hello_pending = True
         except BaseException:
@@ -380,7 +114,7 @@ class Session:
             )
         return ConnectionFailed(f"Cannot run {program!r}: {exc.strerror}")
 
-    def _bootstrap(self, io: _AgentIO) -> None:
+    def _bootstrap(self, io: AgentIO) -> None:
         """Check the server's Python, then load execnet's code there; with a deadline."""
         watchdog = threading.Timer(self._bootstrap_timeout(), io.popen.kill)
         watchdog.daemon = True
@@ -395,7 +129,7 @@ class Session:
             missing = self._read_cache_line(io)
             self.sent_sources = tuple(missing)
             if missing:
-                io.write(_line({name: cache_sources()[name] for name in missing}))
+                io.write(boot_line({name: cache_sources()[name] for name in missing}))
             if io.read(1) != b"1":
                 raise ProtocolError(f"The agent on {self.destination} did not start properly")
         except (EOFError, OSError, ValueError):
@@ -406,7 +140,7 @@ class Session:
     def _bootstrap_timeout(self) -> float:
         return self.options.connect_timeout * 2 + 30.0
 
-    def _read_cache_line(self, io: _AgentIO) -> list[str]:
+    def _read_cache_line(self, io: AgentIO) -> list[str]:
         """The loader's answer: the names of the modules whose source it needs."""
         line = io.readline()
         if not line.startswith(CACHE_MARKER):
@@ -416,7 +150,7 @@ class Session:
             raise ProtocolError(f"The agent on {self.destination} did not start properly")
         return names
 
-    def _read_boot_line(self, io: _AgentIO) -> tuple[int, ...]:
+    def _read_boot_line(self, io: AgentIO) -> tuple[int, ...]:
         """Skip what login scripts print, up to the line that gives Python's version."""
         noise = b""
         while len(noise) < MAX_LOGIN_NOISE:
@@ -462,7 +196,7 @@ class Session:
             f"The agent could not start on {where} (exit code {code}): {detail}"
         )
 
-    def _start_agent(self, io: _AgentIO) -> Any:
+    def _start_agent(self, io: AgentIO) -> Any:
         import execnet
         from execnet import gateway_base
 
@@ -472,7 +206,8 @@ class Session:
         self._group = execnet.Group()
         gateway = execnet.Gateway(io, spec)
         self._group._register(gateway)
-        return gateway.remote_exec(f"import sys\nsys.modules[{_agent().name!r}].serve(channel)\n")
+        module = agent_code().name  # the loader has imported it
+        return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")
 
     def stderr_tail(self) -> str:
         """The last meaningful line the server (or ssh) wrote to stderr."""
@@ -621,62 +356,6 @@ class Session:
         self.close()
         reason = f": {detail}" if detail else " (the connection closed)"
         return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
-
-
-def _start(argv: list[str]) -> tuple[_AgentIO, IO[bytes]]:
-    """Start the agent's process and write the bootstrap's first two lines (OSError if not)."""
-    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
-    try:
-        io = _AgentIO(argv, stderr)
-    except BaseException:
-        stderr.close()
-        raise
-    # While the server starts: import execnet, send the loader. If the process has exited
-    # already, the version line (or its absence) says why.
-    with contextlib.suppress(OSError):
-        io.write(_line(_STAGE_ONE))
-        io.write(_line(_loader()))
-    return io, stderr
-
-
-#: Agent processes started ahead of their session, by command line (see prestart).
-_prestarted: dict[tuple[str, ...], tuple[_AgentIO, IO[bytes]]] = {}
-
-
-def prestart(destination: Destination, options: ConnectOptions) -> None:
-    """Start connecting now, for a session that will be opened soon (or not: discard).
-
-    The next Session.open() whose command line is the same takes this process over, so
-    the connection is made while the client does other work (the command line loads).
-    """
-    argv = agent_command(destination, options, _BOOTSTRAP_LINE)
-    if tuple(argv) not in _prestarted:
-        with contextlib.suppress(OSError):
-            _prestarted[tuple(argv)] = _start(argv)
-
-
-def discard_prestarted() -> None:
-    """End the processes that prestart() started and no session took over."""
-    while _prestarted:
-        _, (io, stderr) = _prestarted.popitem()
-        io.kill()
-        with contextlib.suppress(OSError):
-            io.popen.wait()
-        for stream in (io.popen.stdin, io.popen.stdout, stderr):
-            with contextlib.suppress(OSError):
-                if stream is not None:
-                    stream.close()
-
-
-def _line(value: object) -> bytes:
-    """A line that the bootstrap on the server reads and evaluates."""
-    return (ascii(value) + "\n").encode("ascii")
-
-
-def _loader() -> str:
-    """The loader's source, with the modules this client wants."""
-    modules = [(code.name, code.digest) for code in _code()]
-    return f"{_LOADER}\ntej_boot({modules!r}, {modules[0][0]!r})\n"
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:

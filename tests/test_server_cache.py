@@ -19,13 +19,13 @@ import pytest
 from sshd import SshServer, is_root
 
 import tej
-from tej import session as session_module
+from tej import bootstrap
 
 NOBODY = 65534
 
 
 def sources() -> dict[str, str]:
-    return session_module.cache_sources()
+    return bootstrap.cache_sources()
 
 
 def names() -> set[str]:
@@ -177,7 +177,7 @@ def test_old_versions_are_pruned_on_a_miss(local_cache: Path, remote: tej.Remote
     recent = local_cache / "tej_agent_fedcba9876543210.py"
     for path in [*old, recent]:
         path.write_text("raise SystemExit('never imported')\n")
-    month_ago = os.path.getmtime(recent) - session_module.CACHE_MAX_AGE - 60
+    month_ago = os.path.getmtime(recent) - bootstrap.CACHE_MAX_AGE - 60
     for path in old:
         os.utime(path, (month_ago, month_ago))
     assert set(connect(remote)) == names()
