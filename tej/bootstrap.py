@@ -74,10 +74,11 @@ def tej_cache_dir():
         except OSError:
             pass
         info = os.lstat(path)
-        # Only a folder of ours that nobody else can write to: code is imported from it.
+        # Code is imported from it: only a folder of ours that nobody else can even enter
+        # (so that nothing in it, compiled copies included, can be someone else's doing).
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             return None
-        return None if info.st_mode & 0o022 else path
+        return None if info.st_mode & 0o077 else path
     except Exception:  # no cache, whatever the reason: the source is sent instead
         return None
 

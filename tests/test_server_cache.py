@@ -95,6 +95,15 @@ def test_a_cache_writable_by_others_is_not_used(local_cache: Path, remote: tej.R
     assert listing(local_cache) == before, "tej wrote into a folder that others can write to"
 
 
+def test_a_cache_others_can_enter_is_not_used(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    local_cache.mkdir()
+    plant(local_cache)
+    local_cache.chmod(0o755)
+    before = listing(local_cache)
+    assert set(connect(remote)) == names()
+    assert listing(local_cache) == before
+
+
 @pytest.mark.skipif(not is_root(), reason="only root can give a folder to someone else")
 def test_a_cache_owned_by_someone_else_is_not_used(
     local_cache: Path, remote: tej.RemoteQueue
