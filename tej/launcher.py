@@ -4,7 +4,7 @@ Loading the command line (click, the API, execnet) takes a good part of a short
 command's time, and so does starting the agent on the server. For a queue
 command written the usual way (`tej COMMAND DESTINATION [options]`), the agent's
 process is started first, from a quick look at the arguments, and the real
-command line then takes it over (see tej.session.prestart): both happen at the
+command line then takes it over (see tej.bootstrap.prestart): both happen at the
 same time. The look is only a guess: the session takes the process over only if
 it would have started exactly the same command, and a process nobody took over
 (a mistake in the arguments, --help) is ended when the command ends. Nothing
