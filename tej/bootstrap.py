@@ -71,6 +71,7 @@ def tej_cache_dir():
             if not os.path.isdir(base):
                 os.makedirs(base, 0o700)
             os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # whatever the umask
         except OSError:
             pass
         info = os.lstat(path)
