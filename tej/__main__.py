@@ -1,5 +1,5 @@
 """``python -m tej``: the command-line interface."""
 
-from tej.cli import main
+from tej.launcher import main
 
 main()

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tej import jobspec, runners, transfer
-from tej import remote_agent as agent
-from tej.destination import ConnectOptions, parse_destination
+from tej import protocol, runners
+from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
 from tej.errors import (
     AgentMissing,
     ConnectionFailed,
@@ -26,31 +23,32 @@ from tej.errors import (
     TejError,
     WaitTimeout,
 )
-from tej.session import AGENT_SOURCE, Session
+from tej.session import Session
+
+if TYPE_CHECKING:  # imported where used, so that commands load only what they need
+    from tej import transfer
 
 DEFAULT_QUEUE = "~/.tej"
-#: How long an idle ssh connection is kept for the next command (ControlPersist).
-SHARED_CONNECTION_SECONDS = 60
-DEFAULT_SCRIPT = agent.DEFAULT_SCRIPT
+DEFAULT_SCRIPT = protocol.DEFAULT_SCRIPT
 
 
 class JobState(str, Enum):
     """The state of a job, as recorded on the server."""
 
-    STARTING = agent.STATE_STARTING
-    QUEUED = agent.STATE_QUEUED
-    SCHEDULED = agent.STATE_SCHEDULED
-    RUNNING = agent.STATE_RUNNING
-    FINISHED = agent.STATE_FINISHED
-    KILLED = agent.STATE_KILLED
-    TIMED_OUT = agent.STATE_TIMED_OUT
-    LOST = agent.STATE_LOST
-    CANCELLED = agent.STATE_CANCELLED
+    STARTING = protocol.STATE_STARTING
+    QUEUED = protocol.STATE_QUEUED
+    SCHEDULED = protocol.STATE_SCHEDULED
+    RUNNING = protocol.STATE_RUNNING
+    FINISHED = protocol.STATE_FINISHED
+    KILLED = protocol.STATE_KILLED
+    TIMED_OUT = protocol.STATE_TIMED_OUT
+    LOST = protocol.STATE_LOST
+    CANCELLED = protocol.STATE_CANCELLED
 
     @property
     def is_active(self) -> bool:
         """Whether the job may still be running."""
-        return self.value in agent.ACTIVE_STATES
+        return self.value in protocol.ACTIVE_STATES
 
 
 @dataclass(frozen=True)
@@ -142,15 +140,17 @@ def _format_time(when: datetime | None) -> str | None:
 
 def check_job_id(job_id: str) -> str:
     """Return job_id if it is a valid identifier; InvalidInput otherwise."""
-    try:
-        agent.validate_job_id(job_id)
-    except agent.AgentError as exc:
-        raise InvalidInput(exc.message) from None
+    problem = protocol.job_id_problem(job_id)
+    if problem is not None:
+        raise InvalidInput(problem)
     return job_id
 
 
 def default_id_prefix(directory: str) -> str:
     """The start of a default job id: ``<dirname>_<user>`` (a random part follows)."""
+    import getpass
+    import re
+
     name = os.path.basename(os.path.abspath(directory))
     try:
         user = getpass.getuser()
@@ -228,6 +228,8 @@ class RemoteQueue:
                 if "agent" in installed:
                     raise
                 installed.add("agent")
+                from tej.session import AGENT_SOURCE
+
                 self.session().call("install_agent", queue=self.queue, source=AGENT_SOURCE)
             except RunnerMissing as exc:
                 name = str(exc)
@@ -267,7 +269,7 @@ class RemoteQueue:
         """
         all_links = [*links, DEFAULT_QUEUE] if default_link else list(links)
         request: dict[str, Any] = {"runner": runner, "options": dict(options or {})}
-        if runner != agent.DEFAULT_RUNNER:
+        if runner != protocol.DEFAULT_RUNNER:
             request["runner_source"] = runners.load(runner).source
         result = self._call("setup", links=all_links, force=force, only_links=only_links, **request)
         return SetupResult(
@@ -296,6 +298,8 @@ class RemoteQueue:
         nor shown by status. progress, if given, is called with (bytes just
         sent, total bytes). Everything is checked before anything is sent.
         """
+        from tej import jobspec, transfer
+
         job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
         secret_env = jobspec.secret_env(secrets or {})
         entries = transfer.scan_directory(directory)
@@ -363,7 +367,7 @@ class RemoteQueue:
         job_id: str,
         timeout: float | None = None,
         on_progress: Callable[[JobStatus], None] | None = None,
-        interval: float = agent.MAX_BLOCK,
+        interval: float = protocol.MAX_BLOCK,
     ) -> JobStatus:
         """Block until the job ends and return its final status.
 
@@ -397,6 +401,8 @@ class RemoteQueue:
         ends and every last byte has been delivered. tail starts at the last
         `tail` lines.
         """
+        from tej import transfer
+
         check_job_id(job_id)
         if stream not in ("stdout", "stderr"):
             raise InvalidInput(f"stream must be stdout or stderr, not {stream!r}")
@@ -410,7 +416,7 @@ class RemoteQueue:
                 stream=stream,
                 offset=offset,
                 length=transfer.CHUNK_SIZE,
-                wait=agent.MAX_BLOCK if follow else 0,
+                wait=protocol.MAX_BLOCK if follow else 0,
             )
             if reply["data"]:
                 offset = reply["offset"]
@@ -425,12 +431,16 @@ class RemoteQueue:
 
         progress, if given, is called with (bytes just received, total bytes).
         """
+        from tej import transfer
+
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
         transfer.download_tree(self.session(), self.queue, job_id, path, entries, local, progress)
         return local
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:
         """Yield the content of a job's file, chunk by chunk."""
+        from tej import transfer
+
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
         if entries[0].kind != "f":
             raise InvalidInput(f"{path} is a folder, not a file")

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tej import __version__, jobspec
+from tej import __version__
 from tej.api import DEFAULT_QUEUE, JobState, JobStatus, RemoteQueue
 from tej.errors import InvalidInput, JobNotFound, TejError
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 EXIT_INTERRUPTED = 130
 EXIT_JOB_LOST = 7
@@ -77,6 +77,8 @@ def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
 
 def emit_json(document: Any) -> None:
     """Print one JSON document on stdout."""
+    import json
+
     click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
@@ -223,6 +225,8 @@ def setup(
         options=parse_pairs(options, "--option", "KEY=VALUE"),
     )
     if as_json:
+        import dataclasses
+
         emit_json(dataclasses.asdict(result))
         return
     if not only_links:
@@ -399,6 +403,8 @@ def wait(
     remote: RemoteQueue, as_json: bool, job_id: str, timeout: str | None, exit_code: bool
 ) -> None:
     """Wait until a job ends, then show how it ended."""
+    from tej import jobspec
+
     seconds = jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout else None
     status = wait_for_job(remote, job_id, seconds, show_progress=not as_json)
     if as_json:

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shlex
 import stat
 import sys
-import tempfile
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from typing import NamedTuple
 
 from tej.errors import InvalidInput
 
 LOCAL = "local"
 DEFAULT_REMOTE_PYTHON = "python3"
+#: How long an idle ssh connection is kept for the next command (ControlPersist).
+SHARED_CONNECTION_SECONDS = 60
 _NAME = re.compile(r"[^\s@/'\"`$;&|<>()\\]+\Z")
 
 
-@dataclass(frozen=True)
-class Destination:
+# NamedTuples rather than dataclasses: `tej` builds these before it starts the agent, and
+# importing dataclasses would delay that (see tej.launcher).
+class Destination(NamedTuple):
     """Where jobs go: this machine (``local``) or a host reached with ssh."""
 
     host: str | None = None
@@ -43,8 +43,7 @@ class Destination:
         return f"ssh://{user}{host}{port}"
 
 
-@dataclass(frozen=True)
-class ConnectOptions:
+class ConnectOptions(NamedTuple):
     """How to reach a destination and start the agent there."""
 
     python: str | None = None
@@ -80,6 +79,8 @@ def parse_destination(text: str) -> Destination:
 
 
 def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
     try:
         ipaddress.IPv6Address(text.split("%", 1)[0])
     except ValueError:
@@ -88,6 +89,8 @@ def _is_ipv6(text: str) -> bool:
 
 
 def _parse_url(text: str) -> Destination:
+    from urllib.parse import unquote, urlsplit
+
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -172,6 +175,8 @@ def _sharing_settings(reuse_for: int) -> dict[str, str]:
 
 def control_directory() -> str | None:
     """A private folder for shared-connection sockets, or None if none can be had safely."""
+    import tempfile
+
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = os.path.join(base, f"tej-ssh-{os.getuid()}")
     try:

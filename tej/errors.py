@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tej import remote_agent as agent
+from tej import protocol
 
 
 class TejError(Exception):
@@ -76,16 +76,16 @@ class RunnerMissing(TejError):
 
 #: Error types named in the agent's replies, and the exception each becomes.
 ERRORS_BY_TYPE: dict[str, type[TejError]] = {
-    agent.ERR_BAD_REQUEST: ProtocolError,
-    agent.ERR_INVALID: InvalidInput,
-    agent.ERR_JOB_NOT_FOUND: JobNotFound,
-    agent.ERR_JOB_EXISTS: JobExists,
-    agent.ERR_JOB_RUNNING: JobStillRunning,
-    agent.ERR_QUEUE: QueueError,
-    agent.ERR_AGENT_MISSING: AgentMissing,
-    agent.ERR_RUNNER_MISSING: RunnerMissing,
-    agent.ERR_SERVER: ServerError,
-    agent.ERR_INTERNAL: ServerError,
+    protocol.ERR_BAD_REQUEST: ProtocolError,
+    protocol.ERR_INVALID: InvalidInput,
+    protocol.ERR_JOB_NOT_FOUND: JobNotFound,
+    protocol.ERR_JOB_EXISTS: JobExists,
+    protocol.ERR_JOB_RUNNING: JobStillRunning,
+    protocol.ERR_QUEUE: QueueError,
+    protocol.ERR_AGENT_MISSING: AgentMissing,
+    protocol.ERR_RUNNER_MISSING: RunnerMissing,
+    protocol.ERR_SERVER: ServerError,
+    protocol.ERR_INTERNAL: ServerError,
 }
 
 

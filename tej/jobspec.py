@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from tej import remote_agent as agent
+from tej import protocol
 from tej.errors import InvalidInput
 
 JOB_FILE = "tej.json"
@@ -23,7 +23,7 @@ MAX_JOB_FILE_SIZE = 1 << 20
 OUTPUT_KEPT = "tej"
 OUTPUT_DISCARDED = "discard"
 STDERR_MERGED = "stdout"
-NOTIFY_STATES = (agent.STATE_FINISHED, agent.STATE_KILLED, agent.STATE_TIMED_OUT)
+NOTIFY_STATES = (protocol.STATE_FINISHED, protocol.STATE_KILLED, protocol.STATE_TIMED_OUT)
 
 FIELDS = (
     "script",
@@ -105,10 +105,10 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
     if "start_at" in data and "delay" in data:
         raise InvalidInput("Give start_at or delay, not both")
     job: dict[str, Any] = {
-        "script": _relative_path(data.get("script", agent.DEFAULT_SCRIPT), "script"),
+        "script": _relative_path(data.get("script", protocol.DEFAULT_SCRIPT), "script"),
         "args": _strings(data.get("args", []), "args"),
         "env": _env(data.get("env", {})),
-        "kill_grace": duration(data.get("kill_grace", agent.KILL_GRACE), "kill_grace"),
+        "kill_grace": duration(data.get("kill_grace", protocol.KILL_GRACE), "kill_grace"),
         "stdout": _output(data.get("stdout", OUTPUT_KEPT), "stdout"),
         "stderr": _output(data.get("stderr", OUTPUT_KEPT), "stderr"),
     }
@@ -140,7 +140,7 @@ def _priority(value: Any) -> int:
 def _job_ids(value: Any, field: str) -> list[str]:
     ids = _one_or_many(value, field)
     for job_id in ids:
-        if not agent.ID_PATTERN.match(job_id) or len(job_id) > agent.MAX_ID_LENGTH:
+        if protocol.job_id_problem(job_id):
             raise InvalidInput(f"Invalid job identifier {job_id!r} in {field}")
     return list(dict.fromkeys(ids))
 
@@ -187,7 +187,7 @@ def duration(value: Any, field: str, allow_zero: bool = False) -> float:
             raise InvalidInput(f'Invalid duration for {field}: {value!r} (try "90s", "15m")')
         value = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
     seconds = float(value)
-    if not 0 <= seconds <= agent.MAX_DURATION or (seconds == 0 and not allow_zero):
+    if not 0 <= seconds <= protocol.MAX_DURATION or (seconds == 0 and not allow_zero):
         raise InvalidInput(f"{field} must be a positive duration up to 10 years, not {value!r}")
     return seconds
 

@@ -1,15 +1,17 @@
 """tej's agent: everything that runs on the server.
 
-This module is shipped as source over the execnet channel on every
-connection, so it is kept small on purpose: standard library only, Python 3.8
-and newer, plain data (dicts, lists, str, bytes, numbers) on the wire and on
-disk. It owns the protocol version, the operation names, the job states and
-the queue format; the client imports these constants instead of restating
-them.
+This module is shipped as source to the server (which keeps it in a private
+cache, see tej/session.py), so it is kept small on purpose: standard library
+only, Python 3.8 and newer, plain data (dicts, lists, str, bytes, numbers) on
+the wire and on disk. It owns the protocol version, the operation names, the
+job states and the queue format; the client restates the few it needs in
+tej/protocol.py (a test checks that they are equal), so that no command has to
+import this module.
 
 It has two roles:
 
-* Under execnet (``__name__ == "__channelexec__"``) it serves requests: a
+* Under execnet (imported from the server's cache, then ``serve(channel)``;
+  or run with ``__name__ == "__channelexec__"``) it serves requests: a
   request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}`` and the
   reply is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": TYPE,
   "message": TEXT}``. One connection serves any number of requests, in order.
@@ -22,14 +24,13 @@ It has two roles:
 import errno
 import json
 import os
-import random
 import re
-import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
+
+# random, select, shutil and subprocess are imported where they are used: a
+# connection that only reads (status, list) does not pay for them.
 
 PROTOCOL_VERSION = 1
 QUEUE_FORMAT = 1
@@ -140,6 +141,13 @@ def parse_iso(text):
     return seconds + (float("0." + fraction) if fraction else 0.0)
 
 
+def randrange(limit):
+    """A random number in [0, limit)."""
+    import random
+
+    return random.randrange(limit)
+
+
 def write_json_atomic(path, data, durable=True):
     """Write JSON to path atomically: temp file, fsync (if durable), rename."""
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
@@ -152,7 +160,7 @@ def write_file_atomic(path, data, durable=True):
     Without durable, no fsync: readers still never see a partial file, but
     a power cut may lose the write (for records that a crash makes moot).
     """
-    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), random.randrange(1 << 30))
+    tmp = "%s.tmp-%d-%d" % (path, os.getpid(), randrange(1 << 30))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as stream:
@@ -194,6 +202,8 @@ def remove_tree(path):
             function(failed_path)
         except OSError:
             pass
+
+    import shutil
 
     shutil.rmtree(path, onerror=retry_writable)
 
@@ -495,7 +505,7 @@ def create_queue(root, runner="default", options=None):
     parent = os.path.dirname(root)
     if not os.path.isdir(parent):
         make_private_dirs(parent)
-    building = "%s.tej-new-%d-%d" % (root, os.getpid(), random.randrange(1 << 30))
+    building = "%s.tej-new-%d-%d" % (root, os.getpid(), randrange(1 << 30))
     make_private_dir(building)
     try:
         for name in (JOBS_DIR, STAGING_DIR, TRASH_DIR, AGENT_DIR):
@@ -744,6 +754,13 @@ class RunnerHost(object):
     def failure(self, message):
         """An error to raise when the server can't do what was asked."""
         return AgentError(ERR_SERVER, message)
+
+
+def batch_systems():
+    """The batch systems whose commands this server has (for setup to mention)."""
+    import shutil
+
+    return [name for name in ("sbatch",) if shutil.which(name)]
 
 
 class QueueLock(object):
@@ -1032,6 +1049,8 @@ class ForkServer(object):
     """
 
     def __init__(self, agent_path):
+        import subprocess
+
         self.proc = subprocess.Popen(
             fork_server_command(agent_path),
             stdin=subprocess.PIPE,
@@ -1280,7 +1299,7 @@ class Agent(object):
             "created": created,
             "runner": runner,
             "links": paths,
-            "batch_systems": [name for name in ("sbatch",) if shutil.which(name)],
+            "batch_systems": batch_systems(),
         }
 
     def tick_after_setup(self, root):
@@ -1381,7 +1400,7 @@ class Agent(object):
         queue = open_queue(queue, create=True)
         remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
         remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
-        token = "%x%08x" % (int(time.time()), random.randrange(1 << 32))
+        token = "%x%08x" % (int(time.time()), randrange(1 << 32))
         staging = queue.path(STAGING_DIR, token)
         make_private_dir(staging)
         make_private_dir(os.path.join(staging, WORK_DIR))
@@ -1454,7 +1473,7 @@ class Agent(object):
         if job_id is None:
             if not isinstance(id_prefix, str):
                 raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
-            candidates = ["%s_%06d" % (id_prefix, random.randrange(10**6)) for _ in range(50)]
+            candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
         validate_job_id(candidates[0])
         start_time = start_time_of(job)
         for candidate in candidates:
@@ -1596,7 +1615,7 @@ class Agent(object):
                     "Job %r is being killed (its grace period is long): delete it once it has "
                     "ended" % job_id,
                 )
-        trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, random.randrange(1 << 30)))
+        trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
         try:
@@ -1761,6 +1780,8 @@ def fork_server_command(agent_path):
 
 def read_line_with_timeout(stream, timeout):
     """Read one line from a pipe, giving up (empty result) after timeout."""
+    import select
+
     deadline = time.time() + timeout
     data = b""
     while not data.endswith(b"\n"):
@@ -2261,6 +2282,8 @@ def send_email(notify, address, status):
 
 def spawn(command, work, env, out, err):
     """Start the job's command in a session of its own, detached from any terminal."""
+    import subprocess
+
     return subprocess.Popen(
         command,
         cwd=work,

@@ -1,30 +1,34 @@
 """A session: start the agent on a destination and exchange requests with it.
 
-The agent is started through our own bootstrap rather than execnet's
-``makegateway``, for three reasons: the ssh command line is ours (BatchMode,
-timeouts, keepalives, no forced compression), the server's stderr is captured
-so failures become one clear line, and the server's Python version is checked
-before execnet's own code is sent to it.
+The agent is started through our own bootstrap (tej.bootstrap) rather than
+execnet's ``makegateway``, for three reasons: the ssh command line is ours
+(BatchMode, timeouts, keepalives, no forced compression), the server's stderr
+is captured so failures become one clear line, and the server's Python version
+is checked before execnet's own code is sent to it; and a fourth: execnet's
+code and the agent are kept compiled in a cache on the server.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import itertools
 import subprocess
-import tempfile
 import threading
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import execnet
-from execnet import gateway_base
-from execnet.gateway_io import Popen2IOMaster
-
-from tej import remote_agent as agent
 from tej import runners
+from tej.bootstrap import (
+    BOOT_MARKER,
+    BOOTSTRAP_LINE,
+    CACHE_MARKER,
+    MAX_LOGIN_NOISE,
+    MIN_PYTHON,
+    AgentIO,
+    agent_code,
+    boot_line,
+    cache_sources,
+    prestarted,
+    start,
+)
 from tej.destination import ConnectOptions, Destination, agent_command
 from tej.errors import (
     ConnectionFailed,
@@ -33,41 +37,23 @@ from tej.errors import (
     TejError,
     error_from_reply,
 )
+from tej.protocol import PROTOCOL_VERSION
 
-MIN_PYTHON = (3, 8)
-BOOT_MARKER = b"TEJ-BOOT "
-MAX_LOGIN_NOISE = 65536
-_BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
-# Stage one runs on any Python (2.7 included): it reports the version, and
-# only then reads execnet's code, which needs Python 3.8.
-_STAGE_ONE = (
-    "import sys\n"
-    "v = sys.version_info\n"
-    "sys.stdout.write('\\nTEJ-BOOT %d.%d.%d\\n' % (v[0], v[1], v[2]))\n"
-    "sys.stdout.flush()\n"
-    f"if v < {MIN_PYTHON!r}:\n"
-    "    sys.exit(3)\n"
-    "exec(eval(sys.stdin.readline()))\n"
-)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    import execnet
+
 _gateway_ids = itertools.count(1)
 
-AGENT_SOURCE = Path(agent.__file__).read_text(encoding="utf-8")
-AGENT_DIGEST = hashlib.sha256(AGENT_SOURCE.encode()).hexdigest()[:16]
 
-
-class _AgentIO(Popen2IOMaster):
-    """execnet IO over a child process whose stderr we keep."""
-
-    def __init__(self, args: list[str], stderr: IO[bytes]) -> None:
-        execmodel = gateway_base.get_execmodel("thread")
-        self.popen = process = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        gateway_base.Popen2IO.__init__(self, process.stdin, process.stdout, execmodel=execmodel)
+def __getattr__(name: str) -> str:
+    """AGENT_SOURCE and AGENT_DIGEST, read when first needed (not by every import)."""
+    if name == "AGENT_SOURCE":
+        return agent_code().source
+    if name == "AGENT_DIGEST":
+        return agent_code().digest[:16]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Session:
@@ -82,11 +68,14 @@ class Session:
         self.destination = destination
         self.options = options or ConnectOptions()
         self.request_timeout = request_timeout
-        self.server: dict[str, Any] = {}
+        self._server: dict[str, Any] = {}
+        self._hello_pending = False
         self._stderr: IO[bytes] | None = None
-        self._io: _AgentIO | None = None
+        self._io: AgentIO | None = None
         self._group: execnet.Group | None = None
         self._channel: Any = None
+        #: The modules whose source had to be sent (not in the server's cache).
+        self.sent_sources: tuple[str, ...] = ()
 
     def __enter__(self) -> Session:
         self.open()
@@ -99,22 +88,29 @@ class Session:
 
     def open(self) -> None:
         """Start the agent on the destination and shake hands with it."""
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
-        argv = agent_command(self.destination, self.options, _BOOTSTRAP_LINE)
-        try:
-            self._io = _AgentIO(argv, self._stderr)
-        except OSError as exc:
-            self.close()
-            raise self._start_failure(argv[0], exc) from None
+        argv = agent_command(self.destination, self.options, BOOTSTRAP_LINE)
+        started = prestarted.pop(tuple(argv), None)
+        if started is None:
+            try:
+                started = start(argv)
+            except OSError as exc:
+                self.close()
+                raise self._start_failure(argv[0], exc) from None
+        self._io, self._stderr = started
         try:
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
-            self.server = self.call(
+            # Its reply is read with the first request's: no round trip of its own.
+            digest = agent_code().digest[:16]
+            self._send(
                 "hello",
-                protocol=agent.PROTOCOL_VERSION,
-                digest=AGENT_DIGEST,
-                runners=runners.builtin_digests(),
+                {
+                    "protocol": PROTOCOL_VERSION,
+                    "digest": digest,
+                    "runners": runners.builtin_digests(),
+                },
             )
+            self._hello_pending = True
         except BaseException:
             self.close()
             raise
@@ -126,20 +122,22 @@ class Session:
             )
         return ConnectionFailed(f"Cannot run {program!r}: {exc.strerror}")
 
-    def _bootstrap(self, io: _AgentIO) -> None:
-        """Check the server's Python, then send execnet's code; with a deadline."""
+    def _bootstrap(self, io: AgentIO) -> None:
+        """Check the server's Python, then load execnet's code there; with a deadline."""
         watchdog = threading.Timer(self._bootstrap_timeout(), io.popen.kill)
         watchdog.daemon = True
         watchdog.start()
         try:
-            io.write((repr(_STAGE_ONE) + "\n").encode())
             version = self._read_boot_line(io)
             if version < MIN_PYTHON:
                 raise ServerPythonError(
                     f"Python {'.'.join(map(str, version))} on {self.destination} is too old: "
                     f"tej needs Python {'.'.join(map(str, MIN_PYTHON))} or newer (see --python)"
                 )
-            io.write((repr(self._stage_two()) + "\n").encode())
+            missing = self._read_cache_line(io)
+            self.sent_sources = tuple(missing)
+            if missing:
+                io.write(boot_line({name: cache_sources()[name] for name in missing}))
             if io.read(1) != b"1":
                 raise ProtocolError(f"The agent on {self.destination} did not start properly")
         except (EOFError, OSError, ValueError):
@@ -150,19 +148,17 @@ class Session:
     def _bootstrap_timeout(self) -> float:
         return self.options.connect_timeout * 2 + 30.0
 
-    @staticmethod
-    def _stage_two() -> str:
-        return "\n".join(
-            [
-                inspect.getsource(gateway_base),
-                "execmodel = get_execmodel('thread')",
-                "io = init_popen_io(execmodel)",
-                "io.write('1'.encode('ascii'))",
-                "serve(io, id='tej-agent')",
-            ]
-        )
+    def _read_cache_line(self, io: AgentIO) -> list[str]:
+        """The loader's answer: the names of the modules whose source it needs."""
+        line = io.readline()
+        if not line.startswith(CACHE_MARKER):
+            raise ProtocolError(f"The agent on {self.destination} did not start properly")
+        names = line[len(CACHE_MARKER) :].decode("ascii", "replace").split()
+        if not set(names) <= set(cache_sources()):
+            raise ProtocolError(f"The agent on {self.destination} did not start properly")
+        return names
 
-    def _read_boot_line(self, io: _AgentIO) -> tuple[int, ...]:
+    def _read_boot_line(self, io: AgentIO) -> tuple[int, ...]:
         """Skip what login scripts print, up to the line that gives Python's version."""
         noise = b""
         while len(noise) < MAX_LOGIN_NOISE:
@@ -208,13 +204,18 @@ class Session:
             f"The agent could not start on {where} (exit code {code}): {detail}"
         )
 
-    def _start_agent(self, io: _AgentIO) -> Any:
+    def _start_agent(self, io: AgentIO) -> Any:
+        import execnet
+        from execnet import gateway_base
+
+        io.execmodel = gateway_base.get_execmodel("thread")
         spec = execnet.XSpec(f"popen//id=tej-{next(_gateway_ids)}")
         spec.execmodel = "thread"
         self._group = execnet.Group()
         gateway = execnet.Gateway(io, spec)
         self._group._register(gateway)
-        return gateway.remote_exec(AGENT_SOURCE)
+        module = agent_code().name  # the loader has imported it
+        return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")
 
     def stderr_tail(self) -> str:
         """The last meaningful line the server (or ssh) wrote to stderr."""
@@ -228,6 +229,7 @@ class Session:
     def close(self) -> None:
         """End the session: stop the agent and its connection (jobs keep running)."""
         group, self._group, self._channel = self._group, None, None
+        self._hello_pending = False
         gateways = list(group) if group is not None else []
         for gateway in gateways:
             gateway.exit()
@@ -311,11 +313,29 @@ class Session:
         if self._channel is None:
             raise ConnectionFailed(f"The session with {self.destination} is closed")
         try:
-            self._channel.send({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
+            self._channel.send({"v": PROTOCOL_VERSION, "op": op, "args": args})
         except (OSError, EOFError, ValueError) as exc:
             raise self._lost(exc) from None
 
+    @property
+    def server(self) -> dict[str, Any]:
+        """What the agent's handshake says of the server: python, platform, home, pid."""
+        self._finish_hello()
+        return self._server
+
+    def _finish_hello(self) -> None:
+        """Read the handshake's reply, if it is still on its way; a failed one closes."""
+        if not self._hello_pending:
+            return
+        self._hello_pending = False
+        try:
+            self._server = self._receive()
+        except BaseException:
+            self.close()
+            raise
+
     def _receive(self) -> Any:
+        self._finish_hello()
         channel = self._channel
         if channel is None:
             raise ConnectionFailed(f"The session with {self.destination} is closed")

@@ -15,10 +15,12 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tej.errors import InvalidInput
-from tej.session import Session
+
+if TYPE_CHECKING:
+    from tej.session import Session
 
 #: Called with (bytes just moved, total bytes of the transfer).
 Progress = Callable[[int, int], None]

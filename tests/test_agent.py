@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, TypeVar, Union
 import pytest
 
 import tej.session
+from tej import protocol
 from tej import remote_agent as agent
 
 T = TypeVar("T")
@@ -321,6 +322,24 @@ def test_invalid_job_ids_are_refused_by_job_operations(
 ) -> None:
     harness.fail(agent.ERR_INVALID, op, job_id=job_id)
     assert list(harness.tmp.iterdir()) == []
+
+
+def test_client_protocol_matches_the_agent() -> None:
+    """tej/protocol.py restates what the client needs of the agent: each value is the agent's."""
+    names = [name for name in vars(protocol) if name.isupper()]
+    assert len(names) > 20, names
+    for name in names:
+        assert getattr(protocol, name) == getattr(agent, name), name
+
+
+@pytest.mark.parametrize("job_id", VALID_IDS + INVALID_IDS)
+def test_client_job_id_rule_is_the_agent_s(job_id: Any) -> None:
+    try:
+        agent.validate_job_id(job_id)
+    except agent.AgentError as exc:
+        assert protocol.job_id_problem(job_id) == exc.message
+    else:
+        assert protocol.job_id_problem(job_id) is None
 
 
 # -- the queue directory -------------------------------------------------------

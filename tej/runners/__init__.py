@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tej import remote_agent as agent
+from tej import protocol
 from tej.errors import InvalidInput
 
 ENTRY_POINT_GROUP = "tej.runners"
@@ -48,7 +48,7 @@ def builtin_digests() -> dict[str, str]:
 
 def available() -> list[str]:
     """The names of every runner this client can set up, default first."""
-    return [agent.DEFAULT_RUNNER, *sorted({*BUILTIN, *_plugins()})]
+    return [protocol.DEFAULT_RUNNER, *sorted({*BUILTIN, *_plugins()})]
 
 
 def load(name: str) -> RunnerSource:

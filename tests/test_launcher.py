@@ -1,0 +1,168 @@
+"""The `tej` command starts the agent while its command line loads, and never leaves it behind.
+
+tej.launcher guesses the destination and connection options of a queue command from its
+arguments and starts the agent's process first; the session takes that process over only
+if it would have started the very same command, and any process nobody took over ends with
+the command. These tests count the agent's starts with a --python wrapper that records them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import process_alive, wait_until
+
+from tej.launcher import connection_arguments
+
+DEADLINE = 60.0
+
+
+@pytest.fixture(autouse=True)
+def no_tej_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("TEJ_"):
+            monkeypatch.delenv(name)
+
+
+# reading the arguments
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["status", "host", "--id", "x"], {}),
+        (["list", "user@host", "--json"], {}),
+        (["status", "h", "--python", "py", "--id", "x"], {"--python": "py"}),
+        (["status", "h", "--python=py3 -u", "--ssh-config", "cfg"], {"--python": "py3 -u"}),
+        (["list", "h", "--connect-timeout", "5", "--no-reuse"], {"--connect-timeout": "5"}),
+    ],
+)
+def test_the_connection_options_are_found(args: list[str], expected: dict[str, str]) -> None:
+    found = connection_arguments(args)
+    assert found is not None
+    assert found["destination"] == args[1]
+    assert found["--no-reuse"] == ("--no-reuse" in args)
+    for option, value in expected.items():
+        assert found[option] == value
+    if "--ssh-config" in args:
+        assert found["--ssh-config"] == "cfg"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--version"],
+        ["status"],
+        ["status", "--id", "x", "host"],  # the destination is not first: not worth guessing
+        ["list", "--", "-oProxyCommand=x"],
+        ["status", "host", "--help"],
+        ["list", "host", "-h"],
+        ["frobnicate", "host"],
+    ],
+)
+def test_nothing_is_started_when_unsure(args: list[str]) -> None:
+    assert connection_arguments(args) is None
+
+
+def test_the_environment_is_read_as_click_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEJ_PYTHON", "python3.11")
+    monkeypatch.setenv("TEJ_SSH_CONFIG", "")  # empty: ignored, as click does
+    monkeypatch.setenv("TEJ_NO_REUSE", "yes")
+    found = connection_arguments(["list", "host"])
+    assert found == {"destination": "host", "--python": "python3.11", "--no-reuse": True}
+    assert connection_arguments(["list", "host", "--python", "py"])["--python"] == "py"  # type: ignore[index]
+    monkeypatch.setenv("TEJ_NO_REUSE", "maybe")  # click refuses it: don't guess
+    assert connection_arguments(["list", "host"]) is None
+
+
+# the command line, with the agent's starts counted
+
+
+@pytest.fixture
+def counted_python(tmp_path: Path) -> tuple[str, Path]:
+    """A --python that records the pid of each agent it starts (exec keeps the pid)."""
+    record = tmp_path / "starts"
+    wrapper = tmp_path / "python-counted"
+    wrapper.write_text(f'#!/bin/sh\necho $$ >> {record}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper), record
+
+
+def run_tej(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tej", *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def starts(record: Path) -> list[int]:
+    return [int(line) for line in record.read_text().split()] if record.exists() else []
+
+
+def test_the_early_agent_is_the_one_used(counted_python: tuple[str, Path], tmp_path: Path) -> None:
+    python, record = counted_python
+    queue = str(tmp_path / "queue")
+    for _ in range(2):
+        done = run_tej("list", "local", "--queue", queue, "--python", python, cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert len(starts(record)) == 2, "one agent per command"
+
+
+def test_an_agent_started_for_bad_input_is_ended(
+    counted_python: tuple[str, Path], tmp_path: Path
+) -> None:
+    python, record = counted_python
+    queue = str(tmp_path / "queue")
+    done = run_tej(
+        "status", "local", "--queue", queue, "--python", python, "--id", "a/b", cwd=tmp_path
+    )
+    assert done.returncode == 1, done
+    assert done.stderr.startswith("Error: Invalid job identifier"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(starts(record)) <= 1
+    for pid in starts(record):
+        wait_until(lambda pid=pid: not process_alive(pid), 5, f"the early agent {pid} to end")
+    assert not Path(queue).exists()
+
+
+def test_an_agent_started_for_a_failed_option_is_ended(
+    counted_python: tuple[str, Path], tmp_path: Path
+) -> None:
+    python, record = counted_python
+    done = run_tej("status", "local", "--python", python, cwd=tmp_path)  # no --id
+    assert done.returncode == 2, done
+    assert "Missing option '--id'" in done.stderr
+    for pid in starts(record):
+        wait_until(lambda pid=pid: not process_alive(pid), 5, f"the early agent {pid} to end")
+
+
+def test_help_starts_nothing(counted_python: tuple[str, Path], tmp_path: Path) -> None:
+    python, record = counted_python
+    done = run_tej("status", "local", "--python", python, "--help", cwd=tmp_path)
+    assert done.returncode == 0, done
+    assert "Show the state of a job" in done.stdout
+    assert starts(record) == []
+
+
+def test_output_and_exit_code_survive_the_quick_exit(
+    counted_python: tuple[str, Path], tmp_path: Path
+) -> None:
+    python, _ = counted_python
+    queue = str(tmp_path / "queue")
+    done = run_tej(
+        "status", "local", "--queue", queue, "--python", python, "--id", "nojob", cwd=tmp_path
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (3, "", "No job with that identifier\n")
+    done = run_tej("list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")

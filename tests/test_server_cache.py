@@ -1,0 +1,276 @@
+"""The server's cache of tej's code: used when it is safe and intact, never needed.
+
+A connection imports execnet's gateway_base and the agent from a private folder on the
+server ($XDG_CACHE_HOME/tej, else ~/.cache/tej), where Python keeps their compiled form;
+the client sends their source only when the cache misses. Each test points the agent at a
+cache folder of its own: through the environment for `local` (the agent inherits it), and
+through a --python wrapper over ssh (as the unprivileged SSH user, so permissions apply).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sshd import SshServer, is_root
+
+import tej
+from tej import bootstrap
+
+NOBODY = 65534
+
+
+def sources() -> dict[str, str]:
+    return bootstrap.cache_sources()
+
+
+def names() -> set[str]:
+    return set(sources())
+
+
+def connect(remote: tej.RemoteQueue) -> tuple[str, ...]:
+    """Open a new session, use it, close it; return the modules whose source was sent."""
+    remote.close()
+    assert remote.list() == []
+    sent = remote.session().sent_sources
+    remote.close()
+    return sent
+
+
+def plant(folder: Path, mode: int = 0o600) -> None:
+    """Write correct copies of the cached modules into folder."""
+    for name, source in sources().items():
+        path = folder / f"{name}.py"
+        path.write_text(source)
+        path.chmod(mode)
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.fixture
+def local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """XDG_CACHE_HOME for the `local` agent: the cache is the `tej` folder in it."""
+    base = tmp_path / "cache-home"
+    base.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(base))
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # for the agent: it inherits
+    yield base / "tej"
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[tej.RemoteQueue]:
+    queue = tej.RemoteQueue("local", str(tmp_path / "queue"))
+    yield queue
+    queue.close()
+
+
+# `local`: hit and miss, and the copies that are not used
+
+
+def test_a_miss_then_a_hit(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    assert set(connect(remote)) == names(), "an empty cache: both sources are sent"
+    assert stat.S_IMODE(local_cache.stat().st_mode) == 0o700
+    for name in names():
+        path = local_cache / f"{name}.py"
+        assert path.read_text() == sources()[name]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    compiled = [p.name for p in (local_cache / "__pycache__").iterdir()]
+    assert sorted(name.split(".")[0] for name in compiled) == sorted(names()), compiled
+    assert connect(remote) == (), "the second connection sends no source"
+    assert connect(remote) == ()
+
+
+def test_a_cache_writable_by_others_is_not_used(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    local_cache.mkdir()
+    plant(local_cache)
+    local_cache.chmod(0o777)
+    before = listing(local_cache)
+    assert set(connect(remote)) == names()
+    assert listing(local_cache) == before, "tej wrote into a folder that others can write to"
+
+
+def test_a_cache_others_can_enter_is_not_used(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    local_cache.mkdir()
+    plant(local_cache)
+    local_cache.chmod(0o755)
+    before = listing(local_cache)
+    assert set(connect(remote)) == names()
+    assert listing(local_cache) == before
+
+
+@pytest.mark.skipif(not is_root(), reason="only root can give a folder to someone else")
+def test_a_cache_owned_by_someone_else_is_not_used(
+    local_cache: Path, remote: tej.RemoteQueue
+) -> None:
+    local_cache.mkdir(mode=0o700)
+    plant(local_cache)
+    os.chown(local_cache, NOBODY, NOBODY)
+    before = listing(local_cache)
+    assert set(connect(remote)) == names()
+    assert listing(local_cache) == before
+
+
+def test_a_cached_file_writable_by_others_is_replaced(
+    local_cache: Path, remote: tej.RemoteQueue
+) -> None:
+    local_cache.mkdir(mode=0o700)
+    plant(local_cache, mode=0o666)
+    assert set(connect(remote)) == names()
+    for name in names():
+        assert stat.S_IMODE((local_cache / f"{name}.py").stat().st_mode) == 0o600
+    assert connect(remote) == ()
+
+
+def agent_copy(cache: Path) -> Path:
+    return next(cache / f"{name}.py" for name in names() if name.startswith("tej_agent_"))
+
+
+def test_a_changed_copy_is_not_run(
+    local_cache: Path, remote: tej.RemoteQueue, tmp_path: Path
+) -> None:
+    assert set(connect(remote)) == names()
+    agent = agent_copy(local_cache)
+    good = agent.read_bytes()
+    marker = tmp_path / "tampered"
+    agent.write_bytes(b"open(%r, 'w').close()\n" % str(marker).encode() + good)
+    shutil.rmtree(local_cache / "__pycache__")
+    assert connect(remote) == (agent.stem,)
+    assert not marker.exists(), "the changed copy was run"
+    assert agent.read_bytes() == good, "the changed copy is replaced"
+    assert connect(remote) == ()
+
+
+def test_a_damaged_copy_is_detected_by_its_digest(
+    local_cache: Path, remote: tej.RemoteQueue
+) -> None:
+    """Same size, same time: Python alone would trust its compiled copy; the digest does not."""
+    assert set(connect(remote)) == names()
+    agent = agent_copy(local_cache)
+    good = agent.read_bytes()
+    info = agent.stat()
+    agent.write_bytes(good[:100] + b"\0" * 100 + good[200:])
+    os.utime(agent, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert connect(remote) == (agent.stem,)
+    assert agent.read_bytes() == good
+    assert connect(remote) == ()
+
+
+def test_a_damaged_compiled_copy_is_replaced(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    assert set(connect(remote)) == names()
+    for compiled in (local_cache / "__pycache__").iterdir():
+        data = compiled.read_bytes()
+        compiled.write_bytes(data[:16] + b"\xff" * (len(data) - 16))  # header kept
+    assert set(connect(remote)) == names()
+    assert connect(remote) == ()
+
+
+def test_a_cache_that_cannot_be_made_costs_nothing_but_the_source(
+    monkeypatch: pytest.MonkeyPatch, remote: tej.RemoteQueue
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/tej-test-cache")  # not even root can write here
+    assert set(connect(remote)) == names()
+    assert set(connect(remote)) == names()
+
+
+def test_old_versions_are_pruned_on_a_miss(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    local_cache.mkdir(mode=0o700)
+    (local_cache / "__pycache__").mkdir(mode=0o700)
+    old = [local_cache / "tej_agent_0123456789abcdef.py"]
+    old.append(local_cache / "__pycache__" / "tej_agent_0123456789abcdef.cpython-311.pyc")
+    recent = local_cache / "tej_agent_fedcba9876543210.py"
+    for path in [*old, recent]:
+        path.write_text("raise SystemExit('never imported')\n")
+    month_ago = os.path.getmtime(recent) - bootstrap.CACHE_MAX_AGE - 60
+    for path in old:
+        os.utime(path, (month_ago, month_ago))
+    assert set(connect(remote)) == names()
+    assert not any(path.exists() for path in old), listing(local_cache)
+    assert recent.exists(), "a recent copy may be another client's"
+
+
+# over ssh, as the SSH user: a read-only cache, and the home's default cache
+
+
+def wrapper_python(server_tmp: str, server: SshServer, cache_home: str) -> str:
+    """A --python that runs the server's python3 with XDG_CACHE_HOME=cache_home."""
+    path = Path(server_tmp) / "python-cache"
+    path.write_text(f'#!/bin/sh\nXDG_CACHE_HOME={cache_home} exec python3 "$@"\n')
+    path.chmod(0o755)
+    if is_root():
+        os.chown(path, server.uid, server.gid)
+    return str(path)
+
+
+def ssh_remote(server: SshServer, server_tmp: str, python: str | None) -> tej.RemoteQueue:
+    return tej.RemoteQueue(
+        server.alias,
+        f"{server_tmp}/queue",
+        ssh_config=server.config_path,
+        python=python,
+        reuse_connection=False,
+    )
+
+
+@pytest.mark.ssh
+def test_a_read_only_cache_over_ssh(ssh_server: SshServer, server_tmp: str) -> None:
+    cache_home = Path(server_tmp) / "cache-home"
+    (cache_home / "tej").mkdir(parents=True)
+    if is_root():
+        for path in (cache_home, cache_home / "tej"):
+            os.chown(path, ssh_server.uid, ssh_server.gid)
+    (cache_home / "tej").chmod(0o500)
+    remote = ssh_remote(ssh_server, server_tmp, wrapper_python(server_tmp, ssh_server, cache_home))
+    try:
+        assert set(connect(remote)) == names()
+        assert set(connect(remote)) == names()
+    finally:
+        remote.close()
+        (cache_home / "tej").chmod(0o700)
+    assert listing(cache_home / "tej") == []
+
+
+@pytest.mark.ssh
+def test_a_fresh_cache_over_ssh(ssh_server: SshServer, server_tmp: str) -> None:
+    cache_home = Path(server_tmp) / "cache-home"
+    remote = ssh_remote(ssh_server, server_tmp, wrapper_python(server_tmp, ssh_server, cache_home))
+    try:
+        assert set(connect(remote)) == names()
+        assert connect(remote) == ()
+    finally:
+        remote.close()
+    cache = cache_home / "tej"
+    info = cache.stat()
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (ssh_server.uid, 0o700)
+    assert {path.stem for path in cache.glob("*.py")} == names()
+
+
+@pytest.mark.ssh
+def test_the_default_cache_is_in_the_home(ssh_server: SshServer, server_tmp: str) -> None:
+    """Without XDG_CACHE_HOME: ~/.cache/tej, shared by every connection of the user."""
+    remote = ssh_remote(ssh_server, server_tmp, None)
+    try:
+        connect(remote)
+        assert connect(remote) == ()
+    finally:
+        remote.close()
+    cache = Path(ssh_server.home) / ".cache" / "tej"
+    assert {f"{name}.py" for name in names()} <= {path.name for path in cache.iterdir()}
+
+
+def test_the_cache_is_not_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home that is a file: no cache, and the commands work as ever."""
+    home = tmp_path / "home-file"
+    home.write_text("")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    remote = tej.RemoteQueue("local", str(tmp_path / "queue"))
+    try:
+        assert set(connect(remote)) == names()
+    finally:
+        remote.close()
