@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import pytest
 
 import tej.session
 from tej import remote_agent as agent
+from tej import transfer
 
 T = TypeVar("T")
 DEADLINE = 15.0
@@ -57,17 +59,25 @@ def script(body: str, mode: int = 0o755, shebang: str = "#!/bin/sh\n") -> dict[s
     return {"start.sh": F((shebang + body).encode(), mode)}
 
 
-def manifest_of(tree: dict[str, Entry]) -> list[list[Any]]:
-    """The manifest rows the client would send for a tree."""
-    rows: list[list[Any]] = []
+def entries_of(tree: dict[str, Entry]) -> list[transfer.Entry]:
+    """The entries the client would scan and hash for a tree."""
+    entries = []
     for path, entry in tree.items():
         if isinstance(entry, F):
-            rows.append([path.encode(), "f", entry.mode, len(entry.data)])
+            digest = hashlib.sha256(entry.data).hexdigest() if entry.data else ""
+            entries.append(
+                transfer.Entry(path.encode(), "f", entry.mode, len(entry.data), digest=digest)
+            )
         elif isinstance(entry, D):
-            rows.append([path.encode(), "d", entry.mode, 0])
+            entries.append(transfer.Entry(path.encode(), "d", entry.mode))
         else:
-            rows.append([path.encode(), "l", 0o777, entry.target.encode()])
-    return rows
+            entries.append(transfer.Entry(path.encode(), "l", 0o777, target=entry.target.encode()))
+    return entries
+
+
+def manifest_of(tree: dict[str, Entry]) -> dict[str, Any]:
+    """The manifest the client would send for a tree."""
+    return transfer.encode_manifest(entries_of(tree))
 
 
 def wait_for(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
@@ -120,9 +130,11 @@ class Harness:
         self.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request; the queue argument defaults to the harness's queue."""
+        """Send one request; the queue defaults to the harness's, a manifest to an empty one."""
         if op != "hello":
             args.setdefault("queue", self.queue)
+        if op == "upload_begin":
+            args.setdefault("manifest", manifest_of({}))
         reply = self.agent.handle({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
         assert isinstance(reply, dict)
         return reply
@@ -139,33 +151,69 @@ class Harness:
         assert not reply["ok"] and reply["error"] == error, reply
         return str(reply["message"])
 
-    def upload(self, tree: dict[str, Entry], queue: str | None = None) -> str:
-        """Stage a tree's file data; returns the upload token."""
-        queue = queue or self.queue
-        token = str(self.ok("upload_begin", queue=queue))
-        chunks = [[p.encode(), 0, e.data] for p, e in tree.items() if isinstance(e, F) and e.data]
-        if chunks:
-            self.ok("upload_data", queue=queue, token=token, chunks=chunks)
-        return token
+    def begin(
+        self,
+        tree: dict[str, Entry],
+        queue: str | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start an upload of a tree; the reply ({"token", "missing"} if it succeeded)."""
+        manifest = manifest_of(tree) if manifest is None else manifest
+        return self.call("upload_begin", queue=queue or self.queue, manifest=manifest)
+
+    def send(
+        self,
+        tree: dict[str, Entry],
+        result: dict[str, Any],
+        queue: str | None = None,
+        data: dict[str, bytes] | None = None,
+    ) -> int:
+        """Send what upload_begin asked for (data: what to send instead, per path); bytes sent."""
+        files = list(tree.items())
+        sent = 0
+        for index, offset in json.loads(result["missing"]):
+            path, entry = files[index]
+            assert isinstance(entry, F)
+            payload = (data or {}).get(path, entry.data)[offset:]
+            if payload:
+                chunks = [[index, offset, payload]]
+                self.ok(
+                    "upload_data", queue=queue or self.queue, token=result["token"], chunks=chunks
+                )
+                sent += len(payload)
+        return sent
+
+    def upload(
+        self, tree: dict[str, Entry], queue: str | None = None, data: dict[str, bytes] | None = None
+    ) -> str:
+        """Start an upload of a tree and send what the store lacks; returns the upload token."""
+        reply = self.begin(tree, queue)
+        assert reply["ok"], reply
+        self.send(tree, reply["result"], queue, data)
+        return str(reply["result"]["token"])
 
     def submit_reply(
         self,
         tree: dict[str, Entry],
         queue: str | None = None,
-        manifest: list[list[Any]] | None = None,
+        manifest: dict[str, Any] | None = None,
         token: str | None = None,
         **request: Any,
     ) -> dict[str, Any]:
         """Upload and submit a tree, installing the agent if asked; returns the reply."""
         queue = queue or self.queue
-        token = token or self.upload(tree, queue)
+        if token is None:
+            begun = self.begin(tree, queue, manifest)
+            if not begun["ok"]:
+                return begun
+            self.send(tree, begun["result"], queue)
+            token = begun["result"]["token"]
         request.setdefault("id_prefix", "job")
         request.setdefault("job", {"script": "start.sh", "args": []})
-        rows = manifest_of(tree) if manifest is None else manifest
-        reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+        reply = self.call("submit", queue=queue, token=token, **request)
         if not reply["ok"] and reply["error"] == agent.ERR_AGENT_MISSING:
             self.ok("install_agent", queue=queue, source=tej.session.AGENT_SOURCE)
-            reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+            reply = self.call("submit", queue=queue, token=token, **request)
         return reply
 
     def submit(self, tree: dict[str, Entry], **request: Any) -> str:
@@ -516,14 +564,13 @@ def test_link_to_itself_is_refused(harness: Harness) -> None:
 
 def test_submit_installs_the_agent_copy_on_request(harness: Harness) -> None:
     token = harness.upload(script("true\n"))
-    rows = manifest_of(script("true\n"))
     job = {"script": "start.sh", "args": []}
-    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, manifest=rows, job_id="j", job=job)
+    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, job_id="j", job=job)
     assert harness.jobs() == []
     harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
     copy = Path(harness.queue) / "agent" / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
     assert copy.read_text() == tej.session.AGENT_SOURCE
-    assert harness.ok("submit", token=token, manifest=rows, job_id="j", job=job) == "j"
+    assert harness.ok("submit", token=token, job_id="j", job=job) == "j"
 
 
 def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
@@ -562,15 +609,15 @@ def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
 
 def test_upload_missing_a_file_is_incomplete(harness: Harness) -> None:
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
-    token = harness.upload(script("true\n"))
+    token = harness.upload(tree, data={"data.txt": b""})
     reply = harness.submit_reply(tree, token=token, job_id="j")
     assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
     assert harness.jobs() == []
 
 
 def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
-    token = harness.upload({**script("true\n"), "data.txt": F(b"01234")})
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
+    token = harness.upload(tree, data={"data.txt": b"01234"})
     reply = harness.submit_reply(tree, token=token, job_id="j")
     assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
     assert harness.jobs() == []
@@ -579,18 +626,28 @@ def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
 @pytest.mark.parametrize("path", [b"../escape", b"a/../../escape", b"/abs/escape", b"a/.."])
 def test_manifest_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
     tree = script("true\n")
-    rows = [*manifest_of(tree), [path, "d", 0o755, 0]]
-    reply = harness.submit_reply(tree, manifest=rows, job_id="j")
+    manifest = transfer.encode_manifest([*entries_of(tree), transfer.Entry(path, "d", 0o755)])
+    reply = harness.submit_reply(tree, manifest=manifest, job_id="j")
     assert reply.get("error") == agent.ERR_INVALID, reply
-    assert harness.jobs() == []
+    assert not os.path.lexists(harness.queue)  # checked before anything is written
     assert not (harness.tmp / "escape").exists() and not Path("/abs/escape").exists()
 
 
-@pytest.mark.parametrize("path", [b"../escape", b"/tmp/escape-tej-test", b"x/../../escape", b""])
-def test_upload_data_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
-    token = harness.upload({})
-    harness.fail(agent.ERR_INVALID, "upload_data", token=token, chunks=[[path, 0, b"x"]])
-    assert not (harness.tmp / "escape").exists()
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        [1, 0, b"x"],  # a file that wasn't asked for
+        [5, 0, b"x"],  # no such file
+        [0, 1, b"x"],  # not where the file's data has reached
+        [0, 0, b"#!/bin/sh\ntrue\n and more"],  # past the file's end
+    ],
+)
+def test_upload_data_for_what_was_not_asked_is_refused(harness: Harness, chunk: list[Any]) -> None:
+    tree: dict[str, Entry] = {**script("true\n"), "empty": F(b"")}
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert json.loads(begun["missing"]) == [[0, 0]]
+    harness.fail(agent.ERR_INVALID, "upload_data", token=begun["token"], chunks=[chunk])
+    assert not list((Path(harness.queue) / "store").glob("??/*"))
 
 
 def test_script_reached_through_a_symlink_outside_is_refused(harness: Harness) -> None:
@@ -673,10 +730,10 @@ def test_failed_submit_leaves_no_way_to_write_outside_the_job(harness: Harness) 
     """Staging keeps no symlink a later upload_data could write through."""
     outside = harness.tmp / "outside"
     outside.mkdir()
-    token = harness.upload({})
-    tree: dict[str, Entry] = {"d": L(str(outside))}
+    tree: dict[str, Entry] = {"d": L(str(outside)), "d2": F(b"x")}
+    token = harness.upload(tree, data={"d2": b""})
     harness.submit_reply(tree, token=token, job_id="j")  # no start.sh: refused
-    harness.call("upload_data", token=token, chunks=[[b"d/planted", 0, b"x"]])
+    assert not harness.call("upload_data", token=token, chunks=[[1, 0, b"x"]])["ok"]
     assert list(outside.iterdir()) == []
 
 
