@@ -763,6 +763,7 @@ class Agent(object):
             missing = plan_upload(upload)
         except BaseException:
             upload.discard()
+            remove_tree(staging)
             raise
         self.uploads[token] = upload
         return {"token": token, "missing": json.dumps(missing).encode("ascii")}
@@ -1302,7 +1303,7 @@ def parse_manifest(manifest):
     kinds = manifest["kinds"]
     count = len(kinds)
     paths = manifest["paths"].split(b"\0") if count else []
-    links = manifest["targets"].split(b"\0") if "l" in kinds else []
+    links = manifest["targets"].split(b"\0") if "l" in kinds or manifest["targets"] else []
     digests = manifest["digests"]
     if not set(kinds) <= set("dfl"):
         raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: kinds must be d, f or l")
@@ -1611,11 +1612,17 @@ class Upload(object):
         return os.path.join(self.staging, "part-" + digest)
 
     def new_partial(self, digest):
-        """Start receiving a content: an empty file, locked while this upload writes it."""
+        """Start receiving a content: an empty file, locked before others can see it."""
         path = self.partial_path(digest)
-        remove_quietly(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = os.path.join(self.staging, "new-" + digest)
+        remove_quietly(tmp)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            raise
         return Partial(fd, hashlib.sha256(), 0)
 
     def receive(self, index, offset, data):
@@ -1674,7 +1681,7 @@ class Upload(object):
         """Check that every content arrived; make the symlinks, give folders their modes."""
         self.discard_files()
         for index in sorted(self.expected):
-            path = self.path(self.rows[index][1])
+            path = self.rows[index][1]
             raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
         folders = []
         for kind, relpath, mode, extra, _ in self.rows:
