@@ -111,6 +111,7 @@ def _scan_folder(base: bytes, prefix: bytes, entries: list[Entry]) -> None:
         relpath = prefix + name
         try:
             info = item.stat(follow_symlinks=False)
+            target = os.readlink(item.path) if stat.S_ISLNK(info.st_mode) else b""
         except OSError as exc:
             raise InvalidInput(f"Can't read {os.fsdecode(item.path)}: {exc.strerror}") from None
         mode = stat.S_IMODE(info.st_mode)
@@ -119,7 +120,7 @@ def _scan_folder(base: bytes, prefix: bytes, entries: list[Entry]) -> None:
                 raise InvalidInput(f"Can't read the folder {os.fsdecode(item.path)}")
             folders.append(Entry(relpath, "d", mode))
         elif stat.S_ISLNK(info.st_mode):
-            files.append(Entry(relpath, "l", 0o777, 0, os.readlink(item.path)))
+            files.append(Entry(relpath, "l", 0o777, 0, target))
         elif stat.S_ISREG(info.st_mode):  # whether it can be read: see hash_files
             stamp = (info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
             files.append(Entry(relpath, "f", mode, info.st_size, b"", stamp))
@@ -180,6 +181,7 @@ class HashCache:
         self.path = os.path.join(self.folder, hashlib.sha256(real).hexdigest()[:32] + ".json")
         self.old: dict[str, list[Any]] = {}
         self.new: dict[str, list[Any]] = {}
+        self.learned = False
         try:
             with open(self.path, encoding="ascii") as stream:
                 data = json.load(stream)
@@ -206,20 +208,30 @@ class HashCache:
         name, key = self._key(entry)
         if started - max(entry.stamp[:2]) >= CACHE_MARGIN:
             self.new[name] = [*key, digest]
+            self.learned = True
 
     def save(self) -> None:
-        """Write the cache (the files of this run only) if it changed."""
-        if self.new == self.old:
+        """Write the cache (the files of this run only) if it learned a digest.
+
+        Entries of files that changed or went away are dropped then; until then
+        they do no harm (a changed file's stamp never matches its old entry).
+        """
+        if not self.learned:
             return
+        tmp = None
         try:
             os.makedirs(self.folder, 0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
             with os.fdopen(fd, "w", encoding="ascii") as stream:
                 json.dump({"version": 1, "files": self.new}, stream, separators=(",", ":"))
             os.replace(tmp, self.path)
+            tmp = None
             self._prune()
         except OSError:
             pass
+        finally:
+            if tmp is not None:
+                _remove(tmp)
 
     def _prune(self) -> None:
         """Keep the CACHE_FILES most recently written caches."""
