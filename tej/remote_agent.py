@@ -1302,7 +1302,7 @@ def parse_manifest(manifest):
         )
     kinds = manifest["kinds"]
     count = len(kinds)
-    paths = manifest["paths"].split(b"\0") if count else []
+    paths = manifest["paths"].split(b"\0") if count or manifest["paths"] else []
     links = manifest["targets"].split(b"\0") if "l" in kinds or manifest["targets"] else []
     digests = manifest["digests"]
     if not set(kinds) <= set("dfl"):

@@ -1346,6 +1346,7 @@ MANIFEST = {
         ({"targets": b"a"}, agent.ERR_BAD_REQUEST),  # a target for nothing
         ({"extra": b""}, agent.ERR_BAD_REQUEST),
         ({"paths": None}, agent.ERR_BAD_REQUEST),
+        ({"kinds": "", "modes": b"", "sizes": b""}, agent.ERR_BAD_REQUEST),  # paths for nothing
     ],
 )
 def test_bad_manifests_are_refused_before_anything_is_written(
