@@ -799,11 +799,12 @@ class Agent(object):
             upload.discard()
         remove_tree(staging)
 
-    def drop_upload(self, token):
-        """Forget an upload of this connection after a failed submit."""
+    def drop_upload(self, queue, token):
+        """Forget an upload after a failed submit: the files it holds open, its lease."""
         upload = self.uploads.pop(token, None)
         if upload is not None:
-            upload.discard()
+            upload.discard_files()
+        remove_quietly(lease_path(queue, token))
 
     def finish_upload(self, token):
         """Complete the tree of a planned upload: every file arrived, symlinks, folder modes."""
@@ -831,9 +832,8 @@ class Agent(object):
             check_script(os.path.join(staging, WORK_DIR), job["script"])
             job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
         except BaseException:
-            self.drop_upload(token)
+            self.drop_upload(queue, token)
             remove_tree(staging)  # a failed submit leaves nothing, not even the upload
-            remove_quietly(lease_path(queue, token))
             raise
         try:
             self.start_supervisor(supervisor_path, job_dir, secrets)
