@@ -252,14 +252,17 @@ class RemoteQueue:
         _check_script(directory, job["script"])
         if job_id is not None:
             check_job_id(job_id)
-        # The directory is read and hashed while the connection is being made.
-        scanned = _in_background(lambda: _scan_and_hash(directory))
-        try:
+        if self._session is not None and self._session.is_open:
             session = self.session()
-        except TejError:
-            scanned()  # a problem with the directory is reported first
-            raise
-        entries, manifest = scanned()
+            entries, manifest = _scan_and_hash(directory)
+        else:  # the directory is read and hashed while the connection is being made
+            scanned = _in_background(lambda: _scan_and_hash(directory))
+            try:
+                session = self.session()
+            except TejError:
+                scanned()  # a problem with the directory is reported first
+                raise
+            entries, manifest = scanned()
         plan = transfer.begin_upload(session, self.queue, entries, manifest)
         try:
             transfer.upload_tree(session, self.queue, plan, directory, entries, progress)

@@ -1728,7 +1728,7 @@ def plan_upload(upload):
         files = upload.files[digest]
         upload.fill(digest, files[0][0], files[1:])
     wanted = [digest for digest in upload.files if digest not in linked]
-    offsets = upload.adopt_partials(set(wanted))
+    offsets = upload.adopt_partials(set(wanted)) if wanted else {}
     missing = []
     for digest in wanted:
         if offsets.get(digest, 0) is not None:
@@ -1787,16 +1787,18 @@ def may_run(job_dir):
 
 
 def note_lease(queue, staging, job_id):
-    """Tell other uploads which job an upload's lease now belongs to (before it is renamed)."""
-    path = lease_path(queue, os.path.basename(staging))
-    if os.path.exists(path):
-        tmp = "%s.tmp-%d" % (path, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, job_id.encode("ascii"))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+    """Tell other uploads which job an upload's lease now belongs to, before it is renamed.
+
+    Written in place: others read it only once the staging area is gone.
+    """
+    try:
+        fd = os.open(lease_path(queue, os.path.basename(staging)), os.O_WRONLY | os.O_TRUNC)
+    except FileNotFoundError:
+        return  # an upload without a lease: nothing of the store to hold
+    try:
+        os.write(fd, job_id.encode("ascii"))
+    finally:
+        os.close(fd)
 
 
 def remove_job_tree(queue, path):
