@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tej import protocol, runners
 from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
@@ -28,6 +30,7 @@ from tej.session import Session
 if TYPE_CHECKING:  # imported where used, so that commands load only what they need
     from tej import transfer
 
+T = TypeVar("T")
 DEFAULT_QUEUE = "~/.tej"
 DEFAULT_SCRIPT = protocol.DEFAULT_SCRIPT
 
@@ -149,7 +152,6 @@ def check_job_id(job_id: str) -> str:
 def default_id_prefix(directory: str) -> str:
     """The start of a default job id: ``<dirname>_<user>`` (a random part follows)."""
     import getpass
-    import re
 
     name = os.path.basename(os.path.abspath(directory))
     try:
@@ -296,32 +298,43 @@ class RemoteQueue:
         delay, notify); see docs/tej-json.md. secrets are environment
         variables for the job that are never written to disk on the server
         nor shown by status. progress, if given, is called with (bytes just
-        sent, total bytes). Everything is checked before anything is sent.
+        sent, total bytes to send): only the contents the server's store lacks
+        are sent, so the total can be less than the directory's size, or 0.
+        Everything is checked before anything is sent.
         """
         from tej import jobspec, transfer
 
         job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
         secret_env = jobspec.secret_env(secrets or {})
-        entries = transfer.scan_directory(directory)
+        transfer.check_directory(directory)
         _check_script(directory, job["script"])
         if job_id is not None:
             check_job_id(job_id)
-        session = self.session()
-        token = self._call("upload_begin")
+        if self._session is not None and self._session.is_open:
+            session = self.session()
+            entries, manifest = _scan_and_hash(directory)
+        else:  # the directory is read and hashed while the connection is being made
+            scanned = _in_background(lambda: _scan_and_hash(directory))
+            try:
+                session = self.session()
+            except TejError:
+                scanned()  # a problem with the directory is reported first
+                raise
+            entries, manifest = scanned()
+        plan = transfer.begin_upload(session, self.queue, entries, manifest)
         try:
-            transfer.upload_tree(session, self.queue, token, directory, entries, progress)
+            transfer.upload_tree(session, self.queue, plan, directory, entries, progress)
             prefix = default_id_prefix(directory)
-            return self._start(token, entries, job_id, prefix, job, secret_env)
+            return self._start(plan.token, job_id, prefix, job, secret_env)
         except ConnectionFailed:
             raise  # no reconnecting to a server that is gone: its stale cleanup will do
         except BaseException:
-            self._abort_upload(token)
+            self._abort_upload(plan.token)
             raise
 
     def _start(
         self,
         token: str,
-        entries: list[transfer.Entry],
         job_id: str | None,
         id_prefix: str,
         job: dict[str, Any],
@@ -329,7 +342,6 @@ class RemoteQueue:
     ) -> str:
         request = {
             "token": token,
-            "manifest": [entry.manifest_row() for entry in entries],
             "job_id": job_id,
             "id_prefix": id_prefix,
             "job": job,
@@ -445,6 +457,35 @@ class RemoteQueue:
         if entries[0].kind != "f":
             raise InvalidInput(f"{path} is a folder, not a file")
         yield from transfer.stream_file(self.session(), self.queue, job_id, path, entries[0].size)
+
+
+def _scan_and_hash(directory: str) -> tuple[list[transfer.Entry], dict[str, Any]]:
+    """A directory's entries with their digests, and the manifest that describes them."""
+    entries = transfer.hash_files(directory, transfer.scan(directory))
+    return entries, transfer.encode_manifest(entries)
+
+
+def _in_background(function: Callable[[], T]) -> Callable[[], T]:
+    """Start function in a thread; returns what waits for its result (or raises its error)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function()))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="tej-scan", daemon=True)
+    thread.start()
+
+    def result() -> T:
+        thread.join()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    return result
 
 
 def _check_script(directory: str, script: str) -> None:

@@ -21,11 +21,15 @@ It has two roles:
   it, and records how it ended, whether or not anyone is still connected.
 """
 
+import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
 import signal
+import struct
 import sys
 import time
 
@@ -41,6 +45,9 @@ JOBS_DIR = "jobs"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 AGENT_DIR = "agent"
+STORE_DIR = "store"
+LEASES_DIR = "leases"
+BLOBS_FILE = "blobs"
 JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 WORK_DIR = "work"
@@ -92,6 +99,12 @@ MAX_READ = 1 << 24
 MAX_DURATION = 3650 * 86400.0  # ten years: longer is a mistake, and overflows timers
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
+STORE_GC_INTERVAL = 3600.0  # how often an upload looks for unused blobs
+STORE_MTIME = 946684800  # 2000-01-01T00:00:00Z: the modification time of every uploaded file
+MAX_CHUNK = 1 << 20
+REGULAR = 0o100000  # stat.S_IFREG
+# Why a blob can't be linked: not in the store, too many links, another filesystem, no links.
+UNSHARED = (errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP)
 POLL_INTERVAL = 0.02
 MAX_BLOCK = 30.0
 MAX_FD = 65536  # file descriptors a forked supervisor closes
@@ -1166,6 +1179,7 @@ class Agent(object):
     def __init__(self):
         self.digest = None
         self.runners = {}
+        self.uploads = {}
         self.handlers = {
             "hello": self.hello,
             "setup": self.setup,
@@ -1395,8 +1409,14 @@ class Agent(object):
 
     # upload and submit
 
-    def upload_begin(self, queue):
-        """Open a staging area for a new job's files; returns its token."""
+    def upload_begin(self, queue, manifest):
+        """Open a staging area for a new job and lay out its tree from the manifest.
+
+        Every file whose content the store holds is linked in at once; the reply
+        lists the others, {"token": T, "missing": JSON [[index, offset], ...]}: the
+        client sends those (one file per content) with upload_data, from offset.
+        """
+        rows = parse_manifest(manifest)
         queue = open_queue(queue, create=True)
         remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
         remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
@@ -1404,7 +1424,17 @@ class Agent(object):
         staging = queue.path(STAGING_DIR, token)
         make_private_dir(staging)
         make_private_dir(os.path.join(staging, WORK_DIR))
-        return token
+        upload = Upload(queue, token, staging, rows)
+        try:
+            make_private_dirs(queue.path(STORE_DIR, LEASES_DIR))
+            collect_garbage(queue)
+            missing = plan_upload(upload)
+        except BaseException:
+            upload.discard()
+            remove_tree(staging)
+            raise
+        self.uploads[token] = upload
+        return {"token": token, "missing": json.dumps(missing).encode("ascii")}
 
     def staging_dir(self, queue, token):
         """The staging area of an upload in progress."""
@@ -1415,31 +1445,43 @@ class Agent(object):
             raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
         return path
 
+    def upload_of(self, queue, token):
+        """The upload in progress on this connection with that token."""
+        staging = self.staging_dir(open_queue(queue, create=False), token)
+        upload = self.uploads.get(token)
+        if upload is None or upload.staging != staging:
+            raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+        return upload
+
     def upload_data(self, queue, token, chunks):
-        """Write chunks [path, offset, data] of the job's files into staging."""
-        work = os.path.join(self.staging_dir(open_queue(queue, create=False), token), WORK_DIR)
-        for relpath, offset, data in checked_rows(chunks, (bytes, int, bytes)):
-            parts = relative_parts(relpath)
-            if not parts:
-                raise AgentError(ERR_INVALID, "Invalid file path %s" % show(relpath))
-            parent = os.path.join(work.encode(), *parts[:-1]) if len(parts) > 1 else work.encode()
-            if not os.path.isdir(parent):
-                make_private_dirs(parent)
-            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(os.path.join(parent, parts[-1]), flags, 0o600)
-            try:
-                os.lseek(fd, offset, os.SEEK_SET)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+        """Write chunks [index, offset, data] of the files upload_begin asked for."""
+        upload = self.upload_of(queue, token)
+        for index, offset, data in checked_rows(chunks, (int, int, bytes)):
+            upload.receive(index, offset, data)
 
     def upload_abort(self, queue, token):
-        """Throw away an upload in progress."""
-        remove_tree(self.staging_dir(open_queue(queue, create=False), token))
+        """Throw away an upload in progress (what reached the store stays there)."""
+        staging = self.staging_dir(open_queue(queue, create=False), token)
+        upload = self.uploads.pop(token, None)
+        if upload is not None:
+            upload.discard()
+        remove_tree(staging)
 
-    def submit(self, queue, token, manifest, job_id=None, id_prefix=None, job=None, secrets=None):
+    def drop_upload(self, queue, token):
+        """Forget an upload after a failed submit: the files it holds open, its lease."""
+        upload = self.uploads.pop(token, None)
+        if upload is not None:
+            upload.discard_files()
+        remove_quietly(lease_path(queue, token))
+
+    def finish_upload(self, token):
+        """Complete the tree of a planned upload: every file arrived, symlinks, folder modes."""
+        upload = self.uploads.pop(token, None)
+        if upload is None:
+            raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+        upload.finish()
+
+    def submit(self, queue, token, job_id=None, id_prefix=None, job=None, secrets=None):
         """Turn a completed upload into a job and start it.
 
         secrets are environment variables for the job that are never written
@@ -1454,10 +1496,11 @@ class Agent(object):
         try:
             job = dict(validate_job(job or {}), secret_env=sorted(secrets))
             check_runner_fields(queue.runner, job, secrets)
-            build_tree(os.path.join(staging, WORK_DIR), manifest)
+            self.finish_upload(token)
             check_script(os.path.join(staging, WORK_DIR), job["script"])
             job_id, job_dir = self.reserve_id(queue, staging, job_id, id_prefix, job)
         except BaseException:
+            self.drop_upload(queue, token)
             remove_tree(staging)  # a failed submit leaves nothing, not even the upload
             raise
         try:
@@ -1487,6 +1530,7 @@ class Agent(object):
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
             # Not durable: after a power cut, a job that was starting is lost anyway.
             write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
+            note_lease(queue, staging, candidate)
             job_dir = queue.path(JOBS_DIR, candidate)
             try:
                 os.rename(staging, job_dir)
@@ -1622,7 +1666,7 @@ class Agent(object):
             os.rename(job_dir, trash)
         except FileNotFoundError:  # deleted meanwhile by another client
             raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
-        remove_tree(trash)
+        remove_job_tree(queue, trash)
         runner_tick(queue)
 
     # download
@@ -1887,62 +1931,570 @@ def check_script(work, script):
         raise AgentError(ERR_INVALID, "The script %s is not a file in the job's directory" % script)
 
 
-def build_tree(work, manifest):
-    """Complete a staged upload from its manifest: folders, symlinks, modes.
+# -- uploads and the content store ------------------------------------------
 
-    Each manifest entry is [relpath, kind, mode, size-or-target] with kind "d"
-    (folder), "f" (file, whose data came through upload_data) or "l" (symlink).
-    Symlinks are created last, so no write ever goes through one.
+
+MANIFEST_FIELDS = ("paths", "kinds", "modes", "sizes", "digests", "targets")
+
+
+def parse_manifest(manifest):
+    """Decode and check a manifest; returns rows (kind, path, mode, size-or-target, digest).
+
+    A manifest lists N entries, in columns: "paths" (bytes: the N relative
+    paths, NUL-separated), "kinds" (str: N letters, d folder, f file, l
+    symlink), "modes" and "sizes" (bytes: N little-endian uint16 and uint64;
+    0 for folders and symlinks), "digests" (bytes: the 32-byte sha256 of
+    each non-empty file, in order), "targets" (bytes: the symlinks' targets,
+    NUL-separated, in order).
     """
-    if not isinstance(manifest, list):
-        raise AgentError(ERR_BAD_REQUEST, "The manifest must be a list")
-    base = work.encode()
-    folders, links = [], []
-    for entry in manifest:
-        if not isinstance(entry, list) or len(entry) != 4:
-            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
-        relpath, kind, mode, extra = entry
-        parts = relative_parts(relpath)
-        if not parts or not isinstance(mode, int):
-            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
-        path = os.path.join(base, *parts)
-        if kind == "d":
-            if not os.path.isdir(path):
-                make_private_dirs(path)
-            folders.append((len(parts), path, mode))
-        elif kind == "f":
-            place_file(path, mode, extra)
-        elif kind == "l" and isinstance(extra, bytes):
-            links.append((path, extra))
-        else:
-            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest entry %r" % (entry,))
-    for path, target in links:
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            make_private_dirs(parent)
-        os.symlink(target, path)
-    for _, path, mode in sorted(folders, reverse=True):
-        os.chmod(path, (mode & 0o777) | 0o700)
-
-
-def place_file(path, mode, size):
-    """Check that an uploaded file arrived whole, and give it its mode."""
-    if not isinstance(size, int):
-        raise AgentError(ERR_BAD_REQUEST, "Invalid size for %s" % show(path))
-    if size == 0 and not os.path.lexists(path):
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            make_private_dirs(parent)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    if not os.path.isfile(path) or os.path.islink(path):
-        raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
-    actual = os.path.getsize(path)
-    if actual != size:
+    valid = isinstance(manifest, dict) and sorted(manifest) == sorted(MANIFEST_FIELDS)
+    valid = valid and isinstance(manifest["kinds"], str)
+    valid = valid and all(isinstance(manifest[name], bytes) for name in MANIFEST_FIELDS[2:])
+    valid = valid and isinstance(manifest["paths"], bytes)
+    if not valid:
         raise AgentError(
-            ERR_INVALID,
-            "The upload is incomplete: %s has %d of %d bytes" % (show(path), actual, size),
+            ERR_BAD_REQUEST, "Invalid manifest: expected %s" % ", ".join(MANIFEST_FIELDS)
         )
-    os.chmod(path, mode & 0o777)
+    kinds = manifest["kinds"]
+    count = len(kinds)
+    paths = manifest["paths"].split(b"\0") if count or manifest["paths"] else []
+    links = manifest["targets"].split(b"\0") if "l" in kinds or manifest["targets"] else []
+    digests = manifest["digests"]
+    if not set(kinds) <= set("dfl"):
+        raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: kinds must be d, f or l")
+    lengths = [len(paths), len(manifest["modes"]) // 2, len(manifest["sizes"]) // 8]
+    if lengths != [count] * 3 or len(manifest["modes"]) % 2 or len(manifest["sizes"]) % 8:
+        raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: its columns differ in length")
+    modes = struct.unpack("<%dH" % count, manifest["modes"])
+    sizes = struct.unpack("<%dQ" % count, manifest["sizes"])
+    if count and (max(modes) > 0o7777 or max(sizes) >= MAX_OFFSET):
+        raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: a mode or a size is out of range")
+    check_paths(paths)
+    rows = []
+    files = symlinks = 0
+    for kind, path, mode, size in zip(kinds, paths, modes, sizes):
+        if kind == "f" and size:
+            digest = digests[files * 32 : files * 32 + 32].hex()
+            rows.append((kind, path, mode, size, digest))
+            files += 1
+        elif size:
+            raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: %s has a size" % show(path))
+        elif kind == "l":
+            rows.append((kind, path, mode, links[symlinks], ""))
+            symlinks += 1
+        else:
+            rows.append((kind, path, mode, 0, ""))
+    if len(digests) != files * 32 or symlinks != len(links) or b"" in links:
+        raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: digests or targets don't match")
+    return rows
+
+
+def check_paths(paths):
+    """Refuse paths that aren't plain relative paths (or that repeat)."""
+    joined = b"/" + b"/\0/".join(paths) + b"/"
+    if b"//" in joined or b"/./" in joined or b"/../" in joined:
+        for path in paths:
+            if b"/".join(relative_parts(path)) != path or not path:
+                raise AgentError(ERR_BAD_REQUEST, "Invalid path %s in the manifest" % show(path))
+    if len(set(paths)) != len(paths):
+        seen = set()
+        for path in paths:
+            if path in seen:
+                raise AgentError(ERR_INVALID, "The manifest names %s twice" % show(path))
+            seen.add(path)
+
+
+def lease_path(queue, token):
+    """The lease of an upload, and then of its job, on the store's blobs."""
+    return queue.path(STORE_DIR, LEASES_DIR, token)
+
+
+def store_mode(mode):
+    """The mode of a file's blob in the store: the file's own, always readable by its owner."""
+    return (mode & 0o777) | 0o400
+
+
+def finish_file(fd, mode):
+    """Give a new file its final mode and the store's modification time."""
+    os.fchmod(fd, mode)
+    os.utime(fd, ns=(STORE_MTIME * 10**9, STORE_MTIME * 10**9))
+
+
+def write_all(fd, data, offset):
+    """Write data at offset, however many calls it takes."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def copy_verified(source, target, digest, mode):
+    """Copy a content into a new file, checking it on the way; False if it isn't digest."""
+    hasher = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with open(source, "rb") as stream:
+            offset = 0
+            for data in iter(lambda: stream.read(MAX_CHUNK), b""):
+                hasher.update(data)
+                write_all(fd, data, offset)
+                offset += len(data)
+        if hasher.hexdigest() == digest:
+            finish_file(fd, mode)
+            return True
+    except BaseException:
+        remove_quietly(target)
+        raise
+    finally:
+        os.close(fd)
+    remove_quietly(target)
+    return False
+
+
+def evict(path, info):
+    """Drop a damaged blob from the store (if it is still the one examined)."""
+    try:
+        if os.lstat(path).st_ino == info.st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def store_lock(queue):
+    """Hold the store's lock: one upload at a time links blobs and reads the leases."""
+    fd = os.open(queue.path(STORE_DIR, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.time() + MAX_BLOCK
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise AgentError(ERR_SERVER, "The queue's store stays locked: try again")
+                time.sleep(POLL_INTERVAL)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Partial(object):
+    """A content arriving: its file (open, locked), the hash of what came, and its size."""
+
+    def __init__(self, fd, hasher, offset):
+        self.fd = fd
+        self.hasher = hasher
+        self.offset = offset
+
+
+class Upload(object):
+    """An upload of this connection: the tree it lays out, and the contents it still expects.
+
+    Files are linked to the store's blobs; the first file of each content gets
+    the blob's own inode, the others (same content twice, other modes) get
+    checked copies of it, so no two files of a job ever share an inode. The
+    inodes the job shares with the store are listed in its BLOBS_FILE, and its
+    lease (store/leases/TOKEN) tells other uploads whose they are while the job
+    may still run: an upload never links an inode another live job holds.
+    """
+
+    def __init__(self, queue, token, staging, rows):
+        self.queue = queue
+        self.token = token
+        self.staging = staging
+        self.work = os.fsencode(os.path.join(staging, WORK_DIR))
+        self.store = os.fsencode(queue.path(STORE_DIR)) + b"/"
+        self.rows = rows
+        self.files = {}  # type: dict[str, list[tuple[bytes, int]]]  # digest -> its files
+        self.sizes = {}  # type: dict[str, int]
+        self.expected = {}  # type: dict[int, str]  # manifest index -> digest still to send
+        self.partials = {}  # type: dict[str, Partial]  # the contents arriving
+        self.blobs = -1  # the BLOBS_FILE, open for appending
+
+    def path(self, relpath):
+        """The full path of a manifest entry in the staged tree."""
+        return self.work + b"/" + relpath
+
+    def blob(self, digest, mode):
+        """Where the store keeps a content, for files of that mode."""
+        return self.store + ("%s/%s-%03o" % (digest[:2], digest, mode)).encode("ascii")
+
+    def discard(self):
+        """Let go of the upload's files and lease (its staging area is removed by the caller)."""
+        self.discard_files()
+        remove_quietly(lease_path(self.queue, self.token))
+
+    def record(self, digest, mode, info):
+        """Note in BLOBS_FILE an inode the job shares with the store, before others can see it."""
+        line = "%s-%03o %d\n" % (digest, mode, info.st_ino)
+        os.write(self.blobs, line.encode("ascii"))
+
+    def lay_out(self):
+        """Create the tree's folders and empty files; group the other files by content.
+
+        The first file of a content is one whose mode the blob can have (readable
+        by its owner), if there is one: it gets the blob's inode.
+        """
+        first = {}  # type: dict[str, int]  # digest -> the index of its first file
+        folders = set([self.work])
+        for index, (kind, relpath, mode, extra, digest) in enumerate(self.rows):
+            path = self.path(relpath)
+            parent = path if kind == "d" else path.rpartition(b"/")[0]
+            if parent not in folders:
+                if not os.path.isdir(parent):
+                    make_private_dirs(parent)
+                folders.add(parent)
+            if kind == "f" and extra == 0:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    finish_file(fd, mode & 0o777)
+                finally:
+                    os.close(fd)
+            elif kind == "f":
+                self.files.setdefault(digest, []).append((path, mode & 0o777))
+                self.sizes[digest] = extra
+                first.setdefault(digest, index)
+        for files in self.files.values():
+            if len(files) > 1:
+                files.sort(key=lambda item: item[1] != store_mode(item[1]))  # stable
+        return first
+
+    def linkable(self, digest):
+        """Whether a content's first file can be the blob itself (else all its files are copies)."""
+        mode = self.files[digest][0][1]
+        return mode == store_mode(mode)
+
+    def link_all(self):
+        """Link each content's first file to its blob, if the store has it intact: {digest: stat}.
+
+        Intact: nothing wrote to it (its mtime is still STORE_MTIME), and its
+        size and mode are right. A damaged blob is dropped from the store.
+        """
+        linked = {}
+        mtime = STORE_MTIME * 10**9
+        for digest, files in self.files.items():
+            path, mode = files[0]
+            if mode != mode | 0o400:
+                continue  # not readable by its owner: never linked, all copies
+            blob = self.blob(digest, mode)
+            try:
+                os.link(blob, path)
+            except OSError as exc:
+                if exc.errno in UNSHARED:
+                    continue  # not in the store, or can't be shared: the client sends it
+                raise
+            info = os.lstat(path)
+            size = self.sizes[digest]
+            if (
+                info.st_mtime_ns == mtime
+                and info.st_size == size
+                and info.st_mode == REGULAR | mode
+            ):
+                linked[digest] = info
+            else:
+                os.unlink(path)
+                evict(blob, info)
+        return linked
+
+    def refresh(self, digest):
+        """Give a content a fresh blob, copied from one that a live job shares; False if damaged."""
+        path, mode = self.files[digest][0]
+        blob = self.blob(digest, mode)
+        fresh = os.path.join(self.staging, "fresh-" + digest)
+        if not copy_verified(path, fresh, digest, mode):
+            evict(blob, os.lstat(path))
+            os.unlink(path)
+            return False
+        self.record(digest, mode, os.lstat(fresh))
+        os.rename(fresh, path)
+        os.link(path, fresh)
+        os.rename(fresh, blob)
+        return True
+
+    def fill(self, digest, source, files):
+        """Give files of a content checked copies of source."""
+        for path, mode in files:
+            if not copy_verified(source, path, digest, mode):
+                raise AgentError(ERR_SERVER, "A stored file changed while it was copied: retry")
+
+    def adopt_partials(self, digests):
+        """Take over what interrupted uploads left of these contents; {digest: offset}."""
+        found = {}  # type: dict[str, str]
+        folder = self.queue.path(STAGING_DIR)
+        for name in os.listdir(folder):
+            if name == self.token:
+                continue
+            try:
+                names = os.listdir(os.path.join(folder, name))
+            except OSError:
+                continue
+            for entry in names:
+                if entry.startswith("part-") and entry[5:] in digests:
+                    found.setdefault(entry[5:], os.path.join(folder, name, entry))
+        offsets = {}  # type: dict[str, int | None]
+        for digest, path in found.items():
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its writer is gone
+                os.rename(path, self.partial_path(digest))
+            except OSError:
+                os.close(fd)
+                continue
+            hasher, offset = hashlib.sha256(), 0
+            while True:
+                data = os.read(fd, MAX_CHUNK)
+                if not data:
+                    break
+                hasher.update(data)
+                offset += len(data)
+            self.partials[digest] = Partial(fd, hasher, offset)
+            if offset >= self.sizes[digest]:
+                try:
+                    self.complete(digest)
+                    offsets[digest] = None
+                    continue
+                except AgentError:
+                    self.partials[digest] = self.new_partial(digest)
+            offsets[digest] = self.partials[digest].offset
+        return offsets
+
+    def partial_path(self, digest):
+        """Where a content arrives, in the staging area."""
+        return os.path.join(self.staging, "part-" + digest)
+
+    def new_partial(self, digest):
+        """Start receiving a content: an empty file, locked before others can see it."""
+        path = self.partial_path(digest)
+        tmp = os.path.join(self.staging, "new-" + digest)
+        remove_quietly(tmp)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Partial(fd, hashlib.sha256(), 0)
+
+    def receive(self, index, offset, data):
+        """Write a chunk of a content the client was asked for; store it once whole."""
+        digest = self.expected.get(index)
+        if digest is None:
+            raise AgentError(ERR_INVALID, "File %d of the manifest was not asked for" % index)
+        partial = self.partials.get(digest)
+        if partial is None:
+            partial = self.partials[digest] = self.new_partial(digest)
+        if offset != partial.offset or offset + len(data) > self.sizes[digest]:
+            raise AgentError(
+                ERR_INVALID,
+                "Data of file %d at %d, where %d bytes have arrived"
+                % (index, offset, partial.offset),
+            )
+        write_all(partial.fd, data, offset)
+        partial.hasher.update(data)
+        partial.offset += len(data)
+        if partial.offset == self.sizes[digest]:
+            self.complete(digest)
+            del self.expected[index]
+
+    def complete(self, digest):
+        """Check a content that arrived whole and put it in place: files, then the store."""
+        partial = self.partials.pop(digest)
+        fd, hasher, size = partial.fd, partial.hasher, partial.offset
+        part = self.partial_path(digest)
+        path, mode = self.files[digest][0]
+        try:
+            if hasher.hexdigest() != digest or size != self.sizes[digest]:
+                remove_quietly(part)
+                raise AgentError(
+                    ERR_INVALID,
+                    "The content sent for %s is not the one announced: did it change while it was "
+                    "uploaded?" % show(path[len(self.work) + 1 :]),
+                )
+            finish_file(fd, store_mode(mode))
+            if not self.linkable(digest):  # no file can share it: copies only, nothing stored
+                self.fill(digest, part, self.files[digest])
+                os.unlink(part)
+                return
+            self.record(digest, mode, os.fstat(fd))
+            os.link(part, path)
+            self.fill(digest, part, self.files[digest][1:])
+            blob = self.blob(digest, mode)
+            try:
+                os.rename(part, blob)
+            except FileNotFoundError:
+                make_private_dirs(os.path.dirname(blob))
+                os.rename(part, blob)
+        finally:
+            os.close(fd)
+
+    def finish(self):
+        """Check that every content arrived; make the symlinks, give folders their modes."""
+        self.discard_files()
+        for index in sorted(self.expected):
+            path = self.rows[index][1]
+            raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
+        folders = []
+        for kind, relpath, mode, extra, _ in self.rows:
+            if kind == "l":
+                os.symlink(extra, self.path(relpath))
+            elif kind == "d":
+                folders.append((relpath.count(b"/"), self.path(relpath), mode))
+        for _, path, mode in sorted(folders, reverse=True):
+            os.chmod(path, (mode & 0o777) | 0o700)
+
+    def discard_files(self):
+        """Close what the upload holds open, keeping its lease (the job takes it over)."""
+        for partial in self.partials.values():
+            os.close(partial.fd)
+        self.partials = {}
+        if self.blobs >= 0:
+            os.close(self.blobs)
+            self.blobs = -1
+
+
+def plan_upload(upload):
+    """Lay out an upload's tree, linking the contents the store has; [[index, offset]] to send.
+
+    Under the store's lock: link, note the inodes in BLOBS_FILE, then read the
+    other leases, and replace with fresh copies the inodes a live job holds.
+    """
+    first = upload.lay_out()
+    queue = upload.queue
+    with store_lock(queue):
+        os.close(os.open(lease_path(queue, upload.token), os.O_WRONLY | os.O_CREAT, 0o600))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL
+        upload.blobs = os.open(os.path.join(upload.staging, BLOBS_FILE), flags, 0o600)
+        linked = upload.link_all()
+        lines = [
+            "%s-%03o %d\n" % (digest, upload.files[digest][0][1], info.st_ino)
+            for digest, info in linked.items()
+        ]
+        os.write(upload.blobs, "".join(lines).encode("ascii"))
+        busy = busy_inodes(queue, upload.token)
+        for digest, info in list(linked.items()):
+            if info.st_ino in busy and not upload.refresh(digest):
+                del linked[digest]
+    for digest in linked:
+        files = upload.files[digest]
+        upload.fill(digest, files[0][0], files[1:])
+    wanted = [digest for digest in upload.files if digest not in linked]
+    offsets = upload.adopt_partials(set(wanted)) if wanted else {}
+    missing = []
+    for digest in wanted:
+        if offsets.get(digest, 0) is not None:
+            upload.expected[first[digest]] = digest
+            missing.append([first[digest], offsets.get(digest, 0)])
+    return missing
+
+
+def busy_inodes(queue, own_token):
+    """The inodes that other uploads, and the jobs that may still run, share with the store.
+
+    An upload's BLOBS_FILE is in its staging area; once it is a job, its lease
+    names the job (written before the staging area is renamed to jobs/ID).
+    Leases of jobs that ended or went away are removed.
+    """
+    busy = set()  # type: set[int]
+    folder = queue.path(STORE_DIR, LEASES_DIR)
+    for token in os.listdir(folder):
+        if token == own_token or not re.match(r"[0-9a-f]+\Z", token):
+            continue
+        if read_inodes(queue.path(STAGING_DIR, token, BLOBS_FILE), busy):
+            continue
+        try:
+            with open(os.path.join(folder, token)) as stream:
+                job_id = stream.read()
+        except (OSError, ValueError):
+            continue
+        if ID_PATTERN.match(job_id) and job_id not in (".", ".."):
+            job_dir = queue.path(JOBS_DIR, job_id)
+            if may_run(job_dir) and read_inodes(os.path.join(job_dir, BLOBS_FILE), busy):
+                continue
+        remove_quietly(os.path.join(folder, token))  # ended, deleted, or abandoned
+    return busy
+
+
+def read_inodes(path, inodes):
+    """Add the inodes listed in a BLOBS_FILE to a set; False if there is no such file."""
+    try:
+        with open(path, "rb") as stream:
+            for line in stream:
+                fields = line.split()
+                if line.endswith(b"\n") and len(fields) == 2 and fields[1].isdigit():
+                    inodes.add(int(fields[1]))
+    except OSError:
+        return False
+    return True
+
+
+def may_run(job_dir):
+    """Whether a job's processes may still run (and write to its files)."""
+    if not os.path.isdir(job_dir):
+        return False
+    record = supervised_record(job_dir)
+    state = record.get("state")
+    return state in ACTIVE_STATES or (state == STATE_LOST and not rebooted(record))
+
+
+def note_lease(queue, staging, job_id):
+    """Tell other uploads which job an upload's lease now belongs to, before it is renamed.
+
+    Written in place: others read it only once the staging area is gone.
+    """
+    try:
+        fd = os.open(lease_path(queue, os.path.basename(staging)), os.O_WRONLY | os.O_TRUNC)
+    except FileNotFoundError:
+        return  # an upload without a lease: nothing of the store to hold
+    try:
+        os.write(fd, job_id.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def remove_job_tree(queue, path):
+    """Remove a job's folder (moved to trash), then the blobs only it used."""
+    try:
+        with open(os.path.join(path, BLOBS_FILE), "rb") as stream:
+            keys = [line.split()[0].decode("ascii") for line in stream if line.strip()]
+    except (OSError, ValueError, IndexError):
+        keys = []
+    remove_tree(path)
+    for key in keys:
+        blob = queue.path(STORE_DIR, key[:2], key)
+        try:
+            if re.match(r"[0-9a-f]{64}-[0-7]{3}\Z", key) and os.lstat(blob).st_nlink == 1:
+                os.unlink(blob)
+        except OSError:
+            pass
+
+
+def collect_garbage(queue):
+    """Remove blobs no job has used for STALE_UPLOAD seconds (a scan at most every hour)."""
+    stamp = queue.path(STORE_DIR, "last-gc")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < STORE_GC_INTERVAL:
+            return
+    except OSError:
+        pass
+    os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.utime(stamp)
+    limit = time.time() - STALE_UPLOAD
+    for folder in os.listdir(queue.path(STORE_DIR)):
+        if not re.match(r"[0-9a-f]{2}\Z", folder):
+            continue
+        for name in os.listdir(queue.path(STORE_DIR, folder)):
+            path = queue.path(STORE_DIR, folder, name)
+            try:
+                info = os.lstat(path)
+                if info.st_nlink == 1 and info.st_ctime < limit:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 # -- the supervisor ---------------------------------------------------------

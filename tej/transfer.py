@@ -4,20 +4,29 @@ Data moves in chunks of at most CHUNK_SIZE, batched into requests of about
 BATCH_SIZE, with a window of requests in flight (Session.pipeline), so many
 small files cost no round trip each and large files stream without filling
 either side's memory.
+
+Uploads are content-addressed: the client sends the manifest with the sha256
+of every file, the server links in what its store already holds and names
+the rest, and only those contents are sent. Digests are cached on the client
+(HashCache), so an unchanged file is not read again.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from tej.errors import InvalidInput
+from tej.errors import InvalidInput, ProtocolError
 
 if TYPE_CHECKING:
     from tej.session import Session
@@ -28,10 +37,13 @@ Progress = Callable[[int, int], None]
 CHUNK_SIZE = 1 << 20
 BATCH_SIZE = 1 << 20
 WINDOW = 8
+#: A digest is cached only for a file unchanged this long before it was read (in ns):
+#: a change within the same timestamp tick would otherwise go unseen.
+CACHE_MARGIN = 2 * 10**9
+CACHE_FILES = 256
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One file, folder or symlink of a tree, with its path relative to the tree's root."""
 
     relpath: bytes
@@ -39,84 +51,252 @@ class Entry:
     mode: int
     size: int = 0
     target: bytes = b""
+    stamp: tuple[int, ...] = ()  # a file's (mtime_ns, ctime_ns, inode, device): the cache key
+    digest: str = ""  # the sha256 of a file's content (hex), once hashed
 
-    def manifest_row(self) -> list[Any]:
-        """The entry as a row of the agent's manifest."""
-        extra: int | bytes = self.target if self.kind == "l" else self.size
-        return [self.relpath, self.kind, self.mode, extra]
+
+def encode_manifest(entries: list[Entry]) -> dict[str, Any]:
+    """The agent's manifest of entries (hashed): columns, see remote_agent.parse_manifest."""
+    count = len(entries)
+    return {
+        "paths": b"\0".join(entry.relpath for entry in entries),
+        "kinds": "".join(entry.kind for entry in entries),
+        "modes": struct.pack(f"<{count}H", *(entry.mode & 0o7777 for entry in entries)),
+        "sizes": struct.pack(f"<{count}Q", *(entry.size for entry in entries)),
+        "digests": bytes.fromhex("".join(entry.digest for entry in entries)),
+        "targets": b"\0".join(entry.target for entry in entries if entry.kind == "l"),
+    }
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """The server's answer to a manifest: the upload's token, and what it lacks."""
+
+    token: str
+    missing: list[tuple[int, int]]  # (index of the entry, offset to send it from)
 
 
 # -- upload -----------------------------------------------------------------
 
 
-def scan_directory(root: str) -> list[Entry]:
-    """List a job directory for upload, refusing what can't be sent faithfully."""
+def check_directory(root: str) -> None:
+    """Refuse a job directory that doesn't exist or isn't a directory."""
     if not os.path.exists(root):
         raise InvalidInput(f"No such directory: {root}")
     if not os.path.isdir(root):
         raise InvalidInput(f"Not a directory: {root}")
-    base = os.fsencode(root)
-    entries = []
 
-    def unreadable(error: OSError) -> None:
-        raise InvalidInput(f"Can't read {error.filename}: {error.strerror}")
 
-    for folder, dirs, files in os.walk(base, onerror=unreadable):
-        for name in sorted(dirs) + sorted(files):
-            entries.append(_scan_entry(base, os.path.join(folder, name)))
+def scan_directory(root: str) -> list[Entry]:
+    """List a job directory for upload, refusing what can't be sent faithfully."""
+    check_directory(root)
+    return scan(root)
+
+
+def scan(root: str) -> list[Entry]:
+    """List a directory: each folder's entries sorted, folders first, then its sub-folders'."""
+    entries: list[Entry] = []
+    _scan_folder(os.fsencode(root), b"", entries)
     return entries
 
 
-def _scan_entry(base: bytes, path: bytes) -> Entry:
-    relpath = os.path.relpath(path, base)
-    info = os.lstat(path)
-    mode = stat.S_IMODE(info.st_mode)
-    if stat.S_ISLNK(info.st_mode):
-        return Entry(relpath, "l", 0o777, target=os.readlink(path))
-    if stat.S_ISDIR(info.st_mode):
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise InvalidInput(f"Can't read the folder {os.fsdecode(path)}")
-        return Entry(relpath, "d", mode)
-    if not stat.S_ISREG(info.st_mode):
-        raise InvalidInput(
-            f"Can't upload {os.fsdecode(path)}: only files, folders and symlinks can be sent"
-        )
-    if not os.access(path, os.R_OK):
-        raise InvalidInput(f"Can't read the file {os.fsdecode(path)}")
-    return Entry(relpath, "f", mode, size=info.st_size)
+def _scan_folder(base: bytes, prefix: bytes, entries: list[Entry]) -> None:
+    folder = os.path.join(base, prefix) if prefix else base
+    try:
+        with os.scandir(folder) as items:
+            found = sorted((item.name, item) for item in items)
+    except OSError as exc:
+        raise InvalidInput(f"Can't read {os.fsdecode(folder)}: {exc.strerror}") from None
+    folders: list[Entry] = []
+    files: list[Entry] = []
+    for name, item in found:
+        relpath = prefix + name
+        try:
+            info = item.stat(follow_symlinks=False)
+            target = os.readlink(item.path) if stat.S_ISLNK(info.st_mode) else b""
+        except OSError as exc:
+            raise InvalidInput(f"Can't read {os.fsdecode(item.path)}: {exc.strerror}") from None
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISDIR(info.st_mode):
+            if not os.access(item.path, os.R_OK | os.X_OK):
+                raise InvalidInput(f"Can't read the folder {os.fsdecode(item.path)}")
+            folders.append(Entry(relpath, "d", mode))
+        elif stat.S_ISLNK(info.st_mode):
+            files.append(Entry(relpath, "l", 0o777, 0, target))
+        elif stat.S_ISREG(info.st_mode):  # whether it can be read: see hash_files
+            stamp = (info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+            files.append(Entry(relpath, "f", mode, info.st_size, b"", stamp))
+        else:
+            what = os.fsdecode(item.path)
+            raise InvalidInput(f"Can't upload {what}: only files, folders and symlinks can be sent")
+    entries += folders
+    entries += files
+    for entry in folders:
+        _scan_folder(base, entry.relpath + b"/", entries)
+
+
+def hash_files(root: str, entries: list[Entry]) -> list[Entry]:
+    """The entries with the digest of every non-empty file (from the cache where it can).
+
+    Files the cache doesn't know are checked to be readable, empty ones too (a
+    file made unreadable has a new ctime: the cache doesn't know it anymore).
+    """
+    cache = HashCache(root)
+    base = os.fsencode(root)
+    hashed = []
+    for entry in entries:
+        digest = cache.get(entry) if entry.kind == "f" and entry.size else None
+        if entry.kind == "f" and digest is None:
+            path = os.path.join(base, entry.relpath)
+            if not os.access(path, os.R_OK):
+                raise InvalidInput(f"Can't read the file {os.fsdecode(path)}")
+            if entry.size:
+                started = time.time_ns()
+                digest = _hash_file(path, entry.size)
+                cache.put(entry, digest, started)
+        hashed.append(Entry(*entry[:6], digest) if digest else entry)
+    cache.save()
+    return hashed
+
+
+def _hash_file(path: bytes, size: int) -> str:
+    hasher = hashlib.sha256()
+    for _, data in _read_chunks(path, size):
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+class HashCache:
+    """The digests of a directory's files, kept between runs in the user's cache folder.
+
+    An entry is trusted only while the file's size, mtime, ctime, inode and
+    device are those it was hashed with, and only if the file had not changed
+    for CACHE_MARGIN before it was read (a later change in the same timestamp
+    tick would not show). The cache is a convenience: any problem with it
+    means hashing again, never an error.
+    """
+
+    def __init__(self, root: str) -> None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        real = os.fsencode(os.path.realpath(root))
+        self.folder = os.path.join(base, "tej", "hashes")
+        self.path = os.path.join(self.folder, hashlib.sha256(real).hexdigest()[:32] + ".json")
+        self.old: dict[str, list[Any]] = {}
+        self.new: dict[str, list[Any]] = {}
+        self.learned = False
+        try:
+            with open(self.path, encoding="ascii") as stream:
+                data = json.load(stream)
+            if isinstance(data, dict) and isinstance(data.get("files"), dict):
+                self.old = data["files"]
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    def _key(entry: Entry) -> tuple[str, list[Any]]:
+        return entry.relpath.decode("utf-8", "surrogateescape"), [entry.size, *entry.stamp]
+
+    def get(self, entry: Entry) -> str | None:
+        """The cached digest of a file, if it is still the file that was hashed."""
+        name, key = self._key(entry)
+        row = self.old.get(name)
+        if isinstance(row, list) and row[:-1] == key and _is_digest(row[-1]):
+            self.new[name] = row
+            return str(row[-1])
+        return None
+
+    def put(self, entry: Entry, digest: str, started: int) -> None:
+        """Remember a digest computed from a read that started at `started` (ns)."""
+        name, key = self._key(entry)
+        if started - max(entry.stamp[:2]) >= CACHE_MARGIN:
+            self.new[name] = [*key, digest]
+            self.learned = True
+
+    def save(self) -> None:
+        """Write the cache (the files of this run only) if it learned a digest.
+
+        Entries of files that changed or went away are dropped then; until then
+        they do no harm (a changed file's stamp never matches its old entry).
+        """
+        if not self.learned:
+            return
+        tmp = None
+        try:
+            os.makedirs(self.folder, 0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
+            with os.fdopen(fd, "w", encoding="ascii") as stream:
+                json.dump({"version": 1, "files": self.new}, stream, separators=(",", ":"))
+            os.replace(tmp, self.path)
+            tmp = None
+            self._prune()
+        except OSError:
+            pass
+        finally:
+            if tmp is not None:
+                _remove(tmp)
+
+    def _prune(self) -> None:
+        """Keep the CACHE_FILES most recently written caches."""
+        names = [name for name in os.listdir(self.folder) if name.endswith(".json")]
+        if len(names) > CACHE_FILES:
+            paths = sorted((os.path.join(self.folder, n) for n in names), key=os.path.getmtime)
+            for path in paths[: len(paths) - CACHE_FILES]:
+                os.unlink(path)
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64
+
+
+def begin_upload(
+    session: Session, queue: str, entries: list[Entry], manifest: dict[str, Any] | None = None
+) -> UploadPlan:
+    """Send the manifest (entries with their digests); the server answers what it lacks."""
+    if manifest is None:
+        manifest = encode_manifest(entries)
+    reply = session.call("upload_begin", queue=queue, manifest=manifest)
+    try:
+        missing = [(int(index), int(offset)) for index, offset in json.loads(reply["missing"])]
+        token = str(reply["token"])
+        if not all(0 <= offset <= entries[index].size for index, offset in missing):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ProtocolError(f"Unexpected reply from the agent: {reply!r:.200}") from None
+    return UploadPlan(token, missing)
 
 
 def upload_tree(
     session: Session,
     queue: str,
-    token: str,
+    plan: UploadPlan,
     root: str,
     entries: list[Entry],
     progress: Progress | None = None,
 ) -> None:
-    """Send the data of every file in entries into the upload staged under token."""
+    """Send the contents the server lacks; progress counts the bytes sent, of all to send."""
     base = os.fsencode(root)
-    total = sum(entry.size for entry in entries if entry.kind == "f")
+    total = sum(entries[index].size - offset for index, offset in plan.missing)
     sizes: collections.deque[int] = collections.deque()
 
     def requests() -> Iterator[tuple[str, dict[str, Any]]]:
-        for batch in _upload_batches(base, entries):
+        for batch in _upload_batches(base, entries, plan.missing):
             sizes.append(sum(len(chunk[2]) for chunk in batch))
-            yield "upload_data", {"queue": queue, "token": token, "chunks": batch}
+            yield "upload_data", {"queue": queue, "token": plan.token, "chunks": batch}
 
     for _ in session.pipeline(requests(), WINDOW):
         if progress is not None:
             progress(sizes.popleft(), total)
 
 
-def _upload_batches(base: bytes, entries: list[Entry]) -> Iterator[list[list[Any]]]:
+def _upload_batches(
+    base: bytes, entries: list[Entry], missing: list[tuple[int, int]]
+) -> Iterator[list[list[Any]]]:
     batch: list[list[Any]] = []
     size = 0
-    for entry in entries:
-        if entry.kind != "f" or entry.size == 0:
-            continue
-        for offset, data in _read_chunks(os.path.join(base, entry.relpath), entry.size):
-            batch.append([entry.relpath, offset, data])
+    for index, start in missing:
+        entry = entries[index]
+        for offset, data in _read_chunks(os.path.join(base, entry.relpath), entry.size, start):
+            batch.append([index, offset, data])
             size += len(data)
             if size >= BATCH_SIZE:
                 yield batch
@@ -125,10 +305,11 @@ def _upload_batches(base: bytes, entries: list[Entry]) -> Iterator[list[list[Any
         yield batch
 
 
-def _read_chunks(path: bytes, size: int) -> Iterator[tuple[int, bytes]]:
+def _read_chunks(path: bytes, size: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
     try:
         with open(path, "rb") as stream:
-            offset = 0
+            stream.seek(start)
+            offset = start
             while offset < size:
                 data = stream.read(min(CHUNK_SIZE, size - offset))
                 if not data:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Any, Callable, NamedTuple, TypeVar, Union
 import pytest
 
 import tej.session
-from tej import protocol
+from tej import protocol, transfer
 from tej import remote_agent as agent
 
 T = TypeVar("T")
@@ -59,17 +60,25 @@ def script(body: str, mode: int = 0o755, shebang: str = "#!/bin/sh\n") -> dict[s
     return {"start.sh": F((shebang + body).encode(), mode)}
 
 
-def manifest_of(tree: dict[str, Entry]) -> list[list[Any]]:
-    """The manifest rows the client would send for a tree."""
-    rows: list[list[Any]] = []
+def entries_of(tree: dict[str, Entry]) -> list[transfer.Entry]:
+    """The entries the client would scan and hash for a tree."""
+    entries = []
     for path, entry in tree.items():
         if isinstance(entry, F):
-            rows.append([path.encode(), "f", entry.mode, len(entry.data)])
+            digest = hashlib.sha256(entry.data).hexdigest() if entry.data else ""
+            entries.append(
+                transfer.Entry(path.encode(), "f", entry.mode, len(entry.data), digest=digest)
+            )
         elif isinstance(entry, D):
-            rows.append([path.encode(), "d", entry.mode, 0])
+            entries.append(transfer.Entry(path.encode(), "d", entry.mode))
         else:
-            rows.append([path.encode(), "l", 0o777, entry.target.encode()])
-    return rows
+            entries.append(transfer.Entry(path.encode(), "l", 0o777, target=entry.target.encode()))
+    return entries
+
+
+def manifest_of(tree: dict[str, Entry]) -> dict[str, Any]:
+    """The manifest the client would send for a tree."""
+    return transfer.encode_manifest(entries_of(tree))
 
 
 def wait_for(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
@@ -122,9 +131,11 @@ class Harness:
         self.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request; the queue argument defaults to the harness's queue."""
+        """Send one request; the queue defaults to the harness's, a manifest to an empty one."""
         if op != "hello":
             args.setdefault("queue", self.queue)
+        if op == "upload_begin":
+            args.setdefault("manifest", manifest_of({}))
         reply = self.agent.handle({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
         assert isinstance(reply, dict)
         return reply
@@ -147,33 +158,69 @@ class Harness:
         assert not reply["ok"] and reply["error"] == error, reply
         return str(reply["message"])
 
-    def upload(self, tree: dict[str, Entry], queue: str | None = None) -> str:
-        """Stage a tree's file data; returns the upload token."""
-        queue = queue or self.queue
-        token = str(self.ok("upload_begin", queue=queue))
-        chunks = [[p.encode(), 0, e.data] for p, e in tree.items() if isinstance(e, F) and e.data]
-        if chunks:
-            self.ok("upload_data", queue=queue, token=token, chunks=chunks)
-        return token
+    def begin(
+        self,
+        tree: dict[str, Entry],
+        queue: str | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Start an upload of a tree; the reply ({"token", "missing"} if it succeeded)."""
+        manifest = manifest_of(tree) if manifest is None else manifest
+        return self.call("upload_begin", queue=queue or self.queue, manifest=manifest)
+
+    def send(
+        self,
+        tree: dict[str, Entry],
+        result: dict[str, Any],
+        queue: str | None = None,
+        data: dict[str, bytes] | None = None,
+    ) -> int:
+        """Send what upload_begin asked for (data: what to send instead, per path); bytes sent."""
+        files = list(tree.items())
+        sent = 0
+        for index, offset in json.loads(result["missing"]):
+            path, entry = files[index]
+            assert isinstance(entry, F)
+            payload = (data or {}).get(path, entry.data)[offset:]
+            if payload:
+                chunks = [[index, offset, payload]]
+                self.ok(
+                    "upload_data", queue=queue or self.queue, token=result["token"], chunks=chunks
+                )
+                sent += len(payload)
+        return sent
+
+    def upload(
+        self, tree: dict[str, Entry], queue: str | None = None, data: dict[str, bytes] | None = None
+    ) -> str:
+        """Start an upload of a tree and send what the store lacks; returns the upload token."""
+        reply = self.begin(tree, queue)
+        assert reply["ok"], reply
+        self.send(tree, reply["result"], queue, data)
+        return str(reply["result"]["token"])
 
     def submit_reply(
         self,
         tree: dict[str, Entry],
         queue: str | None = None,
-        manifest: list[list[Any]] | None = None,
+        manifest: dict[str, Any] | None = None,
         token: str | None = None,
         **request: Any,
     ) -> dict[str, Any]:
         """Upload and submit a tree, installing the agent if asked; returns the reply."""
         queue = queue or self.queue
-        token = token or self.upload(tree, queue)
+        if token is None:
+            begun = self.begin(tree, queue, manifest)
+            if not begun["ok"]:
+                return begun
+            self.send(tree, begun["result"], queue)
+            token = begun["result"]["token"]
         request.setdefault("id_prefix", "job")
         request.setdefault("job", {"script": "start.sh", "args": []})
-        rows = manifest_of(tree) if manifest is None else manifest
-        reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+        reply = self.call("submit", queue=queue, token=token, **request)
         if not reply["ok"] and reply["error"] == agent.ERR_AGENT_MISSING:
             self.ok("install_agent", queue=queue, source=tej.session.AGENT_SOURCE)
-            reply = self.call("submit", queue=queue, token=token, manifest=rows, **request)
+            reply = self.call("submit", queue=queue, token=token, **request)
         return reply
 
     def submit(self, tree: dict[str, Entry], **request: Any) -> str:
@@ -548,14 +595,13 @@ def test_link_to_itself_is_refused(harness: Harness) -> None:
 
 def test_submit_installs_the_agent_copy_on_request(harness: Harness) -> None:
     token = harness.upload(script("true\n"))
-    rows = manifest_of(script("true\n"))
     job = {"script": "start.sh", "args": []}
-    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, manifest=rows, job_id="j", job=job)
+    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, job_id="j", job=job)
     assert harness.jobs() == []
     harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
     copy = Path(harness.queue) / "agent" / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
     assert copy.read_text() == tej.session.AGENT_SOURCE
-    assert harness.ok("submit", token=token, manifest=rows, job_id="j", job=job) == "j"
+    assert harness.ok("submit", token=token, job_id="j", job=job) == "j"
 
 
 def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
@@ -594,15 +640,15 @@ def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
 
 def test_upload_missing_a_file_is_incomplete(harness: Harness) -> None:
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
-    token = harness.upload(script("true\n"))
+    token = harness.upload(tree, data={"data.txt": b""})
     reply = harness.submit_reply(tree, token=token, job_id="j")
     assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
     assert harness.jobs() == []
 
 
 def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
-    token = harness.upload({**script("true\n"), "data.txt": F(b"01234")})
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
+    token = harness.upload(tree, data={"data.txt": b"01234"})
     reply = harness.submit_reply(tree, token=token, job_id="j")
     assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
     assert harness.jobs() == []
@@ -611,18 +657,28 @@ def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
 @pytest.mark.parametrize("path", [b"../escape", b"a/../../escape", b"/abs/escape", b"a/.."])
 def test_manifest_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
     tree = script("true\n")
-    rows = [*manifest_of(tree), [path, "d", 0o755, 0]]
-    reply = harness.submit_reply(tree, manifest=rows, job_id="j")
+    manifest = transfer.encode_manifest([*entries_of(tree), transfer.Entry(path, "d", 0o755)])
+    reply = harness.submit_reply(tree, manifest=manifest, job_id="j")
     assert reply.get("error") == agent.ERR_INVALID, reply
-    assert harness.jobs() == []
+    assert not os.path.lexists(harness.queue)  # checked before anything is written
     assert not (harness.tmp / "escape").exists() and not Path("/abs/escape").exists()
 
 
-@pytest.mark.parametrize("path", [b"../escape", b"/tmp/escape-tej-test", b"x/../../escape", b""])
-def test_upload_data_paths_that_escape_are_refused(harness: Harness, path: bytes) -> None:
-    token = harness.upload({})
-    harness.fail(agent.ERR_INVALID, "upload_data", token=token, chunks=[[path, 0, b"x"]])
-    assert not (harness.tmp / "escape").exists()
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        [1, 0, b"x"],  # a file that wasn't asked for
+        [5, 0, b"x"],  # no such file
+        [0, 1, b"x"],  # not where the file's data has reached
+        [0, 0, b"#!/bin/sh\ntrue\n and more"],  # past the file's end
+    ],
+)
+def test_upload_data_for_what_was_not_asked_is_refused(harness: Harness, chunk: list[Any]) -> None:
+    tree: dict[str, Entry] = {**script("true\n"), "empty": F(b"")}
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert json.loads(begun["missing"]) == [[0, 0]]
+    harness.fail(agent.ERR_INVALID, "upload_data", token=begun["token"], chunks=[chunk])
+    assert not list((Path(harness.queue) / "store").glob("??/*"))
 
 
 def test_script_reached_through_a_symlink_outside_is_refused(harness: Harness) -> None:
@@ -705,10 +761,10 @@ def test_failed_submit_leaves_no_way_to_write_outside_the_job(harness: Harness) 
     """Staging keeps no symlink a later upload_data could write through."""
     outside = harness.tmp / "outside"
     outside.mkdir()
-    token = harness.upload({})
-    tree: dict[str, Entry] = {"d": L(str(outside))}
+    tree: dict[str, Entry] = {"d": L(str(outside)), "d2": F(b"x")}
+    token = harness.upload(tree, data={"d2": b""})
     harness.submit_reply(tree, token=token, job_id="j")  # no start.sh: refused
-    harness.call("upload_data", token=token, chunks=[[b"d/planted", 0, b"x"]])
+    assert not harness.call("upload_data", token=token, chunks=[[1, 0, b"x"]])["ok"]
     assert list(outside.iterdir()) == []
 
 
@@ -1037,6 +1093,308 @@ def test_missing_download_path_is_invalid(harness: Harness, finished_job: str) -
 
 def test_download_from_an_unknown_job_is_not_found(harness: Harness, finished_job: str) -> None:
     harness.fail(agent.ERR_JOB_NOT_FOUND, "list_files", job_id="other", path=b"")
+
+
+# -- the content store ----------------------------------------------------------
+
+
+def blobs_of(harness: Harness) -> dict[str, Path]:
+    """The store's blobs, by name (DIGEST-MODE)."""
+    return {path.name: path for path in (Path(harness.queue) / "store").glob("??/*")}
+
+
+def blob_name(data: bytes, mode: int = 0o644) -> str:
+    return f"{hashlib.sha256(data).hexdigest()}-{mode:03o}"
+
+
+def asked(begun: dict[str, Any]) -> list[list[int]]:
+    """The [index, offset] pairs an upload_begin reply asks for."""
+    return list(json.loads(begun["missing"]))
+
+
+def kill_connection(harness: Harness) -> None:
+    """What the death of the agent's process does: its files close, nothing is cleaned up."""
+    for upload in harness.agent.uploads.values():
+        upload.discard_files()
+    harness.agent = agent.Agent()
+    harness.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
+
+
+def test_only_what_the_store_lacks_is_asked_for(harness: Harness) -> None:
+    tree: dict[str, Entry] = {
+        **script("true\n"),
+        "sub": D(),
+        "sub/a.txt": F(b"a" * 1000),
+        "b.bin": F(os.urandom(5000)),
+        "empty": F(b""),
+    }
+    first = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(first) == [[0, 0], [2, 0], [3, 0]]
+    assert harness.send(tree, first) == len(tree["start.sh"].data) + 1000 + 5000  # type: ignore
+    one = harness.submit(tree, token=first["token"], job_id="one")
+    again = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(again) == []
+    harness.ok("upload_abort", token=again["token"])
+    changed = {**tree, "sub/a.txt": F(b"b" * 1000)}
+    begun = harness.ok("upload_begin", manifest=manifest_of(changed))
+    assert asked(begun) == [[2, 0]]
+    assert harness.send(changed, begun) == 1000
+    two = harness.submit(changed, token=begun["token"], job_id="two")
+    assert harness.wait_end(two)["exit_code"] == 0
+    for job_id, source in ((one, tree), (two, changed)):
+        work = harness.job_dir(job_id) / "work"
+        for name, entry in source.items():
+            if isinstance(entry, F):
+                assert (work / name).read_bytes() == entry.data
+                assert os.stat(work / name).st_mtime == agent.STORE_MTIME
+    assert set(blobs_of(harness)) == {
+        blob_name(entry.data, entry.mode)
+        for entry in (*tree.values(), changed["sub/a.txt"])
+        if isinstance(entry, F) and entry.data
+    }
+
+
+def test_same_content_is_stored_once_and_files_never_share_an_inode(harness: Harness) -> None:
+    data = os.urandom(3000)
+    tree: dict[str, Entry] = {
+        **script("true\n"),
+        "a.txt": F(data),
+        "sub/b.txt": F(data),
+        "run.sh": F(data, 0o755),
+        "secret": F(data, 0o200),  # not readable by its owner: copied, never linked
+    }
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == [[0, 0], [1, 0]]  # start.sh, then the content, once
+    harness.send(tree, begun)
+    job_id = harness.submit(tree, token=begun["token"], job_id="dup")
+    work = harness.job_dir(job_id) / "work"
+    inodes = {os.stat(work / name).st_ino for name in ("a.txt", "sub/b.txt", "run.sh", "secret")}
+    assert len(inodes) == 4
+    assert [mode_of(work / name) for name in ("a.txt", "run.sh", "secret")] == [
+        0o644,
+        0o755,
+        0o200,
+    ]
+    assert all((work / name).read_bytes() == data for name in ("a.txt", "run.sh", "secret"))
+    blobs = blobs_of(harness)
+    assert set(blobs) == {blob_name(data), blob_name(tree["start.sh"].data, 0o755)}  # type: ignore
+    assert blobs[blob_name(data)].stat().st_ino == os.stat(work / "a.txt").st_ino
+
+
+def test_executable_bits_survive(harness: Harness) -> None:
+    tool = b"#!/bin/sh\necho tool ran\n"
+    tree: dict[str, Entry] = {
+        **script("./bin/tool.sh > out.txt\n"),
+        "bin/tool.sh": F(tool, 0o755),
+        "bin/copy.sh": F(tool, 0o644),
+        "private.sh": F(tool, 0o700),
+    }
+    for job_id in ("first", "second"):  # the second links what the first stored
+        assert harness.run(tree, job_id=job_id)["exit_code"] == 0
+        work = harness.job_dir(job_id) / "work"
+        assert (work / "out.txt").read_text() == "tool ran\n"
+        modes = [mode_of(work / name) for name in ("bin/tool.sh", "bin/copy.sh", "private.sh")]
+        assert modes == [0o755, 0o644, 0o700]
+
+
+def test_a_job_writing_to_its_input_does_not_change_the_next_ones(harness: Harness) -> None:
+    tree = {**script("echo more >> data.txt\nchmod 600 mode.txt\n"), "data.txt": F(b"original\n")}
+    tree["mode.txt"] = F(b"mode\n")
+    assert harness.run(tree, job_id="first")["exit_code"] == 0
+    first = harness.job_dir("first") / "work"
+    assert (first / "data.txt").read_text() == "original\nmore\n"
+    # The store's copy was written to through the job's link, and chmod-ed: both are
+    # dropped when next seen, and asked for again.
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == [[1, 0], [2, 0]]
+    harness.send(tree, begun)
+    second = harness.submit(tree, token=begun["token"], job_id="second")
+    assert harness.wait_end(second)["exit_code"] == 0
+    assert (harness.job_dir("second") / "work" / "data.txt").read_text() == "original\nmore\n"
+    assert (first / "data.txt").read_text() == "original\nmore\n"
+    assert mode_of(harness.job_dir("second") / "work" / "mode.txt") == 0o600
+    assert blob_name(b"original\n") in blobs_of(harness)
+
+
+def test_a_running_job_never_shares_a_file_with_a_new_one(harness: Harness) -> None:
+    body = "while [ ! -e go ]; do sleep 0.02; done\necho more >> data.txt\n"
+    tree = {**script(body), "data.txt": F(b"original\n")}
+    first = harness.submit(tree, job_id="first")
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == []  # copied on the server from the running job's blob
+    second = harness.submit(tree, token=begun["token"], job_id="second")
+    data = [harness.job_dir(job_id) / "work" / "data.txt" for job_id in (first, second)]
+    assert data[0].stat().st_ino != data[1].stat().st_ino
+    # The store keeps the fresh copy: later jobs share it with the second job only.
+    assert blobs_of(harness)[blob_name(b"original\n")].stat().st_ino == data[1].stat().st_ino
+    (harness.job_dir(first) / "work" / "go").touch()
+    assert harness.wait_end(first)["exit_code"] == 0
+    assert data[0].read_text() == "original\nmore\n"
+    assert data[1].read_text() == "original\n"
+    (harness.job_dir(second) / "work" / "go").touch()
+    assert harness.wait_end(second)["exit_code"] == 0
+
+
+def test_a_pending_upload_holds_its_blobs_too(harness: Harness) -> None:
+    """Two uploads of one content at the same time get two inodes (either may run first)."""
+    tree = {**script("true\n"), "data.txt": F(b"shared\n")}
+    first = harness.upload(tree)
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == []
+    staged = Path(harness.queue) / "staging"
+    inodes = {path.stat().st_ino for path in staged.glob("*/work/data.txt")}
+    assert len(inodes) == 2
+    for token, job_id in ((first, "one"), (begun["token"], "two")):
+        harness.submit(tree, token=token, job_id=job_id)
+        harness.wait_end(job_id)
+
+
+def test_content_that_does_not_match_its_digest_is_refused(harness: Harness) -> None:
+    tree = {**script("true\n"), "data.txt": F(b"good content")}
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    start = [[0, 0, tree["start.sh"].data]]
+    harness.ok("upload_data", token=begun["token"], chunks=start)
+    message = harness.fail(
+        agent.ERR_INVALID, "upload_data", token=begun["token"], chunks=[[1, 0, b"evil content"]]
+    )
+    assert "data.txt" in message and "not the one announced" in message
+    assert blob_name(b"good content") not in blobs_of(harness)
+    assert blob_name(b"evil content") not in blobs_of(harness)
+    reply = harness.submit_reply(tree, token=begun["token"], job_id="j")
+    assert reply.get("error") == agent.ERR_INVALID and "incomplete" in reply["message"], reply
+    assert harness.jobs() == []
+    assert os.listdir(Path(harness.queue) / "staging") == []
+
+
+def test_deleting_a_job_removes_the_blobs_only_it_used(harness: Harness) -> None:
+    shared = {**script("true\n"), "common.txt": F(b"common\n")}
+    harness.run({**shared, "a.bin": F(b"only a\n")}, job_id="a")
+    harness.run({**shared, "b.bin": F(b"only b\n")}, job_id="b")
+    names = [blob_name(data) for data in (b"common\n", b"only a\n", b"only b\n")]
+    assert set(names) <= set(blobs_of(harness))
+    harness.ok("delete", job_id="a")
+    assert names[1] not in blobs_of(harness)
+    assert {names[0], names[2]} <= set(blobs_of(harness))
+    harness.ok("delete", job_id="b")
+    assert blobs_of(harness) == {}
+
+
+def test_unused_blobs_are_collected_once_stale(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = {**script("true\n"), "kept.txt": F(b"kept\n")}
+    harness.run(kept, job_id="kept")
+    token = harness.upload({**script("true\n"), "dropped.txt": F(b"dropped\n")})
+    harness.ok("upload_abort", token=token)  # what arrived stays in the store...
+    assert blob_name(b"dropped\n") in blobs_of(harness)
+    harness.ok("upload_begin")
+    assert blob_name(b"dropped\n") in blobs_of(harness)  # ...for a while
+    monkeypatch.setattr(agent, "STALE_UPLOAD", -1.0)
+    monkeypatch.setattr(agent, "STORE_GC_INTERVAL", 0.0)
+    harness.ok("upload_begin")
+    start = blob_name(kept["start.sh"].data, 0o755)
+    assert set(blobs_of(harness)) == {blob_name(b"kept\n"), start}
+
+
+def test_an_interrupted_upload_resumes_where_it_stopped(harness: Harness) -> None:
+    big = os.urandom(3 * transfer.CHUNK_SIZE + 12345)
+    tree = {**script("true\n"), "small.txt": F(b"small\n"), "big.bin": F(big)}
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == [[0, 0], [1, 0], [2, 0]]
+    harness.send(tree, begun, data={"big.bin": big[: transfer.CHUNK_SIZE + 7]})
+    kill_connection(harness)
+    again = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(again) == [[2, transfer.CHUNK_SIZE + 7]]
+    assert harness.send(tree, again) == len(big) - transfer.CHUNK_SIZE - 7
+    job_id = harness.submit(tree, token=again["token"], job_id="resumed")
+    assert (harness.job_dir(job_id) / "work" / "big.bin").read_bytes() == big
+    assert harness.wait_end(job_id)["exit_code"] == 0
+
+
+def test_a_partial_content_still_being_written_is_left_alone(harness: Harness) -> None:
+    big = os.urandom(2 * transfer.CHUNK_SIZE)
+    tree = {**script("true\n"), "big.bin": F(big)}
+    writer = harness.ok("upload_begin", manifest=manifest_of(tree))
+    harness.send(tree, writer, data={"big.bin": big[:1000]})
+    other = Harness(harness.tmp)  # another connection, while the first one lives
+    begun = other.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(begun) == [[1, 0]]
+    other.send(tree, begun)
+    other.submit(tree, token=begun["token"], job_id="other")
+    chunks = [[1, 1000, big[1000:]]]
+    harness.ok("upload_data", token=writer["token"], chunks=chunks)
+    harness.submit(tree, token=writer["token"], job_id="writer")
+    for job_id in ("other", "writer"):
+        assert (harness.job_dir(job_id) / "work" / "big.bin").read_bytes() == big
+        harness.wait_end(job_id)
+
+
+def test_a_damaged_partial_content_is_sent_again(harness: Harness) -> None:
+    data = os.urandom(5000)
+    tree = {**script("true\n"), "data.bin": F(data)}
+    begun = harness.ok("upload_begin", manifest=manifest_of(tree))
+    harness.send(tree, begun, data={"data.bin": data[:2000]})
+    kill_connection(harness)
+    part = next((Path(harness.queue) / "staging").glob("*/part-*"))
+    part.write_bytes(b"x" * 5000)  # whole, but not the content
+    again = harness.ok("upload_begin", manifest=manifest_of(tree))
+    assert asked(again) == [[1, 0]]
+    harness.send(tree, again)
+    job_id = harness.submit(tree, token=again["token"], job_id="j")
+    assert (harness.job_dir(job_id) / "work" / "data.bin").read_bytes() == data
+    harness.wait_end(job_id)
+
+
+MANIFEST = {
+    "paths": b"x",
+    "kinds": "d",
+    "modes": b"\xed\x01",
+    "sizes": b"\0" * 8,
+    "digests": b"",
+    "targets": b"",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"paths": b"../x"}, agent.ERR_INVALID),
+        ({"paths": b"/x"}, agent.ERR_INVALID),
+        ({"paths": b"a/./b"}, agent.ERR_BAD_REQUEST),
+        ({"paths": b"a//b"}, agent.ERR_BAD_REQUEST),
+        ({"paths": b""}, agent.ERR_BAD_REQUEST),
+        ({"paths": b"x\0x", "kinds": "dd", "modes": b"\0\0" * 2, "sizes": b"\0" * 16}, "Inv"),
+        ({"kinds": "x"}, agent.ERR_BAD_REQUEST),
+        ({"kinds": b"d"}, agent.ERR_BAD_REQUEST),
+        ({"modes": b"\0\x10"}, agent.ERR_BAD_REQUEST),  # 0o10000
+        ({"modes": b"\0"}, agent.ERR_BAD_REQUEST),
+        ({"sizes": b"\0" * 9}, agent.ERR_BAD_REQUEST),
+        ({"sizes": b"\x01" + b"\0" * 7}, agent.ERR_BAD_REQUEST),  # a folder with a size
+        ({"kinds": "f", "sizes": b"\0" * 7 + b"\x40"}, agent.ERR_BAD_REQUEST),  # 2**62
+        ({"kinds": "f", "sizes": b"\x05" + b"\0" * 7}, agent.ERR_BAD_REQUEST),  # no digest
+        ({"digests": b"\0" * 32}, agent.ERR_BAD_REQUEST),  # a digest for nothing
+        ({"kinds": "f", "sizes": b"\x05" + b"\0" * 7, "digests": b"\0" * 31}, "Bad"),
+        ({"kinds": "l"}, agent.ERR_BAD_REQUEST),  # no target
+        ({"kinds": "l", "targets": b"a\0b"}, agent.ERR_BAD_REQUEST),
+        ({"targets": b"a"}, agent.ERR_BAD_REQUEST),  # a target for nothing
+        ({"extra": b""}, agent.ERR_BAD_REQUEST),
+        ({"paths": None}, agent.ERR_BAD_REQUEST),
+        ({"kinds": "", "modes": b"", "sizes": b""}, agent.ERR_BAD_REQUEST),  # paths for nothing
+    ],
+)
+def test_bad_manifests_are_refused_before_anything_is_written(
+    harness: Harness, change: dict[str, Any], error: str
+) -> None:
+    manifest = {k: v for k, v in {**MANIFEST, **change}.items() if v is not None}
+    error = {"Inv": agent.ERR_INVALID, "Bad": agent.ERR_BAD_REQUEST}.get(error, error)
+    harness.fail(error, "upload_begin", manifest=manifest)
+    assert not os.path.lexists(harness.queue)
+
+
+@pytest.mark.parametrize("manifest", [None, b"[]", [], {}, "x", MANIFEST["paths"]])
+def test_a_manifest_of_the_wrong_type_is_a_bad_request(harness: Harness, manifest: Any) -> None:
+    harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", manifest=manifest)
+    assert not os.path.lexists(harness.queue)
 
 
 # -- the module itself -----------------------------------------------------------------

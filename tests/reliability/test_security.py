@@ -50,6 +50,7 @@ from sshd import SshServer, login_script_lines  # noqa: E402
 import tej  # noqa: E402
 from tej import remote_agent  # noqa: E402
 from tej.session import AGENT_DIGEST, AGENT_SOURCE  # noqa: E402
+from tej.transfer import Entry, encode_manifest  # noqa: E402
 
 REPO = TESTS.parent
 CLI_DEADLINE = 60.0
@@ -114,14 +115,19 @@ def login_block(server: SshServer, lines: list[str]) -> Iterator[None]:
 
 
 def tej_files(queue: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every path under the queue that tej made, i.e. not inside a job's uploaded files."""
+    """Every path under the queue that tej made, i.e. not a job's uploaded files.
+
+    The store's blobs are uploaded files too (linked into the jobs, with their modes):
+    their folders are tej's.
+    """
     yield queue, os.lstat(queue)
     for folder, dirs, files in os.walk(queue):
         relative = Path(folder).relative_to(queue).parts
         if len(relative) >= 3 and relative[0] == "jobs" and relative[2] == "work":
             dirs[:] = []
             continue
-        for name in dirs + files:
+        blobs = len(relative) == 2 and relative[0] == "store" and relative[1] != "leases"
+        for name in dirs + ([] if blobs else files):
             path = Path(folder, name)
             if path.relative_to(queue).parts[2:3] != ("work",):
                 yield path, os.lstat(path)
@@ -350,6 +356,20 @@ def nested(depth: int) -> Any:
     return value
 
 
+def manifest_with(**columns: Any) -> dict[str, Any]:
+    """A manifest of one folder `x`, with some columns replaced (remote_agent.parse_manifest)."""
+    manifest = {
+        "paths": b"x",
+        "kinds": "d",
+        "modes": b"\xed\x01",
+        "sizes": b"\0" * 8,
+        "digests": b"",
+        "targets": b"",
+    }
+    manifest.update(columns)
+    return manifest
+
+
 # Values of every kind execnet can carry, none of them what any argument expects.
 JUNK: list[tuple[str, Any]] = [
     ("none", None),
@@ -415,13 +435,32 @@ HOSTILE: dict[str, list[tuple[str, Any]]] = {
         ("absolute", [[b"/etc/passwd", 0, 10]]),
         ("escape", [[b"escape", 0, 10]]),
         ("nul", [[b"a\0b", 0, 10]]),
+        ("not-asked", [[1, 0, b"x"]]),
+        ("past-end", [[0, 0, b"x" * 100]]),
+        ("gap", [[0, 3, b"x"]]),
     ],
     "manifest": [
-        ("up", [[b"../x", "f", 0o644, 0]]),
-        ("absolute", [[b"/tmp/x", "f", 0o644, 0]]),
-        ("kind", [[b"x", "p", 0o644, 0]]),
-        ("link-target", [[b"x", "l", 0o777, "str"]]),
-        ("missing-file", [[b"start.sh", "f", 0o755, 21], [b"ghost", "f", 0o644, 5]]),
+        ("up", manifest_with(paths=b"../x")),
+        ("absolute", manifest_with(paths=b"/tmp/x")),
+        ("inner-up", manifest_with(paths=b"a/../../x")),
+        ("dot", manifest_with(paths=b".")),
+        ("empty-path", manifest_with(paths=b"")),
+        ("twice", manifest_with(paths=b"x\0x", kinds="dd", modes=b"\0\0" * 2, sizes=b"\0" * 16)),
+        ("kind", manifest_with(kinds="p")),
+        ("mode", manifest_with(modes=b"\xff\xff")),
+        ("size", manifest_with(kinds="f", sizes=b"\xff" * 8, digests=b"\0" * 32)),
+        ("short-column", manifest_with(sizes=b"\0" * 7)),
+        ("dir-size", manifest_with(sizes=b"\x01" + b"\0" * 7)),
+        ("digest-count", manifest_with(kinds="f", sizes=b"\x05" + b"\0" * 7)),
+        ("extra-digest", manifest_with(digests=b"\0" * 32)),
+        ("link-no-target", manifest_with(kinds="l")),
+        ("link-empty-target", manifest_with(kinds="l", targets=b"")),
+        ("target-count", manifest_with(kinds="l", targets=b"a\0b")),
+        ("kinds-not-str", manifest_with(kinds=b"d")),
+        ("paths-not-bytes", manifest_with(paths="x")),
+        ("missing-column", {"paths": b"x", "kinds": "d"}),
+        ("extra-column", dict(manifest_with(), more=b"")),
+        ("rows", [[b"x", "d", 0o755, 0]]),
     ],
     "job": [
         ("script-up", {"script": "../../job.json"}),
@@ -436,6 +475,7 @@ HOSTILE: dict[str, list[tuple[str, Any]]] = {
     "protocol": [("next", 2)],
     "digest": [("up", "../../../x"), ("slash", "a/b"), ("empty", "")],
 }
+
 
 # Odd values of the right type: any reply will do, but an answer, not an InternalError.
 ODD: dict[str, list[tuple[str, Any]]] = {
@@ -473,19 +513,25 @@ class Fuzzer:
         assert reply["ok"], (op, reply)
         return reply["result"]
 
-    def staged(self, script: bytes = b"#!/bin/sh\necho hello\n") -> tuple[str, list[Any]]:
-        """A fresh upload with a start.sh; returns its token and manifest."""
-        token = self.call("upload_begin", queue=self.queue)
-        self.call("upload_data", queue=self.queue, token=token, chunks=[[b"start.sh", 0, script]])
-        return token, [[b"start.sh", "f", 0o755, len(script)]]
+    def staged(
+        self, script: bytes = b"#!/bin/sh\necho hello\n", links: Any = None, send: bool = True
+    ) -> str:
+        """A fresh upload with a start.sh (sent, unless the store has it); returns its token."""
+        digest = hashlib.sha256(script).hexdigest()
+        entries = [Entry(b"start.sh", "f", 0o755, len(script), digest=digest)]
+        for name, target in (links or {}).items():
+            entries.append(Entry(name.encode(), "l", 0o777, target=target))
+        begun = self.call("upload_begin", queue=self.queue, manifest=encode_manifest(entries))
+        token = str(begun["token"])
+        if send and json.loads(begun["missing"]):
+            self.call("upload_data", queue=self.queue, token=token, chunks=[[0, 0, script]])
+        return token
 
     def submit(
         self, job_id: str, script: bytes = b"#!/bin/sh\necho hello\n", links: Any = None
     ) -> None:
-        token, manifest = self.staged(script)
-        for name, target in (links or {}).items():
-            manifest.append([name.encode(), "l", 0o777, target])
-        self.call("submit", queue=self.queue, token=token, manifest=manifest, job_id=job_id)
+        token = self.staged(script, links)
+        self.call("submit", queue=self.queue, token=token, job_id=job_id)
 
     def wait_for(self, job_id: str) -> None:
         wait_until(
@@ -507,18 +553,15 @@ class Fuzzer:
             self.submit("victim")
             self.wait_for("victim")
         if op in ("upload_data", "upload_abort", "submit"):
-            token, manifest = self.staged()
+            # A new script each time, so upload_data has something to send.
+            script = b"#!/bin/sh\necho %d\n" % self.serial
+            token = self.staged(script, send=op != "upload_data")
             return {
-                "upload_data": {
-                    "queue": queue,
-                    "token": token,
-                    "chunks": [[b"more.txt", 0, b"more"]],
-                },
+                "upload_data": {"queue": queue, "token": token, "chunks": [[0, 0, script[:5]]]},
                 "upload_abort": {"queue": queue, "token": token},
                 "submit": {
                     "queue": queue,
                     "token": token,
-                    "manifest": manifest,
                     "job_id": f"fuzz-{self.serial}",
                     "id_prefix": "fuzz",
                     "job": {"script": "start.sh", "args": ["a"], "env": {"A": "1"}},
@@ -543,7 +586,7 @@ class Fuzzer:
             "install_runner": {"queue": queue, "runner": "queue", "source": "#"},
             # A new queue each time, so the agent's source is really written.
             "install_agent": {"queue": str(self.root / f"install-{self.serial}"), "source": "#"},
-            "upload_begin": {"queue": queue},
+            "upload_begin": {"queue": queue, "manifest": manifest_with()},
             "status": {"queue": queue, "job_id": "target"},
             "list": {"queue": queue},
             "kill": {"queue": queue, "job_id": "target"},

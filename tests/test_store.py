@@ -1,0 +1,292 @@
+"""Content-addressed uploads, end to end: over `local` and the real loopback sshd.
+
+The queue's store keeps each content once; a submit sends only what it lacks. Bytes sent
+are counted with the API's progress callback (it reports the bytes put on the wire).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Target, target_fixture, wait_until  # noqa: F401 - the `target` fixture
+
+from tej import transfer
+
+MiB = 1 << 20
+START = b"#!/bin/sh\ntrue\n"  # what Target.make_job writes by default
+
+
+def blobs(target: Target) -> dict[str, Path]:
+    """The store's blobs on the server, by name (DIGEST-MODE)."""
+    return {path.name: path for path in target.server_path("store").glob("??/*")}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def submit_counting(target: Target, directory: Path) -> tuple[str, int]:
+    """Submit through the API; the job's id and the bytes sent."""
+    sent: list[tuple[int, int]] = []
+    with target.api() as remote:
+        job_id = remote.submit(
+            str(directory), progress=lambda done, total: sent.append((done, total))
+        )
+    assert len({total for _, total in sent}) <= 1, sent
+    return job_id, sum(done for done, _ in sent)
+
+
+def same_tree(local: Path, remote: Path) -> None:
+    """remote holds local's files, with the same contents and modes."""
+    for path in local.rglob("*"):
+        other = remote / path.relative_to(local)
+        if path.is_file() and not path.is_symlink():
+            assert other.read_bytes() == path.read_bytes(), other
+            assert stat.S_IMODE(other.stat().st_mode) == stat.S_IMODE(path.stat().st_mode), other
+
+
+@pytest.mark.timeout(120)
+def test_a_resubmit_sends_only_what_changed(target: Target) -> None:
+    files: dict[str, bytes | str] = {
+        f"d{i // 10}/f{i:02d}.txt": os.urandom(2000) for i in range(30)
+    }
+    files["big.bin"] = os.urandom(2 * MiB + 5)
+    job = target.make_job("again", files=files)
+    total = sum(path.stat().st_size for path in job.rglob("*") if path.is_file())
+    first, sent = submit_counting(target, job)
+    assert sent == total
+    second, sent = submit_counting(target, job)
+    assert sent == 0
+    (job / "d1" / "f12.txt").write_bytes(b"changed\n")
+    third, sent = submit_counting(target, job)
+    assert sent == len(b"changed\n")
+    for job_id in (first, second, third):
+        assert target.wait_for(job_id)["state"] == "finished"
+    same_tree(job, target.work(third))
+    assert target.work(first, "d1", "f12.txt").read_bytes() == files["d1/f12.txt"]
+    assert len(blobs(target)) == 33  # 32 contents, and the changed one
+
+
+@pytest.mark.timeout(120)
+def test_identical_files_are_sent_and_stored_once(target: Target) -> None:
+    data = os.urandom(MiB)
+    job = target.make_job("twins", files={"a.bin": data, "b/a.bin": data, "c.bin": data})
+    job_id, sent = submit_counting(target, job)
+    assert sent == MiB + len(START)
+    assert set(blobs(target)) == {f"{digest(data)}-644", f"{digest(START)}-755"}
+    work = target.work(job_id)
+    inodes = {(work / name).stat().st_ino for name in ("a.bin", "b/a.bin", "c.bin")}
+    assert len(inodes) == 3  # one job's files never share an inode
+    assert all((work / name).read_bytes() == data for name in ("a.bin", "b/a.bin", "c.bin"))
+
+
+@pytest.mark.timeout(120)
+def test_a_job_that_changes_its_input_does_not_change_the_next_ones(target: Target) -> None:
+    script = (
+        "#!/bin/sh\necho appended >> data.txt\nprintf X | dd of=big.bin conv=notrunc 2>/dev/null\n"
+    )
+    big = os.urandom(MiB)
+    job = target.make_job("writer", script, files={"data.txt": "original\n", "big.bin": big})
+    first = target.submit(job)
+    assert target.wait_for(first)["exit_code"] == 0
+    assert target.work(first, "data.txt").read_text() == "original\nappended\n"
+    second, sent = submit_counting(target, job)
+    assert sent == len("original\n") + MiB  # both were written to: sent again
+    assert target.wait_for(second)["exit_code"] == 0
+    for job_id in (first, second):
+        assert target.work(job_id, "data.txt").read_text() == "original\nappended\n"
+        assert target.work(job_id, "big.bin").read_bytes() == b"X" + big[1:]
+    assert (job / "data.txt").read_text() == "original\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_running_job_shares_no_file_with_a_new_one(target: Target) -> None:
+    script = "#!/bin/sh\nwhile [ ! -e go ]; do sleep 0.05; done\necho more >> data.txt\n"
+    job = target.make_job("sweep", script, files={"data.txt": "original\n"})
+    first = target.submit(job)
+    target.wait_for(first, ("running",))
+    second, sent = submit_counting(target, job)
+    assert sent == 0  # copied on the server, not sent again
+    files = [target.work(job_id, "data.txt") for job_id in (first, second)]
+    assert files[0].stat().st_ino != files[1].stat().st_ino
+    target.work(first, "go").touch()
+    assert target.wait_for(first)["exit_code"] == 0
+    assert [path.read_text() for path in files] == ["original\nmore\n", "original\n"]
+    target.work(second, "go").touch()
+    assert target.wait_for(second)["exit_code"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_executable_bits_survive(target: Target) -> None:
+    tool = "#!/bin/sh\necho tool ran\n"
+    job = target.make_job(
+        "modes",
+        "#!/bin/sh\n./bin/tool.sh\n",
+        files={"bin/tool.sh": tool, "bin/not-a-tool.sh": tool, "private.sh": tool, "ro.txt": tool},
+    )
+    for name, mode in (("bin/tool.sh", 0o755), ("private.sh", 0o700), ("ro.txt", 0o444)):
+        (job / name).chmod(mode)
+    for _ in range(2):  # the second links what the first stored
+        job_id = target.submit(job)
+        assert target.wait_for(job_id)["exit_code"] == 0
+        assert target.cli("logs", "--id", job_id, check=0).stdout == "tool ran\n"
+        same_tree(job, target.work(job_id))
+
+
+@pytest.mark.timeout(120)
+def test_deleting_jobs_removes_the_contents_no_job_uses(target: Target) -> None:
+    shared = {"common.txt": "common\n"}
+    first = target.submit(target.make_job("a", files={**shared, "a.txt": "only a\n"}))
+    second = target.submit(target.make_job("b", files={**shared, "b.txt": "only b\n"}))
+    for job_id in (first, second):
+        target.wait_for(job_id)
+    names = {text: f"{digest(text.encode())}-644" for text in ("common\n", "only a\n", "only b\n")}
+    assert set(names.values()) <= set(blobs(target))
+    target.cli("delete", "--id", first, check=0)
+    assert names["only a\n"] not in blobs(target)
+    assert {names["common\n"], names["only b\n"]} <= set(blobs(target))
+    target.cli("delete", "--id", second, check=0)
+    assert blobs(target) == {}
+
+
+@pytest.mark.timeout(120)
+def test_content_that_does_not_match_its_hash_is_refused(
+    target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent checks every content it receives: a client's claim is never trusted."""
+    job = target.make_job("liar", files={"data.txt": "the real content\n"})
+    cache = tmp_path / "cache"
+    target.client_env["XDG_CACHE_HOME"] = str(cache)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    # A stale cache entry (as if the file had changed within one timestamp tick).
+    claimed = digest(b"what the cache says\n")
+    entries = transfer.scan_directory(str(job))
+    path = Path(transfer.HashCache(str(job)).path)
+    rows = {}
+    for entry in entries:
+        if entry.kind == "f":
+            name = entry.relpath.decode()
+            rows[name] = [entry.size, *entry.stamp, digest((job / name).read_bytes())]
+    rows["data.txt"][-1] = claimed
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": 1, "files": rows}))
+
+    done = target.cli("submit", str(job))
+    assert done.returncode == 1, done
+    assert done.stderr.startswith("Error: ") and "not the one announced" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert not any(name.startswith(claimed) for name in blobs(target))
+    assert os.listdir(target.server_path("jobs")) == []
+    assert os.listdir(target.server_path("staging")) == []
+    path.unlink()  # without the lie, it goes through
+    job_id = target.submit(job)
+    assert target.work(job_id, "data.txt").read_text() == "the real content\n"
+
+
+def staging_holders(staging: Path) -> list[int]:
+    """Processes that hold a file open under staging (an agent still writing an upload)."""
+    prefix = str(staging) + "/"
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd).startswith(prefix):
+                    found.append(int(entry.name))
+                    break
+    return found
+
+
+def partial_bytes(staging: Path) -> int:
+    """The size of the contents arriving in staging areas."""
+    total = 0
+    for path in staging.glob("*/part-*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+@pytest.mark.timeout(180)
+def test_an_interrupted_upload_resumes_without_sending_again_what_arrived(
+    target: Target,
+) -> None:
+    files: dict[str, bytes | str] = {f"a{i:02d}.bin": os.urandom(MiB) for i in range(20)}
+    files["z-big.bin"] = os.urandom(60 * MiB)
+    job = target.make_job("resumed", files=files)
+    total = sum(path.stat().st_size for path in job.rglob("*") if path.is_file())
+    first = target.submit(target.make_job("first"))  # the queue exists, with START stored
+    staging = target.server_path("staging")
+    argv = [sys.executable, "-m", "tej", "submit", target.destination, "--queue", target.queue]
+    client = subprocess.Popen(
+        [*argv, *target.ssh_args, str(job)],
+        env=target.client_env,
+        cwd=str(target.client_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while partial_bytes(staging) < 8 * MiB:  # the small files are in, the big one half
+            assert client.poll() is None, "the upload ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the upload did not start"
+            time.sleep(0.002)
+        os.killpg(client.pid, signal.SIGKILL)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(client.pid, signal.SIGKILL)
+        client.wait(timeout=30)
+    wait_until(lambda: not staging_holders(staging), 15, "the agent to stop writing the upload")
+    # What arrived: whole contents in the store (all of them this job's), and a partial one.
+    arrived = sum(path.stat().st_size for path in blobs(target).values()) + partial_bytes(staging)
+    assert 20 * MiB + len(START) < arrived < total, (arrived, total)
+
+    job_id, sent = submit_counting(target, job)
+    assert sent == total - arrived
+    assert target.wait_for(job_id)["exit_code"] == 0
+    same_tree(job, target.work(job_id))
+    listed = json.loads(target.cli("list", "--json", check=0).stdout)
+    assert [item["id"] for item in listed] == [first, job_id]
+
+
+@pytest.mark.timeout(60)
+def test_the_client_reads_an_unchanged_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's hash cache: a file is trusted while stat says it is the one it hashed."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "data.bin").write_bytes(os.urandom(MiB))
+    (job / "new.bin").write_bytes(os.urandom(MiB))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(transfer, "CACHE_MARGIN", 0)  # no file is too recent to be trusted
+    reads: list[bytes] = []
+    original = transfer._hash_file
+
+    def counting(path: bytes, size: int) -> str:
+        reads.append(os.path.basename(path))
+        return original(path, size)
+
+    monkeypatch.setattr(transfer, "_hash_file", counting)
+    entries = transfer.hash_files(str(job), transfer.scan_directory(str(job)))
+    assert sorted(reads) == [b"data.bin", b"new.bin"]
+    assert transfer.hash_files(str(job), transfer.scan_directory(str(job))) == entries
+    assert len(reads) == 2
+    (job / "data.bin").write_bytes(os.urandom(MiB))  # same size, new mtime and ctime
+    changed = transfer.hash_files(str(job), transfer.scan_directory(str(job)))
+    assert reads[2:] == [b"data.bin"] and changed != entries
+    # Not trusted: a file that changed less than a timestamp tick before it was read.
+    monkeypatch.setattr(transfer, "CACHE_MARGIN", 3600 * 10**9)
+    (job / "new.bin").write_bytes(os.urandom(MiB))
+    for _ in range(2):
+        transfer.hash_files(str(job), transfer.scan_directory(str(job)))
+    assert reads[3:] == [b"new.bin", b"new.bin"]
