@@ -461,6 +461,8 @@ class RemoteQueue:
 
 def _scan_and_hash(directory: str) -> tuple[list[transfer.Entry], dict[str, Any]]:
     """A directory's entries with their digests, and the manifest that describes them."""
+    from tej import transfer
+
     entries = transfer.hash_files(directory, transfer.scan(directory))
     return entries, transfer.encode_manifest(entries)
 
