@@ -1194,6 +1194,7 @@ class Agent(object):
             "kill": self.kill,
             "delete": self.delete,
             "list_files": self.list_files,
+            "file_identity": self.file_identity,
             "read_chunks": self.read_chunks,
             "wait": self.wait,
             "read_output": self.read_output,
@@ -1694,6 +1695,14 @@ class Agent(object):
                 full = os.path.join(folder, name)
                 entries.append(describe_entry(os.path.relpath(full, root), full))
         return entries
+
+    def file_identity(self, queue, job_id, path):
+        """A job's regular file, for a raw stream: [real path, device, inode, size]."""
+        real = self.job_path(queue, job_id, path)
+        info = os.stat(real)
+        if not os.path.isfile(real):
+            raise AgentError(ERR_INVALID, "%s is not a file" % show(path))
+        return [real, info.st_dev, info.st_ino, info.st_size]
 
     def read_chunks(self, queue, job_id, chunks):
         """Read chunks [path, offset, length] of a job's files."""

@@ -115,6 +115,13 @@ class Session:
             self.close()
             raise
 
+    def command_for(self, code: str) -> list[str]:
+        """The command line that runs Python code on the destination, beside this session.
+
+        Over ssh it shares this session's connection (ControlMaster) when reuse is on.
+        """
+        return agent_command(self.destination, self.options, code)
+
     def _start_failure(self, program: str, exc: OSError) -> TejError:
         if self.destination.is_local:
             return ServerPythonError(

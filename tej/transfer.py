@@ -387,13 +387,44 @@ def _download_file(
     )
     try:
         with os.fdopen(fd, "wb") as stream:
-            for data in stream_file(session, queue, job_id, remote, entry.size, progress):
-                stream.write(data)
+            if not _raw_download(session, queue, job_id, remote, entry.size, stream, progress):
+                for data in stream_file(session, queue, job_id, remote, entry.size, progress):
+                    stream.write(data)
         os.chmod(partial, entry.mode & 0o777)
         os.replace(partial, local)
     except BaseException:
         _remove(partial)
         raise
+
+
+def _raw_download(
+    session: Session,
+    queue: str,
+    job_id: str,
+    remote: str,
+    size: int,
+    stream: BinaryIO,
+    progress: Progress | None,
+) -> bool:
+    """Download a big file as a raw stream (see tej.rawstream); False if it couldn't start."""
+    from tej import rawstream
+
+    if size < rawstream.RAW_STREAM_MIN:
+        return False
+    identity = session.call("file_identity", queue=queue, job_id=job_id, path=os.fsencode(remote))
+
+    def advance(count: int) -> None:
+        if progress is not None:
+            progress(count, size)
+
+    try:
+        for data in rawstream.stream(session, identity, identity[3], advance):
+            stream.write(data)
+    except rawstream.RawStreamFailed as exc:
+        if exc.received:
+            raise
+        return False  # it couldn't even start: the session's chunks will do
+    return True
 
 
 def _download_folder(

@@ -592,6 +592,7 @@ class Fuzzer:
             "kill": {"queue": queue, "job_id": "target"},
             "delete": {"queue": queue, "job_id": "victim", "force": False},
             "list_files": {"queue": queue, "job_id": "target", "path": b"start.sh"},
+            "file_identity": {"queue": queue, "job_id": "target", "path": b"start.sh"},
             "read_chunks": {"queue": queue, "job_id": "target", "chunks": [[b"start.sh", 0, 5]]},
             "wait": {"queue": queue, "job_id": "target", "timeout": 0},
             "read_output": {
