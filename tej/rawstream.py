@@ -10,9 +10,10 @@ are, with sendfile, and refuses to send if the file is no longer that one.
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 from tej.errors import ConnectionFailed
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 #: Files at least this big go through a raw stream.
 RAW_STREAM_MIN = 16 << 20
-READ_SIZE = 1 << 20
+PROGRESS_INTERVAL = 0.1  # seconds between looks at how much has arrived
 _WRONG_FILE = 3  # the stream command's exit code when the file changed under it
 
 # Runs on the server's Python (3.8+), with the path, device and inode filled in.
@@ -54,33 +55,40 @@ class RawStreamFailed(ConnectionFailed):
         self.received = received
 
 
-def stream(
-    session: Session, identity: list[object], size: int, advance: Callable[[int], None]
-) -> Iterator[bytes]:
-    """Yield a file's bytes from a raw stream; RawStreamFailed if not all of them came."""
-    path, device, inode = identity[0], identity[1], identity[2]
+def download_to(
+    session: Session, identity: list[object], out: BinaryIO, advance: Callable[[int], None]
+) -> None:
+    """Write a file's bytes from a raw stream to out (at its start); RawStreamFailed if not all.
+
+    The stream's command writes into out itself: no byte goes through Python
+    here. Progress is read from the file's size while it grows.
+    """
+    path, device, inode, size = identity[0], identity[1], identity[2], int(identity[3])  # type: ignore[call-overload]
     code = _SENDER.format(path=path, device=device, inode=inode, wrong=_WRONG_FILE)
     proc = subprocess.Popen(
         session.command_for(code),
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=out.fileno(),
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     received = 0
     try:
-        assert proc.stdout is not None
         while True:
-            data = proc.stdout.read1(READ_SIZE)  # type: ignore[attr-defined]
-            if not data:
+            try:
+                code_ = proc.wait(timeout=PROGRESS_INTERVAL)
+            except subprocess.TimeoutExpired:
+                code_ = None
+            now = os.fstat(out.fileno()).st_size
+            if now > received:
+                advance(now - received)
+                received = now
+            if code_ is not None:
                 break
-            received += len(data)
-            advance(len(data))
-            yield data
     finally:
         if proc.poll() is None:
             proc.kill()
-        code_ = proc.wait()
+            proc.wait()
     if code_ == _WRONG_FILE:
         raise RawStreamFailed("the file changed while it was being downloaded", received)
     if code_ != 0 or received != size:

@@ -417,9 +417,9 @@ def _raw_download(
         if progress is not None:
             progress(count, size)
 
+    stream.flush()
     try:
-        for data in rawstream.stream(session, identity, identity[3], advance):
-            stream.write(data)
+        rawstream.download_to(session, identity, stream, advance)
     except rawstream.RawStreamFailed as exc:
         if exc.received:
             raise

@@ -41,7 +41,7 @@ def test_a_big_download_arrives_whole_and_counts_its_progress(
 
 
 def test_the_stream_refuses_a_file_that_is_not_the_one_checked(
-    big_job: tuple[Target, str, bytes],
+    big_job: tuple[Target, str, bytes], tmp_path: Path
 ) -> None:
     target, job_id, data = big_job
     with target.api() as remote:
@@ -50,13 +50,19 @@ def test_the_stream_refuses_a_file_that_is_not_the_one_checked(
             "file_identity", queue=remote.queue, job_id=job_id, path=b"data.bin"
         )
         assert identity[3] == SIZE
-        whole = b"".join(rawstream.stream(session, identity, SIZE, lambda _: None))
-        assert whole == data
+        seen: list[int] = []
+        with open(tmp_path / "whole", "wb") as out:
+            rawstream.download_to(session, identity, out, seen.append)
+        assert (tmp_path / "whole").read_bytes() == data
+        assert sum(seen) == SIZE
         replaced = [identity[0], identity[1], identity[2] + 1, identity[3]]
-        with pytest.raises(rawstream.RawStreamFailed) as failure:
-            b"".join(rawstream.stream(session, replaced, SIZE, lambda _: None))
+        with open(tmp_path / "other", "wb") as out, pytest.raises(
+            rawstream.RawStreamFailed
+        ) as failure:
+            rawstream.download_to(session, replaced, out, seen.append)
         assert failure.value.received == 0
         assert "changed" in str(failure.value)
+        assert (tmp_path / "other").read_bytes() == b""
 
 
 def test_file_identity_keeps_the_download_rules(big_job: tuple[Target, str, bytes]) -> None:
