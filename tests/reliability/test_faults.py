@@ -584,8 +584,9 @@ def test_pid_reuse(tgt: Target, strays: list[int]) -> None:
     job_id, record, child = running_sleeper(tgt)
     supervisor, main = record["supervisor"]["pid"], record["job"]["pid"]
     os.kill(supervisor, signal.SIGKILL)
-    os.killpg(main, signal.SIGKILL)
-    os.kill(child, signal.SIGKILL)
+    for kill, pid in ((os.killpg, main), (os.kill, child)):
+        with contextlib.suppress(ProcessLookupError):  # gone with its group, and reaped
+            kill(pid, signal.SIGKILL)
     wait_until(lambda: not any(map(process_alive, (supervisor, main, child))), 10, "the job to die")
 
     # Someone else's process, which tej could signal (same user), leading its own group.
