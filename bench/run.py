@@ -379,12 +379,10 @@ def side_by_side(
     base_times: list[float] = []
     for index in range(runs):
         progress(f"{label}: run {index + 1}/{runs}")
-        if index % 2 == 0:
-            tej_times.append(tej_run())
-            base_times.append(base_run())
-        else:
-            base_times.append(base_run())
-            tej_times.append(tej_run())
+        first, second = (tej_run, base_run) if index % 2 == 0 else (base_run, tej_run)
+        for run in (first, second):
+            os.sync()  # no run pays for writing back the previous one's files
+            (tej_times if run is tej_run else base_times).append(run())
     return tej_times, base_times
 
 
@@ -1008,7 +1006,8 @@ def render(
         "",
         f"Run on {started:%Y-%m-%d %H:%M} UTC ({minutes:.1f} min) with `{command}`. "
         "Loopback sshd started by the script (server defaults: compression allowed). "
-        "tej and its baseline alternate run by run; each cell is the median. "
+        "tej and its baseline alternate run by run, each after a `sync`; each cell is the "
+        "median. "
         f"Runs: {runs} for rows 1, 2, 3, 8, 10a, 10b; {mid} for rows 4, 5, 6; {heavy} for "
         "row 7; 1 for rows 9 and 10c. What each row measures: [README.md](README.md).",
         "",
