@@ -1080,9 +1080,13 @@ class ForkServer(object):
         try:
             self.proc.stdin.write(request.encode("utf-8"))  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
+            report = read_line_with_timeout(self.proc.stdout, START_TIMEOUT + 5)
         except OSError:
-            return b""
-        return read_line_with_timeout(self.proc.stdout, START_TIMEOUT + 5)
+            report = b""
+        if not report.endswith(b"\n"):  # no answer in time: a late one must not answer another
+            self.proc.kill()
+            self.proc.wait()
+        return report
 
     def alive(self):
         """Whether the fork server still runs."""
@@ -1528,6 +1532,9 @@ class Agent(object):
             }
             if start_time is not None:
                 record["start_time"] = start_time
+            prepare = getattr(queue.runner, "prepare", None)
+            if prepare is not None:
+                record = prepare(dict(job, id=candidate), record)
             write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
             # Not durable: after a power cut, a job that was starting is lost anyway.
             write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
@@ -1660,6 +1667,7 @@ class Agent(object):
                     "Job %r is being killed (its grace period is long): delete it once it has "
                     "ended" % job_id,
                 )
+        runner_tick(queue)  # first, so that jobs waiting for this one know how it ended
         trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, randrange(1 << 30)))
         if not os.path.isdir(queue.path(TRASH_DIR)):
             make_private_dir(queue.path(TRASH_DIR))
@@ -2982,10 +2990,10 @@ def supervise(job_dir, secrets=None, agent_path=None):
     """
     try:
         supervisor = Supervisor(job_dir, secrets, agent_path or os.path.abspath(__file__))
-    except Exception as exc:  # noqa: BLE001 - reported to the agent that started us
-        sys.stderr.write("tej supervisor: %s\n" % exc)
+        return supervisor.run()
+    except Exception as exc:  # noqa: BLE001 - reported to the agent, or in supervisor.log
+        sys.stderr.write("%s tej supervisor: %s\n" % (now_iso(), exc))
         return 1
-    return supervisor.run()
 
 
 def serve(channel):

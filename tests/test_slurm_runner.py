@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,16 @@ def test_setup_suggests_slurm_without_choosing_it(
     assert "has Slurm (sbatch)" in done.stderr and "--plugin slurm" in done.stderr
     config = json.loads(Path(target.queue, "tej-queue.json").read_text())
     assert config["runner"] == "default"
+
+
+def test_a_delayed_job_waits_in_slurm_not_on_a_node(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\nexit 0\n"), "--delay", "3s")
+    record = scontrol(slurm_cluster, slurm, job_id)
+    assert (record["JobState"], record["Reason"]) == ("PENDING", "BeginTime")
+    final = wait_for_state(slurm, job_id, "finished")
+    assert final["exit_code"] == 0
+    submitted = datetime.fromisoformat(final["submitted_at"].replace("Z", "+00:00"))
+    started = datetime.fromisoformat(final["started_at"].replace("Z", "+00:00"))
+    assert (started - submitted).total_seconds() >= 2.5

@@ -75,22 +75,27 @@ class Runner(object):
             if not self.host.has_job(job_id):
                 raise self.host.invalid("after: there is no job %r in this queue" % job_id)
 
+    def prepare(self, job, record):
+        """The new job's first record, complete before the job is visible to anyone."""
+        record = dict(
+            record,
+            priority=job.get("priority", 0),
+            after=job.get("after") or [],
+            queued_at=time.time(),
+        )
+        if (record.get("start_time") or 0) > time.time():
+            # Scheduled: its supervisor waits for the time, then calls admit().
+            record.update(state="starting", admitted_at=self.host.now())
+        return record
+
     def submit(self, job_id, job_dir, job, secrets):
-        """Queue the job (or schedule it, if it has a start time), then move the queue on."""
-        with self.host.lock():
-            record = self.host.read_record(job_dir)
-            record.update(
-                priority=job.get("priority", 0),
-                after=job.get("after") or [],
-                queued_at=time.time(),
-            )
-            scheduled = (record.get("start_time") or 0) > time.time()
-            if scheduled:  # its supervisor waits for the time, then calls admit()
-                record.update(state="starting", admitted_at=self.host.now())
-            self.host.write_record(job_dir, record)
-        if scheduled:
+        """Start the supervisor of a scheduled job; move the queue on."""
+        if (self.host.read_record(job_dir) or {}).get("state") == "starting":
             self.host.start_supervisor(job_dir)
-        self.tick()
+        try:
+            self.tick()
+        except Exception:  # noqa: BLE001 - the job is queued: the next tick will start it
+            pass
 
     def admit(self, job_id, job_dir, record):
         """Called by a scheduled job's supervisor at its start time: join the queue."""
@@ -234,8 +239,10 @@ class Runner(object):
         try:
             self.host.start_supervisor(job_dir)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
-            record.update(state="lost", ended_at=self.host.now(), reason=str(exc))
-            self.host.write_record(job_dir, record)
+            current = self.host.read_record(job_dir) or {}
+            if current.get("state") == "starting" and not current.get("supervisor"):
+                current.update(state="lost", ended_at=self.host.now(), reason=str(exc))
+                self.host.write_record(job_dir, current)
 
 
 def succeeded(record):

@@ -172,7 +172,11 @@ class Runner(object):
     def submit(self, job_id, job_dir, job, secrets):
         """Hand the job to Slurm; its batch script is the job's supervisor."""
         script = self.write_batch_script(job_dir)
-        proc = run_command(self.sbatch_command(job_id, job_dir, job, script))
+        argv = self.sbatch_command(job_id, job_dir, job, script)
+        start_time = (self.host.read_record(job_dir) or {}).get("start_time")
+        if start_time:  # Slurm holds it until then, not the supervisor on a node
+            argv.insert(1, "--begin=now+%d" % max(0, math.ceil(start_time - time.time())))
+        proc = run_command(argv)
         if proc is None or proc.returncode != 0:
             raise self.host.failure("sbatch failed: %s" % last_line(proc))
         slurm_id = proc.stdout.strip().split(";")[0]
