@@ -222,22 +222,22 @@ class RemoteQueue:
 
     def _call(self, op: str, **args: Any) -> Any:
         """Send a request about the queue, installing the agent or runner it lacks first."""
-        installed: set[str] = set()
+        installed: set[tuple[str, str]] = set()  # ("agent", "") or ("runner", name): once each
         while True:
             try:
                 return self.session().call(op, queue=self.queue, **args)
             except AgentMissing:
-                if "agent" in installed:
+                if ("agent", "") in installed:
                     raise
-                installed.add("agent")
+                installed.add(("agent", ""))
                 from tej.session import AGENT_SOURCE
 
                 self.session().call("install_agent", queue=self.queue, source=AGENT_SOURCE)
             except RunnerMissing as exc:
                 name = str(exc)
-                if name in installed:
+                if ("runner", name) in installed:
                     raise
-                installed.add(name)
+                installed.add(("runner", name))
                 source = self._runner_source(name)
                 self.session().call("install_runner", queue=self.queue, runner=name, source=source)
 

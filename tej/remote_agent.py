@@ -1389,11 +1389,17 @@ class Agent(object):
             raise AgentError(ERR_BAD_REQUEST, "hello must come first")
         return queue.path(AGENT_DIR, "%s.py" % agent_module_name(self.digest))
 
+    def existing_queue(self, text):
+        """The queue at text, for a request its runner has no say in (reading files).
+
+        An empty stand-in if there is none yet.
+        """
+        queue = open_queue(text, False)
+        return queue if queue is not None else Queue(resolve_queue_path(text), None)
+
     def open_queue(self, text, create=False):
         """The queue at text, with its runner; an empty stand-in if there is none yet."""
-        queue = open_queue(text, create)
-        if queue is None:
-            queue = Queue(resolve_queue_path(text), None)
+        queue = open_queue(text, True) if create else self.existing_queue(text)
         agent_path = self.agent_path(queue) if self.digest else None
         open_runner(queue, agent_path, self.runners)
         return queue
@@ -1588,7 +1594,7 @@ class Agent(object):
     def tail_offset(self, queue, job_id, stream, lines):
         """The offset where the last `lines` lines of the job's output begin."""
         lines = int(number_arg(lines, "lines", 0, MAX_OFFSET))
-        job_dir = self.open_queue(queue).job_dir(job_id)
+        job_dir = self.existing_queue(queue).job_dir(job_id)
         return find_tail(self.output_file(job_dir, stream), lines)
 
     def output_file(self, job_dir, stream):
@@ -1682,7 +1688,7 @@ class Agent(object):
 
     def job_path(self, queue, job_id, relpath):
         """The real path of a file in a job's directory, refusing any escape."""
-        work = os.path.realpath(os.path.join(self.open_queue(queue).job_dir(job_id), WORK_DIR))
+        work = os.path.realpath(os.path.join(self.existing_queue(queue).job_dir(job_id), WORK_DIR))
         parts = relative_parts(relpath)
         path = os.path.realpath(os.path.join(work.encode(), *parts) if parts else work.encode())
         if path != work.encode() and not path.startswith(work.encode() + b"/"):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import SilentServer
 from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
 
@@ -91,3 +92,11 @@ def ssh_user_run(ssh_server: SshServer) -> UserRunner:
     CompletedProcess with text stdout and stderr; it never raises on a non-zero exit.
     """
     return ssh_server.run_as_user
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    """A TCP server on loopback that accepts connections and never says a word."""
+    server = SilentServer()
+    yield server
+    server.close()

@@ -13,8 +13,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +36,16 @@ ELAPSED = r"\d+:\d\d:\d\d"
 END_STATES = ("finished", "killed", "lost")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT, message: str = "") -> T:
-    """Poll predicate until it returns something truthy, and return that; fail at the deadline."""
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float = WAIT_TIMEOUT,
+    message: str = "",
+    interval: float = 0.05,
+) -> T:
+    """Poll predicate until it returns something truthy, and return that; fail at the deadline.
+
+    A short interval (such as 0.002 s) catches a transfer in the middle.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -43,7 +53,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT, messag
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def make_job(
@@ -273,19 +283,41 @@ def kill_processes_under(root: str) -> None:
     wait_until(lambda: not any(process_alive(pid) for pid in killed), 10, "stray processes")
 
 
+def client_side(tmp_path: Path) -> tuple[dict[str, str], Path, Path, Path]:
+    """The client's environment, HOME, working folder and job sources, under tmp_path."""
+    client_home, client_dir, src_dir = (
+        tmp_path / name for name in ("client-home", "client", "src")
+    )
+    for path in (client_home, client_dir, src_dir):
+        path.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+    env["HOME"] = str(client_home)
+    return env, client_home, client_dir, src_dir
+
+
+def ssh_target(server: Any, server_tmp: str, tmp_path: Path) -> Target:
+    """A target on the loopback sshd, its queue in the SSH user's server_tmp."""
+    env, _, client_dir, src_dir = client_side(tmp_path)
+    return Target(
+        kind="ssh",
+        destination=server.alias,
+        queue=os.path.join(server_tmp, "queue"),
+        home=server.home,
+        client_env=env,
+        client_dir=client_dir,
+        src_dir=src_dir,
+        ssh_config=server.config_path,
+        server=server,
+    )
+
+
 @pytest.fixture(name="target", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
 def target_fixture(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Target]:
     """A destination and a fresh queue: `local` or the loopback sshd."""
-    client_home = tmp_path / "client-home"
-    client_dir = tmp_path / "client"
-    src_dir = tmp_path / "src"
-    for path in (client_home, client_dir, src_dir):
-        path.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    env["HOME"] = str(client_home)
     if request.param == "local":
+        env, client_home, client_dir, src_dir = client_side(tmp_path)
         # The in-process API's local agent inherits HOME too: `~/.tej` stays in tmp_path.
         monkeypatch.setenv("HOME", str(client_home))
         for name in ("TEJ_QUEUE", "TEJ_SSH_CONFIG", "TEJ_PYTHON"):
@@ -301,18 +333,7 @@ def target_fixture(
         )
     else:
         server = request.getfixturevalue("ssh_server")
-        server_tmp = request.getfixturevalue("server_tmp")
-        target = Target(
-            kind="ssh",
-            destination=server.alias,
-            queue=os.path.join(server_tmp, "queue"),
-            home=server.home,
-            client_env=env,
-            client_dir=client_dir,
-            src_dir=src_dir,
-            ssh_config=server.config_path,
-            server=server,
-        )
+        target = ssh_target(server, request.getfixturevalue("server_tmp"), tmp_path)
     try:
         yield target
     finally:
@@ -337,3 +358,35 @@ def default_link_fixture(target: Target) -> Target:
 
     target.extra_cleanup.append(restore)
     return target
+
+
+class SilentServer:
+    """A TCP server on loopback that accepts connections and holds them without a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+        for connection in self.connections:
+            connection.close()

@@ -8,7 +8,6 @@ Slurm's own view is checked with `scontrol show job` where it matters.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -16,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, assert_one_line_error, one_line_answer, process_alive, wait_until
+from helpers import (
+    Target,
+    assert_one_line_error,
+    one_line_answer,
+    process_alive,
+    ssh_target,
+    wait_until,
+)
 from slurm import SlurmCluster
 from sshd import SshServer
 
@@ -29,22 +35,7 @@ def slurm(
     slurm_cluster: SlurmCluster, ssh_server: SshServer, server_tmp: str, tmp_path: Path
 ) -> Iterator[Target]:
     """An ssh target whose queue uses the slurm runner; the user's Slurm jobs end with it."""
-    dirs = {name: tmp_path / name for name in ("client-home", "client", "src")}
-    for path in dirs.values():
-        path.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    env["HOME"] = str(dirs["client-home"])
-    target = Target(
-        kind="ssh",
-        destination=ssh_server.alias,
-        queue=os.path.join(server_tmp, "queue"),
-        home=ssh_server.home,
-        client_env=env,
-        client_dir=dirs["client"],
-        src_dir=dirs["src"],
-        ssh_config=ssh_server.config_path,
-        server=ssh_server,
-    )
+    target = ssh_target(ssh_server, server_tmp, tmp_path)
     setup = target.cli("setup", "--plugin", "slurm", check=0)
     assert "(plugin: slurm)" in setup.stdout
     try:
@@ -212,23 +203,15 @@ def test_bad_input_for_the_slurm_runner(slurm: Target) -> None:
 def test_setup_suggests_slurm_without_choosing_it(
     slurm_cluster: SlurmCluster, ssh_server: SshServer, server_tmp: str, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    env["HOME"] = str(tmp_path)
-    target = Target(
-        kind="ssh",
-        destination=ssh_server.alias,
-        queue=os.path.join(server_tmp, "queue"),
-        home=ssh_server.home,
-        client_env=env,
-        client_dir=tmp_path,
-        src_dir=tmp_path,
-        ssh_config=ssh_server.config_path,
-    )
-    done = target.cli("setup", check=0)
-    assert "(plugin: default)" in done.stdout
-    assert "has Slurm (sbatch)" in done.stderr and "--plugin slurm" in done.stderr
-    config = json.loads(Path(target.queue, "tej-queue.json").read_text())
-    assert config["runner"] == "default"
+    target = ssh_target(ssh_server, server_tmp, tmp_path)
+    try:
+        done = target.cli("setup", check=0)
+        assert "(plugin: default)" in done.stdout
+        assert "has Slurm (sbatch)" in done.stderr and "--plugin slurm" in done.stderr
+        config = json.loads(Path(target.queue, "tej-queue.json").read_text())
+        assert config["runner"] == "default"
+    finally:
+        target.cleanup()
 
 
 def test_a_delayed_job_waits_in_slurm_not_on_a_node(

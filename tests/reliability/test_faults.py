@@ -33,7 +33,6 @@ import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any, Callable, TypeVar
 import pytest
 from helpers import (
     ELAPSED,
+    SilentServer,
     Target,
     assert_one_line_error,
     kill_processes_under,
@@ -121,18 +121,6 @@ def stop(process: subprocess.Popen[bytes], signum: int = signal.SIGKILL) -> tupl
             f"still running 30 s after signal {signum}: {err.decode(errors='replace')}"
         ) from None
     return out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def fast_wait(predicate: Callable[[], T], timeout: float, message: str) -> T:
-    """Like wait_until, polling every 2 ms: to catch a transfer in the middle."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(0.002)
 
 
 def read_lines(process: subprocess.Popen[bytes], count: int, timeout: float = 60) -> list[str]:
@@ -279,7 +267,7 @@ def test_client_killed_during_upload(tgt: Target, victim: str) -> None:
     client = start_cli(tgt, "submit", str(job))
     doomed = client.pid if victim == "client" else connection_process(client)
     try:
-        fast_wait(lambda: staged_bytes(staging) > 0, 60, "the upload to start")
+        wait_until(lambda: staged_bytes(staging) > 0, 60, "the upload to start", interval=0.002)
         os.kill(doomed, signal.SIGKILL)
         client.wait(timeout=30)
     finally:
@@ -323,7 +311,7 @@ def test_ctrl_c_during_upload(tgt: Target) -> None:
     staging = tgt.server_path("staging")
     client = start_cli(tgt, "submit", str(job))
     try:
-        fast_wait(lambda: staged_bytes(staging) > 0, 60, "the upload to start")
+        wait_until(lambda: staged_bytes(staging) > 0, 60, "the upload to start", interval=0.002)
     finally:
         out, err = stop(client, signal.SIGINT)
     assert (client.returncode, err, out) == (130, "Error: interrupted\n", ""), (client, err, out)
@@ -342,7 +330,7 @@ def test_file_shrinks_during_upload(tgt: Target) -> None:
         assert remote.list() == []
 
         def shrink() -> None:
-            fast_wait(lambda: staged_bytes(staging) > 0, 60, "the upload to start")
+            wait_until(lambda: staged_bytes(staging) > 0, 60, "the upload to start", interval=0.002)
             os.truncate(job / "z.bin", 0)
 
         shrinker = threading.Thread(target=shrink, daemon=True)
@@ -438,7 +426,7 @@ def test_client_killed_during_download(tgt: Target, tmp_path: Path, signum: int)
 
     client = start_cli(tgt, "download", "--id", job_id, f"big.bin:{destination}")
     try:
-        fast_wait(partial_bytes, 60, "the download to start")
+        wait_until(partial_bytes, 60, "the download to start", interval=0.002)
         caught = partial_bytes()
     finally:
         out, err = stop(client, signum)
@@ -681,44 +669,6 @@ def test_disk_full(tgt: Target, small_disk: Path) -> None:
 
 
 # the connection hangs
-
-
-class SilentServer:
-    """A TCP server on loopback that accepts connections and never says a word."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.port: int = self.sock.getsockname()[1]
-        self.connections: list[socket.socket] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.connections.append(self.sock.accept()[0])
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
-        for connection in self.connections:
-            connection.close()
-
-
-@pytest.fixture
-def silent_server() -> Iterator[SilentServer]:
-    server = SilentServer()
-    yield server
-    server.close()
 
 
 @pytest.mark.ssh
