@@ -899,8 +899,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs of the light rows [7; smoke: 2]")
     parser.add_argument(
         "--output",
-        default=str(ROOT / "bench" / "RESULTS.md"),
-        help="where to write the results [bench/RESULTS.md]",
+        help="where to write the results [bench/RESULTS.md; with --rows: nowhere]",
+    )
+    parser.add_argument(
+        "--rows",
+        help="measure only these rows, e.g. 1,2,7 (printed, written only with --output)",
     )
     parser.add_argument("--no-tej06", action="store_true", help="skip row 10 (tej 0.6)")
     parser.add_argument("--tej06", action="store_true", help="run row 10 in smoke mode too")
@@ -944,7 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             (["8"], measure.row8),
             (["9"], measure.row9),
         ]
+        wanted = set(args.rows.split(",")) if args.rows else None
         for keys, step in steps:
+            if wanted is not None and not wanted.intersection(keys):
+                continue
             try:
                 rows += step()
             except Exception as exc:  # noqa: BLE001 - reported in the table, then exit 1
@@ -952,7 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
                 rows += [Row(k, f"row {k}", met="error", detail=f"{exc}") for k in keys]
         tej06, why = None, "smoke mode: tej 0.6 is not installed"
-        if args.no_tej06:
+        if wanted is not None and "10" not in wanted:
+            why = "not asked for (--rows)"
+        elif args.no_tej06:
             why = "--no-tej06"
         elif args.tej06 or not args.smoke:
             try:
@@ -963,7 +971,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tej06, why = None, f"tej 0.6 could not run here: {exc}"
                 progress(why)
         try:
-            rows += measure.row10(tej06, why)
+            if wanted is None or "10" in wanted:
+                rows += measure.row10(tej06, why)
         except Exception as exc:  # noqa: BLE001
             crashed = True
             traceback.print_exc()
@@ -978,7 +987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished = datetime.datetime.now(datetime.timezone.utc)
     report = render(rows, info, args, runs, heavy, mid, sizes, started, finished)
     print(table(rows))
-    output = Path(args.output)
+    if args.rows and not args.output:
+        return 1 if crashed else 0
+    output = Path(args.output or ROOT / "bench" / "RESULTS.md")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report)
     print(f"\nwritten to {output}", file=sys.stderr)
@@ -1001,6 +1012,8 @@ def render(
     command = "python3 bench/run.py" + (" --smoke" if args.smoke else "")
     if args.runs:
         command += f" --runs {args.runs}"
+    if args.rows:
+        command += f" --rows {args.rows}"
     lines = [
         "# tej benchmark results" + (" (smoke: tiny sizes, not meaningful)" if args.smoke else ""),
         "",
