@@ -157,6 +157,10 @@ def machine_info(bench: Bench) -> list[tuple[str, str]]:
         ("memory", memory),
         ("OS", f"{system} (kernel {platform.release()})"),
         ("Python (client)", f"{platform.python_version()} ({sys.executable})"),
+        (
+            "tej CLI",
+            f"{bench.tej_python} -m tej (this checkout, pip-installed in a new venv)",
+        ),
         ("Python (server, as the SSH user)", remote_python),
         ("OpenSSH", ssh_version),
         ("tej", f"{tej.__version__} (commit {commit}{', tej/ modified' if dirty else ''})"),
@@ -188,20 +192,51 @@ class Bench:
         self.tiny = self.make_tiny_job(work / "tiny")
         self._files_job: Path | None = None
         self._big_dir: Path | None = None
+        self.tej_python = sys.executable
+        self.install_tej()
 
     # processes
 
+    def install_tej(self) -> None:
+        """Install this checkout's tej into a throwaway venv, as a user would (pip install .).
+
+        So the CLI rows time tej as installed: compiled by pip, beside execnet and click
+        only, not run from the checkout (where PYTHONDONTWRITEBYTECODE would make every
+        run compile it) nor with whatever this interpreter's site-packages load at start.
+        """
+        venv = self.work / "tej-venv"
+        progress(f"installing tej from {ROOT} into {venv}")
+        python = venv / "bin" / "python"
+        quick = [
+            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", str(ROOT)],
+        ]
+        slow = [  # a pip older than 22.3 has no --python
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", str(ROOT)],
+        ]
+        for steps in (quick, slow):
+            failed = None
+            for argv in steps:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                if done.returncode != 0:
+                    failed = f"{shlex.join(argv)} failed: {done.stderr.strip()[-600:]}"
+                    break
+            if failed is None:
+                self.tej_python = str(python)
+                return
+        raise BenchError(failed)
+
     def tej_env(self, control: Path) -> dict[str, str]:
-        """The environment of a tej CLI process: this tej, and its own ssh socket folder."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-        env["PYTHONPATH"] = str(ROOT)
+        """The environment of a tej CLI process: its own ssh socket folder."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TEJ_", "PYTHON"))}
         env["XDG_RUNTIME_DIR"] = str(control)
         return env
 
     def tej_argv(self, command: str, *args: str, queue: Path | str) -> list[str]:
-        """`python -m tej COMMAND ALIAS --ssh-config CFG --queue QUEUE ARGS...`."""
+        """`VENV/bin/python -m tej COMMAND ALIAS --ssh-config CFG --queue QUEUE ARGS...`."""
         return [
-            sys.executable,
+            self.tej_python,
             "-m",
             "tej",
             command,

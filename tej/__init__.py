@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# Not `from typing import ...`: `tej` starts ssh before it would load typing (tej.launcher).
+TYPE_CHECKING = False
 
 __version__ = "1.0.0.dev0"
 
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from tej.api import JobState, JobStatus, KillResult, RemoteQueue, SetupResult
     from tej.errors import (
         ConnectionFailed,

@@ -214,10 +214,13 @@ class RemoteQueue:
             self._session.abort()
             self._session = None
 
-    def close(self) -> None:
-        """Close the connection (jobs keep running on the server)."""
+    def close(self, wait: bool = True) -> None:
+        """Close the connection (jobs keep running on the server).
+
+        wait=False doesn't wait for the server's side to end: for a process about to exit.
+        """
         if self._session is not None:
-            self._session.close()
+            self._session.close(wait)
             self._session = None
 
     def _call(self, op: str, **args: Any) -> Any:

@@ -20,16 +20,16 @@ anything else (see tej.launcher); tej.session takes the process over.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import subprocess
-import tempfile
-from typing import IO, TYPE_CHECKING, Any
 
 from tej.destination import agent_command
+from tej.process import Process
 
+# Not `from typing import ...`: typing would be loaded before ssh is started.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import IO, Any
+
     from tej.destination import ConnectOptions, Destination
 
 MIN_PYTHON = (3, 8)
@@ -184,12 +184,46 @@ def tej_prune(cache, keep):
                 pass
 
 
+class TejLazyModule(type(sys)):
+    """A module that is imported when first used, not when a module imports it."""
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.tej_real(), attr)
+
+    def tej_real(self):
+        """The module itself, imported now (and put in sys.modules in this one's place)."""
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = __import__(self.__name__)
+        self.__dict__.update(real.__dict__)
+        return real
+
+
+def tej_from_cache_lightly(cache, name, digest):
+    """tej_from_cache for execnet's gateway_base, which needs traceback only on errors.
+
+    It imports traceback (with linecache, tokenize, textwrap...) only to format
+    errors, binding format_exception as a default argument: a few milliseconds
+    of every connection, for nothing, unless traceback stands in until it is used.
+    """
+    if "traceback" not in sys.modules:
+        lazy = sys.modules["traceback"] = TejLazyModule("traceback")
+        lazy.format_exception = lambda *args, **kwargs: (
+            lazy.tej_real().format_exception(*args, **kwargs)
+        )
+    return tej_from_cache(cache, name, digest)
+
+
 def tej_boot(modules, start):
     """Load the modules [(name, digest)], asking for the source of those not cached."""
     cache = tej_cache_dir()
     loaded = {}
     for name, digest in modules:
-        if cache is not None:
+        if cache is not None and name == start:
+            loaded[name] = tej_from_cache_lightly(cache, name, digest)
+        elif cache is not None:
             loaded[name] = tej_from_cache(cache, name, digest)
     missing = [name for name, _ in modules if loaded.get(name) is None]
     sys.stdout.write("TEJ-CACHE%s\n" % "".join(" " + name for name in missing))
@@ -213,31 +247,49 @@ def tej_boot(modules, start):
 AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_agent.py")
 
 
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of data, in hex, from Python's built-in module if it has one.
+
+    hashlib would load OpenSSL, which costs a command more than hashing tej's
+    code does (a few hundred kilobytes).
+    """
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+    return sha256(data).hexdigest()  # type: ignore[no-any-return,unused-ignore]
+
+
 class Code:
     """A module the agent's side needs: its source and its name in the server's cache."""
 
     def __init__(self, prefix: str, source: str) -> None:
-        import hashlib
-
         self.source = source
-        self.digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
+        self.digest = sha256_hex(source.encode("utf-8"))
         self.name = f"{prefix}{self.digest[:16]}"
 
 
-@functools.lru_cache(maxsize=None)
+_codes: dict[str, Code] = {}
+
+
 def agent_code() -> Code:
     """The agent's code (named tej_agent_DIGEST, as its copy in a queue)."""
-    with open(AGENT_PATH, encoding="utf-8") as stream:
-        return Code("tej_agent_", stream.read())
+    if "agent" not in _codes:
+        with open(AGENT_PATH, encoding="utf-8") as stream:
+            _codes["agent"] = Code("tej_agent_", stream.read())
+    return _codes["agent"]
 
 
-@functools.lru_cache(maxsize=None)
 def all_code() -> tuple[Code, Code]:
     """execnet's gateway_base and the agent, as the loader wants them."""
-    from execnet import gateway_base
+    if "execnet" not in _codes:
+        from tej.gateway import gateway_source
 
-    loader: Any = gateway_base.__loader__
-    return Code("tej_execnet_", loader.get_source(gateway_base.__name__)), agent_code()
+        _codes["execnet"] = Code("tej_execnet_", gateway_source())
+    return _codes["execnet"], agent_code()
 
 
 def cache_sources() -> dict[str, str]:
@@ -249,14 +301,7 @@ class AgentIO:
     """The agent's process, and its pipes as execnet's gateway reads and writes them."""
 
     def __init__(self, args: list[str], stderr: IO[bytes]) -> None:
-        self.popen = process = subprocess.Popen(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        assert process.stdin is not None and process.stdout is not None
+        self.popen = process = Process(args, stderr)
         self._in = process.stdout
         self._out = process.stdin
         self.execmodel: Any = None  # set once execnet is imported
@@ -289,8 +334,7 @@ class AgentIO:
         self._out.close()
 
     def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.popen.kill()
+        self.popen.kill()
 
     def wait(self) -> int | None:
         return self.popen.wait()
@@ -298,7 +342,7 @@ class AgentIO:
 
 def start(argv: list[str]) -> tuple[AgentIO, IO[bytes]]:
     """Start the agent's process and write the bootstrap's first two lines (OSError if not)."""
-    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the session
+    stderr = _temporary_file()
     try:
         io = AgentIO(argv, stderr)
     except BaseException:
@@ -307,9 +351,11 @@ def start(argv: list[str]) -> tuple[AgentIO, IO[bytes]]:
     # While the server starts: import execnet, send the loader. If the process has exited
     # already, the version line (or its absence) says why.
     try:
-        with contextlib.suppress(OSError):
+        try:
             io.write(boot_line(STAGE_ONE))
             io.write(boot_line(loader_source()))
+        except OSError:
+            pass
     except BaseException:
         _end(io, stderr)
         raise
@@ -328,8 +374,10 @@ def prestart(destination: Destination, options: ConnectOptions) -> None:
     """
     argv = agent_command(destination, options, BOOTSTRAP_LINE)
     if tuple(argv) not in prestarted:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib would load before ssh starts
             prestarted[tuple(argv)] = start(argv)
+        except OSError:
+            pass
 
 
 def discard_prestarted() -> None:
@@ -341,12 +389,27 @@ def discard_prestarted() -> None:
 def _end(io: AgentIO, stderr: IO[bytes]) -> None:
     """Kill a process that no session uses, and wait for it."""
     io.kill()
-    with contextlib.suppress(OSError):
-        io.popen.wait()
+    io.popen.wait()
     for stream in (io.popen.stdin, io.popen.stdout, stderr):
-        with contextlib.suppress(OSError):
-            if stream is not None:
-                stream.close()
+        try:  # noqa: SIM105 - as above
+            stream.close()
+        except OSError:
+            pass
+
+
+def _temporary_file() -> IO[bytes]:
+    """An unnamed temporary file for the process's stderr (without tempfile where it can)."""
+    flags = getattr(os, "O_TMPFILE", 0)
+    if flags:  # Linux: made unnamed, in one call
+        try:
+            fd = os.open(os.environ.get("TMPDIR") or "/tmp", flags | os.O_RDWR, 0o600)
+        except OSError:
+            pass
+        else:
+            return os.fdopen(fd, "w+b")
+    import tempfile
+
+    return tempfile.TemporaryFile()
 
 
 def boot_line(value: object) -> bytes:

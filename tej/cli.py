@@ -160,7 +160,7 @@ def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
                 try:  # connects on first use, so bad input costs no connection
                     function(remote=remote, as_json=as_json, **kwargs)
                 finally:
-                    remote.close()
+                    remote.close(wait=False)  # the command ends next
             except TejError as exc:
                 report_error(exc, as_json)
                 sys.exit(exc.exit_code)

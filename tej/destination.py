@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
-import shlex
 import stat
 import sys
-from typing import NamedTuple
 
 from tej.errors import InvalidInput
 
@@ -15,17 +12,51 @@ LOCAL = "local"
 DEFAULT_REMOTE_PYTHON = "python3"
 #: How long an idle ssh connection is kept for the next command (ControlPersist).
 SHARED_CONNECTION_SECONDS = 60
-_NAME = re.compile(r"[^\s@/'\"`$;&|<>()\\]+\Z")
+#: Characters a host or user name can't have (besides whitespace).
+_NOT_IN_NAMES = "@/'\"`$;&|<>()\\"
+#: Characters a word of a remote command line needs no quotes for (as shlex.quote).
+_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 
 
-# NamedTuples rather than dataclasses: `tej` builds these before it starts the agent, and
-# importing dataclasses would delay that (see tej.launcher).
-class Destination(NamedTuple):
+# Plain classes rather than dataclasses or NamedTuples: `tej` builds these before it
+# starts the agent, and importing dataclasses or typing would delay that (tej.launcher).
+class _Value:
+    """An immutable value, compared and hashed by its fields (its __slots__)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise AttributeError(f"{type(self).__name__} is immutable")
+        object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Value) or type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Destination(_Value):
     """Where jobs go: this machine (``local``) or a host reached with ssh."""
 
-    host: str | None = None
-    user: str | None = None
-    port: int | None = None
+    __slots__ = ("host", "port", "user")
+
+    def __init__(
+        self, host: str | None = None, user: str | None = None, port: int | None = None
+    ) -> None:
+        self.host = host
+        self.user = user
+        self.port = port
 
     @property
     def is_local(self) -> bool:
@@ -43,20 +74,45 @@ class Destination(NamedTuple):
         return f"ssh://{user}{host}{port}"
 
 
-class ConnectOptions(NamedTuple):
-    """How to reach a destination and start the agent there."""
+class ConnectOptions(_Value):
+    """How to reach a destination and start the agent there.
 
-    python: str | None = None
-    ssh_config: str | None = None
-    connect_timeout: int = 15
-    keepalive_interval: int = 10
-    keepalive_count: int = 3
-    #: Seconds an idle shared ssh connection stays open for the next command; 0: no sharing.
-    reuse_for: int = 60
+    reuse_for: seconds an idle shared ssh connection stays open for the next command
+    (0: no sharing).
+    """
+
+    __slots__ = (
+        "connect_timeout",
+        "keepalive_count",
+        "keepalive_interval",
+        "python",
+        "reuse_for",
+        "ssh_config",
+    )
+
+    def __init__(
+        self,
+        python: str | None = None,
+        ssh_config: str | None = None,
+        connect_timeout: int = 15,
+        keepalive_interval: int = 10,
+        keepalive_count: int = 3,
+        reuse_for: int = SHARED_CONNECTION_SECONDS,
+    ) -> None:
+        self.python = python
+        self.ssh_config = ssh_config
+        self.connect_timeout = connect_timeout
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_count = keepalive_count
+        self.reuse_for = reuse_for
 
     def python_command(self, destination: Destination) -> list[str]:
         """The server's Python interpreter, as a command line."""
         text = self.python or (sys.executable if destination.is_local else DEFAULT_REMOTE_PYTHON)
+        if text == DEFAULT_REMOTE_PYTHON:
+            return [text]
+        import shlex
+
         try:
             words = shlex.split(text)
         except ValueError as exc:
@@ -115,27 +171,45 @@ def _parse_url(text: str) -> Destination:
 def _parse_port(text: str, port_text: str) -> int | None:
     if not port_text:
         return None
-    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not (
+        0 < int(port_text) < 65536
+    ):
         raise InvalidInput(f"Invalid port in destination {text!r}")
     return int(port_text)
 
 
 def _checked(text: str, host: str, user: str | None, port: int | None) -> Destination:
-    if not host or host.startswith("-") or not _NAME.match(host):
+    if not host or host.startswith("-") or not _is_name(host):
         raise InvalidInput(
             f"Invalid destination {text!r}: expected local, [user@]host or ssh://..."
         )
-    if user is not None and (not _NAME.match(user) or user.startswith("-") or ":" in user):
+    if user is not None and (not _is_name(user) or user.startswith("-") or ":" in user):
         raise InvalidInput(f"Invalid user name in destination {text!r}")
     return Destination(host=host, user=user, port=port)
 
 
+def _is_name(text: str) -> bool:
+    """Whether text can be a host or user name: no whitespace, nothing a shell would read."""
+    return bool(text) and not any(char.isspace() or char in _NOT_IN_NAMES for char in text)
+
+
+def _quote(word: str) -> str:
+    """A word for a remote (POSIX shell) command line, quoted as shlex.quote would."""
+    if word and all(char in _PLAIN for char in word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
 def agent_command(destination: Destination, options: ConnectOptions, bootstrap: str) -> list[str]:
-    """The command line that starts Python on the destination, running bootstrap."""
-    python = options.python_command(destination)
+    """The command line that starts Python on the destination, running bootstrap.
+
+    Python runs with -S (no site module): tej's code needs only the standard library,
+    and site costs every connection a few milliseconds, more with .pth files.
+    """
+    python = [*options.python_command(destination), "-S", "-c", bootstrap]
     if destination.is_local:
-        return [*python, "-c", bootstrap]
-    remote = " ".join(shlex.quote(word) for word in [*python, "-c", bootstrap])
+        return python
+    remote = " ".join(_quote(word) for word in python)
     return [*ssh_command(destination, options), remote]
 
 
@@ -175,9 +249,11 @@ def _sharing_settings(reuse_for: int) -> dict[str, str]:
 
 def control_directory() -> str | None:
     """A private folder for shared-connection sockets, or None if none can be had safely."""
-    import tempfile
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base:
+        import tempfile
 
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        base = tempfile.gettempdir()
     path = os.path.join(base, f"tej-ssh-{os.getuid()}")
     try:
         os.mkdir(path, 0o700)

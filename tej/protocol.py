@@ -9,8 +9,6 @@ is equal to the agent's.
 
 from __future__ import annotations
 
-import re
-
 PROTOCOL_VERSION = 1
 
 STATE_STARTING = "starting"
@@ -32,7 +30,8 @@ KILL_GRACE = 5.0
 MAX_DURATION = 3650 * 86400.0
 MAX_BLOCK = 30.0
 MAX_ID_LENGTH = 128
-ID_PATTERN = re.compile(r"[A-Za-z0-9_\-.+=@%:,]+\Z")
+#: What a job identifier is made of (the agent compiles it as ID_PATTERN).
+ID_REGEX = r"[A-Za-z0-9_\-.+=@%:,]+\Z"
 
 ERR_BAD_REQUEST = "BadRequest"
 ERR_INVALID = "InvalidInput"
@@ -50,7 +49,9 @@ def job_id_problem(job_id: object) -> str | None:
     """Why job_id is not a valid job identifier (the agent's rule), or None if it is."""
     if not isinstance(job_id, str) or not job_id:
         return "A job identifier can't be empty"
-    if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not ID_PATTERN.match(job_id):
+    import re  # here: tej starts ssh before it would load re (see tej.launcher)
+
+    if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not re.match(ID_REGEX, job_id):
         return (
             f"Invalid job identifier {job_id!r}: use at most {MAX_ID_LENGTH} letters, "
             "digits and _-.+=@%:,"

@@ -24,7 +24,6 @@ It has two roles:
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import struct
 import sys
 import time
 
-# random, select, shutil and subprocess are imported where they are used: a
+# hashlib, random, select, shutil and subprocess are imported where they are used: a
 # connection that only reads (status, list) does not pay for them.
 
 PROTOCOL_VERSION = 1
@@ -109,7 +108,8 @@ POLL_INTERVAL = 0.02
 MAX_BLOCK = 30.0
 MAX_FD = 65536  # file descriptors a forked supervisor closes
 MAX_ID_LENGTH = 128
-ID_PATTERN = re.compile(r"[A-Za-z0-9_\-.+=@%:,]+\Z")
+ID_REGEX = r"[A-Za-z0-9_\-.+=@%:,]+\Z"
+ID_PATTERN = re.compile(ID_REGEX)
 
 ERR_BAD_REQUEST = "BadRequest"
 ERR_INVALID = "InvalidInput"
@@ -2051,9 +2051,16 @@ def write_all(fd, data, offset):
         view, offset = view[done:], offset + done
 
 
+def new_sha256():
+    """A new SHA-256 hasher (hashlib is imported on first use: status and list don't)."""
+    import hashlib
+
+    return hashlib.sha256()
+
+
 def copy_verified(source, target, digest, mode):
     """Copy a content into a new file, checking it on the way; False if it isn't digest."""
-    hasher = hashlib.sha256()
+    hasher = new_sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with open(source, "rb") as stream:
@@ -2267,7 +2274,7 @@ class Upload(object):
             except OSError:
                 os.close(fd)
                 continue
-            hasher, offset = hashlib.sha256(), 0
+            hasher, offset = new_sha256(), 0
             while True:
                 data = os.read(fd, MAX_CHUNK)
                 if not data:
@@ -2301,7 +2308,7 @@ class Upload(object):
         except BaseException:
             os.close(fd)
             raise
-        return Partial(fd, hashlib.sha256(), 0)
+        return Partial(fd, new_sha256(), 0)
 
     def receive(self, index, offset, data):
         """Write a chunk of a content the client was asked for; store it once whole."""

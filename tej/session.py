@@ -5,13 +5,13 @@ execnet's ``makegateway``, for three reasons: the ssh command line is ours
 (BatchMode, timeouts, keepalives, no forced compression), the server's stderr
 is captured so failures become one clear line, and the server's Python version
 is checked before execnet's own code is sent to it; and a fourth: execnet's
-code and the agent are kept compiled in a cache on the server.
+code and the agent are kept compiled in a cache on the server. The client's end
+of the protocol is execnet's gateway_base too (tej.gateway).
 """
 
 from __future__ import annotations
 
 import itertools
-import subprocess
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ from tej.protocol import PROTOCOL_VERSION
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    import execnet
+    from tej.process import Process
 
 _gateway_ids = itertools.count(1)
 
@@ -72,7 +72,7 @@ class Session:
         self._hello_pending = False
         self._stderr: IO[bytes] | None = None
         self._io: AgentIO | None = None
-        self._group: execnet.Group | None = None
+        self._gateway: Any = None
         self._channel: Any = None
         #: The modules whose source had to be sent (not in the server's cache).
         self.sent_sources: tuple[str, ...] = ()
@@ -182,11 +182,9 @@ class Session:
     def _failure_from_exit(self, in_time: bool) -> TejError:
         """Explain why the agent's process ended during the bootstrap."""
         assert self._io is not None
-        try:
-            code = self._io.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        code = self._io.popen.wait(timeout=5)
+        if code is None:
             self._io.popen.kill()
-            code = None
         detail = self.stderr_tail()
         where = self.destination
         if not in_time:
@@ -212,15 +210,9 @@ class Session:
         )
 
     def _start_agent(self, io: AgentIO) -> Any:
-        import execnet
-        from execnet import gateway_base
+        from tej.gateway import open_gateway
 
-        io.execmodel = gateway_base.get_execmodel("thread")
-        spec = execnet.XSpec(f"popen//id=tej-{next(_gateway_ids)}")
-        spec.execmodel = "thread"
-        self._group = execnet.Group()
-        gateway = execnet.Gateway(io, spec)
-        self._group._register(gateway)
+        self._gateway = gateway = open_gateway(io, f"tej-{next(_gateway_ids)}")
         module = agent_code().name  # the loader has imported it
         return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")
 
@@ -233,16 +225,19 @@ class Session:
         lines = [line.strip() for line in lines if line.strip()]
         return lines[-1] if lines else ""
 
-    def close(self) -> None:
-        """End the session: stop the agent and its connection (jobs keep running)."""
-        group, self._group, self._channel = self._group, None, None
+    def close(self, wait: bool = True) -> None:
+        """End the session: stop the agent and its connection (jobs keep running).
+
+        wait=False tells the agent to end without waiting for it to: for a process that
+        exits next (the `tej` command), whose ssh then ends by itself.
+        """
+        gateway, self._gateway, self._channel = self._gateway, None, None
         self._hello_pending = False
-        gateways = list(group) if group is not None else []
-        for gateway in gateways:
+        if gateway is not None:
             gateway.exit()
-        if self._io is not None:
-            _stop_process(self._io.popen, timeout=0 if not gateways else 3.0)
-        for gateway in gateways:
+        if self._io is not None and (wait or gateway is None):
+            _stop_process(self._io.popen, timeout=0 if gateway is None else 3.0)
+        if gateway is not None and wait:
             gateway.join(timeout=1.0)
         self._io = None
         if self._stderr is not None:
@@ -373,10 +368,8 @@ class Session:
         return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
 
 
-def _stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+def _stop_process(process: Process, timeout: float) -> None:
     """Wait for a process to end by itself for up to timeout seconds, then kill it."""
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    if process.wait(timeout=timeout) is None:
         process.kill()
         process.wait()

@@ -153,13 +153,13 @@ def test_agent_command_expands_home_in_ssh_config(monkeypatch: pytest.MonkeyPatc
 def test_remote_command_quotes_python_words(python: str | None, words: list[str] | None) -> None:
     bootstrap = "print('it''s'); x = \"$HOME\" ; `id` | cat"
     argv = agent_command(parse_destination("host"), ConnectOptions(python=python), bootstrap)
-    expected = (words if words is not None else shlex.split(python or "")) + ["-c", bootstrap]
+    expected = (words if words is not None else shlex.split(python or "")) + ["-S", "-c", bootstrap]
     assert shlex.split(argv[-1]) == expected
 
 
 def test_local_command_runs_python_directly() -> None:
     argv = agent_command(parse_destination("local"), ConnectOptions(), BOOTSTRAP)
-    assert argv == [sys.executable, "-c", BOOTSTRAP]
+    assert argv == [sys.executable, "-S", "-c", BOOTSTRAP]
 
 
 @pytest.mark.parametrize("python", ["'unbalanced", "   "])

@@ -166,3 +166,33 @@ def test_output_and_exit_code_survive_the_quick_exit(
     assert (done.returncode, done.stdout, done.stderr) == (3, "", "No job with that identifier\n")
     done = run_tej("list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
+
+
+def test_ssh_is_started_before_the_heavy_modules_load(tmp_path: Path) -> None:
+    """The look at the arguments and the start of ssh load only tej's small modules."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_ssh = bin_dir / "ssh"
+    fake_ssh.write_text("#!/bin/sh\nexec cat > /dev/null\n")
+    fake_ssh.chmod(0o755)
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import tej.launcher\n"
+        "from tej import bootstrap\n"
+        "tej.launcher._prestart(['status', 'somehost', '--id', 'x'])\n"
+        "assert bootstrap.prestarted, 'ssh was not started'\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+        "bootstrap.discard_prestarted()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", XDG_RUNTIME_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=DEADLINE
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert "tej.process" in loaded
+    heavy = {"subprocess", "typing", "re", "tempfile", "shlex", "dataclasses", "contextlib"}
+    heavy |= {"threading", "hashlib", "execnet", "click", "tej.api", "tej.cli"}
+    assert not loaded & heavy

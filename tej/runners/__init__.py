@@ -8,19 +8,18 @@ source with the agent. Plugins register theirs under the entry-point group
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from tej import protocol
+from tej.bootstrap import sha256_hex
 from tej.errors import InvalidInput
 
 ENTRY_POINT_GROUP = "tej.runners"
 #: The runners that ship with tej, by name: the module holding each one's server side.
 BUILTIN = {"queue": "tej.runners.queue", "slurm": "tej.runners.slurm"}
-_HERE = Path(__file__).parent
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class RunnerSource:
     @property
     def digest(self) -> str:
         """The first 16 hex digits of the source's SHA-256, as the agent names its copy."""
-        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()[:16]
+        return sha256_hex(self.source.encode("utf-8"))[:16]
 
 
 def builtin_digests() -> dict[str, str]:
@@ -58,14 +57,21 @@ def load(name: str) -> RunnerSource:
     module = _plugins().get(name)
     if module is None:
         raise InvalidInput(f"Unknown plugin {name!r} (available: {', '.join(available())})")
+    import importlib.util
+
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         raise InvalidInput(f"The plugin {name!r} names {module!r}, which is not a Python file")
-    return RunnerSource(name, Path(spec.origin).read_text(encoding="utf-8"))
+    return RunnerSource(name, _read(spec.origin))
 
 
 def _builtin(name: str) -> RunnerSource:
-    return RunnerSource(name, (_HERE / f"{name}.py").read_text(encoding="utf-8"))
+    return RunnerSource(name, _read(os.path.join(_HERE, f"{name}.py")))
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as stream:
+        return stream.read()
 
 
 def _plugins() -> dict[str, str]:

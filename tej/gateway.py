@@ -1,0 +1,110 @@
+"""The client's end of execnet's protocol: execnet's gateway_base, loaded on its own.
+
+The agent speaks execnet's protocol: on the server, gateway_base runs as a module
+of its own (see tej.bootstrap). The client loads it the same way, from the
+installed execnet package's folder, rather than importing the package: its
+``__init__`` also imports the parts tej does not use (execnet's own bootstrap,
+rsync, multi-gateway groups, and inspect to send functions' source), which cost
+every command about as much time as gateway_base itself. All tej needs beyond
+gateway_base is a gateway that sends source to run and ends the connection:
+`AgentGateway`, execnet's `Gateway` without the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
+
+#: The name under which the client's copy of gateway_base is loaded.
+MODULE_NAME = "tej._execnet_gateway_base"
+
+
+def source_path() -> str:
+    """The path of the installed execnet's gateway_base.py (without importing execnet)."""
+    from importlib.machinery import PathFinder
+
+    spec = PathFinder.find_spec("execnet")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = os.path.join(folder, "gateway_base.py")
+            if os.path.isfile(path):
+                return path
+    import execnet  # installed some other way: let the import system find it
+
+    return os.path.join(os.path.dirname(os.path.abspath(execnet.__file__)), "gateway_base.py")
+
+
+def gateway_base() -> ModuleType:
+    """execnet's gateway_base, loaded once, on its own (its compiled form cached as usual)."""
+    module = sys.modules.get(MODULE_NAME)
+    if module is None:
+        from importlib.machinery import SourceFileLoader
+
+        path = source_path()
+        loader = SourceFileLoader(MODULE_NAME, path)
+        module = type(sys)(MODULE_NAME)
+        module.__file__ = path
+        module.__loader__ = loader
+        sys.modules[MODULE_NAME] = module
+        try:
+            loader.exec_module(module)
+        except BaseException:
+            del sys.modules[MODULE_NAME]
+            raise
+    return module
+
+
+def gateway_source() -> str:
+    """gateway_base's source, as the server's loader wants it."""
+    with open(source_path(), encoding="utf-8") as stream:
+        return stream.read()
+
+
+def open_gateway(io: Any, gateway_id: str) -> Any:
+    """Start execnet's protocol on io (threads: a receiver); an `AgentGateway`."""
+    base = gateway_base()
+    io.execmodel = base.get_execmodel("thread")
+    return _gateway_class(base)(io, gateway_id)
+
+
+_agent_gateway: list[type] = []  # the class, once made
+
+
+def _gateway_class(base: ModuleType) -> type:
+    """AgentGateway, made once on the loaded gateway_base."""
+    if _agent_gateway:
+        return _agent_gateway[0]
+
+    class AgentGateway(base.BaseGateway):  # type: ignore[name-defined,misc]
+        """A gateway that runs source on the other side (as execnet's Gateway)."""
+
+        def __init__(self, io: Any, gateway_id: str) -> None:
+            super().__init__(io=io, id=gateway_id, _startcount=1)
+            self._ended = False
+            self._initreceive()
+
+        def remote_exec(self, source: str) -> Any:
+            """Run source on the other side, with `channel` in its globals; the channel."""
+            channel = self.newchannel()
+            payload = base.dumps_internal((source, None, None, {}))
+            self._send(base.Message.CHANNEL_EXEC, channel.id, payload)
+            return channel
+
+        def exit(self) -> None:
+            """Tell the other side to end, and close our writing end (once)."""
+            if self._ended:
+                return
+            self._ended = True
+            try:
+                self._send(base.Message.GATEWAY_TERMINATE)
+                self._io.close_write()
+            except (ValueError, EOFError, OSError):
+                pass  # the connection is gone already
+
+    _agent_gateway.append(AgentGateway)
+    return AgentGateway
