@@ -37,6 +37,7 @@ from tej.errors import (
     TejError,
     error_from_reply,
 )
+from tej.gateway import gateway_base, open_gateway
 from tej.protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class Session:
                 raise self._start_failure(argv[0], exc) from None
         self._io, self._stderr = started
         try:
+            gateway_base()  # loaded while the server starts
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
             # Its reply is read with the first request's: no round trip of its own.
@@ -210,8 +212,6 @@ class Session:
         )
 
     def _start_agent(self, io: AgentIO) -> Any:
-        from tej.gateway import open_gateway
-
         self._gateway = gateway = open_gateway(io, f"tej-{next(_gateway_ids)}")
         module = agent_code().name  # the loader has imported it
         return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")

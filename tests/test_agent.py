@@ -1445,3 +1445,14 @@ def test_list_never_caches_a_running_job(harness: Harness) -> None:
     assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_RUNNING]
     assert harness.ok("kill", job_id=job_id)["killed"] is True
     assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_KILLED]
+
+
+@pytest.mark.parametrize("when", [0.0, 951782400.5, 1709164800.25, 4102444799.999999, 1e9])
+def test_times_read_back_as_written(when: float) -> None:
+    """parse_iso (its own calendar arithmetic) reads now_iso's text back to the microsecond."""
+    import calendar
+
+    text = agent.now_iso(when)
+    assert abs(agent.parse_iso(text) - when) < 2e-6
+    whole = calendar.timegm(time.gmtime(int(when)))
+    assert int(agent.parse_iso(text)) == whole

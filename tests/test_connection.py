@@ -325,3 +325,23 @@ def test_killed_agent_fails_the_next_call(ssh_server: SshServer, server_tmp: str
     assert isinstance(error, tej.ConnectionFailed), error
     assert "\n" not in str(error), str(error)
     assert ssh_server.alias in str(error), str(error)
+
+
+def test_a_session_uses_execnets_gateway_base_alone(tmp_path: Path) -> None:
+    """The client speaks execnet's protocol without importing the execnet package."""
+    code = (
+        "import sys, tej\n"
+        f"with tej.RemoteQueue('local', queue={str(tmp_path / 'queue')!r}) as remote:\n"
+        "    remote.list()\n"
+        "print('execnet' in sys.modules, 'tej._execnet_gateway_base' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=API_DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
