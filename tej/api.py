@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -75,8 +76,13 @@ class JobStatus:
 
     @classmethod
     def from_agent(cls, data: dict[str, Any]) -> JobStatus:
-        """Build a status from the agent's plain-dict form."""
-        return cls(
+        """Build a status from the agent's plain-dict form.
+
+        Its fields are set at once: a frozen dataclass's __init__ sets them one by one
+        through object.__setattr__, which costs `tej list` of 10,000 jobs ~20 ms.
+        """
+        status = object.__new__(cls)
+        status.__dict__.update(
             id=data["id"],
             state=JobState(data["state"]),
             exit_code=data.get("exit_code"),
@@ -91,6 +97,7 @@ class JobStatus:
             notifications=tuple(data.get("notifications") or ()),
             metadata=data.get("metadata"),
         )
+        return status
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (ISO 8601 UTC times)."""
@@ -134,6 +141,8 @@ class SetupResult:
 def _parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
+    if sys.version_info >= (3, 11):  # reads the Z itself
+        return datetime.fromisoformat(text)
     return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
 

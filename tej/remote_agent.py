@@ -75,7 +75,7 @@ RUNNER_FIELDS = ("priority", "after", "slurm")  # job fields only some runners a
 RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
 LOCK_FILE = "queue.lock"
 LIST_CACHE = "list-cache.json"
-LIST_CACHE_FORMAT = 1
+LIST_CACHE_FORMAT = 2  # 2: rows (values in LIST_FIELDS order), not status dicts
 LIST_FIELDS = (
     "id",
     "state",
@@ -1136,7 +1136,7 @@ def serve_forks(stdin, stdout):
 
 
 class ListCache(object):
-    """The public status of ended jobs, kept so that `list` needn't read every job.
+    """The list rows of ended jobs, kept so that `list` needn't read every job.
 
     An entry is keyed by the (inode, mtime) of the job's status.json: status
     files are replaced, never edited, so any change misses the cache. It is
@@ -1145,7 +1145,7 @@ class ListCache(object):
 
     def __init__(self, path):
         self.path = path
-        self.entries = {}  # type: dict[str, list[object]]  # job id -> [key, status]
+        self.entries = {}  # type: dict[str, list[object]]  # job id -> [key, row]
         self.used = {}  # type: dict[str, list[object]]  # the entries of the jobs seen
         self.changed = False
         try:
@@ -1159,22 +1159,25 @@ class ListCache(object):
     def key(job_dir):
         """The cache key of a job's status file, or None if it has none."""
         try:
-            info = os.stat(os.path.join(job_dir, STATUS_FILE))
+            info = os.stat(job_dir + "/" + STATUS_FILE)
         except OSError:
             return None
         return [info.st_ino, info.st_mtime_ns]
 
     def get(self, job_id, key):
-        """The cached status of a job, if its status file is unchanged."""
+        """The cached row of a job, if its status file is unchanged."""
         entry = self.entries.get(job_id)
         if key is None or not isinstance(entry, list) or len(entry) != 2 or entry[0] != key:
             return None
+        row = entry[1]
+        if not isinstance(row, list) or len(row) != len(LIST_FIELDS):
+            return None
         self.used[job_id] = entry
-        return entry[1]
+        return row
 
-    def put(self, job_id, key, status):
-        """Remember the status of an ended job."""
-        self.used[job_id] = [key, status]
+    def put(self, job_id, key, row):
+        """Remember the row of an ended job."""
+        self.used[job_id] = [key, row]
         self.changed = True
 
     def save(self):
@@ -1629,25 +1632,27 @@ class Agent(object):
         queue = self.open_ticking_queue(queue)
         runner_tick(queue)
         cache = ListCache(queue.path(LIST_CACHE))
-        statuses, pending = [], []
+        rows, pending = [], []
+        jobs = queue.path(JOBS_DIR) + "/"  # ids are single path components
         for name in queue.job_ids():
-            job_dir = queue.path(JOBS_DIR, name)
+            job_dir = jobs + name
             key = cache.key(job_dir)
-            status = cache.get(name, key)
-            if status is not None:
-                statuses.append(status)
+            row = cache.get(name, key)
+            if row is not None:
+                rows.append(row)
                 continue
             record = read_status_record(job_dir)
             if record is not None or os.path.isdir(job_dir):
                 pending.append((name, job_dir, record or missing_status(), key))
         for (name, _, written, key), record in zip(pending, self.refresh_all(queue, pending)):
             status = public_status(name, record)
-            statuses.append(status)
+            row = [status[field] for field in LIST_FIELDS]
+            rows.append(row)
             if key is not None and written.get("state") in END_STATES:
-                cache.put(name, key, status)
+                cache.put(name, key, row)
         cache.save()
-        statuses.sort(key=lambda status: (status["submitted_at"] or "", status["id"]))
-        rows = [[status[field] for field in LIST_FIELDS] for status in statuses]
+        submitted, ident = LIST_FIELDS.index("submitted_at"), LIST_FIELDS.index("id")
+        rows.sort(key=lambda row: (row[submitted] or "", row[ident]))
         # As JSON text: thousands of rows go faster as one string than as execnet objects.
         return {"fields": LIST_FIELDS, "rows": json.dumps(rows)}
 

@@ -1435,7 +1435,13 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
     assert [job["id"] for job in harness.jobs_listed()] == ["first"]
     assert set(json.loads(cache_path.read_text())["jobs"]) == {"first"}
     # A damaged cache is only a cache.
-    for damage in ("{not json", json.dumps({"format": 1, "jobs": {"first": [1, 2, 3]}})):
+    cached = agent.LIST_CACHE_FORMAT
+    damages = [
+        "{not json",
+        json.dumps({"format": cached, "jobs": {"first": [1, 2, 3]}}),
+        json.dumps({"format": cached, "jobs": {"first": [[1, 2], [3]]}}),
+    ]
+    for damage in damages:
         cache_path.write_text(damage)
         assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]
 
