@@ -1017,7 +1017,12 @@ def fork_supervisor(agent_path, job_dir, secrets):
     """
     prepare_fork()
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # a short-lived child: it forks the supervisor and exits
         try:
             os.close(read_end)
@@ -1058,9 +1063,13 @@ def spawn_supervisor(agent_path, job_dir, secrets):
         log = os.open(
             os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
         )
+    except OSError as exc:
+        return failed_report(exc)
+    try:
         pid = os.fork()
     except OSError as exc:
-        return ("failed %s\n" % describe_os_error(exc)).encode("utf-8", "replace")
+        os.close(log)
+        return failed_report(exc)
     if pid == 0:
         code = 1
         try:
@@ -1069,6 +1078,12 @@ def spawn_supervisor(agent_path, job_dir, secrets):
             os._exit(code)
     os.close(log)
     return b"forked %d\n" % pid
+
+
+def failed_report(exc):
+    """The report of a supervisor that could not be forked: "failed WHY"."""
+    detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+    return ("failed %s\n" % detail).encode("utf-8", "replace")
 
 
 def run_forked_supervisor(agent_path, job_dir, secrets, log):
@@ -1082,7 +1097,7 @@ def run_forked_supervisor(agent_path, job_dir, secrets, log):
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd, target in ((0, devnull), (1, devnull), (2, log)):
             os.dup2(target, fd)
-        os.closerange(3, MAX_FD)
+        close_inherited_files()
         os.chdir("/")
         return supervise(job_dir, secrets, agent_path)
     except BaseException as exc:  # noqa: BLE001 - the child must never return to its caller
@@ -1091,6 +1106,28 @@ def run_forked_supervisor(agent_path, job_dir, secrets, log):
         except OSError:
             pass
         return 1
+
+
+def close_inherited_files():
+    """Close every file descriptor above 2.
+
+    Before Python 3.10, os.closerange closes each number in turn (some ms for
+    MAX_FD): where /proc lists the open ones, only those are closed.
+    """
+    if sys.version_info < (3, 10):
+        try:
+            open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        except (OSError, ValueError):
+            open_fds = None
+        if open_fds is not None:
+            for fd in open_fds:
+                if fd > 2:
+                    try:
+                        os.close(fd)
+                    except OSError:  # the listing's own descriptor, closed already
+                        pass
+            return
+    os.closerange(3, MAX_FD)
 
 
 class ForkServer(object):
@@ -1162,8 +1199,7 @@ def serve_forks(stdin, stdout):
             secrets = request.get("secrets") or {}
             report = spawn_supervisor(agent_path, request["job_dir"], secrets)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
-            detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-            report = ("failed %s" % detail).encode("utf-8", "replace")
+            report = failed_report(exc)
         stdout.write(report.strip() + b"\n")
         stdout.flush()
     return 0
