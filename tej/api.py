@@ -305,6 +305,9 @@ class RemoteQueue:
     ) -> str:
         """Upload a directory and start its script; returns the job's id.
 
+        It returns once the job's supervisor is forked on the server: the job
+        is then STARTING, and RUNNING a moment later; a script that can't be
+        started ends FINISHED with exit code 127 or 126 and a reason.
         metadata overrides the directory's tej.json, with the same names
         (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
         delay, notify); see docs/tej-json.md. secrets are environment

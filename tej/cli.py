@@ -45,7 +45,8 @@ def describe_status(status: JobStatus) -> str:
     if status.state is JobState.CANCELLED:
         return f"Job was cancelled ({status.reason or 'unknown reason'})"
     if status.state is JobState.FINISHED:
-        return f"Job is finished ({elapsed}) with exit code {status.exit_code}"
+        text = f"Job is finished ({elapsed}) with exit code {status.exit_code}"
+        return f"{text} ({status.reason})" if status.reason else text  # such as a failed start
     if status.state is JobState.SCHEDULED:
         return f"Job is scheduled to start at {format_local(status.scheduled_for)}"
     if status.state is JobState.TIMED_OUT:

@@ -753,7 +753,7 @@ class RunnerHost(object):
     # supervisors and processes
 
     def start_supervisor(self, job_dir, secrets=None):
-        """Start a job's supervisor here, detached; returns once the job runs."""
+        """Start a job's supervisor here, detached; returns once it is forked (job starting)."""
         start_supervisor(self.agent_path, job_dir, secrets or {})
 
     def supervisor_command(self, job_dir):
@@ -992,9 +992,11 @@ def kill_orphan(job_dir, record, grace):
 
 
 def start_supervisor(agent_path, job_dir, secrets):
-    """Start the detached supervisor of a job and wait until the job runs.
+    """Start the detached supervisor of a job; returns once it is forked.
 
-    The supervisor is forked, not started as a new interpreter: from this
+    The job is then `starting`: the supervisor starts its script and records
+    `running`, or records why it could not (see Supervisor.launch). The
+    supervisor is forked, not started as a new interpreter: from this
     process if it has a single thread, else (the agent, under execnet) from
     a fork server, a single-threaded process this agent starts once.
     """
@@ -1004,12 +1006,12 @@ def start_supervisor(agent_path, job_dir, secrets):
         report = fork_server(agent_path).start(job_dir, secrets)
     else:
         report = fork_supervisor(agent_path, job_dir, secrets)
-    if report.strip() != b"started":
-        with open(os.path.join(job_dir, SUPERVISOR_LOG), "rb") as stream:
-            detail = stream.read().decode("utf-8", "replace").strip().splitlines()
+    if not report.startswith(b"forked "):
+        detail = report.decode("utf-8", "replace").strip()
         raise AgentError(
             ERR_SERVER,
-            "The job's supervisor failed: %s" % (detail[-1] if detail else "no report"),
+            "Could not start the job's supervisor: %s"
+            % (detail[len("failed ") :] if detail.startswith("failed ") else "no answer"),
         )
 
 
@@ -1021,41 +1023,95 @@ def threading_count():
 
 
 def fork_supervisor(agent_path, job_dir, secrets):
-    """Fork a detached supervisor for a job; returns its report ("started", or empty)."""
+    """Fork a detached supervisor for a job from a single-threaded process; its report.
+
+    It forks twice, so that the supervisor is not a child of this process,
+    which may be a supervisor itself (starting the next queued job): it must
+    neither wait for nor signal another job's supervisor.
+    """
+    prepare_fork()
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:  # a short-lived child: it forks the supervisor and exits
+        try:
+            os.close(read_end)
+            os.write(write_end, spawn_supervisor(agent_path, job_dir, secrets))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb", 0) as pipe:
+            return read_line_with_timeout(pipe, START_TIMEOUT)
+    finally:
+        os.waitpid(pid, 0)
+
+
+def prepare_fork():
+    """Flush this process's output, and load what every supervisor needs, before forking.
+
+    Forked supervisors inherit the modules loaded here: imported in each of
+    them instead, they would cost it more than the rest of its work.
+    """
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (AttributeError, OSError, ValueError):
             pass
-    c_library()  # loaded here once, not in each supervisor
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a short-lived child: it forks the supervisor and exits, so none is a zombie
-        code = 1
-        try:
-            os.close(read_end)
-            os.setsid()
-            forked = os.fork() == 0
-            code = run_forked_supervisor(agent_path, job_dir, secrets, write_end) if forked else 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb", 0) as pipe:
-        return read_line_with_timeout(pipe, START_TIMEOUT)
+    import random  # noqa: F401 - names of the status records' temporary files
+    import subprocess  # noqa: F401 - starting the job
+
+    c_library()
 
 
-def run_forked_supervisor(agent_path, job_dir, secrets, report_fd):
-    """In the forked supervisor: settle its files, then supervise the job; an exit code."""
+def spawn_supervisor(agent_path, job_dir, secrets):
+    """Fork a job's supervisor; returns the report, "forked PID" or "failed WHY".
+
+    What can fail is done before the fork, so that the agent hears of it.
+    """
     try:
         log = os.open(
             os.path.join(job_dir, SUPERVISOR_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
         )
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(report_fd, 1)
-        os.dup2(log, 2)
-        os.closerange(3, MAX_FD)
+    except OSError as exc:
+        return failed_report(exc)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(log)
+        return failed_report(exc)
+    if pid == 0:
+        code = 1
+        try:
+            code = run_forked_supervisor(agent_path, job_dir, secrets, log)
+        finally:
+            os._exit(code)
+    os.close(log)
+    return b"forked %d\n" % pid
+
+
+def failed_report(exc):
+    """The report of a supervisor that could not be forked: "failed WHY"."""
+    detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+    return ("failed %s\n" % detail).encode("utf-8", "replace")
+
+
+def run_forked_supervisor(agent_path, job_dir, secrets, log):
+    """In the forked supervisor: a session and files of its own, then supervise; an exit code.
+
+    Its stdin and stdout are /dev/null, its stderr supervisor.log.
+    """
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a fork server ignores it (see serve_forks)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd, target in ((0, devnull), (1, devnull), (2, log)):
+            os.dup2(target, fd)
+        close_inherited_files()
         os.chdir("/")
         return supervise(job_dir, secrets, agent_path)
     except BaseException as exc:  # noqa: BLE001 - the child must never return to its caller
@@ -1066,13 +1122,36 @@ def run_forked_supervisor(agent_path, job_dir, secrets, report_fd):
         return 1
 
 
+def close_inherited_files():
+    """Close every file descriptor above 2.
+
+    Before Python 3.10, os.closerange closes each number in turn (some ms for
+    MAX_FD): where /proc lists the open ones, only those are closed.
+    """
+    if sys.version_info < (3, 10):
+        try:
+            open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        except (OSError, ValueError):
+            open_fds = None
+        if open_fds is not None:
+            for fd in open_fds:
+                if fd > 2:
+                    try:
+                        os.close(fd)
+                    except OSError:  # the listing's own descriptor, closed already
+                        pass
+            return
+    os.closerange(3, MAX_FD)
+
+
 class ForkServer(object):
     """A single-threaded child of the agent that forks supervisors on request.
 
     Forking the agent itself is unsafe (execnet runs threads in it), and a
     new interpreter per job is slow; this process is started once per
     connection, from the agent's compiled copy in the queue. One request is
-    a JSON line {"job_dir", "secrets"}; the answer is the supervisor's report.
+    a JSON line {"job_dir", "secrets"}; the answer is a line, "forked PID"
+    once the supervisor is forked, or "failed WHY".
     """
 
     def __init__(self, agent_path):
@@ -1089,7 +1168,7 @@ class ForkServer(object):
         )
 
     def start(self, job_dir, secrets):
-        """Have a supervisor forked for job_dir; returns its report (empty if it failed)."""
+        """Have a supervisor forked for job_dir; returns the report (empty if none came)."""
         request = json.dumps({"job_dir": job_dir, "secrets": secrets}) + "\n"
         try:
             self.proc.stdin.write(request.encode("utf-8"))  # type: ignore[union-attr]
@@ -1119,14 +1198,22 @@ def fork_server(agent_path):
 
 
 def serve_forks(stdin, stdout):
-    """The fork server's loop: fork a supervisor per request, until stdin closes."""
+    """The fork server's loop: fork a supervisor per request, until stdin closes.
+
+    Each supervisor is forked once, as a child of this process: with SIGCHLD
+    ignored, the kernel reaps them as they end, so none is left a zombie;
+    they outlive this process, which ends with the connection.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    prepare_fork()
+    agent_path = os.path.abspath(__file__)
     for line in stdin:
         try:
             request = json.loads(line)
             secrets = request.get("secrets") or {}
-            report = fork_supervisor(os.path.abspath(__file__), request["job_dir"], secrets)
-        except Exception:  # noqa: BLE001 - one bad request must not stop the server
-            report = b""
+            report = spawn_supervisor(agent_path, request["job_dir"], secrets)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            report = failed_report(exc)
         stdout.write(report.strip() + b"\n")
         stdout.flush()
     return 0
@@ -2562,7 +2649,6 @@ class Supervisor(object):
         self.kill_requested = False
         self.timed_out = False
         self.alarm_phase = None
-        self.reported = False
         self.secrets = read_secrets(sys.stdin) if secrets is None else secrets
 
     def run(self):
@@ -2583,18 +2669,9 @@ class Supervisor(object):
         if self.kill_requested:
             self.end(STATE_KILLED, reason="cancelled before it started")
             return 0
-        started_at = now_iso()  # before the spawn: the job may be at work before it returns
-        try:
-            proc = self.start_job()
-        except OSError as exc:
-            self.fail_to_start(exc)
+        proc = self.launch()
+        if proc is None:
             return 0
-        self.pgid = proc.pid
-        self.record.update(
-            state=STATE_RUNNING, started_at=started_at, job=identify_process(proc.pid)
-        )
-        self.save()
-        self.report_started()
         self.arm_time_limit()
         wait_status = wait_for_child(proc.pid)
         terminate_group(self.pgid, self.grace, with_descendants=True)
@@ -2611,7 +2688,6 @@ class Supervisor(object):
             return not self.kill_requested
         self.record.update(state=STATE_SCHEDULED)
         self.save()
-        self.report_started()
         while not self.kill_requested and time.time() < start_time:
             time.sleep(min(start_time - time.time(), 0.2))
         return not self.kill_requested
@@ -2625,50 +2701,60 @@ class Supervisor(object):
         self.record = admit(self.job["id"], self.job_dir, self.record)
         if self.record.get("state") != STATE_QUEUED:
             return True
-        self.report_started()
         if self.kill_requested:  # it came while the job joined the queue: pass it on
             record = supervised_record(self.job_dir)
             runner.kill(self.job["id"], self.job_dir, record, self.grace)
         return False
 
-    def start_job(self):
-        """Spawn the job's script in its own session, its output where the job asks."""
+    def launch(self):
+        """Start the job and record it running; None if it could not start (recorded)."""
+        started_at = now_iso()  # before the spawn: the job may be at work before it returns
+        try:
+            out, err = open_outputs(self.job_dir, self.job)
+        except (OSError, AgentError) as exc:
+            return self.fail_to_start("cannot open its output", exc, 126)
+        try:
+            proc = self.start_job(out, err)
+        except OSError as exc:
+            code = 127 if exc.errno == errno.ENOENT else 126
+            return self.fail_to_start("cannot run %s" % self.job["script"], exc, code)
+        finally:
+            os.close(out)
+            os.close(err)
+        self.pgid = proc.pid
+        self.record.update(
+            state=STATE_RUNNING, started_at=started_at, job=identify_process(proc.pid)
+        )
+        self.save()
+        return proc
+
+    def start_job(self, out, err):
+        """Spawn the job's script in its own session, its output to out and err."""
         work = os.path.join(self.job_dir, WORK_DIR)
         script = os.path.join(work, self.job["script"])
         env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
         env.update(self.job.get("env") or {})
         env.update(self.secrets)
-        out, err = open_outputs(self.job_dir, self.job)
         args = list(self.job.get("args", []))
         try:
-            try:
-                return spawn(script_command(script) + args, work, env, out, err)
-            except OSError as exc:
-                if exc.errno != errno.ENOEXEC:
-                    raise
-                return spawn(["/bin/sh", script] + args, work, env, out, err)
-        finally:
-            os.close(out)
-            os.close(err)
+            return spawn(script_command(script) + args, work, env, out, err)
+        except OSError as exc:
+            if exc.errno != errno.ENOEXEC:
+                raise
+            return spawn(["/bin/sh", script] + args, work, env, out, err)
 
-    def report_started(self):
-        """Tell the agent that started us that the job is under way (once)."""
-        if self.reported:
-            return
-        self.reported = True
-        os.write(1, b"started\n")
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-
-    def fail_to_start(self, exc):
-        """Record a job whose script could not be executed, as a shell would."""
-        message = "tej: cannot run %s: %s\n" % (self.job["script"], describe_os_error(exc))
-        with open(os.path.join(self.job_dir, STDERR_FILE), "a") as stream:
-            stream.write(message)
-        self.record.update(
-            started_at=now_iso(), exit_code=127 if exc.errno == errno.ENOENT else 126
+    def fail_to_start(self, what, exc, exit_code):
+        """Record a job that could not be started, with a shell's exit code (126, 127)."""
+        reason = "%s: %s" % (
+            what,
+            exc.message if isinstance(exc, AgentError) else describe_os_error(exc),
         )
+        try:
+            with open(os.path.join(self.job_dir, STDERR_FILE), "a") as stream:
+                stream.write("tej: %s\n" % reason)
+        except OSError:
+            pass
+        self.record.update(started_at=now_iso(), exit_code=exit_code, reason=reason)
         self.end(STATE_FINISHED)
 
     def arm_time_limit(self):
@@ -2712,7 +2798,6 @@ class Supervisor(object):
         if reason:
             self.record["reason"] = reason
         self.save()
-        self.report_started()
         tick_after_end(self.job_dir, self.agent_path)
         results = send_notifications(self.job, self.record, self.job_dir)
         if results:
@@ -2785,7 +2870,8 @@ def open_output(path):
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         make_private_dirs(parent)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    # O_NOCTTY: a supervisor leads its session, and must not take a terminal as its own.
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOCTTY, 0o600)
 
 
 # -- notifications ----------------------------------------------------------
@@ -2952,14 +3038,14 @@ def wait_for_child(pid):
 
 
 def reap_children():
-    """Reap every child that has exited, without blocking."""
+    """Reap every child that has exited, without blocking; whether any child is left."""
     while True:
         try:
             reaped, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return False
         if reaped == 0:
-            return
+            return True
 
 
 def reap_remaining(deadline):
@@ -2992,8 +3078,11 @@ def terminate_group(pgid, grace, with_descendants=False):
 
 def job_alive(pgid, with_descendants):
     """Whether anything is left of the job's group (or of this process's descendants)."""
-    reap_children()
-    return group_exists(pgid) or (with_descendants and bool(descendants(os.getpid())))
+    # Without a child, this process has no descendant: none needs looking for in /proc.
+    has_children = reap_children()
+    if with_descendants and has_children and descendants(os.getpid()):
+        return True
+    return group_exists(pgid)
 
 
 def signal_job(pgid, signum, with_descendants):
@@ -3020,12 +3109,38 @@ def supervise(job_dir, secrets=None, agent_path=None):
     agent_path is the agent's copy in the queue (this module's file if None),
     which the supervisor gives the queue's runner.
     """
+    agent_path = agent_path or os.path.abspath(__file__)
     try:
-        supervisor = Supervisor(job_dir, secrets, agent_path or os.path.abspath(__file__))
-        return supervisor.run()
-    except Exception as exc:  # noqa: BLE001 - reported to the agent, or in supervisor.log
+        return Supervisor(job_dir, secrets, agent_path).run()
+    except Exception as exc:  # noqa: BLE001 - logged in supervisor.log, and recorded
         sys.stderr.write("%s tej supervisor: %s\n" % (now_iso(), exc))
+        sys.stderr.flush()
+        record_supervisor_failure(job_dir, agent_path, exc)
         return 1
+
+
+def record_supervisor_failure(job_dir, agent_path, exc):
+    """Record as lost, with the reason, a job whose supervisor failed before starting it.
+
+    The agent answered the submit once the supervisor was forked: the record
+    is how the user hears of it. A job that started is left as it is: its
+    record says lost once this supervisor is gone.
+    """
+    record = read_status_record(job_dir)
+    if not record or record.get("state") not in (STATE_STARTING, STATE_SCHEDULED):
+        return
+    if record.get("job"):
+        return
+    record.update(
+        state=STATE_LOST,
+        ended_at=now_iso(),
+        reason="the job's supervisor failed before starting it: %s" % exc,
+    )
+    try:
+        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+    except OSError:
+        return
+    tick_after_end(job_dir, agent_path)
 
 
 def serve(channel):

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -237,6 +238,13 @@ class Harness:
         """The job's public status."""
         return dict(self.ok("status", queue=queue or self.queue, job_id=job_id))
 
+    def wait_running(self, job_id: str) -> dict[str, Any]:
+        """Poll until the job runs (submit answers while it starts); returns its raw record."""
+        return wait_for(
+            lambda: (r := self.record(job_id))["state"] == agent.STATE_RUNNING and r,
+            f"job {job_id} to run",
+        )
+
     def wait_end(self, job_id: str, queue: str | None = None) -> dict[str, Any]:
         """Poll the job's status until it is in an end state."""
         return wait_for(
@@ -256,9 +264,20 @@ class Harness:
         """The names in the queue's jobs folder."""
         return sorted(os.listdir(Path(queue or self.queue) / agent.JOBS_DIR))
 
+    def starting(self) -> bool:
+        """Whether a job under tmp is still starting (its supervisor has not recorded it yet)."""
+        for path in self.tmp.rglob(agent.STATUS_FILE):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text()).get("state") == agent.STATE_STARTING:
+                    return True
+        return False
+
     def cleanup(self) -> None:
         """Kill whatever job is still alive under tmp, and wait for the supervisors."""
         supervisors = []
+        deadline = time.monotonic() + DEADLINE
+        while self.starting() and time.monotonic() < deadline:  # forked: let them record
+            time.sleep(0.02)
         for path in self.tmp.rglob(agent.STATUS_FILE):
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads(path.read_text())
@@ -773,6 +792,7 @@ def test_failed_submit_leaves_no_way_to_write_outside_the_job(harness: Harness) 
 
 def test_running_job_is_running_with_a_start_time(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="sleeper")
+    harness.wait_running(job_id)
     status = harness.status(job_id)
     assert status["state"] == agent.STATE_RUNNING
     assert status["started_at"] and status["ended_at"] is None
@@ -784,7 +804,7 @@ def test_running_job_is_running_with_a_start_time(harness: Harness) -> None:
 
 def test_kill_stops_the_job_and_its_process_group(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="victim")
-    pgid = harness.record(job_id)["job"]["pid"]
+    pgid = harness.wait_running(job_id)["job"]["pid"]
     result = harness.ok("kill", job_id=job_id)
     assert result["killed"] is True
     assert result["status"]["state"] == agent.STATE_KILLED
@@ -874,8 +894,81 @@ def test_missing_interpreter_is_exit_126_or_127(harness: Harness, mode: int) -> 
     status = harness.run(tree, job_id="nointerp")
     assert status["state"] == agent.STATE_FINISHED
     assert status["exit_code"] in (126, 127)
+    assert status["reason"].startswith("cannot run start.sh: "), status
     stderr = (harness.job_dir("nointerp") / "stderr").read_text()
     assert "start.sh" in stderr
+
+
+def test_script_that_cannot_run_is_recorded_not_refused(harness: Harness) -> None:
+    """submit answers once the supervisor is forked: a failed start is in the job's status."""
+    tree = script("true\n", shebang="#!/etc/passwd\n")  # an interpreter that isn't executable
+    status = harness.run(tree, job_id="noexec")
+    assert (status["state"], status["exit_code"]) == (agent.STATE_FINISHED, 126)
+    assert status["reason"].startswith("cannot run start.sh: ")
+    assert status["started_at"] and status["ended_at"]
+
+
+def test_output_leaving_the_job_is_a_failure_to_start(harness: Harness, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tree = {**script("echo hi\n"), "logs": L(str(outside))}
+    job = {"script": "start.sh", "args": [], "stdout": "logs/out.txt"}
+    status = harness.run(tree, job_id="escape", job=job)
+    assert (status["state"], status["exit_code"]) == (agent.STATE_FINISHED, 126)
+    assert "cannot open its output" in status["reason"] and "leaves" in status["reason"]
+    assert list(outside.iterdir()) == []
+
+
+def unstarted_job(harness: Harness, job_id: str, job: str) -> tuple[Path, str]:
+    """A starting job made by hand, with job as its job.json; (its folder, the agent copy)."""
+    harness.wait_end(harness.submit(script("true\n"), job_id=f"{job_id}-model"))
+    job_dir = harness.job_dir(job_id)
+    shutil.copytree(harness.job_dir(f"{job_id}-model") / "work", job_dir / "work")
+    (job_dir / agent.JOB_FILE).write_text(job)
+    record = {"id": job_id, "state": agent.STATE_STARTING, "submitted_at": agent.now_iso()}
+    (job_dir / agent.STATUS_FILE).write_text(json.dumps(record))
+    copy = Path(harness.queue) / agent.AGENT_DIR / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
+    return job_dir, str(copy)
+
+
+def test_fork_server_forks_supervisors_that_leave_no_zombie(harness: Harness) -> None:
+    job = {"id": "forked", "script": "start.sh", "args": [], "env": {}}
+    job_dir, copy = unstarted_job(harness, "forked", json.dumps(job))
+    server = agent.ForkServer(copy)
+    try:
+        report = server.start(str(job_dir), {})
+        assert re.fullmatch(rb"forked \d+\n", report), report
+        assert harness.wait_end("forked")["exit_code"] == 0
+        # The server ignores SIGCHLD: the kernel reaps its supervisors, no zombie is left.
+        wait_for(lambda: process_gone(int(report.split()[1])), "the supervisor to be reaped")
+        failed = server.start(str(job_dir / "missing"), {})
+        assert failed.startswith(b"failed No such file or directory"), failed
+        assert server.alive()
+    finally:
+        server.proc.stdin.close()  # type: ignore[union-attr]
+        assert server.proc.wait(timeout=DEADLINE) == 0
+
+
+def test_supervisor_failing_before_the_start_makes_the_job_lost(harness: Harness) -> None:
+    broken, copy = unstarted_job(harness, "broken", "{not json")
+    command = agent.supervisor_command(copy, str(broken))
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
+    assert done.returncode == 1
+    status = harness.status("broken")
+    assert status["state"] == agent.STATE_LOST
+    assert "supervisor failed before starting it" in status["reason"]
+    assert "not valid JSON" in status["reason"]
+
+
+def test_kill_right_after_submit_stops_the_starting_job(harness: Harness) -> None:
+    job_id = harness.submit(script("sleep 30\n"), job_id="early")
+    result = harness.ok("kill", job_id=job_id)
+    assert result["killed"] is True
+    assert result["status"]["state"] == agent.STATE_KILLED
+    record = harness.record(job_id)
+    assert record["state"] == agent.STATE_KILLED
+    if record.get("job"):  # it started before the kill reached it
+        assert group_gone(record["job"]["pid"])
 
 
 def test_output_goes_to_private_files(harness: Harness) -> None:
@@ -934,12 +1027,14 @@ def reap_orphans_of(pgid: int) -> None:
 def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: Harness) -> None:
     job = {"script": "start.sh", "args": [], "kill_grace": 1}
     with playing_init():
-        # The supervisor is forked twice (so it is nobody's zombie): it becomes our child.
         job_id = harness.submit(script("sleep 30\n"), job_id="orphan", job=job)
-        record = harness.record(job_id)
+        record = harness.wait_running(job_id)
         pgid = record["job"]["pid"]
         os.kill(record["supervisor"]["pid"], signal.SIGKILL)
-        os.waitpid(record["supervisor"]["pid"], 0)
+        # Forked twice from this process, the supervisor is our child now (we play init);
+        # forked by a fork server (when this process has threads), it is the server's.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(record["supervisor"]["pid"], 0)
         reap_orphans_of(pgid)
         lost = wait_for(
             lambda: (s := harness.status(job_id))["state"] == agent.STATE_LOST and s,
@@ -959,6 +1054,7 @@ def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: H
 
 def test_status_from_an_earlier_boot_is_lost_by_restart(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="rebooted")
+    harness.wait_running(job_id)
     path = harness.job_dir(job_id) / agent.STATUS_FILE
     original = path.read_text()
     record = json.loads(original)
@@ -983,7 +1079,7 @@ def test_missing_status_file_is_lost(harness: Harness) -> None:
 
 def test_delete_of_a_running_job_needs_force(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="busy")
-    pgid = harness.record(job_id)["job"]["pid"]
+    pgid = harness.wait_running(job_id)["job"]["pid"]
     harness.fail(agent.ERR_JOB_RUNNING, "delete", job_id=job_id)
     assert harness.status(job_id)["state"] == agent.STATE_RUNNING
     harness.ok("delete", job_id=job_id, force=True)
@@ -1448,6 +1544,7 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
 
 def test_list_never_caches_a_running_job(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="busy")
+    harness.wait_running(job_id)
     assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_RUNNING]
     assert harness.ok("kill", job_id=job_id)["killed"] is True
     assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_KILLED]

@@ -74,7 +74,8 @@ def test_one_session_does_everything(target: Target, tmp_path: Path) -> None:
 
         running = remote.submit(str(sleeper))
         assert running.startswith("sleeper_")
-        assert remote.status(running).state is JobState.RUNNING
+        assert remote.status(running).state in (JobState.STARTING, JobState.RUNNING)
+        wait_for_state(remote, running, JobState.RUNNING)
         child = wait_until(lambda: read_pid(target.work(running, "child.pid")))
         killed = remote.kill(running)
         assert isinstance(killed, KillResult)
@@ -122,6 +123,7 @@ def test_the_errors(target: Target, tmp_path: Path) -> None:
     downloads.mkdir()
     with target.api() as remote:
         job_id = remote.submit(str(job), job_id="taken")
+        wait_for_state(remote, job_id, JobState.RUNNING)
 
         def still_usable() -> None:
             assert remote.status(job_id).state is JobState.RUNNING
@@ -184,7 +186,7 @@ def test_closing_the_session_leaves_the_job_running(target: Target) -> None:
     remote.close()
     remote.close()
     with target.api() as other:
-        assert other.status(job_id).state is JobState.RUNNING
+        wait_for_state(other, job_id, JobState.RUNNING)
         final = wait_for_state(other, job_id, JobState.FINISHED)
     assert final.exit_code == 3
     # A closed RemoteQueue connects again on its next call.

@@ -37,8 +37,10 @@ USER = getpass.getuser()
 
 
 def running_job(target: Target, script: str = SLEEPER) -> str:
-    """Submit a job that keeps running (the fixture kills it at the end)."""
-    return target.submit(target.make_job("sleeper", script))
+    """Submit a job that keeps running, once it runs (the fixture kills it at the end)."""
+    job_id = target.submit(target.make_job("sleeper", script))
+    target.wait_for(job_id, ("running",))  # submit answers while it is starting
+    return job_id
 
 
 def finished_job(target: Target, script: str = "#!/bin/sh\nexit 3\n") -> str:
@@ -618,6 +620,7 @@ def test_list(target: Target) -> None:
     finished = target.submit(target.make_job("a", "#!/bin/sh\nexit 2\n"), "--id", "first")
     target.wait_for(finished)
     running = target.submit(target.make_job("b", SLEEPER), "--id", "second")
+    target.wait_for(running, ("running",))  # submit answers while it is starting
     lines = target.cli("list", check=0).stdout.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.split()[0] != "ID"}
     assert set(rows) == {finished, running}
@@ -636,6 +639,7 @@ def test_list_json(target: Target) -> None:
     finished = target.submit(target.make_job("a", "#!/bin/sh\nexit 2\n"))
     target.wait_for(finished)
     running = target.submit(target.make_job("b", SLEEPER))
+    target.wait_for(running, ("running",))  # submit answers while it is starting
     documents = json.loads(target.cli("list", "--json", check=0).stdout)
     assert [doc["id"] for doc in documents] == [finished, running]
     by_id = {doc["id"]: doc for doc in documents}

@@ -497,7 +497,8 @@ def test_notification_arrives_after_the_client_is_gone(target: Target, webhooks:
         client.kill()
     assert client.returncode == 0, err
     job_id = json.loads(out)["id"]
-    assert target.record(job_id)["state"] == "running"  # the client left before the end
+    # The client left before the end (submit answers while the job is starting).
+    assert target.record(job_id)["state"] in ("starting", "running")
     assert hook.received() == []
     request = wait_until(hook.received, "the webhook, with no client connected")[0]
     body = request.json()
@@ -578,8 +579,7 @@ def test_max_runtime_kills_a_job_that_ignores_sigterm(target: Target) -> None:
 def test_delayed_job_is_scheduled_then_runs(target: Target) -> None:
     job = make_job(target.jobs, "touch ran\n", {"delay": "3s"})
     job_id = target.submit(job)
-    scheduled = target.remote().status(job_id)
-    assert scheduled.state is JobState.SCHEDULED
+    scheduled = target.wait_for_state(job_id, JobState.SCHEDULED)  # submit answers at starting
     assert scheduled.started_at is None
     assert scheduled.scheduled_for is not None and scheduled.submitted_at is not None
     delay = (scheduled.scheduled_for - scheduled.submitted_at).total_seconds()
@@ -620,8 +620,7 @@ def test_start_at_with_an_offset(target: Target) -> None:
     start = (datetime.now(zone) + timedelta(seconds=3.5)).replace(microsecond=0)
     job = make_job(target.jobs, "touch ran\n", {"start_at": start.isoformat()})
     job_id = target.submit(job)
-    scheduled = target.remote().status(job_id)
-    assert scheduled.state is JobState.SCHEDULED
+    scheduled = target.wait_for_state(job_id, JobState.SCHEDULED)  # submit answers at starting
     assert scheduled.scheduled_for == start
     final = target.remote().wait(job_id, timeout=DEADLINE)
     assert final.state is JobState.FINISHED
@@ -671,7 +670,7 @@ def test_discarded_output(target: Target) -> None:
 def test_wait_blocks_until_the_end(target: Target) -> None:
     job = make_job(target.jobs, "sleep 1.5\nexit 3\n")
     job_id = target.submit(job)
-    assert target.remote().status(job_id).state is JobState.RUNNING
+    target.wait_for_state(job_id, JobState.RUNNING)
     waited = target.tej("wait", "--id", job_id, deadline=DEADLINE)
     assert waited.returncode == 0, waited.stderr
     assert re.fullmatch(r"Job is finished \(0:00:0[12]\) with exit code 3\n", waited.stdout)
@@ -700,6 +699,22 @@ def test_submit_and_wait(target: Target) -> None:
     assert target.remote().status(lines[1]).exit_code == 5
     with_code = target.tej("submit", "--wait", "--exit-code", str(job), deadline=DEADLINE)
     assert with_code.returncode == 5, with_code.stderr
+
+
+def test_a_script_that_cannot_run_is_reported_by_wait(target: Target) -> None:
+    """submit answers once the job is starting: a failed start is the job's end, with why."""
+    job = make_job(target.jobs, "true\n")
+    (job / "start.sh").write_text("#!/nonexistent/interpreter\ntrue\n")
+    done = target.tej("submit", "--wait", "--exit-code", str(job), deadline=DEADLINE)
+    assert done.returncode == 127, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and lines[0] == "Job submitted as:", done.stdout
+    assert re.fullmatch(
+        r"Job is finished \(0:00:00\) with exit code 127 \(cannot run start\.sh: .+\)", lines[2]
+    ), lines[2]
+    status = target.status(lines[1])
+    assert (status["state"], status["exit_code"]) == ("finished", 127)
+    assert status["reason"].startswith("cannot run start.sh: No such file or directory")
 
 
 # tej logs

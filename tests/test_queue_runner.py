@@ -483,6 +483,7 @@ def test_a_delayed_job_joins_the_queue_at_its_time(target: Target) -> None:
     setup_queue(target, 1)
     blocker = submit_blocker(target)
     delayed = target.submit(target.make_job("delayed", MARKED), "--delay", "3s")
+    target.wait_for(delayed, ("scheduled",))  # submit answers while it is starting
     document = status_json(target, delayed)
     assert document["state"] == "scheduled"
     scheduled_for = parse_time(document["scheduled_for"])
@@ -533,7 +534,7 @@ def test_jobs_due_at_once_do_not_exceed_max_running(target: Target) -> None:
 def test_killing_a_scheduled_job_cancels_it(target: Target) -> None:
     setup_queue(target, 1)
     later = target.submit(target.make_job("later", MARKED), "--delay", "1h")
-    assert state(target, later) == "scheduled"
+    target.wait_for(later, ("scheduled",))  # submit answers while it is starting
     assert one_line_answer(target.cli("kill", "--id", later), 0) == f"Job {later!r} killed"
     found = target.wait_for(later, ALL_ENDS)
     assert (found["state"], found.get("started_at")) == ("killed", None), found

@@ -838,7 +838,7 @@ def test_env_secret_reaches_only_the_job(target: Target) -> None:
     assert (work / "secret.sha256").read_text().strip() == hashlib.sha256(
         secret.encode()
     ).hexdigest(), "the job did not see the secret"
-    record = json.loads(target.job_dir(job_id).joinpath("status.json").read_text())
+    record = target.wait_for(job_id, ("running",))  # recorded just after the job started
     supervisor, job_pid = record["supervisor"]["pid"], record["job"]["pid"]
     assert process_alive(supervisor) and process_alive(job_pid)
     # The control: the job's own environment does hold it, and this is how we would see it.
