@@ -54,9 +54,9 @@ step "installing tej with its test extra"
 "$PYTHON" -m pip install -q -e '.[test]'
 
 step "ruff check"
-"$PYTHON" -m ruff check tej tests
+"$PYTHON" -m ruff check tej tests bench
 step "ruff format --check"
-"$PYTHON" -m ruff format --check tej tests
+"$PYTHON" -m ruff format --check tej tests bench
 step "mypy"
 "$PYTHON" -m mypy tej
 step "pytest"
