@@ -24,6 +24,7 @@ import os
 
 from tej.destination import agent_command
 from tej.process import Process
+from tej.protocol import sha256_hex
 
 # Not `from typing import ...`: typing would be loaded before ssh is started.
 TYPE_CHECKING = False
@@ -195,25 +196,55 @@ class TejLazyModule(type(sys)):
     def tej_real(self):
         """The module itself, imported now (and put in sys.modules in this one's place)."""
         if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
+            sys.modules.pop(self.__name__, None)
         real = __import__(self.__name__)
         self.__dict__.update(real.__dict__)
         return real
 
 
+class TejProtocol(object):
+    """Stands for typing.Protocol as a base class (see tej_typing_stand_in)."""
+
+
+def tej_typing_stand_in():
+    """What execnet's gateway_base uses of typing as it runs, without loading typing.
+
+    It needs a base class for its protocols, overload and cast; the rest is in
+    annotations, which it doesn't evaluate. Anything else makes its import fail,
+    and it is imported again with typing itself.
+    """
+    module = type(sys)("typing")
+    module.TYPE_CHECKING = False
+    module.Protocol = TejProtocol
+    module.overload = lambda function: function
+    module.cast = lambda kind, value: value
+    for name in ("Any", "Callable", "Iterator", "Literal", "MutableSet"):
+        setattr(module, name, None)  # in annotations only
+    return module
+
+
 def tej_from_cache_lightly(cache, name, digest):
-    """tej_from_cache for execnet's gateway_base, which needs traceback only on errors.
+    """tej_from_cache for execnet's gateway_base, without what it needs only rarely.
 
     It imports traceback (with linecache, tokenize, textwrap...) only to format
-    errors, binding format_exception as a default argument: a few milliseconds
-    of every connection, for nothing, unless traceback stands in until it is used.
+    errors, binding format_exception as a default argument, and typing only for
+    its annotations: they would take a quarter of the server's start-up. So
+    traceback stands in until it is used, and typing while gateway_base loads.
     """
     if "traceback" not in sys.modules:
         lazy = sys.modules["traceback"] = TejLazyModule("traceback")
         lazy.format_exception = lambda *args, **kwargs: (
             lazy.tej_real().format_exception(*args, **kwargs)
         )
-    return tej_from_cache(cache, name, digest)
+    if "typing" in sys.modules:
+        return tej_from_cache(cache, name, digest)
+    stand_in = sys.modules["typing"] = tej_typing_stand_in()
+    try:
+        module = tej_from_cache(cache, name, digest)
+    finally:
+        if sys.modules.get("typing") is stand_in:
+            del sys.modules["typing"]
+    return module if module is not None else tej_from_cache(cache, name, digest)
 
 
 def tej_boot(modules, start):
@@ -245,22 +276,6 @@ def tej_boot(modules, start):
 '''.replace("CACHE_DIR_NAME", repr(CACHE_DIR_NAME)).replace("CACHE_MAX_AGE", str(CACHE_MAX_AGE))
 
 AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_agent.py")
-
-
-def sha256_hex(data: bytes) -> str:
-    """The SHA-256 of data, in hex, from Python's built-in module if it has one.
-
-    hashlib would load OpenSSL, which costs a command more than hashing tej's
-    code does (a few hundred kilobytes).
-    """
-    try:
-        from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # 3.12+
-    except ImportError:
-        try:
-            from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
-        except ImportError:
-            from hashlib import sha256  # type: ignore[assignment,unused-ignore]
-    return sha256(data).hexdigest()  # type: ignore[no-any-return,unused-ignore]
 
 
 class Code:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 EXIT_INTERRUPTED = 130
 EXIT_JOB_LOST = 7
 EXIT_JOB_TIMED_OUT = 124
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F", bound="Callable[..., Any]")
 
 
 def format_elapsed(seconds: float | None) -> str:

@@ -33,6 +33,9 @@ class _Value:
             raise AttributeError(f"{type(self).__name__} is immutable")
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Value) or type(other) is not type(self):
             return NotImplemented
@@ -108,9 +111,9 @@ class ConnectOptions(_Value):
 
     def python_command(self, destination: Destination) -> list[str]:
         """The server's Python interpreter, as a command line."""
-        text = self.python or (sys.executable if destination.is_local else DEFAULT_REMOTE_PYTHON)
-        if text == DEFAULT_REMOTE_PYTHON:
-            return [text]
+        if not self.python:  # the default: a path with spaces is still one word
+            return [sys.executable if destination.is_local else DEFAULT_REMOTE_PYTHON]
+        text = self.python
         import shlex
 
         try:

@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 MODULE_NAME = "tej._execnet_gateway_base"
 
 
-def source_path() -> str:
-    """The path of the installed execnet's gateway_base.py (without importing execnet)."""
+def source_path() -> str | None:
+    """The installed execnet's gateway_base.py (found without importing execnet).
+
+    None if it is not a plain file (execnet inside a zip archive).
+    """
     from importlib.machinery import PathFinder
 
     spec = PathFinder.find_spec("execnet")
@@ -36,32 +39,43 @@ def source_path() -> str:
                 return path
     import execnet  # installed some other way: let the import system find it
 
-    return os.path.join(os.path.dirname(os.path.abspath(execnet.__file__)), "gateway_base.py")
+    path = os.path.join(os.path.dirname(os.path.abspath(execnet.__file__)), "gateway_base.py")
+    return path if os.path.isfile(path) else None
 
 
 def gateway_base() -> ModuleType:
     """execnet's gateway_base, loaded once, on its own (its compiled form cached as usual)."""
-    module = sys.modules.get(MODULE_NAME)
-    if module is None:
-        from importlib.machinery import SourceFileLoader
+    loaded = sys.modules.get(MODULE_NAME)
+    if loaded is not None:
+        return loaded
+    path = source_path()
+    if path is None:  # not a file: the package's own copy, however it was loaded
+        from execnet import gateway_base as package_copy
 
-        path = source_path()
-        loader = SourceFileLoader(MODULE_NAME, path)
-        module = type(sys)(MODULE_NAME)
-        module.__file__ = path
-        module.__loader__ = loader
-        sys.modules[MODULE_NAME] = module
-        try:
-            loader.exec_module(module)
-        except BaseException:
-            del sys.modules[MODULE_NAME]
-            raise
+        sys.modules[MODULE_NAME] = package_copy
+        return package_copy
+    from importlib.machinery import SourceFileLoader
+
+    loader = SourceFileLoader(MODULE_NAME, path)
+    module = type(sys)(MODULE_NAME)
+    module.__file__ = path
+    module.__loader__ = loader
+    sys.modules[MODULE_NAME] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[MODULE_NAME]
+        raise
     return module
 
 
 def gateway_source() -> str:
     """gateway_base's source, as the server's loader wants it."""
-    with open(source_path(), encoding="utf-8") as stream:
+    path = source_path()
+    if path is None:
+        module: Any = gateway_base()
+        return module.__loader__.get_source(module.__name__)  # type: ignore[no-any-return]
+    with open(path, encoding="utf-8") as stream:
         return stream.read()
 
 

@@ -38,6 +38,7 @@ class Process:
             os.close(child_in)
             os.close(self_out)
             raise
+        _reap_detached()
         try:
             self.pid = _spawn(argv, child_in, child_out, stderr.fileno())
         except BaseException:
@@ -50,6 +51,11 @@ class Process:
         self.returncode: int | None = None
         self.stdin = os.fdopen(self_out, "wb")
         self.stdout = os.fdopen(self_in, "rb")
+
+    def __del__(self) -> None:
+        # Nobody waited for it: it is reaped when it has ended (as subprocess does).
+        if getattr(self, "returncode", 0) is None and self.poll() is None:
+            _detached.append(self)
 
     def poll(self) -> int | None:
         """The exit code (negative: killed by that signal), or None while it runs."""
@@ -111,6 +117,17 @@ def _inheritable_descriptors() -> list[int]:
     return []
 
 
+#: Processes dropped while still running; reaped when another one starts.
+_detached: list[Process] = []
+
+
+def _reap_detached() -> None:
+    """Reap the dropped processes that have ended since (so none is left a zombie)."""
+    for process in list(_detached):
+        if process.poll() is not None:
+            _detached.remove(process)
+
+
 def _exit_code(status: int) -> int:
     """A wait status as an exit code: negative for a signal (os.waitstatus_to_exitcode, 3.9+)."""
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -120,17 +137,37 @@ def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
     """Start argv (found on PATH) with these descriptors as 0, 1 and 2; its pid."""
     import _signal  # type: ignore[import-not-found]  # signal would load enum
 
-    actions: list[tuple[int, ...]] = [
-        (os.POSIX_SPAWN_DUP2, stdin, 0),
-        (os.POSIX_SPAWN_DUP2, stdout, 1),
-        (os.POSIX_SPAWN_DUP2, stderr, 2),
-    ]
-    closefrom = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)  # Python 3.13+
-    if closefrom is not None:
-        actions.append((closefrom, 3))
-    else:
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors()]
-    defaults = [getattr(_signal, name) for name in _DEFAULT_SIGNALS if hasattr(_signal, name)]
-    return os.posix_spawnp(
-        argv[0], argv, os.environ, file_actions=actions, setsid=True, setsigdef=defaults
-    )
+    moved: list[int] = []  # copies of sources that are 0, 1 or 2 (tej's own were closed)
+    try:
+        sources = [_above_stderr(fd, moved) for fd in (stdin, stdout, stderr)]
+        actions: list[tuple[int, ...]] = [
+            (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(sources)
+        ]
+        closefrom = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)  # Python 3.13+
+        if closefrom is not None:
+            actions.append((closefrom, 3))
+        else:
+            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_descriptors()]
+        defaults = [getattr(_signal, name) for name in _DEFAULT_SIGNALS if hasattr(_signal, name)]
+        try:
+            return os.posix_spawnp(
+                argv[0], argv, os.environ, file_actions=actions, setsid=True, setsigdef=defaults
+            )
+        except NotImplementedError:  # no POSIX_SPAWN_SETSID here: a process group will do
+            return os.posix_spawnp(
+                argv[0], argv, os.environ, file_actions=actions, setpgroup=0, setsigdef=defaults
+            )
+    finally:
+        for fd in moved:
+            os.close(fd)
+
+
+def _above_stderr(fd: int, moved: list[int]) -> int:
+    """fd, or a copy of it above 2 if it is 0, 1 or 2 (its dup2 would clobber the others)."""
+    if fd > 2:
+        return fd
+    import fcntl
+
+    copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    moved.append(copy)
+    return copy

@@ -57,3 +57,19 @@ def job_id_problem(job_id: object) -> str | None:
             "digits and _-.+=@%:,"
         )
     return None
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of data, in hex, from Python's built-in module if it has one.
+
+    hashlib would load OpenSSL, which costs a command more than hashing tej's
+    code does (a few hundred kilobytes).
+    """
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+        except ImportError:
+            from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+    return sha256(data).hexdigest()  # type: ignore[no-any-return,unused-ignore]

@@ -1237,7 +1237,12 @@ class ListCache(object):
         self.changed = False
         try:
             data = read_json(path)
-            if isinstance(data, dict) and data.get("format") == LIST_CACHE_FORMAT:
+            # Rows of another format or layout (LIST_FIELDS) are not used.
+            if (
+                isinstance(data, dict)
+                and data.get("format") == LIST_CACHE_FORMAT
+                and data.get("fields") == list(LIST_FIELDS)
+            ):
                 self.entries = data.get("jobs") or {}
         except (OSError, AgentError):
             pass
@@ -1272,7 +1277,7 @@ class ListCache(object):
         if not self.changed and len(self.used) == len(self.entries):
             return
         try:
-            data = {"format": LIST_CACHE_FORMAT, "jobs": self.used}
+            data = {"format": LIST_CACHE_FORMAT, "fields": LIST_FIELDS, "jobs": self.used}
             write_file_atomic(self.path, json.dumps(data).encode("utf-8"), durable=False)
         except OSError:
             pass
@@ -2712,12 +2717,13 @@ class Supervisor(object):
         try:
             out, err = open_outputs(self.job_dir, self.job)
         except (OSError, AgentError) as exc:
-            return self.fail_to_start("cannot open its output", exc, 126)
+            why = exc.message if isinstance(exc, AgentError) else describe_os_error(exc)
+            return self.fail_to_start("cannot open its output: %s" % why, 126)
         try:
             proc = self.start_job(out, err)
         except OSError as exc:
             code = 127 if exc.errno == errno.ENOENT else 126
-            return self.fail_to_start("cannot run %s" % self.job["script"], exc, code)
+            return self.fail_to_start(self.cannot_run(exc), code)
         finally:
             os.close(out)
             os.close(err)
@@ -2743,12 +2749,18 @@ class Supervisor(object):
                 raise
             return spawn(["/bin/sh", script] + args, work, env, out, err)
 
-    def fail_to_start(self, what, exc, exit_code):
+    def cannot_run(self, exc):
+        """Why the script could not be run (exc: the error of its start)."""
+        name = self.job["script"]
+        script = os.path.join(self.job_dir, WORK_DIR, name)
+        if exc.errno == errno.ENOENT and os.path.isfile(script):
+            interpreter = script_interpreter(script)
+            if interpreter:  # the script is there: its #! line names a missing program
+                return "cannot run %s: its interpreter %s is not found" % (name, interpreter)
+        return "cannot run %s: %s" % (name, describe_os_error(exc))
+
+    def fail_to_start(self, reason, exit_code):
         """Record a job that could not be started, with a shell's exit code (126, 127)."""
-        reason = "%s: %s" % (
-            what,
-            exc.message if isinstance(exc, AgentError) else describe_os_error(exc),
-        )
         try:
             with open(os.path.join(self.job_dir, STDERR_FILE), "a") as stream:
                 stream.write("tej: %s\n" % reason)
@@ -2798,11 +2810,24 @@ class Supervisor(object):
         if reason:
             self.record["reason"] = reason
         self.save()
+        self.let_go()
         tick_after_end(self.job_dir, self.agent_path)
         results = send_notifications(self.job, self.record, self.job_dir)
         if results:
             self.record["notifications"] = results
             self.save()
+
+    def let_go(self):
+        """The job is over: ignore late kill requests and alarms, adopt no more orphans.
+
+        The queue's tick may start the next job's supervisor from this process: a
+        kill of this job arriving late must not reach it, nor must it be re-parented
+        here.
+        """
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.pgid = None
+        self.alarm_phase = None
+        become_subreaper(adopt=False)
 
     def save(self):
         """Write the status record atomically; durably once the job has ended."""
@@ -2992,15 +3017,27 @@ def script_command(script):
     """The command that runs a script: itself if executable, else its #! line or /bin/sh."""
     if os.access(script, os.X_OK):
         return [script]
+    line = shebang(script)
+    if line is not None:
+        interpreter, _, argument = line.partition(" ")
+        return [interpreter] + ([argument.strip()] if argument.strip() else []) + [script]
+    return ["/bin/sh", script]
+
+
+def shebang(script):
+    """The #! line of a script (without #!), or None if it has none; OSError if unreadable."""
     with open(script, "rb") as stream:
         first = stream.readline(4096)
-    if first.startswith(b"#!"):
-        interpreter, _, argument = first[2:].strip().partition(b" ")
-        command = [os.fsdecode(interpreter)]
-        if argument.strip():
-            command.append(os.fsdecode(argument.strip()))
-        return command + [script]
-    return ["/bin/sh", script]
+    return os.fsdecode(first[2:].strip()) if first.startswith(b"#!") else None
+
+
+def script_interpreter(script):
+    """The program a script's #! line names, or None (none, or unreadable)."""
+    try:
+        line = shebang(script)
+    except OSError:
+        return None
+    return line.partition(" ")[0] if line else None
 
 
 LIBC = []  # type: list[object]  # the C library, once loaded (see c_library)
@@ -3018,10 +3055,14 @@ def c_library():
     return LIBC[0]
 
 
-def become_subreaper():
-    """On Linux, adopt the job's orphaned descendants, so they can be reaped and counted."""
+def become_subreaper(adopt=True):
+    """On Linux, adopt the job's orphaned descendants, so they can be reaped and counted.
+
+    adopt=False stops it: the job is over, and what this process starts next (the
+    supervisor of the queue's next job) must not be re-parented to it.
+    """
     try:
-        c_library().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        c_library().prctl(36, 1 if adopt else 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except AttributeError:  # no C library, or no prctl: not Linux
         pass
 

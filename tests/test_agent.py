@@ -894,7 +894,9 @@ def test_missing_interpreter_is_exit_126_or_127(harness: Harness, mode: int) -> 
     status = harness.run(tree, job_id="nointerp")
     assert status["state"] == agent.STATE_FINISHED
     assert status["exit_code"] in (126, 127)
-    assert status["reason"].startswith("cannot run start.sh: "), status
+    assert status["reason"] == (
+        "cannot run start.sh: its interpreter /nonexistent/interpreter is not found"
+    ), status
     stderr = (harness.job_dir("nointerp") / "stderr").read_text()
     assert "start.sh" in stderr
 
@@ -1531,12 +1533,19 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
     assert [job["id"] for job in harness.jobs_listed()] == ["first"]
     assert set(json.loads(cache_path.read_text())["jobs"]) == {"first"}
     # A damaged cache is only a cache.
-    cached = agent.LIST_CACHE_FORMAT
+    good = json.loads(cache_path.read_text())
+    assert good["fields"] == list(agent.LIST_FIELDS)
     damages = [
         "{not json",
-        json.dumps({"format": cached, "jobs": {"first": [1, 2, 3]}}),
-        json.dumps({"format": cached, "jobs": {"first": [[1, 2], [3]]}}),
+        json.dumps(dict(good, jobs={"first": [1, 2, 3]})),
+        json.dumps(dict(good, jobs={"first": [[1, 2], [3]]})),
     ]
+    # Rows of another layout are not read as this one's (its stale reason would show).
+    key, row = good["jobs"]["first"]
+    stale = [*row[:4], "stale", *row[5:]]
+    damages.append(
+        json.dumps(dict(good, fields=["other", *good["fields"][1:]], jobs={"first": [key, stale]}))
+    )
     for damage in damages:
         cache_path.write_text(damage)
         assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]

@@ -286,3 +286,12 @@ def test_unreachable_ssh_server(ssh_server: SshServer) -> None:
         pass
     assert "127.0.0.1" in str(failure.value)
     assert isinstance(failure.value, tej.TejError)
+
+
+def test_a_status_built_from_the_agent_has_every_field() -> None:
+    """from_agent fills the frozen dataclass directly: no field may be left out."""
+    from tej.api import JobStatus
+
+    status = JobStatus.from_agent({"id": "a", "state": "finished"})
+    assert set(vars(status)) == {field.name for field in dataclasses.fields(JobStatus)}
+    assert status == JobStatus(id="a", state=tej.JobState.FINISHED)

@@ -714,7 +714,10 @@ def test_a_script_that_cannot_run_is_reported_by_wait(target: Target) -> None:
     ), lines[2]
     status = target.status(lines[1])
     assert (status["state"], status["exit_code"]) == ("finished", 127)
-    assert status["reason"].startswith("cannot run start.sh: No such file or directory")
+    assert (
+        status["reason"]
+        == "cannot run start.sh: its interpreter /nonexistent/interpreter is not found"
+    )
 
 
 # tej logs

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from tej.process import Process
 
@@ -73,3 +76,39 @@ def test_the_child_gets_no_other_descriptor() -> None:
         os.close(write_end)
     assert fds[:3] == [0, 1, 2]
     assert len(fds) <= 4  # and the folder ls reads
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "<&- >&-"])
+def test_a_parent_without_stdin_or_stdout_still_wires_the_child_right(
+    closed: str, tmp_path: Path
+) -> None:
+    """Descriptors 0-2 are free in such a parent: the pipes and file land there."""
+    report = tmp_path / "report"
+    code = (
+        "import sys, tempfile\n"
+        "from tej.process import Process\n"
+        "err = tempfile.TemporaryFile()\n"
+        "p = Process(['sh', '-c', 'echo oops >&2; cat'], err)\n"
+        "p.stdin.write(b'data'); p.stdin.close()\n"
+        "out = p.stdout.read(); code = p.wait(timeout=30)\n"
+        "err.seek(0)\n"
+        f"open({str(report)!r}, 'w').write(repr((out, err.read(), code)))\n"
+    )
+    done = subprocess.run(
+        ["sh", "-c", f'exec {closed} "$0" -c "$1"', sys.executable, code],
+        capture_output=closed == "<&-",
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert report.read_text() == repr((b"data", b"oops\n", 0))
+
+
+def test_a_dropped_process_is_reaped_once_it_has_ended() -> None:
+    process, _ = spawn("true")
+    pid = process.pid
+    wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z")
+    del process  # running or not, nobody waits for it now
+    gc.collect()
+    spawn("true")[0].wait(timeout=30)  # starting another reaps it
+    assert not Path(f"/proc/{pid}").exists() or "Z" not in Path(f"/proc/{pid}/stat").read_text()

@@ -268,3 +268,31 @@ def test_agent_needs_no_path_over_ssh(
         python,
     )
     exercise_core_commands(target, tmp_path, path_seen="/nonexistent")
+
+
+def test_the_client_runs_on_python_3_8(tmp_path: Path) -> None:
+    """The client's modules load and submit a job on the oldest Python it supports."""
+    python = require_python("3.8")
+    import execnet
+
+    deps = tmp_path / "deps"  # execnet only: the installed click may need a newer Python
+    deps.mkdir()
+    (deps / "execnet").symlink_to(Path(execnet.__file__).parent)
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "start.sh").write_text("#!/bin/sh\necho hello\n")
+    (job / "start.sh").chmod(0o755)
+    code = (
+        "import sys, tej\n"
+        "import tej.api, tej.transfer, tej.jobspec, tej.launcher, tej.rawstream\n"
+        f"with tej.RemoteQueue('local', queue={str(tmp_path / 'queue')!r}) as remote:\n"
+        f"    job_id = remote.submit({str(job)!r})\n"
+        "    print(remote.wait(job_id, timeout=60).state.value)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEJ_", "PYTHON"))}
+    env["PYTHONPATH"] = f"{Path(tej.__file__).parent.parent}:{deps}"
+    done = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout.split() == ["finished"]

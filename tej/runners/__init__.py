@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 
 from tej import protocol
-from tej.bootstrap import sha256_hex
 from tej.errors import InvalidInput
 
 ENTRY_POINT_GROUP = "tej.runners"
@@ -32,7 +31,7 @@ class RunnerSource:
     @property
     def digest(self) -> str:
         """The first 16 hex digits of the source's SHA-256, as the agent names its copy."""
-        return sha256_hex(self.source.encode("utf-8"))[:16]
+        return protocol.sha256_hex(self.source.encode("utf-8"))[:16]
 
 
 def builtin_digests() -> dict[str, str]:
