@@ -31,8 +31,9 @@ from tej.errors import InvalidInput, ProtocolError
 if TYPE_CHECKING:
     from tej.session import Session
 
-#: Called with (bytes just moved, total bytes of the transfer).
-Progress = Callable[[int, int], None]
+    #: Called with (bytes just moved, total bytes of the transfer). Only for type
+    #: checking: collections.abc's Callable[...] can't be made at run time before 3.9.
+    Progress = Callable[[int, int], None]
 
 CHUNK_SIZE = 1 << 20
 BATCH_SIZE = 1 << 20
