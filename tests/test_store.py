@@ -171,15 +171,15 @@ def test_content_that_does_not_match_its_hash_is_refused(
     # A stale cache entry (as if the file had changed within one timestamp tick).
     claimed = digest(b"what the cache says\n")
     entries = transfer.scan_directory(str(job))
-    path = Path(transfer.HashCache(str(job)).path)
-    rows = {}
+    cache = transfer.HashCache(str(job))
+    trusted = time.time_ns() + transfer.CACHE_MARGIN  # as if read long after they changed
     for entry in entries:
         if entry.kind == "f":
-            name = entry.relpath.decode()
-            rows[name] = [entry.size, *entry.stamp, digest((job / name).read_bytes())]
-    rows["data.txt"][-1] = claimed
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": 1, "files": rows}))
+            content = (job / entry.relpath.decode()).read_bytes()
+            cache.put(entry, claimed if entry.relpath == b"data.txt" else digest(content), trusted)
+    cache.save(entries)
+    path = Path(cache.path)
+    assert path.is_file()
 
     done = target.cli("submit", str(job))
     assert done.returncode == 1, done
