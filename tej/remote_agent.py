@@ -1484,6 +1484,10 @@ class Agent(object):
 
         Anything wrong throws the upload away.
         """
+        import gc
+
+        collecting = gc.isenabled()
+        gc.disable()  # the rows are many small objects: the collector would walk them for nothing
         try:
             upload.add(rows)
             if more:
@@ -1496,6 +1500,9 @@ class Agent(object):
             upload.discard()
             remove_tree(upload.staging)
             raise
+        finally:
+            if collecting:
+                gc.enable()
         reply = {"token": upload.token, "missing": json.dumps(missing).encode("ascii")}
         if submit is not None and not missing:
             reply["job_id"] = self.submit_at_once(queue, upload.token, submit)
@@ -2360,12 +2367,15 @@ class Upload(object):
         """
         linked = {}
         files_of, sizes, heads = self.files, self.sizes, self.heads
+        work = self.work + b"/"
         folders = StagedFolders(self.work)
         store = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY)
+        current, fd = b"", folders.root_fd
         try:
             for index, (kind, relpath, mode, extra, digest) in enumerate(rows, start):
                 parent, _, name = relpath.rpartition(b"/")
-                fd = folders.open(parent)
+                if parent != current:
+                    current, fd = parent, folders.open(parent)
                 if kind == "f" and extra:
                     mode &= 0o777
                     files = files_of.get(digest)
@@ -2374,9 +2384,9 @@ class Upload(object):
                         sizes[digest] = extra
                         heads[digest] = index
                     if not mode & 0o400 or (files and files[0][1] & 0o400):
-                        files.append((self.path(relpath), mode))
+                        files.append((work + relpath, mode))
                         continue  # a copy: made once the content is there
-                    files.insert(0, (self.path(relpath), mode))
+                    files.insert(0, (work + relpath, mode))
                     heads[digest] = index
                     info = self.link(store, digest, mode, fd, name)
                     if info is not None:

@@ -183,7 +183,7 @@ def _name_of(item: os.DirEntry[bytes]) -> bytes:
     return item.name
 
 
-def scan_tree(root: str, part_size: int = PART_ENTRIES) -> Iterator[TreePart]:
+def scan_tree(root: str, part_size: int | None = None) -> Iterator[TreePart]:
     """Scan and hash a job directory, in parts of about part_size entries (at least one part).
 
     A part comes as soon as it is read, so that the server lays it out while
@@ -191,6 +191,7 @@ def scan_tree(root: str, part_size: int = PART_ENTRIES) -> Iterator[TreePart]:
     last one says it is. The hash cache is saved after the last part.
     """
     hasher = _Hasher(root)
+    part_size = part_size or PART_ENTRIES
     held: TreePart | None = None
     batch: list[Entry] = []
     start = 0
