@@ -300,8 +300,11 @@ class RemoteQueue:
         variables for the job that are never written to disk on the server
         nor shown by status. progress, if given, is called with (bytes just
         sent, total bytes to send): only the contents the server's store lacks
-        are sent, so the total can be less than the directory's size, or 0.
-        Everything is checked before anything is sent.
+        are sent (and the few small files that changed since the directory was
+        last read, with its manifest), so the total can be less than the
+        directory's size, or 0. The job's metadata is checked before anything is
+        sent; the directory as it is read, and a problem found there throws away
+        what was sent.
         """
         from tej import jobspec, transfer
 

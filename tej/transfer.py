@@ -394,11 +394,19 @@ class HashCache:
                 _remove(tmp)
 
     def _prune(self) -> None:
-        """Keep the CACHE_FILES most recently written caches (older formats' files too)."""
-        names = [name for name in os.listdir(self.folder) if name.endswith((".bin", ".json"))]
-        if len(names) > CACHE_FILES:
-            paths = sorted((os.path.join(self.folder, n) for n in names), key=os.path.getmtime)
+        """Keep the CACHE_FILES most recently written caches (older formats' files too).
+
+        Also removes what a process that ended while writing one left (after a day).
+        """
+        names = os.listdir(self.folder)
+        caches = [name for name in names if name.endswith((".bin", ".json"))]
+        if len(caches) > CACHE_FILES:
+            paths = sorted((os.path.join(self.folder, n) for n in caches), key=os.path.getmtime)
             for path in paths[: len(paths) - CACHE_FILES]:
+                os.unlink(path)
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if name.startswith(".tmp-") and time.time() - os.path.getmtime(path) > 86400:
                 os.unlink(path)
 
 
