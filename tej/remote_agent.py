@@ -2319,11 +2319,7 @@ class Upload(object):
                 os.close(os.open(lease_path(queue, self.token), os.O_WRONLY | os.O_CREAT, 0o600))
                 flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL
                 self.blobs = os.open(os.path.join(self.staging, BLOBS_FILE), flags, 0o600)
-            linked = self.lay_out(rows, start)
-            lines = [
-                "%s-%03o %d\n" % (digest, self.files[digest][0][1], info.st_ino)
-                for digest, info in linked.items()
-            ]
+            linked, lines = self.lay_out(rows, start)
             os.write(self.blobs, "".join(lines).encode("ascii"))
         self.linked.update(linked)
 
@@ -2356,16 +2352,17 @@ class Upload(object):
         return missing
 
     def lay_out(self, rows, start):
-        """Lay rows out in one pass; link each content's first file to its blob: {digest: stat}.
+        """Lay rows out in one pass, linking each content's first file to its blob.
 
         Folders and empty files are created; each content's first file (one whose
         mode the blob can have, readable by its owner, if there is one) is linked
         to its blob if the store holds it intact: nothing wrote to it (its mtime
         is still STORE_MTIME), and its size and mode are right. A damaged blob is
         dropped from the store. Paths are relative to open folders (StagedFolders),
-        so each link and check costs the kernel no path walk.
+        so each link and check costs the kernel no path walk. Returns the stat of
+        each blob linked, by digest, and the BLOBS_FILE lines that list them.
         """
-        linked = {}
+        linked, lines = {}, []
         files_of, sizes, heads = self.files, self.sizes, self.heads
         work = self.work + b"/"
         folders = StagedFolders(self.work)
@@ -2388,9 +2385,24 @@ class Upload(object):
                         continue  # a copy: made once the content is there
                     files.insert(0, (work + relpath, mode))
                     heads[digest] = index
-                    info = self.link(store, digest, mode, fd, name)
-                    if info is not None:
-                        linked[digest] = info
+                    blob = "%s/%s-%03o" % (digest[:2], digest, mode)
+                    try:
+                        os.link(blob, name, src_dir_fd=store, dst_dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in UNSHARED:
+                            continue  # not in the store, or can't be shared: the client sends it
+                        raise
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if (
+                        info.st_mtime_ns != STORE_MTIME_NS
+                        or info.st_size != extra
+                        or info.st_mode != REGULAR | mode
+                    ):
+                        os.unlink(name, dir_fd=fd)
+                        evict(self.store + blob.encode("ascii"), info)
+                        continue
+                    linked[digest] = info
+                    lines.append("%s %d\n" % (blob[3:], info.st_ino))
                 elif kind == "f":
                     empty = os.open(name, CREATE_NEW, 0o600, dir_fd=fd)
                     try:
@@ -2402,27 +2414,7 @@ class Upload(object):
         finally:
             folders.close()
             os.close(store)
-        return linked
-
-    def link(self, store, digest, mode, fd, name):
-        """Link name (in folder fd) to a content's blob if it is intact; its stat, or None."""
-        blob = "%s/%s-%03o" % (digest[:2], digest, mode)
-        try:
-            os.link(blob, name, src_dir_fd=store, dst_dir_fd=fd)
-        except OSError as exc:
-            if exc.errno in UNSHARED:
-                return None  # not in the store, or can't be shared: the client sends it
-            raise
-        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if (
-            info.st_mtime_ns == STORE_MTIME_NS
-            and info.st_size == self.sizes[digest]
-            and info.st_mode == REGULAR | mode
-        ):
-            return info
-        os.unlink(name, dir_fd=fd)
-        evict(self.store + blob.encode("ascii"), info)
-        return None
+        return linked, lines
 
     def linkable(self, digest):
         """Whether a content's first file can be the blob itself (else all its files are copies)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,9 @@ from tej.errors import InvalidInput, ProtocolError, TejError
 
 if TYPE_CHECKING:
     from tej.session import Session
+
+    #: The digests a hash cache knows, by (relative path, stamp).
+    Known = dict[tuple[bytes, tuple[int, ...]], str]
 
 #: Called with (bytes just moved, total bytes of the transfer).
 Progress = Callable[[int, int], None]
@@ -67,7 +71,7 @@ class Entry(NamedTuple):
     digest: str = ""  # the sha256 of a file's content (hex), once hashed
 
 
-_make_entry = Entry._make
+_make_entry: Callable[[tuple[Any, ...]], Entry] = functools.partial(tuple.__new__, Entry)
 _FORMAT = 0o170000  # stat.S_IFMT's bits
 
 
@@ -130,18 +134,21 @@ def scan_directory(root: str) -> list[Entry]:
 
 def scan(root: str) -> list[Entry]:
     """List a directory: each folder's entries sorted, folders first, then its sub-folders'."""
-    return [entry for entries in _walk(os.fsencode(root), b"") for entry in entries]
+    return [entry for entries in _walk(os.fsencode(root), b"", {}) for entry in entries]
 
 
-def _walk(base: bytes, prefix: bytes) -> Iterator[list[Entry]]:
-    """The entries of the folder at prefix (its folders, then the rest), then its sub-folders'."""
-    folders, others = _list_folder(base, prefix)
+def _walk(base: bytes, prefix: bytes, known: Known) -> Iterator[list[Entry]]:
+    """The entries of the folder at prefix (its folders, then the rest), then its sub-folders'.
+
+    A file whose digest `known` has gets it.
+    """
+    folders, others = _list_folder(base, prefix, known)
     yield folders + others
     for entry in folders:
-        yield from _walk(base, entry.relpath + b"/")
+        yield from _walk(base, entry.relpath + b"/", known)
 
 
-def _list_folder(base: bytes, prefix: bytes) -> tuple[list[Entry], list[Entry]]:
+def _list_folder(base: bytes, prefix: bytes, known: Known) -> tuple[list[Entry], list[Entry]]:
     folder = base + b"/" + prefix if prefix else base
     try:
         with os.scandir(folder) as items:
@@ -159,9 +166,10 @@ def _list_folder(base: bytes, prefix: bytes) -> tuple[list[Entry], list[Entry]]:
         kind = mode & _FORMAT
         if kind == stat.S_IFREG:  # whether it can be read: see _Hasher
             size = info.st_size
+            relpath = prefix + item.name
             stamp = (size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
-            fields = (prefix + item.name, "f", mode & 0o7777, size, b"", stamp, "")
-            others.append(_make_entry(fields))
+            digest = known.get((relpath, stamp), "") if size else ""
+            others.append(_make_entry((relpath, "f", mode & 0o7777, size, b"", stamp, digest)))
         elif kind == stat.S_IFDIR:
             if not os.access(item.path, os.R_OK | os.X_OK):
                 raise InvalidInput(f"Can't read the folder {os.fsdecode(item.path)}")
@@ -195,7 +203,7 @@ def scan_tree(root: str, part_size: int | None = None) -> Iterator[TreePart]:
     held: TreePart | None = None
     batch: list[Entry] = []
     start = 0
-    for entries in _walk(os.fsencode(root), b""):
+    for entries in _walk(os.fsencode(root), b"", hasher.cache.known):
         batch += entries
         if len(batch) >= part_size:
             if held is not None:
@@ -240,18 +248,16 @@ class _Hasher:
         return TreePart(start, hashed, encode_manifest(hashed))
 
     def hash(self, start: int, entries: list[Entry]) -> list[Entry]:
-        """The entries with the digest of every non-empty file."""
-        cache = self.cache
-        known = cache.known
-        hashed = []
-        for index, entry in enumerate(entries, start):
-            if entry.kind != "f":
-                hashed.append(entry)
-                continue
-            digest = known.get((entry.relpath, entry.stamp)) if entry.size else None
-            if digest is None:
-                digest = self._hash(index, entry)
-            hashed.append(_make_entry((*entry[:6], digest)) if digest else entry)
+        """The entries with the digest of every non-empty file (some may have theirs already)."""
+        known = self.cache.known
+        hashed = list(entries)
+        for at, entry in enumerate(entries):
+            if entry.kind == "f" and not entry.digest:
+                digest = known.get((entry.relpath, entry.stamp)) if entry.size else None
+                if digest is None:
+                    digest = self._hash(start + at, entry)
+                if digest:
+                    hashed[at] = _make_entry((*entry[:6], digest))
         self.hashed += hashed
         return hashed
 
