@@ -105,6 +105,7 @@ STORE_MTIME_NS = STORE_MTIME * 10**9
 MAX_CHUNK = 1 << 20
 REGULAR = 0o100000  # stat.S_IFREG
 CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+MODE_SUFFIXES = ["-%03o" % mode for mode in range(0o1000)]  # the end of a blob's name, by mode
 # Why a blob can't be linked: not in the store, too many links, another filesystem, no links.
 UNSHARED = (errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP)
 POLL_INTERVAL = 0.02
@@ -2385,7 +2386,7 @@ class Upload(object):
                         continue  # a copy: made once the content is there
                     files.insert(0, (work + relpath, mode))
                     heads[digest] = index
-                    blob = "%s/%s-%03o" % (digest[:2], digest, mode)
+                    blob = digest[:2] + "/" + digest + MODE_SUFFIXES[mode]
                     try:
                         os.link(blob, name, src_dir_fd=store, dst_dir_fd=fd)
                     except OSError as exc:
@@ -2402,7 +2403,7 @@ class Upload(object):
                         evict(self.store + blob.encode("ascii"), info)
                         continue
                     linked[digest] = info
-                    lines.append("%s %d\n" % (blob[3:], info.st_ino))
+                    lines.append(f"{blob[3:]} {info.st_ino}\n")
                 elif kind == "f":
                     empty = os.open(name, CREATE_NEW, 0o600, dir_fd=fd)
                     try:
