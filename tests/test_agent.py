@@ -1417,6 +1417,35 @@ def test_a_path_repeated_in_a_later_part_is_refused(harness: Harness) -> None:
     assert not list((Path(harness.queue) / "store" / "leases").iterdir())
 
 
+def test_manifests_in_parts_at_the_same_time_never_share_an_inode(harness: Harness) -> None:
+    """Two uploads that link the same blobs part by part, interleaved: each sees the other."""
+    tree: dict[str, Entry] = {**script("true\n"), **{f"f{i}": F(b"%d" % i) for i in range(6)}}
+    harness.submit(tree, job_id="stored")
+    harness.wait_end("stored")
+    other = agent.Agent()  # another connection, on the same queue
+    other.handle(
+        {"v": 1, "op": "hello", "args": {"protocol": 1, "digest": tej.session.AGENT_DIGEST}}
+    )
+    parts = parts_of(tree, 3)
+    tokens = [transfer.new_token(), transfer.new_token()]
+    for number, part in enumerate(parts):
+        for client, token in zip((harness.agent, other), tokens):
+            args = {"queue": harness.queue, "token": token, "manifest": part}
+            args["more"] = number < len(parts) - 1
+            op = "upload_manifest" if number else "upload_begin"
+            reply = client.handle({"v": 1, "op": op, "args": args})
+            assert reply["ok"], reply
+            if not args["more"]:
+                assert asked(reply["result"]) == []
+    staged = Path(harness.queue) / "staging"
+    for index in range(6):
+        inodes = {path.stat().st_ino for path in staged.glob(f"*/work/f{index}")}
+        assert len(inodes) == 2, index  # at worst both copied, never shared
+    for connection in (harness.agent, other):
+        for upload in connection.uploads.values():
+            upload.discard_files()
+
+
 def test_a_client_token_must_be_new_and_well_formed(harness: Harness) -> None:
     token = transfer.new_token()
     harness.ok("upload_begin", token=token, manifest=manifest_of({}), more=True)
