@@ -368,5 +368,5 @@ def test_only_small_files_never_seen_go_with_the_manifest(
     assert sent_along() == []  # seen, if too recently to trust its digest yet
     (job / "small.txt").write_bytes(b"t" * 100)
     assert sent_along() == [b"small.txt"]  # changed
-    Path(transfer.HashCache(str(job)).path).write_bytes(b"tej hash cache 2\ngarbage")
+    Path(transfer.HashCache(str(job)).path).write_bytes(transfer.CACHE_MAGIC + b"garbage")
     assert sent_along() == [b"small.txt"]  # a damaged cache is an empty one
