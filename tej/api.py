@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tej import protocol, runners
@@ -314,8 +315,11 @@ class RemoteQueue:
         variables for the job that are never written to disk on the server
         nor shown by status. progress, if given, is called with (bytes just
         sent, total bytes to send): only the contents the server's store lacks
-        are sent, so the total can be less than the directory's size, or 0.
-        Everything is checked before anything is sent.
+        are sent (and the few small files that changed since the directory was
+        last read, with its manifest), so the total can be less than the
+        directory's size, or 0. The job's metadata is checked before anything is
+        sent; the directory as it is read, and a problem found there throws away
+        what was sent.
         """
         from tej import jobspec, transfer
 
@@ -325,44 +329,35 @@ class RemoteQueue:
         _check_script(directory, job["script"])
         if job_id is not None:
             check_job_id(job_id)
+        prefix = default_id_prefix(directory)
+        request = {"job_id": job_id, "id_prefix": prefix, "job": job, "secrets": secret_env}
         if self._session is not None and self._session.is_open:
             session = self.session()
-            entries, manifest = _scan_and_hash(directory)
+            parts = transfer.scan_tree(directory)  # read as its parts are sent
         else:  # the directory is read and hashed while the connection is being made
-            scanned = _in_background(lambda: _scan_and_hash(directory))
+            parts = _read_ahead(transfer.scan_tree(directory))
             try:
                 session = self.session()
             except TejError:
-                scanned()  # a problem with the directory is reported first
+                for _ in parts:  # a problem with the directory is reported first
+                    pass
                 raise
-            entries, manifest = scanned()
-        plan = transfer.begin_upload(session, self.queue, entries, manifest)
+        token = transfer.new_token()
         try:
-            transfer.upload_tree(session, self.queue, plan, directory, entries, progress)
-            prefix = default_id_prefix(directory)
-            return self._start(plan.token, job_id, prefix, job, secret_env)
+            plan = transfer.begin_upload(session, self.queue, parts, token, submit=request)
+            if plan.job_id is not None:  # nothing was missing: it is submitted
+                if progress is not None and plan.sent:
+                    progress(plan.sent, plan.sent)
+                return plan.job_id
+            transfer.upload_tree(session, self.queue, plan, directory, progress)
+            return str(self._call("submit", token=token, **request))
         except ConnectionFailed:
             raise  # no reconnecting to a server that is gone: its stale cleanup will do
-        except BaseException:
-            self._abort_upload(plan.token)
+        except BaseException as exc:
+            if not isinstance(exc, TejError):  # interrupted, maybe in the middle of a request
+                session.abort()  # so the upload is thrown away through a new session
+            self._abort_upload(token)
             raise
-
-    def _start(
-        self,
-        token: str,
-        job_id: str | None,
-        id_prefix: str,
-        job: dict[str, Any],
-        secrets: dict[str, str],
-    ) -> str:
-        request = {
-            "token": token,
-            "job_id": job_id,
-            "id_prefix": id_prefix,
-            "job": job,
-            "secrets": secrets,
-        }
-        return str(self._call("submit", **request))
 
     def _abort_upload(self, token: str) -> None:
         if self._session is None:
@@ -474,35 +469,32 @@ class RemoteQueue:
         yield from transfer.stream_file(self.session(), self.queue, job_id, path, entries[0].size)
 
 
-def _scan_and_hash(directory: str) -> tuple[list[transfer.Entry], dict[str, Any]]:
-    """A directory's entries with their digests, and the manifest that describes them."""
-    from tej import transfer
+def _read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """Start running an iterator in a thread, ahead of its consumer.
 
-    entries = transfer.hash_files(directory, transfer.scan(directory))
-    return entries, transfer.encode_manifest(entries)
-
-
-def _in_background(function: Callable[[], T]) -> Callable[[], T]:
-    """Start function in a thread; returns what waits for its result (or raises its error)."""
-    outcome: list[Any] = []
+    The iterator returned yields its items, then raises its error if it had one.
+    """
+    found: SimpleQueue[tuple[bool, Any]] = SimpleQueue()
 
     def run() -> None:
         try:
-            outcome.append((True, function()))
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-            outcome.append((False, exc))
+            for item in items:
+                found.put((True, item))
+            found.put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer's thread
+            found.put((False, exc))
 
-    thread = threading.Thread(target=run, name="tej-scan", daemon=True)
-    thread.start()
+    def consume() -> Iterator[T]:
+        while True:
+            more, item = found.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
 
-    def result() -> T:
-        thread.join()
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
-
-    return result
+    threading.Thread(target=run, name="tej-scan", daemon=True).start()
+    return consume()
 
 
 def _check_script(directory: str, script: str) -> None:

@@ -100,8 +100,11 @@ STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 STORE_GC_INTERVAL = 3600.0  # how often an upload looks for unused blobs
 STORE_MTIME = 946684800  # 2000-01-01T00:00:00Z: the modification time of every uploaded file
+STORE_MTIME_NS = STORE_MTIME * 10**9
 MAX_CHUNK = 1 << 20
 REGULAR = 0o100000  # stat.S_IFREG
+CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+MODE_SUFFIXES = ["-%03o" % mode for mode in range(0o1000)]  # the end of a blob's name, by mode
 # Why a blob can't be linked: not in the store, too many links, another filesystem, no links.
 UNSHARED = (errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP)
 POLL_INTERVAL = 0.02
@@ -1299,6 +1302,7 @@ class Agent(object):
             "install_agent": self.install_agent,
             "install_runner": self.install_runner,
             "upload_begin": self.upload_begin,
+            "upload_manifest": self.upload_manifest,
             "upload_data": self.upload_data,
             "upload_abort": self.upload_abort,
             "submit": self.submit,
@@ -1529,32 +1533,110 @@ class Agent(object):
 
     # upload and submit
 
-    def upload_begin(self, queue, manifest):
+    def upload_begin(self, queue, manifest, contents=None, submit=None, token=None, more=False):
         """Open a staging area for a new job and lay out its tree from the manifest.
 
         Every file whose content the store holds is linked in at once; the reply
         lists the others, {"token": T, "missing": JSON [[index, offset], ...]}: the
         client sends those (one file per content) with upload_data, from offset.
+        contents, [[index, data], ...], are whole contents of files sent along in
+        case the store lacks them (those it has are ignored). submit, the
+        arguments of submit but the token: if nothing is missing, the upload is
+        submitted at once, and the reply's "job_id" names the job (None if the
+        queue's agent or runner must be installed first: then submit the token).
+
+        token: the upload's, chosen by the client (a new one: 16 to 32 hex
+        digits), so that it can send what follows without waiting for the reply.
+        more: the manifest goes on in upload_manifest requests; this reply is
+        {"token": T}, and the last part's is the one described here.
         """
-        rows = parse_manifest(manifest)
-        queue = open_queue(queue, create=True)
+        rows, contents = parse_part(manifest, contents, submit, more)
+        text, queue = queue, open_queue(queue, create=True)
+        if token is None:
+            token = "%x%08x" % (int(time.time()), randrange(1 << 32))
+        elif not isinstance(token, str) or not re.match(r"[0-9a-f]{16,32}\Z", token):
+            raise AgentError(ERR_BAD_REQUEST, "Invalid upload token %r" % (token,))
         remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
         remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
-        token = "%x%08x" % (int(time.time()), randrange(1 << 32))
         staging = queue.path(STAGING_DIR, token)
-        make_private_dir(staging)
-        make_private_dir(os.path.join(staging, WORK_DIR))
-        upload = Upload(queue, token, staging, rows)
         try:
+            make_private_dir(staging)
+        except FileExistsError:
+            raise AgentError(ERR_INVALID, "An upload with token %r exists already" % token)
+        upload = Upload(queue, token, staging)
+        try:
+            make_private_dir(os.path.join(staging, WORK_DIR))
             make_private_dirs(queue.path(STORE_DIR, LEASES_DIR))
             collect_garbage(queue)
-            missing = plan_upload(upload)
         except BaseException:
-            upload.discard()
             remove_tree(staging)
             raise
         self.uploads[token] = upload
-        return {"token": token, "missing": json.dumps(missing).encode("ascii")}
+        return self.take_manifest(text, upload, rows, contents, submit, more)
+
+    def upload_manifest(self, queue, token, manifest, contents=None, submit=None, more=False):
+        """Lay out the next part of an upload's manifest: see upload_begin's more.
+
+        Its entries follow the previous parts' (their indices too).
+        """
+        upload = self.upload_of(queue, token)
+        if upload.planned:
+            raise AgentError(ERR_INVALID, "The manifest of upload %r is complete" % token)
+        try:
+            rows, contents = parse_part(manifest, contents, submit, more)
+        except BaseException:
+            self.upload_abort(queue, token)
+            raise
+        return self.take_manifest(queue, upload, rows, contents, submit, more)
+
+    def take_manifest(self, queue, upload, rows, contents, submit, more):
+        """Lay out a part of an upload's manifest; after its last part, plan the upload.
+
+        Anything wrong throws the upload away.
+        """
+        import gc
+
+        collecting = gc.isenabled()
+        gc.disable()  # the rows are many small objects: the collector would walk them for nothing
+        try:
+            upload.add(rows)
+            if more:
+                return {"token": upload.token}
+            missing = upload.plan()
+            if contents and missing:
+                missing = upload.receive_whole(contents, missing)
+        except BaseException:
+            self.uploads.pop(upload.token, None)
+            upload.discard()
+            remove_tree(upload.staging)
+            raise
+        finally:
+            if collecting:
+                gc.enable()
+        reply = {"token": upload.token, "missing": json.dumps(missing).encode("ascii")}
+        if submit is not None and not missing:
+            reply["job_id"] = self.submit_at_once(queue, upload.token, submit)
+        return reply
+
+    def submit_at_once(self, queue, token, submit):
+        """Submit a complete upload; None if the queue's agent or runner must be installed first."""
+        try:
+            return self.submit(queue, token, **submit)
+        except AgentError as exc:
+            if exc.kind in (ERR_AGENT_MISSING, ERR_RUNNER_MISSING):
+                return None  # the upload waits: the client installs it, then submits
+            self.abort_quietly(queue, token)
+            raise
+        except BaseException:
+            self.abort_quietly(queue, token)
+            raise
+
+    def abort_quietly(self, queue, token):
+        """Throw away an upload a failed submit may have left (a submit leaves nothing)."""
+        try:
+            self.upload_abort(queue, token)
+        except (AgentError, OSError):
+            pass
 
     def staging_dir(self, queue, token):
         """The staging area of an upload in progress."""
@@ -2069,6 +2151,7 @@ def check_script(work, script):
 
 
 MANIFEST_FIELDS = ("paths", "kinds", "modes", "sizes", "digests", "targets")
+SUBMIT_FIELDS = frozenset(("job_id", "id_prefix", "job", "secrets"))
 
 
 def parse_manifest(manifest):
@@ -2105,12 +2188,12 @@ def parse_manifest(manifest):
         raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: a mode or a size is out of range")
     check_paths(paths)
     rows = []
+    hexes = digests.hex()
     files = symlinks = 0
     for kind, path, mode, size in zip(kinds, paths, modes, sizes):
         if kind == "f" and size:
-            digest = digests[files * 32 : files * 32 + 32].hex()
-            rows.append((kind, path, mode, size, digest))
-            files += 1
+            rows.append((kind, path, mode, size, hexes[files : files + 64]))
+            files += 64
         elif size:
             raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: %s has a size" % show(path))
         elif kind == "l":
@@ -2118,20 +2201,33 @@ def parse_manifest(manifest):
             symlinks += 1
         else:
             rows.append((kind, path, mode, 0, ""))
-    if len(digests) != files * 32 or symlinks != len(links) or b"" in links:
+    if len(hexes) != files or symlinks != len(links) or b"" in links:
         raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: digests or targets don't match")
     return rows
 
 
-def check_paths(paths):
-    """Refuse paths that aren't plain relative paths (or that repeat)."""
+def parse_part(manifest, contents, submit, more):
+    """Check a part of a manifest and what comes with it; returns (rows, contents)."""
+    if not isinstance(more, bool):
+        raise AgentError(ERR_BAD_REQUEST, "more must be true or false")
+    rows = parse_manifest(manifest)
+    contents = checked_rows(contents or [], (int, bytes))
+    if submit is not None and (not isinstance(submit, dict) or set(submit) - SUBMIT_FIELDS):
+        raise AgentError(ERR_BAD_REQUEST, "submit must be a dict of submit's arguments")
+    if more and (contents or submit is not None):
+        raise AgentError(ERR_BAD_REQUEST, "contents and submit come with the manifest's last part")
+    return rows, contents
+
+
+def check_paths(paths, earlier=frozenset()):
+    """Refuse paths that aren't plain relative paths, or that repeat (here or in earlier)."""
     joined = b"/" + b"/\0/".join(paths) + b"/"
     if b"//" in joined or b"/./" in joined or b"/../" in joined:
         for path in paths:
             if b"/".join(relative_parts(path)) != path or not path:
                 raise AgentError(ERR_BAD_REQUEST, "Invalid path %s in the manifest" % show(path))
-    if len(set(paths)) != len(paths):
-        seen = set()
+    if len(set(paths)) != len(paths) or not earlier.isdisjoint(paths):
+        seen = set(earlier)
         for path in paths:
             if path in seen:
                 raise AgentError(ERR_INVALID, "The manifest names %s twice" % show(path))
@@ -2151,7 +2247,7 @@ def store_mode(mode):
 def finish_file(fd, mode):
     """Give a new file its final mode and the store's modification time."""
     os.fchmod(fd, mode)
-    os.utime(fd, ns=(STORE_MTIME * 10**9, STORE_MTIME * 10**9))
+    os.utime(fd, ns=(STORE_MTIME_NS, STORE_MTIME_NS))
 
 
 def write_all(fd, data, offset):
@@ -2172,7 +2268,7 @@ def new_sha256():
 def copy_verified(source, target, digest, mode):
     """Copy a content into a new file, checking it on the way; False if it isn't digest."""
     hasher = new_sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(target, CREATE_NEW, 0o600)
     try:
         with open(source, "rb") as stream:
             offset = 0
@@ -2220,6 +2316,55 @@ def store_lock(queue):
         os.close(fd)
 
 
+class StagedFolders(object):
+    """The folders of a tree being laid out, opened by path relative to its root.
+
+    The last one asked for stays open: a manifest lists the files of a folder
+    together, so each folder is opened about once. Nothing in a staged tree is a
+    symlink until the upload is finished, so no path here leads out of it.
+    """
+
+    def __init__(self, root):
+        self.root = root
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.relpath = b""
+        self.fd = self.root_fd
+
+    def open(self, relpath):
+        """The open folder at relpath (b"": the root), created if the manifest didn't list it."""
+        if relpath == self.relpath:
+            return self.fd
+        self.release()
+        if relpath:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+            try:
+                self.fd = os.open(relpath, flags, dir_fd=self.root_fd)
+            except FileNotFoundError:
+                make_private_dirs(self.root + b"/" + relpath)
+                self.fd = os.open(relpath, flags, dir_fd=self.root_fd)
+        self.relpath = relpath
+        return self.fd
+
+    def make(self, fd, name):
+        """Create a private folder in the open folder fd (it may exist: see open)."""
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            return
+        os.chmod(name, 0o700, dir_fd=fd)  # whatever the umask
+
+    def release(self):
+        """Close the folder kept open, unless it is the root."""
+        if self.fd != self.root_fd:
+            os.close(self.fd)
+        self.relpath, self.fd = b"", self.root_fd
+
+    def close(self):
+        """Close every folder."""
+        self.release()
+        os.close(self.root_fd)
+
+
 class Partial(object):
     """A content arriving: its file (open, locked), the hash of what came, and its size."""
 
@@ -2240,15 +2385,19 @@ class Upload(object):
     may still run: an upload never links an inode another live job holds.
     """
 
-    def __init__(self, queue, token, staging, rows):
+    def __init__(self, queue, token, staging):
         self.queue = queue
         self.token = token
         self.staging = staging
         self.work = os.fsencode(os.path.join(staging, WORK_DIR))
         self.store = os.fsencode(queue.path(STORE_DIR)) + b"/"
-        self.rows = rows
+        self.rows = []  # parse_manifest's rows, of every part
+        self.paths = set()  # type: set[bytes]  # the rows' paths
         self.files = {}  # type: dict[str, list[tuple[bytes, int]]]  # digest -> its files
+        self.heads = {}  # type: dict[str, int]  # digest -> the manifest index of its first file
         self.sizes = {}  # type: dict[str, int]
+        self.linked = {}  # type: dict[str, os.stat_result]  # digest -> its blob, linked
+        self.planned = False  # whether the whole manifest arrived, and what to send is known
         self.expected = {}  # type: dict[int, str]  # manifest index -> digest still to send
         self.partials = {}  # type: dict[str, Partial]  # the contents arriving
         self.blobs = -1  # the BLOBS_FILE, open for appending
@@ -2271,72 +2420,124 @@ class Upload(object):
         line = "%s-%03o %d\n" % (digest, mode, info.st_ino)
         os.write(self.blobs, line.encode("ascii"))
 
-    def lay_out(self):
-        """Create the tree's folders and empty files; group the other files by content.
+    def add(self, rows):
+        """Lay out a part of the manifest (its entries follow the previous parts', their paths too).
 
-        The first file of a content is one whose mode the blob can have (readable
-        by its owner), if there is one: it gets the blob's inode.
+        Under the store's lock: link what the store has, and note the inodes in
+        BLOBS_FILE (the lease is made first), before the lock lets others see them.
         """
-        first = {}  # type: dict[str, int]  # digest -> the index of its first file
-        folders = set([self.work])
-        for index, (kind, relpath, mode, extra, digest) in enumerate(self.rows):
-            path = self.path(relpath)
-            parent = path if kind == "d" else path.rpartition(b"/")[0]
-            if parent not in folders:
-                if not os.path.isdir(parent):
-                    make_private_dirs(parent)
-                folders.add(parent)
-            if kind == "f" and extra == 0:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    finish_file(fd, mode & 0o777)
-                finally:
-                    os.close(fd)
-            elif kind == "f":
-                self.files.setdefault(digest, []).append((path, mode & 0o777))
-                self.sizes[digest] = extra
-                first.setdefault(digest, index)
-        for files in self.files.values():
+        paths = [row[1] for row in rows]
+        if not self.paths.isdisjoint(paths):  # parse_manifest checked this part alone
+            check_paths(paths, self.paths)
+        self.paths.update(paths)
+        start = len(self.rows)
+        self.rows += rows
+        queue = self.queue
+        with store_lock(queue):
+            if self.blobs < 0:
+                os.close(os.open(lease_path(queue, self.token), os.O_WRONLY | os.O_CREAT, 0o600))
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL
+                self.blobs = os.open(os.path.join(self.staging, BLOBS_FILE), flags, 0o600)
+            linked, lines = self.lay_out(rows, start)
+            os.write(self.blobs, "".join(lines).encode("ascii"))
+        self.linked.update(linked)
+
+    def plan(self):
+        """Once the whole manifest is laid out: the [[index, offset]] of the contents to send.
+
+        Under the store's lock, the other leases are read, and the inodes a live
+        job holds are replaced with fresh copies. Then the other files of each
+        content linked are filled in, and partial contents taken over.
+        """
+        linked = self.linked
+        with store_lock(self.queue):
+            busy = busy_inodes(self.queue, self.token)
+            for digest, info in list(linked.items()):
+                if info.st_ino in busy and not self.refresh(digest):
+                    del linked[digest]
+        for digest in linked:
+            files = self.files[digest]
             if len(files) > 1:
-                files.sort(key=lambda item: item[1] != store_mode(item[1]))  # stable
-        return first
+                self.fill(digest, files[0][0], files[1:])
+        wanted = [digest for digest in self.files if digest not in linked]
+        offsets = self.adopt_partials(set(wanted)) if wanted else {}
+        missing = []
+        for digest in wanted:
+            if offsets.get(digest, 0) is not None:
+                index = self.heads[digest]
+                self.expected[index] = digest
+                missing.append([index, offsets.get(digest, 0)])
+        self.planned = True
+        return missing
+
+    def lay_out(self, rows, start):
+        """Lay rows out in one pass, linking each content's first file to its blob.
+
+        Folders and empty files are created; each content's first file (one whose
+        mode the blob can have, readable by its owner, if there is one) is linked
+        to its blob if the store holds it intact: nothing wrote to it (its mtime
+        is still STORE_MTIME), and its size and mode are right. A damaged blob is
+        dropped from the store. Paths are relative to open folders (StagedFolders),
+        so each link and check costs the kernel no path walk. Returns the stat of
+        each blob linked, by digest, and the BLOBS_FILE lines that list them.
+        """
+        linked, lines = {}, []
+        files_of, sizes, heads = self.files, self.sizes, self.heads
+        work = self.work + b"/"
+        folders = StagedFolders(self.work)
+        store = os.open(self.store, os.O_RDONLY | os.O_DIRECTORY)
+        current, fd = b"", folders.root_fd
+        try:
+            for index, (kind, relpath, mode, extra, digest) in enumerate(rows, start):
+                parent, _, name = relpath.rpartition(b"/")
+                if parent != current:
+                    current, fd = parent, folders.open(parent)
+                if kind == "f" and extra:
+                    mode &= 0o777
+                    files = files_of.get(digest)
+                    if files is None:
+                        files = files_of[digest] = []
+                        sizes[digest] = extra
+                        heads[digest] = index
+                    if not mode & 0o400 or (files and files[0][1] & 0o400):
+                        files.append((work + relpath, mode))
+                        continue  # a copy: made once the content is there
+                    files.insert(0, (work + relpath, mode))
+                    heads[digest] = index
+                    blob = digest[:2] + "/" + digest + MODE_SUFFIXES[mode]
+                    try:
+                        os.link(blob, name, src_dir_fd=store, dst_dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in UNSHARED:
+                            continue  # not in the store, or can't be shared: the client sends it
+                        raise
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if (
+                        info.st_mtime_ns != STORE_MTIME_NS
+                        or info.st_size != extra
+                        or info.st_mode != REGULAR | mode
+                    ):
+                        os.unlink(name, dir_fd=fd)
+                        evict(self.store + blob.encode("ascii"), info)
+                        continue
+                    linked[digest] = info
+                    lines.append(f"{blob[3:]} {info.st_ino}\n")
+                elif kind == "f":
+                    empty = os.open(name, CREATE_NEW, 0o600, dir_fd=fd)
+                    try:
+                        finish_file(empty, mode & 0o777)
+                    finally:
+                        os.close(empty)
+                elif kind == "d":
+                    folders.make(fd, name)
+        finally:
+            folders.close()
+            os.close(store)
+        return linked, lines
 
     def linkable(self, digest):
         """Whether a content's first file can be the blob itself (else all its files are copies)."""
-        mode = self.files[digest][0][1]
-        return mode == store_mode(mode)
-
-    def link_all(self):
-        """Link each content's first file to its blob, if the store has it intact: {digest: stat}.
-
-        Intact: nothing wrote to it (its mtime is still STORE_MTIME), and its
-        size and mode are right. A damaged blob is dropped from the store.
-        """
-        linked = {}
-        mtime = STORE_MTIME * 10**9
-        for digest, files in self.files.items():
-            path, mode = files[0]
-            if mode != mode | 0o400:
-                continue  # not readable by its owner: never linked, all copies
-            blob = self.blob(digest, mode)
-            try:
-                os.link(blob, path)
-            except OSError as exc:
-                if exc.errno in UNSHARED:
-                    continue  # not in the store, or can't be shared: the client sends it
-                raise
-            info = os.lstat(path)
-            size = self.sizes[digest]
-            if (
-                info.st_mtime_ns == mtime
-                and info.st_size == size
-                and info.st_mode == REGULAR | mode
-            ):
-                linked[digest] = info
-            else:
-                os.unlink(path)
-                evict(blob, info)
-        return linked
+        return bool(self.files[digest][0][1] & 0o400)
 
     def refresh(self, digest):
         """Give a content a fresh blob, copied from one that a live job shares; False if damaged."""
@@ -2421,6 +2622,18 @@ class Upload(object):
             raise
         return Partial(fd, new_sha256(), 0)
 
+    def receive_whole(self, contents, missing):
+        """Take the whole contents [[index, data]] sent along with the manifest; still missing."""
+        asked = dict((self.rows[index][4], (index, offset)) for index, offset in missing)
+        for index, data in contents:
+            if index >= len(self.rows) or self.rows[index][4] not in asked:
+                continue  # not a file, or the store has it
+            wanted, offset = asked.pop(self.rows[index][4])
+            if len(data) != self.rows[index][3]:
+                raise AgentError(ERR_INVALID, "File %d was sent with the wrong size" % index)
+            self.receive(wanted, offset, data[offset:])
+        return [[index, offset] for index, offset in missing if index in self.expected]
+
     def receive(self, index, offset, data):
         """Write a chunk of a content the client was asked for; store it once whole."""
         digest = self.expected.get(index)
@@ -2476,6 +2689,8 @@ class Upload(object):
     def finish(self):
         """Check that every content arrived; make the symlinks, give folders their modes."""
         self.discard_files()
+        if not self.planned:
+            raise AgentError(ERR_INVALID, "The upload is incomplete: its manifest is not")
         for index in sorted(self.expected):
             path = self.rows[index][1]
             raise AgentError(ERR_INVALID, "The upload is incomplete: %s is missing" % show(path))
@@ -2496,41 +2711,6 @@ class Upload(object):
         if self.blobs >= 0:
             os.close(self.blobs)
             self.blobs = -1
-
-
-def plan_upload(upload):
-    """Lay out an upload's tree, linking the contents the store has; [[index, offset]] to send.
-
-    Under the store's lock: link, note the inodes in BLOBS_FILE, then read the
-    other leases, and replace with fresh copies the inodes a live job holds.
-    """
-    first = upload.lay_out()
-    queue = upload.queue
-    with store_lock(queue):
-        os.close(os.open(lease_path(queue, upload.token), os.O_WRONLY | os.O_CREAT, 0o600))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL
-        upload.blobs = os.open(os.path.join(upload.staging, BLOBS_FILE), flags, 0o600)
-        linked = upload.link_all()
-        lines = [
-            "%s-%03o %d\n" % (digest, upload.files[digest][0][1], info.st_ino)
-            for digest, info in linked.items()
-        ]
-        os.write(upload.blobs, "".join(lines).encode("ascii"))
-        busy = busy_inodes(queue, upload.token)
-        for digest, info in list(linked.items()):
-            if info.st_ino in busy and not upload.refresh(digest):
-                del linked[digest]
-    for digest in linked:
-        files = upload.files[digest]
-        upload.fill(digest, files[0][0], files[1:])
-    wanted = [digest for digest in upload.files if digest not in linked]
-    offsets = upload.adopt_partials(set(wanted)) if wanted else {}
-    missing = []
-    for digest in wanted:
-        if offsets.get(digest, 0) is not None:
-            upload.expected[first[digest]] = digest
-            missing.append([first[digest], offsets.get(digest, 0)])
-    return missing
 
 
 def busy_inodes(queue, own_token):

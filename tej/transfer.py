@@ -8,12 +8,17 @@ either side's memory.
 Uploads are content-addressed: the client sends the manifest with the sha256
 of every file, the server links in what its store already holds and names
 the rest, and only those contents are sent. Digests are cached on the client
-(HashCache), so an unchanged file is not read again.
+(HashCache), so an unchanged file is not read again. The few small files that
+changed since they were last hashed are sent with the manifest, and so is the
+request to submit the job: a directory submitted again with a small change
+costs one request.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -22,15 +27,17 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from tej.errors import InvalidInput, ProtocolError
+from tej.errors import InvalidInput, ProtocolError, TejError
 
 if TYPE_CHECKING:
     from tej.session import Session
 
+    #: The digests a hash cache knows, by (relative path, stamp).
+    Known = dict[tuple[bytes, tuple[int, ...]], str]
     #: Called with (bytes just moved, total bytes of the transfer). Only for type
     #: checking: collections.abc's Callable[...] can't be made at run time before 3.9.
     Progress = Callable[[int, int], None]
@@ -42,6 +49,14 @@ WINDOW = 8
 #: a change within the same timestamp tick would otherwise go unseen.
 CACHE_MARGIN = 2 * 10**9
 CACHE_FILES = 256
+CACHE_MAGIC = b"tej hash cache 2\n"
+#: A cached file's (size, mtime_ns, ctime_ns, inode, device), as stored.
+CACHE_STAMP = struct.Struct("<qqqQQ")
+#: At most this many bytes of new or changed files are sent with the manifest (TreePart.eager):
+#: about what a round trip could carry, so that a wrong guess costs little.
+EAGER_BYTES = 64 * 1024
+#: A manifest is sent in parts of about this many entries, as the directory is read.
+PART_ENTRIES = 1000
 
 
 class Entry(NamedTuple):
@@ -52,8 +67,12 @@ class Entry(NamedTuple):
     mode: int
     size: int = 0
     target: bytes = b""
-    stamp: tuple[int, ...] = ()  # a file's (mtime_ns, ctime_ns, inode, device): the cache key
+    stamp: tuple[int, ...] = ()  # a file's (size, mtime_ns, ctime_ns, inode, device)
     digest: str = ""  # the sha256 of a file's content (hex), once hashed
+
+
+_make_entry: Callable[[tuple[Any, ...]], Entry] = functools.partial(tuple.__new__, Entry)
+_FORMAT = 0o170000  # stat.S_IFMT's bits
 
 
 def encode_manifest(entries: list[Entry]) -> dict[str, Any]:
@@ -70,11 +89,30 @@ def encode_manifest(entries: list[Entry]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class TreePart:
+    """Part of a job directory ready to be sent: entries from `start` on, hashed, their manifest.
+
+    eager (in the last part only): the contents of small files the hash cache
+    had never seen, new or changed since the directory was last hashed (so the
+    server likely lacks them too), as (index of the entry in the tree, content).
+    """
+
+    start: int
+    entries: list[Entry]
+    manifest: dict[str, Any]
+    eager: list[tuple[int, bytes]] = field(default_factory=list)
+    last: bool = False
+
+
+@dataclass(frozen=True)
 class UploadPlan:
-    """The server's answer to a manifest: the upload's token, and what it lacks."""
+    """The server's answer to a manifest: the upload's token, what it lacks, and the job."""
 
     token: str
+    entries: list[Entry]  # the whole tree's
     missing: list[tuple[int, int]]  # (index of the entry, offset to send it from)
+    sent: int = 0  # bytes of contents sent with the manifest
+    job_id: str | None = None  # the job, if it was submitted at once
 
 
 # -- upload -----------------------------------------------------------------
@@ -96,68 +134,153 @@ def scan_directory(root: str) -> list[Entry]:
 
 def scan(root: str) -> list[Entry]:
     """List a directory: each folder's entries sorted, folders first, then its sub-folders'."""
-    entries: list[Entry] = []
-    _scan_folder(os.fsencode(root), b"", entries)
-    return entries
+    return [entry for entries in _walk(os.fsencode(root), b"", {}) for entry in entries]
 
 
-def _scan_folder(base: bytes, prefix: bytes, entries: list[Entry]) -> None:
-    folder = os.path.join(base, prefix) if prefix else base
+def _walk(base: bytes, prefix: bytes, known: Known) -> Iterator[list[Entry]]:
+    """The entries of the folder at prefix (its folders, then the rest), then its sub-folders'.
+
+    A file whose digest `known` has gets it.
+    """
+    folders, others = _list_folder(base, prefix, known)
+    yield folders + others
+    for entry in folders:
+        yield from _walk(base, entry.relpath + b"/", known)
+
+
+def _list_folder(base: bytes, prefix: bytes, known: Known) -> tuple[list[Entry], list[Entry]]:
+    folder = base + b"/" + prefix if prefix else base
     try:
         with os.scandir(folder) as items:
-            found = sorted((item.name, item) for item in items)
+            found = sorted(items, key=_name_of)
     except OSError as exc:
         raise InvalidInput(f"Can't read {os.fsdecode(folder)}: {exc.strerror}") from None
     folders: list[Entry] = []
-    files: list[Entry] = []
-    for name, item in found:
-        relpath = prefix + name
+    others: list[Entry] = []
+    for item in found:
         try:
             info = item.stat(follow_symlinks=False)
-            target = os.readlink(item.path) if stat.S_ISLNK(info.st_mode) else b""
         except OSError as exc:
             raise InvalidInput(f"Can't read {os.fsdecode(item.path)}: {exc.strerror}") from None
-        mode = stat.S_IMODE(info.st_mode)
-        if stat.S_ISDIR(info.st_mode):
+        mode = info.st_mode
+        kind = mode & _FORMAT
+        if kind == stat.S_IFREG:  # whether it can be read: see _Hasher
+            size = info.st_size
+            relpath = prefix + item.name
+            stamp = (size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+            digest = known.get((relpath, stamp), "") if size else ""
+            others.append(_make_entry((relpath, "f", mode & 0o7777, size, b"", stamp, digest)))
+        elif kind == stat.S_IFDIR:
             if not os.access(item.path, os.R_OK | os.X_OK):
                 raise InvalidInput(f"Can't read the folder {os.fsdecode(item.path)}")
-            folders.append(Entry(relpath, "d", mode))
-        elif stat.S_ISLNK(info.st_mode):
-            files.append(Entry(relpath, "l", 0o777, 0, target))
-        elif stat.S_ISREG(info.st_mode):  # whether it can be read: see hash_files
-            stamp = (info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
-            files.append(Entry(relpath, "f", mode, info.st_size, b"", stamp))
+            folders.append(Entry(prefix + item.name, "d", mode & 0o7777))
+        elif kind == stat.S_IFLNK:
+            try:
+                target = os.readlink(item.path)
+            except OSError as exc:
+                what = os.fsdecode(item.path)
+                raise InvalidInput(f"Can't read {what}: {exc.strerror}") from None
+            others.append(Entry(prefix + item.name, "l", 0o777, 0, target))
         else:
             what = os.fsdecode(item.path)
             raise InvalidInput(f"Can't upload {what}: only files, folders and symlinks can be sent")
-    entries += folders
-    entries += files
-    for entry in folders:
-        _scan_folder(base, entry.relpath + b"/", entries)
+    return folders, others
+
+
+def _name_of(item: os.DirEntry[bytes]) -> bytes:
+    return item.name
+
+
+def scan_tree(root: str, part_size: int | None = None) -> Iterator[TreePart]:
+    """Scan and hash a job directory, in parts of about part_size entries (at least one part).
+
+    A part comes as soon as it is read, so that the server lays it out while
+    the rest is read; each is held until the next one is ready, so that the
+    last one says it is. The hash cache is saved after the last part.
+    """
+    hasher = _Hasher(root)
+    part_size = part_size or PART_ENTRIES
+    held: TreePart | None = None
+    batch: list[Entry] = []
+    start = 0
+    for entries in _walk(os.fsencode(root), b"", hasher.cache.known):
+        batch += entries
+        if len(batch) >= part_size:
+            if held is not None:
+                yield held
+            held = hasher.part(start, batch)
+            start, batch = start + len(batch), []
+    if batch or held is None:
+        if held is not None:
+            yield held
+        held = hasher.part(start, batch)
+    yield dataclasses.replace(held, eager=hasher.eager, last=True)
+    hasher.save()
 
 
 def hash_files(root: str, entries: list[Entry]) -> list[Entry]:
-    """The entries with the digest of every non-empty file (from the cache where it can).
+    """The entries with the digest of every non-empty file (from the cache where it can)."""
+    hasher = _Hasher(root)
+    hashed = hasher.hash(0, entries)
+    hasher.save()
+    return hashed
+
+
+class _Hasher:
+    """Hashes a tree's files, part by part, with the tree's HashCache.
 
     Files the cache doesn't know are checked to be readable, empty ones too (a
     file made unreadable has a new ctime: the cache doesn't know it anymore).
+    Small ones the cache has never seen are kept whole, up to EAGER_BYTES, to
+    be sent with the manifest.
     """
-    cache = HashCache(root)
-    base = os.fsencode(root)
-    hashed = []
-    for entry in entries:
-        digest = cache.get(entry) if entry.kind == "f" and entry.size else None
-        if entry.kind == "f" and digest is None:
-            path = os.path.join(base, entry.relpath)
-            if not os.access(path, os.R_OK):
-                raise InvalidInput(f"Can't read the file {os.fsdecode(path)}")
-            if entry.size:
-                started = time.time_ns()
-                digest = _hash_file(path, entry.size)
-                cache.put(entry, digest, started)
-        hashed.append(Entry(*entry[:6], digest) if digest else entry)
-    cache.save()
-    return hashed
+
+    def __init__(self, root: str) -> None:
+        self.cache = HashCache(root)
+        self.base = os.fsencode(root)
+        self.hashed: list[Entry] = []
+        self.eager: list[tuple[int, bytes]] = []
+        self.budget = EAGER_BYTES
+
+    def part(self, start: int, entries: list[Entry]) -> TreePart:
+        """The part of the tree made of entries, from index start on, hashed."""
+        hashed = self.hash(start, entries)
+        return TreePart(start, hashed, encode_manifest(hashed))
+
+    def hash(self, start: int, entries: list[Entry]) -> list[Entry]:
+        """The entries with the digest of every non-empty file (some may have theirs already)."""
+        known = self.cache.known
+        hashed = list(entries)
+        for at, entry in enumerate(entries):
+            if entry.kind == "f" and not entry.digest:
+                digest = known.get((entry.relpath, entry.stamp)) if entry.size else None
+                if digest is None:
+                    digest = self._hash(start + at, entry)
+                if digest:
+                    hashed[at] = _make_entry((*entry[:6], digest))
+        self.hashed += hashed
+        return hashed
+
+    def _hash(self, index: int, entry: Entry) -> str:
+        path = self.base + b"/" + entry.relpath
+        if not os.access(path, os.R_OK):
+            raise InvalidInput(f"Can't read the file {os.fsdecode(path)}")
+        if not entry.size:
+            return ""
+        started = time.time_ns()
+        if entry.size <= self.budget and not self.cache.saw(entry):
+            data = _read_whole(path, entry.size)
+            digest = hashlib.sha256(data).hexdigest()
+            self.eager.append((index, data))
+            self.budget -= entry.size
+        else:
+            digest = _hash_file(path, entry.size)
+        self.cache.put(entry, digest, started)
+        return digest
+
+    def save(self) -> None:
+        """Save the hash cache, with the files hashed."""
+        self.cache.save(self.hashed)
 
 
 def _hash_file(path: bytes, size: int) -> str:
@@ -167,66 +290,106 @@ def _hash_file(path: bytes, size: int) -> str:
     return hasher.hexdigest()
 
 
+def _read_whole(path: bytes, size: int) -> bytes:
+    return b"".join(data for _, data in _read_chunks(path, size))
+
+
 class HashCache:
     """The digests of a directory's files, kept between runs in the user's cache folder.
 
     An entry is trusted only while the file's size, mtime, ctime, inode and
     device are those it was hashed with, and only if the file had not changed
     for CACHE_MARGIN before it was read (a later change in the same timestamp
-    tick would not show). The cache is a convenience: any problem with it
-    means hashing again, never an error.
+    tick would not show). A file too recent to be trusted is remembered as
+    seen, without its digest: seen again unchanged, it isn't new. The cache is
+    a convenience: any problem with it means hashing again, never an error.
+
+    On disk (binary, so that a big tree costs little to read): CACHE_MAGIC,
+    the numbers of trusted and seen files T and S (uint32 each), T + S stamps
+    (CACHE_STAMP), T sha256 digests (32 bytes each), then the T + S relative
+    paths, NUL-separated; the trusted files first.
     """
 
     def __init__(self, root: str) -> None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         real = os.fsencode(os.path.realpath(root))
         self.folder = os.path.join(base, "tej", "hashes")
-        self.path = os.path.join(self.folder, hashlib.sha256(real).hexdigest()[:32] + ".json")
-        self.old: dict[str, list[Any]] = {}
-        self.new: dict[str, list[Any]] = {}
-        self.learned = False
+        self.path = os.path.join(self.folder, hashlib.sha256(real).hexdigest()[:32] + ".bin")
+        #: (relative path, stamp) -> digest, for the files trusted.
+        self.known: dict[tuple[bytes, tuple[int, ...]], str] = {}
+        #: (relative path, stamp) of the files seen too soon after they changed.
+        self.seen: set[tuple[bytes, tuple[int, ...]]] = set()
+        self.changed = False
         try:
-            with open(self.path, encoding="ascii") as stream:
-                data = json.load(stream)
-            if isinstance(data, dict) and isinstance(data.get("files"), dict):
-                self.old = data["files"]
-        except (OSError, ValueError):
-            pass
+            with open(self.path, "rb") as stream:
+                self._parse(stream.read())
+        except (OSError, ValueError, struct.error):
+            self.known, self.seen = {}, set()
 
-    @staticmethod
-    def _key(entry: Entry) -> tuple[str, list[Any]]:
-        return entry.relpath.decode("utf-8", "surrogateescape"), [entry.size, *entry.stamp]
+    def _parse(self, data: bytes) -> None:
+        if not data.startswith(CACHE_MAGIC):
+            raise ValueError("not a hash cache")
+        trusted, seen = struct.unpack_from("<II", data, len(CACHE_MAGIC))
+        count = trusted + seen
+        stamps_at = len(CACHE_MAGIC) + 8
+        digests_at = stamps_at + count * CACHE_STAMP.size
+        paths_at = digests_at + trusted * 32
+        paths = data[paths_at:].split(b"\0") if count else []
+        if len(data) < paths_at or len(paths) != count:
+            raise ValueError("a damaged hash cache")
+        keys = list(zip(paths, CACHE_STAMP.iter_unpack(data[stamps_at:digests_at])))
+        hexes = data[digests_at:paths_at].hex()
+        digests = [hexes[at : at + 64] for at in range(0, trusted * 64, 64)]
+        self.known = dict(zip(keys[:trusted], digests))
+        self.seen = set(keys[trusted:])
 
     def get(self, entry: Entry) -> str | None:
         """The cached digest of a file, if it is still the file that was hashed."""
-        name, key = self._key(entry)
-        row = self.old.get(name)
-        if isinstance(row, list) and row[:-1] == key and _is_digest(row[-1]):
-            self.new[name] = row
-            return str(row[-1])
-        return None
+        return self.known.get((entry.relpath, entry.stamp))
+
+    def saw(self, entry: Entry) -> bool:
+        """Whether the file was hashed before as it is now (trusted or not)."""
+        key = (entry.relpath, entry.stamp)
+        return key in self.known or key in self.seen
 
     def put(self, entry: Entry, digest: str, started: int) -> None:
         """Remember a digest computed from a read that started at `started` (ns)."""
-        name, key = self._key(entry)
-        if started - max(entry.stamp[:2]) >= CACHE_MARGIN:
-            self.new[name] = [*key, digest]
-            self.learned = True
+        key = (entry.relpath, entry.stamp)
+        if started - max(entry.stamp[1:3]) >= CACHE_MARGIN:
+            self.known[key] = digest
+            self.changed = True
+        elif key not in self.seen:
+            self.seen.add(key)
+            self.changed = True
 
-    def save(self) -> None:
-        """Write the cache (the files of this run only) if it learned a digest.
+    def save(self, entries: list[Entry]) -> None:
+        """Write the cache (the files of entries it knows) if it learned anything.
 
         Entries of files that changed or went away are dropped then; until then
         they do no harm (a changed file's stamp never matches its old entry).
         """
-        if not self.learned:
+        if not self.changed:
             return
+        known, seen = self.known, self.seen
+        files = [(e.relpath, e.stamp) for e in entries if e.kind == "f"]
+        trusted = [key for key in files if key in known]
+        recent = [key for key in files if key in seen and key not in known]
+        keys = trusted + recent
+        data = b"".join(
+            [
+                CACHE_MAGIC,
+                struct.pack("<II", len(trusted), len(recent)),
+                b"".join(CACHE_STAMP.pack(*stamp) for _, stamp in keys),
+                bytes.fromhex("".join(known[key] for key in trusted)),
+                b"\0".join(path for path, _ in keys),
+            ]
+        )
         tmp = None
         try:
             os.makedirs(self.folder, 0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
-            with os.fdopen(fd, "w", encoding="ascii") as stream:
-                json.dump({"version": 1, "files": self.new}, stream, separators=(",", ":"))
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(data)
             os.replace(tmp, self.path)
             tmp = None
             self._prune()
@@ -237,33 +400,98 @@ class HashCache:
                 _remove(tmp)
 
     def _prune(self) -> None:
-        """Keep the CACHE_FILES most recently written caches."""
-        names = [name for name in os.listdir(self.folder) if name.endswith(".json")]
-        if len(names) > CACHE_FILES:
-            paths = sorted((os.path.join(self.folder, n) for n in names), key=os.path.getmtime)
+        """Keep the CACHE_FILES most recently written caches (older formats' files too).
+
+        Also removes what a process that ended while writing one left (after a day).
+        """
+        names = os.listdir(self.folder)
+        caches = [name for name in names if name.endswith((".bin", ".json"))]
+        if len(caches) > CACHE_FILES:
+            paths = sorted((os.path.join(self.folder, n) for n in caches), key=os.path.getmtime)
             for path in paths[: len(paths) - CACHE_FILES]:
+                os.unlink(path)
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if name.startswith(".tmp-") and time.time() - os.path.getmtime(path) > 86400:
                 os.unlink(path)
 
 
-def _is_digest(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64
+def new_token() -> str:
+    """A fresh upload token: the time and a random part, in hex (as the agent makes them)."""
+    return "%x%s" % (int(time.time()), os.urandom(4).hex())
 
 
 def begin_upload(
-    session: Session, queue: str, entries: list[Entry], manifest: dict[str, Any] | None = None
+    session: Session,
+    queue: str,
+    parts: Iterable[TreePart],
+    token: str,
+    submit: dict[str, Any] | None = None,
 ) -> UploadPlan:
-    """Send the manifest (entries with their digests); the server answers what it lacks."""
-    if manifest is None:
-        manifest = encode_manifest(entries)
-    reply = session.call("upload_begin", queue=queue, manifest=manifest)
+    """Send the manifest part by part as it comes; the server answers what it lacks.
+
+    token: the upload's (new_token()). The last part carries the eager
+    contents, and submit, the arguments of the agent's submit: the job is
+    submitted at once if nothing is missing (the plan's job_id). A problem
+    with the directory, found while it is read, stops the upload and is
+    raised: the caller aborts the upload.
+    """
+    entries: list[Entry] = []
+    eager: list[tuple[int, bytes]] = []
+    failed: list[Exception] = []
+
+    def requests() -> Iterator[tuple[str, dict[str, Any]]]:
+        source = iter(parts)
+        while True:
+            try:
+                part = next(source)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - raised once the replies are in
+                failed.append(exc)
+                return
+            entries.extend(part.entries)
+            args: dict[str, Any] = {"queue": queue, "token": token, "manifest": part.manifest}
+            if not part.last:
+                args["more"] = True
+            else:
+                eager.extend(part.eager)
+                if part.eager:
+                    args["contents"] = [[index, data] for index, data in part.eager]
+                if submit is not None:
+                    args["submit"] = submit
+            yield ("upload_manifest" if part.start else "upload_begin"), args
+            if part.last:
+                for _ in source:  # the reader's end (saving the hash cache), as the server works
+                    pass
+                return
+
+    try:
+        replies = list(session.pipeline(requests(), WINDOW))
+    except TejError:
+        if not failed:
+            raise
+    if failed:  # a problem with the directory comes first
+        raise failed[0]
+    return _plan(token, entries, eager, replies[-1])
+
+
+def _plan(
+    token: str, entries: list[Entry], eager: list[tuple[int, bytes]], reply: Any
+) -> UploadPlan:
+    """The plan a reply to the manifest's last part gives."""
     try:
         missing = [(int(index), int(offset)) for index, offset in json.loads(reply["missing"])]
-        token = str(reply["token"])
+        job_id = reply.get("job_id")
+        if reply["token"] != token:
+            raise ValueError
         if not all(0 <= offset <= entries[index].size for index, offset in missing):
             raise ValueError
-    except (KeyError, TypeError, ValueError, IndexError):
+        if job_id is not None and (missing or not isinstance(job_id, str)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         raise ProtocolError(f"Unexpected reply from the agent: {reply!r:.200}") from None
-    return UploadPlan(token, missing)
+    return UploadPlan(token, entries, missing, sum(len(data) for _, data in eager), job_id)
 
 
 def upload_tree(
@@ -271,12 +499,17 @@ def upload_tree(
     queue: str,
     plan: UploadPlan,
     root: str,
-    entries: list[Entry],
     progress: Progress | None = None,
 ) -> None:
-    """Send the contents the server lacks; progress counts the bytes sent, of all to send."""
+    """Send the contents the server lacks; progress counts the bytes sent, of all to send.
+
+    The bytes sent with the manifest (plan.sent) count as sent first.
+    """
     base = os.fsencode(root)
-    total = sum(entries[index].size - offset for index, offset in plan.missing)
+    entries = plan.entries
+    total = plan.sent + sum(entries[index].size - offset for index, offset in plan.missing)
+    if progress is not None and plan.sent:
+        progress(plan.sent, total)
     sizes: collections.deque[int] = collections.deque()
 
     def requests() -> Iterator[tuple[str, dict[str, Any]]]:

@@ -334,6 +334,10 @@ def target_fixture(
     else:
         server = request.getfixturevalue("ssh_server")
         target = ssh_target(server, request.getfixturevalue("server_tmp"), tmp_path)
+    # The API in this process and the command line share the client's hash cache, as a user's do.
+    client_cache = str(tmp_path / "client-home" / ".cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", client_cache)
+    target.client_env["XDG_CACHE_HOME"] = client_cache
     try:
         yield target
     finally:

@@ -1443,6 +1443,178 @@ def test_a_damaged_partial_content_is_sent_again(harness: Harness) -> None:
     harness.wait_end(job_id)
 
 
+# -- manifests in parts, contents and submit sent along ------------------------------
+
+
+def parts_of(tree: dict[str, Entry], size: int) -> list[dict[str, Any]]:
+    """The manifest of a tree, in parts of size entries (the last one shorter)."""
+    entries = entries_of(tree)
+    return [
+        transfer.encode_manifest(entries[at : at + size]) for at in range(0, len(entries), size)
+    ]
+
+
+def staging_of(harness: Harness) -> list[str]:
+    return os.listdir(Path(harness.queue) / "staging")
+
+
+def test_a_manifest_in_parts_is_laid_out_as_one(harness: Harness) -> None:
+    tree: dict[str, Entry] = {
+        **script("true\n"),
+        "d": D(),
+        "d/a.txt": F(b"a" * 100),
+        "d/twin.txt": F(b"a" * 100, 0o600),
+        "e": D(0o700),
+        "e/b.txt": F(b"b" * 100),
+        "e/link": L("../d/a.txt"),
+        "e/empty": F(b""),
+    }
+    first = harness.ok("upload_begin", manifest=manifest_of(tree))
+    harness.send(tree, first)
+    harness.submit(tree, token=first["token"], job_id="one")
+    changed = {**tree, "e/b.txt": F(b"c" * 100)}
+    parts = parts_of(changed, 3)
+
+    def send_parts(token: str, count: int) -> None:
+        for number, part in enumerate(parts[:count]):
+            op = "upload_manifest" if number else "upload_begin"
+            assert harness.ok(op, token=token, manifest=part, more=True) == {"token": token}
+
+    # Nothing can be sent or submitted before the manifest is whole.
+    token = transfer.new_token()
+    send_parts(token, len(parts) - 1)
+    harness.fail(agent.ERR_INVALID, "upload_data", token=token, chunks=[[5, 0, b"c" * 100]])
+    harness.fail(agent.ERR_INVALID, "submit", token=token, job_id="early")
+    assert staging_of(harness) == []  # a failed submit leaves nothing
+    token = transfer.new_token()
+    send_parts(token, len(parts) - 1)
+    last = harness.ok("upload_manifest", token=token, manifest=parts[-1])
+    assert asked(last) == [[5, 0]]  # an index in the whole tree
+    harness.fail(agent.ERR_INVALID, "upload_manifest", token=token, manifest=parts[-1])
+    harness.send(changed, last)
+    two = harness.submit(changed, token=token, job_id="two")
+    work = harness.job_dir(two) / "work"
+    for name, entry in changed.items():
+        if isinstance(entry, F):
+            assert (work / name).read_bytes() == entry.data
+            assert stat.S_IMODE(os.stat(work / name).st_mode) == entry.mode
+    assert os.readlink(work / "e" / "link") == "../d/a.txt"
+    assert stat.S_IMODE(os.stat(work / "e").st_mode) == 0o700
+    assert (work / "d" / "a.txt").stat().st_ino != (work / "d" / "twin.txt").stat().st_ino
+    assert harness.wait_end(two)["exit_code"] == 0
+
+
+def test_a_path_repeated_in_a_later_part_is_refused(harness: Harness) -> None:
+    tree: dict[str, Entry] = {**script("true\n"), "a": D(), "b": D()}
+    token = transfer.new_token()
+    parts = parts_of(tree, 2)
+    harness.ok("upload_begin", token=token, manifest=parts[0], more=True)
+    message = harness.fail(agent.ERR_INVALID, "upload_manifest", token=token, manifest=parts[0])
+    assert "names 'start.sh' twice" in message
+    assert staging_of(harness) == []
+    assert not list((Path(harness.queue) / "store" / "leases").iterdir())
+
+
+def test_manifests_in_parts_at_the_same_time_never_share_an_inode(harness: Harness) -> None:
+    """Two uploads that link the same blobs part by part, interleaved: each sees the other."""
+    tree: dict[str, Entry] = {**script("true\n"), **{f"f{i}": F(b"%d" % i) for i in range(6)}}
+    harness.submit(tree, job_id="stored")
+    harness.wait_end("stored")
+    other = agent.Agent()  # another connection, on the same queue
+    other.handle(
+        {"v": 1, "op": "hello", "args": {"protocol": 1, "digest": tej.session.AGENT_DIGEST}}
+    )
+    parts = parts_of(tree, 3)
+    tokens = [transfer.new_token(), transfer.new_token()]
+    for number, part in enumerate(parts):
+        for client, token in zip((harness.agent, other), tokens):
+            args = {"queue": harness.queue, "token": token, "manifest": part}
+            args["more"] = number < len(parts) - 1
+            op = "upload_manifest" if number else "upload_begin"
+            reply = client.handle({"v": 1, "op": op, "args": args})
+            assert reply["ok"], reply
+            if not args["more"]:
+                assert asked(reply["result"]) == []
+    staged = Path(harness.queue) / "staging"
+    for index in range(6):
+        inodes = {path.stat().st_ino for path in staged.glob(f"*/work/f{index}")}
+        assert len(inodes) == 2, index  # at worst both copied, never shared
+    for connection in (harness.agent, other):
+        for upload in connection.uploads.values():
+            upload.discard_files()
+
+
+def test_a_client_token_must_be_new_and_well_formed(harness: Harness) -> None:
+    token = transfer.new_token()
+    harness.ok("upload_begin", token=token, manifest=manifest_of({}), more=True)
+    harness.fail(agent.ERR_INVALID, "upload_begin", token=token, manifest=manifest_of({}))
+    for bad in ("../jobs", "ABCDEF0123456789", "0123", "0" * 33, 12):
+        harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", token=bad, manifest=manifest_of({}))
+    for bad_more in ({"more": 1}, {"more": True, "contents": [[0, b"x"]]}):
+        harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", manifest=manifest_of({}), **bad_more)
+    assert staging_of(harness) == [token]
+
+
+def test_contents_sent_along_and_submit_make_one_request(harness: Harness) -> None:
+    tree: dict[str, Entry] = {**script("true\n"), "a.txt": F(b"a" * 100), "b.txt": F(b"b" * 9)}
+    first = harness.ok("upload_begin", manifest=manifest_of(tree))
+    harness.send(tree, first)
+    harness.submit(tree, token=first["token"], job_id="one")
+    harness.wait_end("one")
+    changed = {**tree, "b.txt": F(b"changed")}
+    sent = [[0, tree["start.sh"].data], [2, b"changed"]]  # type: ignore[union-attr]
+    submit = {"job_id": "two", "job": {"script": "start.sh"}}
+    reply = harness.ok("upload_begin", manifest=manifest_of(changed), contents=sent, submit=submit)
+    assert (asked(reply), reply["job_id"]) == ([], "two")  # start.sh, stored, was ignored
+    assert (harness.job_dir("two") / "work" / "b.txt").read_bytes() == b"changed"
+    assert harness.wait_end("two")["exit_code"] == 0
+    assert blob_name(b"changed") in blobs_of(harness)
+    # Something still missing: the upload waits for it, then for submit.
+    more = {**changed, "c.txt": F(b"c" * 10)}
+    reply = harness.ok("upload_begin", manifest=manifest_of(more), submit=submit)
+    assert asked(reply) == [[3, 0]] and "job_id" not in reply
+    harness.send(more, reply)
+    assert harness.submit(more, token=reply["token"], job_id="three") == "three"
+
+
+def test_contents_sent_along_are_checked(harness: Harness) -> None:
+    tree: dict[str, Entry] = {**script("true\n"), "a.txt": F(b"the real content\n")}
+    for contents in ([[1, b"what the client says\n"]], [[1, b"the real content\n!"]]):
+        submit = {"job_id": "liar", "job": {"script": "start.sh"}}
+        harness.fail(
+            agent.ERR_INVALID,
+            "upload_begin",
+            manifest=manifest_of(tree),
+            contents=contents,
+            submit=submit,
+        )
+        assert staging_of(harness) == []
+        assert not (Path(harness.queue) / "jobs" / "liar").exists()
+    assert not any(
+        name.startswith(blob_name(b"the real content\n")[:64]) for name in blobs_of(harness)
+    )
+
+
+def test_a_failed_submit_sent_along_leaves_nothing(harness: Harness) -> None:
+    tree = script("true\n")
+    harness.submit(tree, job_id="taken")
+    submit = {"job_id": "taken", "job": {"script": "start.sh"}}
+    harness.fail(agent.ERR_JOB_EXISTS, "upload_begin", manifest=manifest_of(tree), submit=submit)
+    assert staging_of(harness) == []
+    assert not harness.agent.uploads
+
+
+def test_a_submit_sent_along_waits_for_the_agent_to_be_installed(harness: Harness) -> None:
+    tree = script("true\n")
+    contents = [[0, tree["start.sh"].data]]  # type: ignore[union-attr]
+    submit = {"job_id": "j", "job": {"script": "start.sh"}}
+    reply = harness.ok("upload_begin", manifest=manifest_of(tree), contents=contents, submit=submit)
+    assert asked(reply) == [] and reply["job_id"] is None  # a new queue: no agent copy yet
+    harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
+    assert harness.ok("submit", token=reply["token"], **submit) == "j"
+    assert harness.wait_end("j")["exit_code"] == 0
+
+
 MANIFEST = {
     "paths": b"x",
     "kinds": "d",

@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Target, target_fixture, wait_until  # noqa: F401 - the `target` fixture
 
+import tej
 from tej import transfer
+from tej.session import Session
 
 MiB = 1 << 20
 START = b"#!/bin/sh\ntrue\n"  # what Target.make_job writes by default
@@ -171,15 +174,15 @@ def test_content_that_does_not_match_its_hash_is_refused(
     # A stale cache entry (as if the file had changed within one timestamp tick).
     claimed = digest(b"what the cache says\n")
     entries = transfer.scan_directory(str(job))
-    path = Path(transfer.HashCache(str(job)).path)
-    rows = {}
+    cache = transfer.HashCache(str(job))
+    trusted = time.time_ns() + transfer.CACHE_MARGIN  # as if read long after they changed
     for entry in entries:
         if entry.kind == "f":
-            name = entry.relpath.decode()
-            rows[name] = [entry.size, *entry.stamp, digest((job / name).read_bytes())]
-    rows["data.txt"][-1] = claimed
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": 1, "files": rows}))
+            content = (job / entry.relpath.decode()).read_bytes()
+            cache.put(entry, claimed if entry.relpath == b"data.txt" else digest(content), trusted)
+    cache.save(entries)
+    path = Path(cache.path)
+    assert path.is_file()
 
     done = target.cli("submit", str(job))
     assert done.returncode == 1, done
@@ -290,3 +293,80 @@ def test_the_client_reads_an_unchanged_file_once(
     for _ in range(2):
         transfer.hash_files(str(job), transfer.scan_directory(str(job)))
     assert reads[3:] == [b"new.bin", b"new.bin"]
+
+
+def parts_job(target: Target, name: str, count: int) -> Path:
+    """A job of count small files in folders of 50."""
+    files: dict[str, bytes | str] = {f"d{i // 50:02d}/f{i:03d}.txt": f"{i}\n" for i in range(count)}
+    return target.make_job(name, files=files)
+
+
+@pytest.mark.timeout(120)
+def test_a_small_change_costs_one_request(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest goes in parts; the changed file and the submit go with the last one."""
+    monkeypatch.setattr(transfer, "PART_ENTRIES", 64)
+    job = parts_job(target, "parts", 300)
+    first, _ = submit_counting(target, job)
+    parts = len(list(transfer.scan_tree(str(job))))
+    assert parts > 2
+    (job / "d03" / "f170.txt").write_text("changed\n")
+    ops: list[str] = []
+    send = Session._send
+
+    def counting(self: Session, op: str, args: dict[str, Any]) -> None:
+        ops.append(op)
+        send(self, op, args)
+
+    with target.api() as remote:
+        monkeypatch.setattr(Session, "_send", counting)
+        second = remote.submit(str(job))
+    assert ops == ["upload_begin"] + ["upload_manifest"] * (parts - 1)
+    for job_id in (first, second):
+        assert target.wait_for(job_id)["exit_code"] == 0
+    same_tree(job, target.work(second))
+    assert target.work(first, "d03", "f170.txt").read_text() == "170\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_problem_found_in_a_later_part_leaves_nothing(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "PART_ENTRIES", 16)
+    job = parts_job(target, "late", 200)
+    os.mkfifo(job / "d03" / "pipe")  # in the last folder read
+    for connected in (True, False):  # the directory read as it is sent, or while connecting
+        remote = target.api()
+        try:
+            if connected:
+                remote.session()
+            with pytest.raises(tej.InvalidInput, match="only files, folders and symlinks"):
+                remote.submit(str(job))
+            assert remote.list() == []
+        finally:
+            remote.close()
+        assert os.listdir(target.server_path("staging")) == []
+        assert os.listdir(target.server_path("store", "leases")) == []
+
+
+@pytest.mark.timeout(60)
+def test_only_small_files_never_seen_go_with_the_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "small.txt").write_bytes(b"s" * 100)
+    (job / "big.bin").write_bytes(os.urandom(transfer.EAGER_BYTES + 1))
+
+    def sent_along() -> list[bytes]:
+        parts = list(transfer.scan_tree(str(job)))
+        entries = [entry for part in parts for entry in part.entries]
+        assert all(not part.eager for part in parts[:-1])
+        return [entries[index].relpath for index, data in parts[-1].eager]
+
+    assert sent_along() == [b"small.txt"]  # new
+    assert sent_along() == []  # seen, if too recently to trust its digest yet
+    (job / "small.txt").write_bytes(b"t" * 100)
+    assert sent_along() == [b"small.txt"]  # changed
+    Path(transfer.HashCache(str(job)).path).write_bytes(transfer.CACHE_MAGIC + b"garbage")
+    assert sent_along() == [b"small.txt"]  # a damaged cache is an empty one

@@ -540,6 +540,24 @@ class Fuzzer:
             f"{job_id} to finish",
         )
 
+    def manifest_args(self, op: str) -> dict[str, Any]:
+        """Arguments of upload_begin, or of the upload_manifest after one: a job submitted at once.
+
+        The tree: a folder `x` (upload_manifest: sent before), then a new start.sh, sent along.
+        """
+        script = b"#!/bin/sh\necho %d\n" % self.serial
+        token = "%x%08x" % (int(time.time()), self.serial)
+        digest = hashlib.sha256(script).hexdigest()
+        script_part = encode_manifest([Entry(b"start.sh", "f", 0o755, len(script), digest=digest)])
+        submit = {"job_id": f"fuzz-{self.serial}", "job": {"script": "start.sh"}}
+        args = {"queue": self.queue, "token": token, "submit": submit, "more": False}
+        if op == "upload_begin":
+            return dict(args, manifest=script_part, contents=[[0, script]])
+        self.call(
+            "upload_begin", queue=self.queue, token=token, manifest=manifest_with(), more=True
+        )
+        return dict(args, manifest=script_part, contents=[[1, script]])
+
     def valid_args(self, op: str) -> dict[str, Any]:
         """Arguments that make op succeed, fresh for the ops that consume them.
 
@@ -552,6 +570,8 @@ class Fuzzer:
         if op == "delete" and not os.path.isdir(os.path.join(queue, "jobs", "victim")):
             self.submit("victim")
             self.wait_for("victim")
+        if op in ("upload_begin", "upload_manifest"):
+            return self.manifest_args(op)
         if op in ("upload_data", "upload_abort", "submit"):
             # A new script each time, so upload_data has something to send.
             script = b"#!/bin/sh\necho %d\n" % self.serial
@@ -586,7 +606,6 @@ class Fuzzer:
             "install_runner": {"queue": queue, "runner": "queue", "source": "#"},
             # A new queue each time, so the agent's source is really written.
             "install_agent": {"queue": str(self.root / f"install-{self.serial}"), "source": "#"},
-            "upload_begin": {"queue": queue, "manifest": manifest_with()},
             "status": {"queue": queue, "job_id": "target"},
             "list": {"queue": queue},
             "kill": {"queue": queue, "job_id": "target"},
