@@ -318,6 +318,9 @@ class Session:
             self._channel.send({"v": PROTOCOL_VERSION, "op": op, "args": args})
         except (OSError, EOFError, ValueError) as exc:
             raise self._lost(exc) from None
+        except BaseException:
+            self.close()  # interrupted while sending: part of the request may have gone
+            raise
 
     @property
     def server(self) -> dict[str, Any]:
