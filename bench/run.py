@@ -954,7 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else FULL
     runs = max(1, args.runs or (2 if args.smoke else 7))
     heavy = 1 if args.smoke else min(runs, 3)
-    mid = 1 if args.smoke else min(runs, 5)
+    mid = 1 if args.smoke else min(runs, 7)
     reason = sshd.sshd_available()
     if reason is not None:
         print(f"error: cannot start a loopback sshd: {reason}", file=sys.stderr)
