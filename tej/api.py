@@ -353,9 +353,9 @@ class RemoteQueue:
             return str(self._call("submit", token=token, **request))
         except ConnectionFailed:
             raise  # no reconnecting to a server that is gone: its stale cleanup will do
-        except BaseException as exc:
-            if not isinstance(exc, TejError):  # interrupted, maybe in the middle of a request
-                session.abort()  # so the upload is thrown away through a new session
+        except BaseException:
+            # An interrupted request has closed the session (Session.call, pipeline):
+            # the upload is then thrown away through a new one.
             self._abort_upload(token)
             raise
 

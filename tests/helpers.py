@@ -394,3 +394,17 @@ class SilentServer:
         self.sock.close()
         for connection in self.connections:
             connection.close()
+
+
+def folder_manifest(**columns: Any) -> dict[str, Any]:
+    """An upload manifest of one folder `x`, with some columns replaced (see parse_manifest)."""
+    manifest: dict[str, Any] = {
+        "paths": b"x",
+        "kinds": "d",
+        "modes": b"\xed\x01",
+        "sizes": b"\0" * 8,
+        "digests": b"",
+        "targets": b"",
+    }
+    manifest.update(columns)
+    return manifest

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import pytest
+from helpers import folder_manifest
 
 import tej.session
 from tej import protocol, transfer
@@ -1615,14 +1616,7 @@ def test_a_submit_sent_along_waits_for_the_agent_to_be_installed(harness: Harnes
     assert harness.wait_end("j")["exit_code"] == 0
 
 
-MANIFEST = {
-    "paths": b"x",
-    "kinds": "d",
-    "modes": b"\xed\x01",
-    "sizes": b"\0" * 8,
-    "digests": b"",
-    "targets": b"",
-}
+MANIFEST = folder_manifest()
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ import execnet  # noqa: E402
 import pytest  # noqa: E402
 from helpers import (  # noqa: E402
     Target,
+    folder_manifest,
     kill_processes_under,
     process_alive,
     target_fixture,  # noqa: F401 - the `target` fixture
@@ -356,20 +357,6 @@ def nested(depth: int) -> Any:
     return value
 
 
-def manifest_with(**columns: Any) -> dict[str, Any]:
-    """A manifest of one folder `x`, with some columns replaced (remote_agent.parse_manifest)."""
-    manifest = {
-        "paths": b"x",
-        "kinds": "d",
-        "modes": b"\xed\x01",
-        "sizes": b"\0" * 8,
-        "digests": b"",
-        "targets": b"",
-    }
-    manifest.update(columns)
-    return manifest
-
-
 # Values of every kind execnet can carry, none of them what any argument expects.
 JUNK: list[tuple[str, Any]] = [
     ("none", None),
@@ -440,26 +427,26 @@ HOSTILE: dict[str, list[tuple[str, Any]]] = {
         ("gap", [[0, 3, b"x"]]),
     ],
     "manifest": [
-        ("up", manifest_with(paths=b"../x")),
-        ("absolute", manifest_with(paths=b"/tmp/x")),
-        ("inner-up", manifest_with(paths=b"a/../../x")),
-        ("dot", manifest_with(paths=b".")),
-        ("empty-path", manifest_with(paths=b"")),
-        ("twice", manifest_with(paths=b"x\0x", kinds="dd", modes=b"\0\0" * 2, sizes=b"\0" * 16)),
-        ("kind", manifest_with(kinds="p")),
-        ("mode", manifest_with(modes=b"\xff\xff")),
-        ("size", manifest_with(kinds="f", sizes=b"\xff" * 8, digests=b"\0" * 32)),
-        ("short-column", manifest_with(sizes=b"\0" * 7)),
-        ("dir-size", manifest_with(sizes=b"\x01" + b"\0" * 7)),
-        ("digest-count", manifest_with(kinds="f", sizes=b"\x05" + b"\0" * 7)),
-        ("extra-digest", manifest_with(digests=b"\0" * 32)),
-        ("link-no-target", manifest_with(kinds="l")),
-        ("link-empty-target", manifest_with(kinds="l", targets=b"")),
-        ("target-count", manifest_with(kinds="l", targets=b"a\0b")),
-        ("kinds-not-str", manifest_with(kinds=b"d")),
-        ("paths-not-bytes", manifest_with(paths="x")),
+        ("up", folder_manifest(paths=b"../x")),
+        ("absolute", folder_manifest(paths=b"/tmp/x")),
+        ("inner-up", folder_manifest(paths=b"a/../../x")),
+        ("dot", folder_manifest(paths=b".")),
+        ("empty-path", folder_manifest(paths=b"")),
+        ("twice", folder_manifest(paths=b"x\0x", kinds="dd", modes=b"\0\0" * 2, sizes=b"\0" * 16)),
+        ("kind", folder_manifest(kinds="p")),
+        ("mode", folder_manifest(modes=b"\xff\xff")),
+        ("size", folder_manifest(kinds="f", sizes=b"\xff" * 8, digests=b"\0" * 32)),
+        ("short-column", folder_manifest(sizes=b"\0" * 7)),
+        ("dir-size", folder_manifest(sizes=b"\x01" + b"\0" * 7)),
+        ("digest-count", folder_manifest(kinds="f", sizes=b"\x05" + b"\0" * 7)),
+        ("extra-digest", folder_manifest(digests=b"\0" * 32)),
+        ("link-no-target", folder_manifest(kinds="l")),
+        ("link-empty-target", folder_manifest(kinds="l", targets=b"")),
+        ("target-count", folder_manifest(kinds="l", targets=b"a\0b")),
+        ("kinds-not-str", folder_manifest(kinds=b"d")),
+        ("paths-not-bytes", folder_manifest(paths="x")),
         ("missing-column", {"paths": b"x", "kinds": "d"}),
-        ("extra-column", dict(manifest_with(), more=b"")),
+        ("extra-column", dict(folder_manifest(), more=b"")),
         ("rows", [[b"x", "d", 0o755, 0]]),
     ],
     "job": [
@@ -554,7 +541,7 @@ class Fuzzer:
         if op == "upload_begin":
             return dict(args, manifest=script_part, contents=[[0, script]])
         self.call(
-            "upload_begin", queue=self.queue, token=token, manifest=manifest_with(), more=True
+            "upload_begin", queue=self.queue, token=token, manifest=folder_manifest(), more=True
         )
         return dict(args, manifest=script_part, contents=[[1, script]])
 
