@@ -16,10 +16,9 @@ from enum import Enum
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tej import protocol, runners
+from tej import plugins, protocol
 from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
 from tej.errors import (
-    AgentMissing,
     ConnectionFailed,
     InvalidInput,
     QueueError,
@@ -168,7 +167,8 @@ def default_id_prefix(directory: str) -> str:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "user"
-    clean = [re.sub(r"[^A-Za-z0-9_\-.+=@%:,]", "_", part) or "job" for part in (name, user)]
+    outside = f"[^{protocol.ID_CHARACTERS}]"
+    clean = [re.sub(outside, "_", part) or "job" for part in (name, user)]
     return f"{clean[0][:80]}_{clean[1][:32]}"
 
 
@@ -188,7 +188,7 @@ class RemoteQueue:
         *,
         python: str | None = None,
         ssh_config: str | None = None,
-        connect_timeout: int = 15,
+        connect_timeout: int = protocol.DEFAULT_CONNECT_TIMEOUT,
         reuse_connection: bool = True,
         keepalive_interval: int = 10,
     ) -> None:
@@ -234,23 +234,20 @@ class RemoteQueue:
             self._session = None
 
     def _call(self, op: str, **args: Any) -> Any:
-        """Send a request about the queue, installing the agent or runner it lacks first."""
-        installed: set[tuple[str, str]] = set()  # ("agent", "") or ("runner", name): once each
+        """Send a request about the queue, installing the plugin runner it lacks first.
+
+        The agent copies itself and the built-in runners into a queue; only a
+        plugin runner's module is sent, when the queue lacks it.
+        """
+        installed: set[str] = set()  # the plugins installed: once each
         while True:
             try:
                 return self.session().call(op, queue=self.queue, **args)
-            except AgentMissing:
-                if ("agent", "") in installed:
-                    raise
-                installed.add(("agent", ""))
-                from tej.session import AGENT_SOURCE
-
-                self.session().call("install_agent", queue=self.queue, source=AGENT_SOURCE)
             except RunnerMissing as exc:
                 name = str(exc)
-                if ("runner", name) in installed:
+                if name in installed:
                     raise
-                installed.add(("runner", name))
+                installed.add(name)
                 source = self._runner_source(name)
                 self.session().call("install_runner", queue=self.queue, runner=name, source=source)
 
@@ -258,7 +255,7 @@ class RemoteQueue:
     def _runner_source(name: str) -> str:
         """The source of the runner a queue uses, to install it there."""
         try:
-            return runners.load(name).source
+            return plugins.load(name).source
         except InvalidInput:
             raise QueueError(
                 f"This queue uses the runner {name!r}, which this tej client doesn't have: "
@@ -279,13 +276,13 @@ class RemoteQueue:
     ) -> SetupResult:
         """Create the queue (or reconfigure it with force) and make links to it.
 
-        runner names the queue's runner (see tej.runners.available()); options
+        runner names the queue's runner (see tej.plugins.available()); options
         are its settings, such as {"max_running": "4"} for the queue runner.
         """
         all_links = [*links, DEFAULT_QUEUE] if default_link else list(links)
         request: dict[str, Any] = {"runner": runner, "options": dict(options or {})}
-        if runner != protocol.DEFAULT_RUNNER:
-            request["runner_source"] = runners.load(runner).source
+        if not plugins.is_builtin(runner):
+            request["runner_source"] = plugins.load(runner).source
         result = self._call("setup", links=all_links, force=force, only_links=only_links, **request)
         return SetupResult(
             result["queue"],

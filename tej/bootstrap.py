@@ -4,13 +4,14 @@ The bootstrap, line by line on the agent's stdin:
 
 1. stage one (any Python, 2.7 included) reports the server's version, and
    exits there if it is too old;
-2. the loader (Python 3.8+) imports execnet's gateway_base and the agent from
-   a private cache on the server (``$XDG_CACHE_HOME/tej``, else
-   ``~/.cache/tej``, files named by the digest of their source and checked
-   against it), so Python keeps their compiled form and a connection costs no
-   compilation; it answers with the names it could not find there;
-3. only then, and only for those, the source is sent (and written to the
-   cache, best effort: a read-only or full home just compiles it every time).
+2. the loader (tej/loader.py, Python 3.8+) imports execnet's gateway_base and
+   the agent's bundle (tej.server.bundle) from a private cache on the server
+   (``$XDG_CACHE_HOME/tej``, else ``~/.cache/tej``, named by the digest of
+   their sources and checked against it), so Python keeps their compiled form
+   and a connection costs no compilation; it answers with the names it could
+   not find there;
+3. only then, and only for those, the sources are sent (and written to the
+   cache, best effort: a read-only or full home runs them from memory).
 
 The client writes lines 1 and 2 as soon as the process is started, so a cache
 hit costs no round trip more than the version check. This module is kept
@@ -37,10 +38,6 @@ MIN_PYTHON = (3, 8)
 BOOT_MARKER = b"TEJ-BOOT "
 CACHE_MARKER = b"TEJ-CACHE"
 MAX_LOGIN_NOISE = 65536
-#: Where the server keeps its cache of tej's code, under $XDG_CACHE_HOME or ~/.cache.
-CACHE_DIR_NAME = "tej"
-#: Cache files not rewritten for this long are removed (when the cache is written to).
-CACHE_MAX_AGE = 30 * 86400
 BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
 # Stage one runs on any Python (2.7 included): it reports the version, and
 # only then reads the loader, which needs Python 3.8.
@@ -53,229 +50,7 @@ STAGE_ONE = (
     "    sys.exit(3)\n"
     "exec(eval(sys.stdin.readline()))\n"
 )
-# The loader (stage two) runs in stage one's namespace, then serves execnet's
-# protocol; tej_boot(modules, start) is appended with this connection's values.
-LOADER = r'''
-import os, stat, sys
-
-
-def tej_cache_dir():
-    """The private cache folder, made if missing; None if it can't be had safely."""
-    try:
-        base = os.environ.get("XDG_CACHE_HOME", "")
-        if not os.path.isabs(base):
-            base = os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, CACHE_DIR_NAME)
-        if not os.path.isabs(path):
-            return None  # no home folder
-        try:
-            if not os.path.isdir(base):
-                os.makedirs(base, 0o700)
-            os.mkdir(path, 0o700)
-            os.chmod(path, 0o700)  # whatever the umask
-        except OSError:
-            pass
-        info = os.lstat(path)
-        # Code is imported from it: only a folder of ours that nobody else can even enter
-        # (so that nothing in it, compiled copies included, can be someone else's doing).
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            return None
-        return None if info.st_mode & 0o077 else path
-    except Exception:  # no cache, whatever the reason: the source is sent instead
-        return None
-
-
-def tej_sha256(data):
-    try:
-        from _sha2 import sha256  # the built-in one: no OpenSSL to load
-    except ImportError:
-        try:
-            from _sha256 import sha256
-        except ImportError:
-            from hashlib import sha256
-    return sha256(data).hexdigest()
-
-
-def tej_import(name, path):
-    """Import the file at path as module name (Python caches its compiled form)."""
-    from importlib.machinery import SourceFileLoader
-
-    loader = SourceFileLoader(name, path)
-    module = type(sys)(name)
-    module.__file__ = path
-    module.__loader__ = loader
-    sys.modules[name] = module
-    try:
-        loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
-
-
-def tej_from_cache(cache, name, digest):
-    """The module from the cache if its file is ours, private and intact; else None."""
-    path = os.path.join(cache, name + ".py")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as stream:
-            info = os.fstat(stream.fileno())
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-                return None
-            if info.st_mode & 0o022:
-                return None
-            data = stream.read()
-        if tej_sha256(data) != digest:
-            return None
-        return tej_import(name, path)
-    except Exception:  # a damaged or vanished copy: the source is sent instead
-        return None
-
-
-def tej_from_source(cache, name, source):
-    """The module from its source: written to the cache and imported, or just run."""
-    if cache is not None:
-        path = os.path.join(cache, name + ".py")
-        temporary = "%s.tmp-%d" % (path, os.getpid())
-        try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(temporary, flags, 0o600)
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(source.encode("utf-8"))
-            os.replace(temporary, path)
-            try:  # a compiled copy that failed to load
-                from importlib.util import cache_from_source
-
-                os.unlink(cache_from_source(path))
-            except Exception:
-                pass
-            return tej_import(name, path)
-        except Exception:  # a read-only or full disk: run it from memory
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-    module = type(sys)(name)
-    sys.modules[name] = module
-    exec(compile(source, name, "exec"), module.__dict__)
-    return module
-
-
-def tej_prune(cache, keep):
-    """Remove what older versions of tej left in the cache."""
-    import time
-
-    limit = time.time() - CACHE_MAX_AGE
-    for folder in (cache, os.path.join(cache, "__pycache__")):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for entry in names:
-            if entry.split(".")[0] in keep:
-                continue
-            path = os.path.join(folder, entry)
-            try:
-                if os.lstat(path).st_mtime < limit:
-                    os.unlink(path)
-            except OSError:
-                pass
-
-
-class TejLazyModule(type(sys)):
-    """A module that is imported when first used, not when a module imports it."""
-
-    def __getattr__(self, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return getattr(self.tej_real(), attr)
-
-    def tej_real(self):
-        """The module itself, imported now (and put in sys.modules in this one's place)."""
-        if sys.modules.get(self.__name__) is self:
-            sys.modules.pop(self.__name__, None)
-        real = __import__(self.__name__)
-        self.__dict__.update(real.__dict__)
-        return real
-
-
-class TejProtocol(object):
-    """Stands for typing.Protocol as a base class (see tej_typing_stand_in)."""
-
-
-def tej_typing_stand_in():
-    """What execnet's gateway_base uses of typing as it runs, without loading typing.
-
-    It needs a base class for its protocols, overload and cast; the rest is in
-    annotations, which it doesn't evaluate. Anything else makes its import fail,
-    and it is imported again with typing itself.
-    """
-    module = type(sys)("typing")
-    module.TYPE_CHECKING = False
-    module.Protocol = TejProtocol
-    module.overload = lambda function: function
-    module.cast = lambda kind, value: value
-    for name in ("Any", "Callable", "Iterator", "Literal", "MutableSet"):
-        setattr(module, name, None)  # in annotations only
-    return module
-
-
-def tej_from_cache_lightly(cache, name, digest):
-    """tej_from_cache for execnet's gateway_base, without what it needs only rarely.
-
-    It imports traceback (with linecache, tokenize, textwrap...) only to format
-    errors, binding format_exception as a default argument, and typing only for
-    its annotations: they would take a quarter of the server's start-up. So
-    traceback stands in until it is used, and typing while gateway_base loads.
-    """
-    if "traceback" not in sys.modules:
-        lazy = sys.modules["traceback"] = TejLazyModule("traceback")
-        lazy.format_exception = lambda *args, **kwargs: (
-            lazy.tej_real().format_exception(*args, **kwargs)
-        )
-    if "typing" in sys.modules:
-        return tej_from_cache(cache, name, digest)
-    stand_in = sys.modules["typing"] = tej_typing_stand_in()
-    try:
-        module = tej_from_cache(cache, name, digest)
-    finally:
-        if sys.modules.get("typing") is stand_in:
-            del sys.modules["typing"]
-    return module if module is not None else tej_from_cache(cache, name, digest)
-
-
-def tej_boot(modules, start):
-    """Load the modules [(name, digest)], asking for the source of those not cached."""
-    cache = tej_cache_dir()
-    loaded = {}
-    for name, digest in modules:
-        if cache is not None and name == start:
-            loaded[name] = tej_from_cache_lightly(cache, name, digest)
-        elif cache is not None:
-            loaded[name] = tej_from_cache(cache, name, digest)
-    missing = [name for name, _ in modules if loaded.get(name) is None]
-    sys.stdout.write("TEJ-CACHE%s\n" % "".join(" " + name for name in missing))
-    sys.stdout.flush()
-    if missing:
-        sources = eval(sys.stdin.readline())
-        for name in missing:
-            loaded[name] = tej_from_source(cache, name, sources[name])
-        if cache is not None:
-            tej_prune(cache, [name for name, _ in modules])
-    base = loaded[start]
-    io = base.init_popen_io(base.get_execmodel("thread"))
-    io.write(b"1")
-    base.serve(io, id="tej-agent")
-    # The client has closed the session: end now, without the interpreter's cleanup,
-    # which the client would wait for (supervisors are detached: they go on).
-    sys.stderr.flush()
-    os._exit(0)
-'''.replace("CACHE_DIR_NAME", repr(CACHE_DIR_NAME)).replace("CACHE_MAX_AGE", str(CACHE_MAX_AGE))
-
-AGENT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote_agent.py")
+LOADER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loader.py")
 
 
 class Code:
@@ -287,29 +62,42 @@ class Code:
         self.name = f"{prefix}{self.digest[:16]}"
 
 
-_codes: dict[str, Code] = {}
+class Bundle:
+    """The agent's bundle (tej.server.bundle): its name, and its files' sources and digests."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        from tej.server.bundle import describe
+
+        self.name, self.digests = describe(files)
+        self.sources = {path: data.decode("utf-8") for path, data in files.items()}
 
 
-def agent_code() -> Code:
-    """The agent's code (named tej_agent_DIGEST, as its copy in a queue)."""
-    if "agent" not in _codes:
-        with open(AGENT_PATH, encoding="utf-8") as stream:
-            _codes["agent"] = Code("tej_agent_", stream.read())
-    return _codes["agent"]
+_codes: dict[str, Any] = {}
 
 
-def all_code() -> tuple[Code, Code]:
-    """execnet's gateway_base and the agent, as the loader wants them."""
+def gateway_code() -> Code:
+    """execnet's gateway_base, as the server's cache names it."""
     if "execnet" not in _codes:
         from tej.gateway import gateway_source
 
         _codes["execnet"] = Code("tej_execnet_", gateway_source())
-    return _codes["execnet"], agent_code()
+    return _codes["execnet"]  # type: ignore[no-any-return]
 
 
-def cache_sources() -> dict[str, str]:
-    """What the server's cache holds for this client: {module name: source}, file NAME.py."""
-    return {code.name: code.source for code in all_code()}
+def agent_bundle() -> Bundle:
+    """The agent's bundle, read from this client's files once."""
+    if "bundle" not in _codes:
+        from tej.server.bundle import read_bundle
+
+        _codes["bundle"] = Bundle(read_bundle(os.path.dirname(os.path.abspath(__file__))))
+    return _codes["bundle"]  # type: ignore[no-any-return]
+
+
+def cache_sources() -> dict[str, Any]:
+    """What the server's cache holds for this client, by name: gateway_base's source, and
+    the bundle's sources ({relpath: source})."""
+    bundle = agent_bundle()
+    return {gateway_code().name: gateway_code().source, bundle.name: bundle.sources}
 
 
 class AgentIO:
@@ -433,6 +221,9 @@ def boot_line(value: object) -> bytes:
 
 
 def loader_source() -> str:
-    """The loader's source, with the modules this client wants."""
-    modules = [(code.name, code.digest) for code in all_code()]
-    return f"{LOADER}\ntej_boot({modules!r}, {modules[0][0]!r})\n"
+    """The loader's source (tej/loader.py), with the call that boots this client's code."""
+    with open(LOADER_PATH, encoding="utf-8") as stream:
+        source = stream.read()
+    gateway, bundle = gateway_code(), agent_bundle()
+    call = (gateway.name, gateway.digest), (bundle.name, bundle.digests)
+    return f"{source}\ntej_boot{call!r}\n"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tej import __version__
+from tej import __version__, protocol
 from tej.api import DEFAULT_QUEUE, JobState, JobStatus, RemoteQueue
 from tej.errors import InvalidInput, JobNotFound, TejError
 
@@ -115,7 +115,7 @@ COMMON_OPTIONS = [
         "--connect-timeout",
         envvar="TEJ_CONNECT_TIMEOUT",
         type=click.IntRange(1, 3600),
-        default=15,
+        default=protocol.DEFAULT_CONNECT_TIMEOUT,
         show_default=True,
         help="Seconds to wait for the server before giving up.",
     ),

@@ -7,6 +7,7 @@ import stat
 import sys
 
 from tej.errors import InvalidInput
+from tej.protocol import DEFAULT_CONNECT_TIMEOUT
 
 LOCAL = "local"
 DEFAULT_REMOTE_PYTHON = "python3"
@@ -97,7 +98,7 @@ class ConnectOptions(_Value):
         self,
         python: str | None = None,
         ssh_config: str | None = None,
-        connect_timeout: int = 15,
+        connect_timeout: int = DEFAULT_CONNECT_TIMEOUT,
         keepalive_interval: int = 10,
         keepalive_count: int = 3,
         reuse_for: int = SHARED_CONNECTION_SECONDS,

@@ -66,10 +66,6 @@ class WaitTimeout(TejError):
     exit_code = 6
 
 
-class AgentMissing(TejError):
-    """The queue has no copy of this agent yet (handled inside the session)."""
-
-
 class RunnerMissing(TejError):
     """The queue's runner is not installed in it, or is older than the client's (handled)."""
 
@@ -82,7 +78,6 @@ ERRORS_BY_TYPE: dict[str, type[TejError]] = {
     protocol.ERR_JOB_EXISTS: JobExists,
     protocol.ERR_JOB_RUNNING: JobStillRunning,
     protocol.ERR_QUEUE: QueueError,
-    protocol.ERR_AGENT_MISSING: AgentMissing,
     protocol.ERR_RUNNER_MISSING: RunnerMissing,
     protocol.ERR_SERVER: ServerError,
     protocol.ERR_INTERNAL: ServerError,

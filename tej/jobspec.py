@@ -20,9 +20,9 @@ from tej.errors import InvalidInput
 
 JOB_FILE = "tej.json"
 MAX_JOB_FILE_SIZE = 1 << 20
-OUTPUT_KEPT = "tej"
-OUTPUT_DISCARDED = "discard"
-STDERR_MERGED = "stdout"
+OUTPUT_KEPT = protocol.OUTPUT_KEPT
+OUTPUT_DISCARDED = protocol.OUTPUT_DISCARDED
+STDERR_MERGED = protocol.STDERR_MERGED
 NOTIFY_STATES = (protocol.STATE_FINISHED, protocol.STATE_KILLED, protocol.STATE_TIMED_OUT)
 
 FIELDS = (
@@ -36,28 +36,9 @@ FIELDS = (
     "start_at",
     "delay",
     "notify",
-    "priority",
-    "after",
-    "slurm",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
-#: tej.json's "slurm" object: sbatch settings, passed as arguments (never through a shell).
-SLURM_FIELDS = (
-    "partition",
-    "time",
-    "cpus",
-    "memory",
-    "nodes",
-    "gpus",
-    "account",
-    "qos",
-    "constraint",
-    "extra_args",
-)
-MAX_PRIORITY = 1_000_000
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ENV_NAME = re.compile(protocol.ENV_NAME_REGEX)
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\Z")
 
 
@@ -89,7 +70,7 @@ def build_job(from_file: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
     Overrides use the same names as tej.json; None means "not given".
     """
-    _check_keys(from_file, FIELDS, JOB_FILE)
+    _check_keys(from_file, FIELDS + tuple(runner_fields()), JOB_FILE)
     given = {key: value for key, value in overrides.items() if value is not None}
     if "start_at" in given or "delay" in given:
         from_file = {k: v for k, v in from_file.items() if k not in ("start_at", "delay")}
@@ -120,52 +101,28 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
         job["start_at"] = parse_start_at(data["start_at"])
     if "notify" in data:
         job["notify"] = _notify(data["notify"])
-    if data.get("priority") is not None:
-        job["priority"] = _priority(data["priority"])
-    if data.get("after"):
-        job["after"] = _job_ids(data["after"], "after")
-    if data.get("slurm") is not None:
-        job["slurm"] = _slurm(data["slurm"])
+    job.update(_runner_fields(data))
     return job
 
 
-def _priority(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
-        raise InvalidInput(
-            f"priority must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}"
-        )
-    return value
+def runner_fields() -> dict[str, str]:
+    """The job fields that only some runners take, each with the built-in runner that owns it."""
+    from tej.server.runners import builtin_fields
+
+    return builtin_fields()  # type: ignore[no-any-return]
 
 
-def _job_ids(value: Any, field: str) -> list[str]:
-    ids = _one_or_many(value, field)
-    for job_id in ids:
-        if protocol.job_id_problem(job_id):
-            raise InvalidInput(f"Invalid job identifier {job_id!r} in {field}")
-    return list(dict.fromkeys(ids))
+def _runner_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The runners' fields of a job, checked by the runners that own them."""
+    from tej.server.runners import builtin_module
 
-
-def _slurm(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidInput('slurm must be an object of sbatch settings, such as {"cpus": 4}')
-    _check_keys(value, SLURM_FIELDS, "slurm")
-    slurm: dict[str, Any] = {}
-    for key, item in value.items():
-        if key == "time":
-            slurm[key] = duration(item, "slurm.time")
-        elif key in ("cpus", "nodes", "gpus"):
-            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-                raise InvalidInput(f"slurm.{key} must be a positive whole number")
-            slurm[key] = item
-        elif key == "extra_args":
-            slurm[key] = _strings(item, "slurm.extra_args")
-            if any(not arg.startswith("-") for arg in slurm[key]):
-                raise InvalidInput("slurm.extra_args must be sbatch options, such as --exclusive")
-        else:
-            if not isinstance(item, str) or not item.strip() or "\0" in item:
-                raise InvalidInput(f"slurm.{key} must be a non-empty string")
-            slurm[key] = item
-    return slurm
+    fields: dict[str, Any] = {}
+    for name in dict.fromkeys(runner_fields()[key] for key in data if key in runner_fields()):
+        try:
+            fields.update(builtin_module(name).check_fields(data))
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+    return fields
 
 
 def _check_keys(data: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -178,18 +135,10 @@ def _check_keys(data: Mapping[str, Any], known: tuple[str, ...], where: str) -> 
 
 def duration(value: Any, field: str, allow_zero: bool = False) -> float:
     """Seconds from a number or a text like "90", "90s", "15m", "2h", "1d", "1h30m"."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidInput(f'{field} must be a duration such as 90, "15m" or "2h"')
-    if isinstance(value, str):
-        text = value.strip().lower()
-        parts = _DURATION_PART.findall(text)
-        if not parts or _DURATION_PART.sub("", text).strip():
-            raise InvalidInput(f'Invalid duration for {field}: {value!r} (try "90s", "15m")')
-        value = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
-    seconds = float(value)
-    if not 0 <= seconds <= protocol.MAX_DURATION or (seconds == 0 and not allow_zero):
-        raise InvalidInput(f"{field} must be a positive duration up to 10 years, not {value!r}")
-    return seconds
+    try:
+        return protocol.parse_duration(value, field, allow_zero)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def parse_start_at(value: Any) -> str:

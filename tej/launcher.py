@@ -23,7 +23,6 @@ CONNECTION_OPTIONS = {
     "--ssh-config": "TEJ_SSH_CONFIG",
     "--connect-timeout": "TEJ_CONNECT_TIMEOUT",
 }
-DEFAULT_CONNECT_TIMEOUT = 15  # as in tej.cli
 TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")
 FALSE_WORDS = ("", "0", "false", "f", "no", "n", "off")
 
@@ -104,6 +103,7 @@ def _prestart(args: list[str]) -> None:
         return
     from tej.bootstrap import prestart
     from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
+    from tej.protocol import DEFAULT_CONNECT_TIMEOUT
 
     python, ssh_config = found.get("--python"), found.get("--ssh-config")
     timeout = str(found.get("--connect-timeout", DEFAULT_CONNECT_TIMEOUT))

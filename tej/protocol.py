@@ -1,16 +1,42 @@
-"""What the client needs to know of the agent's protocol, without importing the agent.
+"""tej's protocol, defined once: the client and the agent on the server both import it.
 
-The agent (tej/remote_agent.py, 1,700 lines) owns these values. The client only
-needs this handful, and importing the agent would cost every command its
-compilation and its imports, so they are restated here;
-tests/test_agent.py::test_client_protocol_matches_the_agent checks that each one
-is equal to the agent's.
+It is part of the code shipped to the server (see tej/server/bundle.py), so it
+is standard library only, Python 3.8+, and imports nothing at load time (the
+`tej` command reads it before ssh starts: see tej.launcher).
+
+A request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}``; the reply
+is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": KIND, "message":
+TEXT}``, KIND one of the ERR_ names below.
 """
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
+#: Every operation, and the module of tej/server/handlers/ that answers it (a
+#: function of the same name). A request loads only its own handler's module.
+OPERATIONS = {
+    "hello": "session",
+    "setup": "setup",
+    "install_runner": "setup",
+    "upload_begin": "upload",
+    "upload_manifest": "upload",
+    "upload_data": "upload",
+    "upload_abort": "upload",
+    "submit": "upload",
+    "status": "jobs",
+    "list": "jobs",
+    "wait": "jobs",
+    "kill": "jobs",
+    "delete": "jobs",
+    "read_output": "output",
+    "tail_offset": "output",
+    "list_files": "files",
+    "file_identity": "files",
+    "read_chunks": "files",
+}
+
+# Job states.
 STATE_STARTING = "starting"
 STATE_QUEUED = "queued"
 STATE_SCHEDULED = "scheduled"
@@ -23,40 +49,84 @@ STATE_CANCELLED = "cancelled"
 ACTIVE_STATES = (STATE_STARTING, STATE_QUEUED, STATE_SCHEDULED, STATE_RUNNING)
 END_STATES = (STATE_FINISHED, STATE_KILLED, STATE_TIMED_OUT, STATE_LOST, STATE_CANCELLED)
 
-DEFAULT_RUNNER = "default"
-
-DEFAULT_SCRIPT = "start.sh"
-KILL_GRACE = 5.0
-MAX_DURATION = 3650 * 86400.0
-MAX_BLOCK = 30.0
-MAX_ID_LENGTH = 128
-#: What a job identifier is made of (the agent compiles it as ID_PATTERN).
-ID_REGEX = r"[A-Za-z0-9_\-.+=@%:,]+\Z"
-
+# Error kinds of error replies (tej.errors maps each to an exception class).
 ERR_BAD_REQUEST = "BadRequest"
 ERR_INVALID = "InvalidInput"
 ERR_JOB_NOT_FOUND = "JobNotFound"
 ERR_JOB_EXISTS = "JobExists"
 ERR_JOB_RUNNING = "JobRunning"
 ERR_QUEUE = "QueueError"
-ERR_AGENT_MISSING = "AgentMissing"
 ERR_RUNNER_MISSING = "RunnerMissing"
 ERR_SERVER = "ServerError"
 ERR_INTERNAL = "InternalError"
 
+# Where a job's output goes (tej.json "stdout" and "stderr", besides a path in the job).
+OUTPUT_KEPT = "tej"
+OUTPUT_DISCARDED = "discard"
+STDERR_MERGED = "stdout"
+
+# Runners: the default one (tej.server.runners), and those in tej/server/runners/.
+DEFAULT_RUNNER = "default"
+BUILTIN_RUNNERS = ("queue", "slurm")
+
+# Defaults.
+DEFAULT_SCRIPT = "start.sh"
+DEFAULT_CONNECT_TIMEOUT = 15
+KILL_GRACE = 5.0
+
+# Limits.
+MAX_DURATION = 3650 * 86400.0  # ten years: longer is a mistake, and overflows timers
+MAX_BLOCK = 30.0  # the longest a request waits on the server (wait, read_output)
+MAX_OFFSET = 1 << 62
+MAX_READ = 1 << 24
+MAX_CHUNK = 1 << 20
+MAX_ID_LENGTH = 128
+
+# Names: what job identifiers, environment variables and runners are made of.
+ID_CHARACTERS = r"A-Za-z0-9_\-.+=@%:,"
+ID_REGEX = r"[%s]+\Z" % ID_CHARACTERS
+ENV_NAME_REGEX = r"[A-Za-z_][A-Za-z0-9_]*\Z"
+RUNNER_NAME_REGEX = r"[a-z][a-z0-9_]{0,63}\Z"
+
 
 def job_id_problem(job_id: object) -> str | None:
-    """Why job_id is not a valid job identifier (the agent's rule), or None if it is."""
+    """Why job_id is not a valid job identifier, or None if it is."""
     if not isinstance(job_id, str) or not job_id:
         return "A job identifier can't be empty"
     import re  # here: tej starts ssh before it would load re (see tej.launcher)
 
     if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not re.match(ID_REGEX, job_id):
-        return (
-            f"Invalid job identifier {job_id!r}: use at most {MAX_ID_LENGTH} letters, "
-            "digits and _-.+=@%:,"
+        return "Invalid job identifier %r: use at most %d letters, digits and _-.+=@%%:," % (
+            job_id,
+            MAX_ID_LENGTH,
         )
     return None
+
+
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object, field: str, allow_zero: bool = False) -> float:
+    """Seconds from a number or a text like "90", "90s", "15m", "2h", "1d", "1h30m".
+
+    ValueError, naming field, if it isn't one (or is zero, unless allow_zero).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError('%s must be a duration such as 90, "15m" or "2h"' % field)
+    seconds = value
+    if isinstance(value, str):
+        import re
+
+        part = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+        text = value.strip().lower()
+        parts = part.findall(text)
+        if not parts or part.sub("", text).strip():
+            raise ValueError('Invalid duration for %s: %r (try "90s", "15m")' % (field, value))
+        seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
+    seconds = float(seconds)
+    if not 0 <= seconds <= MAX_DURATION or (seconds == 0 and not allow_zero):
+        raise ValueError("%s must be a positive duration up to 10 years, not %r" % (field, value))
+    return seconds
 
 
 def sha256_hex(data: bytes) -> str:

@@ -15,7 +15,6 @@ import itertools
 import threading
 from typing import IO, TYPE_CHECKING, Any
 
-from tej import runners
 from tej.bootstrap import (
     BOOT_MARKER,
     BOOTSTRAP_LINE,
@@ -23,7 +22,7 @@ from tej.bootstrap import (
     MAX_LOGIN_NOISE,
     MIN_PYTHON,
     AgentIO,
-    agent_code,
+    agent_bundle,
     boot_line,
     cache_sources,
     prestarted,
@@ -46,15 +45,6 @@ if TYPE_CHECKING:
     from tej.process import Process
 
 _gateway_ids = itertools.count(1)
-
-
-def __getattr__(name: str) -> str:
-    """AGENT_SOURCE and AGENT_DIGEST, read when first needed (not by every import)."""
-    if name == "AGENT_SOURCE":
-        return agent_code().source
-    if name == "AGENT_DIGEST":
-        return agent_code().digest[:16]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Session:
@@ -103,15 +93,7 @@ class Session:
             self._bootstrap(self._io)
             self._channel = self._start_agent(self._io)
             # Its reply is read with the first request's: no round trip of its own.
-            digest = agent_code().digest[:16]
-            self._send(
-                "hello",
-                {
-                    "protocol": PROTOCOL_VERSION,
-                    "digest": digest,
-                    "runners": runners.builtin_digests(),
-                },
-            )
+            self._send("hello", {"protocol": PROTOCOL_VERSION})
             self._hello_pending = True
         except BaseException:
             self.close()
@@ -213,7 +195,7 @@ class Session:
 
     def _start_agent(self, io: AgentIO) -> Any:
         self._gateway = gateway = open_gateway(io, f"tej-{next(_gateway_ids)}")
-        module = agent_code().name  # the loader has imported it
+        module = f"{agent_bundle().name}.remote_agent"  # the loader has imported it
         return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")
 
     def stderr_tail(self) -> str:

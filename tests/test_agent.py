@@ -26,9 +26,13 @@ from typing import Any, Callable, NamedTuple, TypeVar, Union
 import pytest
 from helpers import folder_manifest
 
-import tej.session
+import tej.bootstrap
 from tej import protocol, transfer
-from tej import remote_agent as agent
+from tej.server import errors, files, launch, layout, listcache, processes, store
+from tej.server.agentcopy import AgentCopy, queue_copy
+from tej.server.bundle import own_files, own_name
+from tej.server.queue import open_queue
+from tej.server.service import Connection
 
 T = TypeVar("T")
 DEADLINE = 15.0
@@ -129,8 +133,8 @@ class Harness:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.queue = str(tmp_path / "queue")
-        self.agent = agent.Agent()
-        self.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
+        self.agent = Connection()
+        self.ok("hello", protocol=protocol.PROTOCOL_VERSION)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request; the queue defaults to the harness's, a manifest to an empty one."""
@@ -138,7 +142,7 @@ class Harness:
             args.setdefault("queue", self.queue)
         if op == "upload_begin":
             args.setdefault("manifest", manifest_of({}))
-        reply = self.agent.handle({"v": agent.PROTOCOL_VERSION, "op": op, "args": args})
+        reply = self.agent.handle({"v": protocol.PROTOCOL_VERSION, "op": op, "args": args})
         assert isinstance(reply, dict)
         return reply
 
@@ -151,7 +155,7 @@ class Harness:
     def jobs_listed(self, queue: str | None = None) -> list[dict[str, Any]]:
         """The `list` reply, as one dict per job."""
         reply = self.ok("list", **({"queue": queue} if queue else {}))
-        assert reply["fields"] == list(agent.LIST_FIELDS) or reply["fields"] == agent.LIST_FIELDS
+        assert reply["fields"] == list(listcache.LIST_FIELDS) or reply["fields"] == listcache.LIST_FIELDS
         return [dict(zip(reply["fields"], row)) for row in json.loads(reply["rows"])]
 
     def fail(self, error: str, op: str, **args: Any) -> str:
@@ -219,11 +223,7 @@ class Harness:
             token = begun["result"]["token"]
         request.setdefault("id_prefix", "job")
         request.setdefault("job", {"script": "start.sh", "args": []})
-        reply = self.call("submit", queue=queue, token=token, **request)
-        if not reply["ok"] and reply["error"] == agent.ERR_AGENT_MISSING:
-            self.ok("install_agent", queue=queue, source=tej.session.AGENT_SOURCE)
-            reply = self.call("submit", queue=queue, token=token, **request)
-        return reply
+        return self.call("submit", queue=queue, token=token, **request)
 
     def submit(self, tree: dict[str, Entry], **request: Any) -> str:
         """Upload and submit a tree that must be accepted; returns the job id."""
@@ -242,34 +242,34 @@ class Harness:
     def wait_running(self, job_id: str) -> dict[str, Any]:
         """Poll until the job runs (submit answers while it starts); returns its raw record."""
         return wait_for(
-            lambda: (r := self.record(job_id))["state"] == agent.STATE_RUNNING and r,
+            lambda: (r := self.record(job_id))["state"] == protocol.STATE_RUNNING and r,
             f"job {job_id} to run",
         )
 
     def wait_end(self, job_id: str, queue: str | None = None) -> dict[str, Any]:
         """Poll the job's status until it is in an end state."""
         return wait_for(
-            lambda: (s := self.status(job_id, queue))["state"] in agent.END_STATES and s,
+            lambda: (s := self.status(job_id, queue))["state"] in protocol.END_STATES and s,
             f"job {job_id} to end",
         )
 
     def job_dir(self, job_id: str, queue: str | None = None) -> Path:
         """The job's directory in the queue."""
-        return Path(queue or self.queue) / agent.JOBS_DIR / job_id
+        return Path(queue or self.queue) / layout.JOBS_DIR / job_id
 
     def record(self, job_id: str) -> dict[str, Any]:
         """The job's raw status.json."""
-        return dict(json.loads((self.job_dir(job_id) / agent.STATUS_FILE).read_text()))
+        return dict(json.loads((self.job_dir(job_id) / layout.STATUS_FILE).read_text()))
 
     def jobs(self, queue: str | None = None) -> list[str]:
         """The names in the queue's jobs folder."""
-        return sorted(os.listdir(Path(queue or self.queue) / agent.JOBS_DIR))
+        return sorted(os.listdir(Path(queue or self.queue) / layout.JOBS_DIR))
 
     def starting(self) -> bool:
         """Whether a job under tmp is still starting (its supervisor has not recorded it yet)."""
-        for path in self.tmp.rglob(agent.STATUS_FILE):
+        for path in self.tmp.rglob(layout.STATUS_FILE):
             with contextlib.suppress(OSError, ValueError):
-                if json.loads(path.read_text()).get("state") == agent.STATE_STARTING:
+                if json.loads(path.read_text()).get("state") == protocol.STATE_STARTING:
                     return True
         return False
 
@@ -279,15 +279,15 @@ class Harness:
         deadline = time.monotonic() + DEADLINE
         while self.starting() and time.monotonic() < deadline:  # forked: let them record
             time.sleep(0.02)
-        for path in self.tmp.rglob(agent.STATUS_FILE):
+        for path in self.tmp.rglob(layout.STATUS_FILE):
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads(path.read_text())
                 identity = record.get("job")
-                if agent.is_same_process(identity):
-                    agent.signal_group(identity["pid"], signal.SIGKILL)
+                if processes.is_same_process(identity):
+                    processes.signal_group(identity["pid"], signal.SIGKILL)
                 supervisors.append(record.get("supervisor"))
         deadline = time.monotonic() + DEADLINE
-        while any(agent.is_same_process(s) for s in supervisors) and time.monotonic() < deadline:
+        while any(processes.is_same_process(s) for s in supervisors) and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
@@ -309,16 +309,16 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         None,
         ["list"],
         {"op": "list", "args": {}},
-        {"v": agent.PROTOCOL_VERSION + 1, "op": "list", "args": {}},
+        {"v": protocol.PROTOCOL_VERSION + 1, "op": "list", "args": {}},
         {"v": "1", "op": "list", "args": {}},
-        {"v": agent.PROTOCOL_VERSION, "op": "frobnicate", "args": {}},
-        {"v": agent.PROTOCOL_VERSION, "args": {}},
-        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": ["/tmp/q"]},
-        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": None},
-        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": {1: "/tmp/q"}},
-        {"v": agent.PROTOCOL_VERSION, "op": "list", "args": {"queue": "/q", "bogus": 1}},
-        {"v": agent.PROTOCOL_VERSION, "op": "status", "args": {"queue": "/q"}},
-        {"v": agent.PROTOCOL_VERSION, "op": "hello", "args": {"protocol": 2, "digest": "x"}},
+        {"v": protocol.PROTOCOL_VERSION, "op": "frobnicate", "args": {}},
+        {"v": protocol.PROTOCOL_VERSION, "args": {}},
+        {"v": protocol.PROTOCOL_VERSION, "op": "list", "args": ["/tmp/q"]},
+        {"v": protocol.PROTOCOL_VERSION, "op": "list", "args": None},
+        {"v": protocol.PROTOCOL_VERSION, "op": "list", "args": {1: "/tmp/q"}},
+        {"v": protocol.PROTOCOL_VERSION, "op": "list", "args": {"queue": "/q", "bogus": 1}},
+        {"v": protocol.PROTOCOL_VERSION, "op": "status", "args": {"queue": "/q"}},
+        {"v": protocol.PROTOCOL_VERSION, "op": "hello", "args": {"protocol": 1}},
     ],
 )
 def test_malformed_requests_get_bad_request_and_agent_keeps_serving(
@@ -326,29 +326,31 @@ def test_malformed_requests_get_bad_request_and_agent_keeps_serving(
 ) -> None:
     reply = harness.agent.handle(request_)
     assert reply["ok"] is False
-    assert reply["error"] == agent.ERR_BAD_REQUEST
+    assert reply["error"] == protocol.ERR_BAD_REQUEST
     assert isinstance(reply["message"], str) and reply["message"]
     assert harness.jobs_listed() == []
 
 
 def test_hello_describes_the_server(harness: Harness) -> None:
-    info = harness.ok("hello", protocol=agent.PROTOCOL_VERSION, digest="abc")
-    assert info["protocol"] == agent.PROTOCOL_VERSION
+    info = harness.ok("hello", protocol=protocol.PROTOCOL_VERSION)
+    assert info["protocol"] == protocol.PROTOCOL_VERSION
     assert info["pid"] == os.getpid()
     assert info["python"] == "%d.%d.%d" % sys.version_info[:3]
 
 
-def test_install_agent_requires_hello(tmp_path: Path) -> None:
-    fresh = agent.Agent()
-    request = {"queue": str(tmp_path / "q"), "source": tej.session.AGENT_SOURCE}
-    reply = fresh.handle({"v": agent.PROTOCOL_VERSION, "op": "install_agent", "args": request})
-    assert reply["error"] == agent.ERR_BAD_REQUEST
-    assert "hello" in reply["message"]
+def test_the_agent_needs_no_install_step(tmp_path: Path) -> None:
+    """The agent copies itself: there is no install_agent request, and no hello is needed."""
+    fresh = Connection()
+    request = {"queue": str(tmp_path / "q"), "source": "print('not tej')"}
+    reply = fresh.handle({"v": protocol.PROTOCOL_VERSION, "op": "install_agent", "args": request})
+    assert reply["error"] == protocol.ERR_BAD_REQUEST
+    assert "install_agent" in reply["message"]
+    assert not os.path.lexists(tmp_path / "q")
 
 
 # -- job identifiers -----------------------------------------------------------
 
-VALID_IDS = ["a", "Job_1", "A-z_0.9+=@%:,", "x" * agent.MAX_ID_LENGTH, "...", "-n", ".x"]
+VALID_IDS = ["a", "Job_1", "A-z_0.9+=@%:,", "x" * protocol.MAX_ID_LENGTH, "...", "-n", ".x"]
 INVALID_IDS: list[Any] = [
     "",
     ".",
@@ -360,7 +362,7 @@ INVALID_IDS: list[Any] = [
     "a;b",
     "$HOME",
     "é",
-    "x" * (agent.MAX_ID_LENGTH + 1),
+    "x" * (protocol.MAX_ID_LENGTH + 1),
     5,
     ["a"],
     b"abc",
@@ -378,7 +380,7 @@ def test_valid_job_ids_are_accepted(harness: Harness, job_id: str) -> None:
 @pytest.mark.parametrize("job_id", INVALID_IDS)
 def test_invalid_job_ids_are_refused_by_submit(harness: Harness, job_id: Any) -> None:
     reply = harness.submit_reply(script("true\n"), job_id=job_id)
-    assert (reply["ok"], reply.get("error")) == (False, agent.ERR_INVALID)
+    assert (reply["ok"], reply.get("error")) == (False, protocol.ERR_INVALID)
     assert harness.jobs() == []
 
 
@@ -387,23 +389,27 @@ def test_invalid_job_ids_are_refused_by_submit(harness: Harness, job_id: Any) ->
 def test_invalid_job_ids_are_refused_by_job_operations(
     harness: Harness, op: str, job_id: Any
 ) -> None:
-    harness.fail(agent.ERR_INVALID, op, job_id=job_id)
+    harness.fail(protocol.ERR_INVALID, op, job_id=job_id)
     assert list(harness.tmp.iterdir()) == []
 
 
-def test_client_protocol_matches_the_agent() -> None:
-    """tej/protocol.py restates what the client needs of the agent: each value is the agent's."""
-    names = [name for name in vars(protocol) if name.isupper()]
-    assert len(names) > 20, names
-    for name in names:
-        assert getattr(protocol, name) == getattr(agent, name), name
+def test_every_operation_has_its_handler_and_no_other() -> None:
+    """tej.protocol.OPERATIONS names each request's handler module; each module answers those."""
+    import importlib
+
+    modules = set(protocol.OPERATIONS.values())
+    answered = {}
+    for name in modules:
+        module = importlib.import_module(f"tej.server.handlers.{name}")
+        answered.update({op: name for op in module.HANDLERS})
+    assert answered == protocol.OPERATIONS
 
 
 @pytest.mark.parametrize("job_id", VALID_IDS + INVALID_IDS)
 def test_client_job_id_rule_is_the_agent_s(job_id: Any) -> None:
     try:
-        agent.validate_job_id(job_id)
-    except agent.AgentError as exc:
+        layout.validate_job_id(job_id)
+    except errors.AgentError as exc:
         assert protocol.job_id_problem(job_id) == exc.message
     else:
         assert protocol.job_id_problem(job_id) is None
@@ -415,8 +421,8 @@ def test_client_job_id_rule_is_the_agent_s(job_id: Any) -> None:
 def test_queue_is_created_private_on_first_upload(harness: Harness) -> None:
     harness.ok("upload_begin")
     root = Path(harness.queue)
-    config = json.loads((root / agent.QUEUE_CONFIG).read_text())
-    assert config["format"] == agent.QUEUE_FORMAT == 1
+    config = json.loads((root / layout.QUEUE_CONFIG).read_text())
+    assert config["format"] == layout.QUEUE_FORMAT == 1
     assert config["runner"] == "default"
     for folder in (root, *(root / name for name in ("jobs", "staging", "trash", "agent"))):
         assert mode_of(folder) == 0o700, folder
@@ -425,21 +431,21 @@ def test_queue_is_created_private_on_first_upload(harness: Harness) -> None:
 def test_queue_parents_are_created(harness: Harness) -> None:
     queue = str(harness.tmp / "deep" / "er" / "queue")
     harness.submit(script("true\n"), queue=queue, job_id="j")
-    assert (Path(queue) / agent.QUEUE_CONFIG).is_file()
+    assert (Path(queue) / layout.QUEUE_CONFIG).is_file()
 
 
 def test_empty_existing_directory_becomes_a_queue(harness: Harness) -> None:
     Path(harness.queue).mkdir()
     harness.ok("upload_begin")
-    assert (Path(harness.queue) / agent.QUEUE_CONFIG).is_file()
+    assert (Path(harness.queue) / layout.QUEUE_CONFIG).is_file()
 
 
 def test_status_and_list_do_not_create_a_missing_queue(harness: Harness) -> None:
     assert harness.jobs_listed() == []
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id="nope")
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "kill", job_id="nope")
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "delete", job_id="nope")
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "list_files", job_id="nope", path=b"")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "status", job_id="nope")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "kill", job_id="nope")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "delete", job_id="nope")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "list_files", job_id="nope", path=b"")
     assert not os.path.lexists(harness.queue)
 
 
@@ -450,7 +456,7 @@ def test_status_and_list_do_not_create_a_missing_queue(harness: Harness) -> None
         ("setup", {}),
         ("list", {}),
         ("status", {"job_id": "j"}),
-        ("install_agent", {"source": "x"}),
+        ("install_runner", {"runner": "echo", "source": "x"}),
     ],
 )
 def test_foreign_directory_is_refused_and_untouched(
@@ -459,7 +465,7 @@ def test_foreign_directory_is_refused_and_untouched(
     root = Path(harness.queue)
     root.mkdir()
     (root / "precious.txt").write_text("mine")
-    message = harness.fail(agent.ERR_QUEUE, op, **args)
+    message = harness.fail(protocol.ERR_QUEUE, op, **args)
     assert "not a tej queue" in message
     assert [p.name for p in root.iterdir()] == ["precious.txt"]
     assert (root / "precious.txt").read_text() == "mine"
@@ -467,24 +473,24 @@ def test_foreign_directory_is_refused_and_untouched(
 
 def test_plain_file_at_queue_path_is_refused(harness: Harness) -> None:
     Path(harness.queue).write_text("not json\n")
-    harness.fail(agent.ERR_QUEUE, "upload_begin")
+    harness.fail(protocol.ERR_QUEUE, "upload_begin")
     assert Path(harness.queue).read_text() == "not json\n"
 
 
 def test_queue_of_a_newer_format_is_refused(harness: Harness) -> None:
     harness.ok("setup")
-    config = Path(harness.queue) / agent.QUEUE_CONFIG
-    config.write_text(json.dumps({"format": agent.QUEUE_FORMAT + 1}))
+    config = Path(harness.queue) / layout.QUEUE_CONFIG
+    config.write_text(json.dumps({"format": layout.QUEUE_FORMAT + 1}))
     for op, args in (("upload_begin", {}), ("list", {}), ("status", {"job_id": "j"})):
-        assert "newer tej" in harness.fail(agent.ERR_QUEUE, op, **args)
+        assert "newer tej" in harness.fail(protocol.ERR_QUEUE, op, **args)
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"format": "1"}', "{}", ""])
 def test_damaged_queue_config_is_a_queue_error(harness: Harness, text: str) -> None:
     harness.ok("setup")
-    (Path(harness.queue) / agent.QUEUE_CONFIG).write_text(text)
-    harness.fail(agent.ERR_QUEUE, "list")
-    harness.fail(agent.ERR_QUEUE, "upload_begin")
+    (Path(harness.queue) / layout.QUEUE_CONFIG).write_text(text)
+    harness.fail(protocol.ERR_QUEUE, "list")
+    harness.fail(protocol.ERR_QUEUE, "upload_begin")
 
 
 # -- setup and links -------------------------------------------------------------
@@ -500,29 +506,29 @@ def test_setup_creates_a_queue(harness: Harness) -> None:
         "links": [],
         "batch_systems": batch_systems,
     }
-    assert json.loads((Path(harness.queue) / agent.QUEUE_CONFIG).read_text())["format"] == 1
+    assert json.loads((Path(harness.queue) / layout.QUEUE_CONFIG).read_text())["format"] == 1
 
 
 def test_setup_again_needs_force(harness: Harness) -> None:
     harness.ok("setup")
-    assert "force" in harness.fail(agent.ERR_QUEUE, "setup")
+    assert "force" in harness.fail(protocol.ERR_QUEUE, "setup")
 
 
 def test_setup_with_force_rewrites_config_and_keeps_jobs(harness: Harness) -> None:
     job_id = harness.submit(script("true\n"), job_id="kept")
     harness.wait_end(job_id)
-    config_path = Path(harness.queue) / agent.QUEUE_CONFIG
+    config_path = Path(harness.queue) / layout.QUEUE_CONFIG
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(dict(config, runner="old")))
     result = harness.ok("setup", force=True)
     assert result["created"] is False
     assert json.loads(config_path.read_text())["runner"] == "default"
-    assert harness.status("kept")["state"] == agent.STATE_FINISHED
+    assert harness.status("kept")["state"] == protocol.STATE_FINISHED
     assert (harness.job_dir("kept") / "work" / "start.sh").is_file()
 
 
 def test_setup_with_unknown_runner_is_invalid(harness: Harness) -> None:
-    harness.fail(agent.ERR_INVALID, "setup", runner="slurm-on-mars")
+    harness.fail(protocol.ERR_INVALID, "setup", runner="slurm-on-mars")
     assert not os.path.lexists(harness.queue)
 
 
@@ -540,7 +546,7 @@ def test_setup_link_redirects_later_operations(harness: Harness) -> None:
 def write_link(path: Path, target: str) -> None:
     """Write a tej link file by hand."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"tej_link": target, "format": agent.LINK_FORMAT}))
+    path.write_text(json.dumps({"tej_link": target, "format": layout.LINK_FORMAT}))
 
 
 def test_chains_of_links_are_followed(harness: Harness) -> None:
@@ -565,21 +571,21 @@ def test_a_loop_of_links_is_a_queue_error(harness: Harness, size: int) -> None:
     links = [harness.tmp / f"link{i}" for i in range(size)]
     for i, link in enumerate(links):
         write_link(link, str(links[(i + 1) % size]))
-    assert "loop" in harness.fail(agent.ERR_QUEUE, "list", queue=str(links[0]))
-    harness.fail(agent.ERR_QUEUE, "upload_begin", queue=str(links[0]))
+    assert "loop" in harness.fail(protocol.ERR_QUEUE, "list", queue=str(links[0]))
+    harness.fail(protocol.ERR_QUEUE, "upload_begin", queue=str(links[0]))
 
 
 def test_link_at_an_existing_directory_is_refused(harness: Harness) -> None:
     folder = harness.tmp / "folder"
     folder.mkdir()
-    harness.fail(agent.ERR_QUEUE, "setup", links=[str(folder)], only_links=True)
+    harness.fail(protocol.ERR_QUEUE, "setup", links=[str(folder)], only_links=True)
     assert folder.is_dir() and list(folder.iterdir()) == []
 
 
 def test_link_over_a_plain_file_is_refused(harness: Harness) -> None:
     plain = harness.tmp / "notes.txt"
     plain.write_text("keep me")
-    harness.fail(agent.ERR_QUEUE, "setup", links=[str(plain)], only_links=True)
+    harness.fail(protocol.ERR_QUEUE, "setup", links=[str(plain)], only_links=True)
     assert plain.read_text() == "keep me"
 
 
@@ -589,7 +595,7 @@ def test_replacing_a_link_to_another_queue_needs_force(harness: Harness) -> None
     harness.ok("setup", links=[link], only_links=True)
     harness.ok("setup", links=[link], only_links=True)  # same target: fine
     assert "force" in harness.fail(
-        agent.ERR_QUEUE, "setup", queue=other, links=[link], only_links=True
+        protocol.ERR_QUEUE, "setup", queue=other, links=[link], only_links=True
     )
     assert json.loads(Path(link).read_text())["tej_link"] == harness.queue
     harness.ok("setup", queue=other, links=[link], only_links=True, force=True)
@@ -607,21 +613,20 @@ def test_only_links_makes_links_without_creating_the_queue(harness: Harness) -> 
 
 
 def test_link_to_itself_is_refused(harness: Harness) -> None:
-    harness.fail(agent.ERR_INVALID, "setup", links=[harness.queue], only_links=True)
+    harness.fail(protocol.ERR_INVALID, "setup", links=[harness.queue], only_links=True)
 
 
 # -- submit ----------------------------------------------------------------------
 
 
-def test_submit_installs_the_agent_copy_on_request(harness: Harness) -> None:
+def test_submit_writes_the_agent_copy_itself(harness: Harness) -> None:
     token = harness.upload(script("true\n"))
     job = {"script": "start.sh", "args": []}
-    harness.fail(agent.ERR_AGENT_MISSING, "submit", token=token, job_id="j", job=job)
     assert harness.jobs() == []
-    harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
-    copy = Path(harness.queue) / "agent" / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
-    assert copy.read_text() == tej.session.AGENT_SOURCE
     assert harness.ok("submit", token=token, job_id="j", job=job) == "j"
+    copy = Path(harness.queue) / "agent" / own_name()
+    assert {path: (copy / path).read_bytes() for path in own_files()} == own_files()
+    assert harness.wait_end("j")["exit_code"] == 0
 
 
 def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
@@ -652,7 +657,7 @@ def test_submitted_tree_arrives_as_sent(harness: Harness) -> None:
     assert os.readlink(work / "link") == "data.txt"
     assert os.readlink(work / "dirlink") == "sub/deeper"
     assert os.readlink(work / "dangling") == "/nonexistent/target"
-    job = json.loads((harness.job_dir(job_id) / agent.JOB_FILE).read_text())
+    job = json.loads((harness.job_dir(job_id) / layout.JOB_FILE).read_text())
     assert (job["id"], job["script"], job["args"]) == ("tree", "start.sh", [])
     record = harness.record(job_id)
     assert record["id"] == "tree" and record["submitted_at"]
@@ -662,7 +667,7 @@ def test_upload_missing_a_file_is_incomplete(harness: Harness) -> None:
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
     token = harness.upload(tree, data={"data.txt": b""})
     reply = harness.submit_reply(tree, token=token, job_id="j")
-    assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
+    assert (reply["error"], "incomplete" in reply["message"]) == (protocol.ERR_INVALID, True)
     assert harness.jobs() == []
 
 
@@ -670,7 +675,7 @@ def test_upload_with_wrong_size_is_incomplete(harness: Harness) -> None:
     tree = {**script("true\n"), "data.txt": F(b"0123456789")}
     token = harness.upload(tree, data={"data.txt": b"01234"})
     reply = harness.submit_reply(tree, token=token, job_id="j")
-    assert (reply["error"], "incomplete" in reply["message"]) == (agent.ERR_INVALID, True)
+    assert (reply["error"], "incomplete" in reply["message"]) == (protocol.ERR_INVALID, True)
     assert harness.jobs() == []
 
 
@@ -679,7 +684,7 @@ def test_manifest_paths_that_escape_are_refused(harness: Harness, path: bytes) -
     tree = script("true\n")
     manifest = transfer.encode_manifest([*entries_of(tree), transfer.Entry(path, "d", 0o755)])
     reply = harness.submit_reply(tree, manifest=manifest, job_id="j")
-    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert reply.get("error") == protocol.ERR_INVALID, reply
     assert not os.path.lexists(harness.queue)  # checked before anything is written
     assert not (harness.tmp / "escape").exists() and not Path("/abs/escape").exists()
 
@@ -697,7 +702,7 @@ def test_upload_data_for_what_was_not_asked_is_refused(harness: Harness, chunk: 
     tree: dict[str, Entry] = {**script("true\n"), "empty": F(b"")}
     begun = harness.ok("upload_begin", manifest=manifest_of(tree))
     assert json.loads(begun["missing"]) == [[0, 0]]
-    harness.fail(agent.ERR_INVALID, "upload_data", token=begun["token"], chunks=[chunk])
+    harness.fail(protocol.ERR_INVALID, "upload_data", token=begun["token"], chunks=[chunk])
     assert not list((Path(harness.queue) / "store").glob("??/*"))
 
 
@@ -706,7 +711,7 @@ def test_script_reached_through_a_symlink_outside_is_refused(harness: Harness) -
     outside.write_text("#!/bin/sh\ntrue\n")
     outside.chmod(0o755)
     reply = harness.submit_reply({"start.sh": L(str(outside))}, job_id="j")
-    assert reply.get("error") == agent.ERR_INVALID and "outside" in reply["message"], reply
+    assert reply.get("error") == protocol.ERR_INVALID and "outside" in reply["message"], reply
     assert harness.jobs() == []
 
 
@@ -715,7 +720,7 @@ def test_script_in_a_linked_folder_outside_is_refused(harness: Harness) -> None:
     (harness.tmp / "elsewhere" / "run.sh").write_text("#!/bin/sh\ntrue\n")
     tree: dict[str, Entry] = {"bin": L(str(harness.tmp / "elsewhere"))}
     reply = harness.submit_reply(tree, job_id="j", job={"script": "bin/run.sh"})
-    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert reply.get("error") == protocol.ERR_INVALID, reply
     assert harness.jobs() == []
 
 
@@ -733,14 +738,14 @@ def test_missing_or_bad_script_is_refused(
     harness: Harness, tree: dict[str, Entry], script_path: str
 ) -> None:
     reply = harness.submit_reply(tree, job_id="j", job={"script": script_path})
-    assert reply.get("error") == agent.ERR_INVALID, reply
+    assert reply.get("error") == protocol.ERR_INVALID, reply
     assert harness.jobs() == []
 
 
 def test_duplicate_job_id_is_refused(harness: Harness) -> None:
     harness.run(script("echo first\n"), job_id="dup")
     reply = harness.submit_reply(script("echo second\n"), job_id="dup")
-    assert reply.get("error") == agent.ERR_JOB_EXISTS, reply
+    assert reply.get("error") == protocol.ERR_JOB_EXISTS, reply
     assert (harness.job_dir("dup") / "stdout").read_text() == "first\n"
 
 
@@ -760,20 +765,20 @@ def test_default_ids_are_distinct(harness: Harness) -> None:
 def test_bad_id_prefix_is_refused_cleanly(harness: Harness, prefix: Any) -> None:
     """A bad or absent prefix (with no job_id) gets a clean error, never an internal one."""
     reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
-    assert reply.get("error") in (agent.ERR_INVALID, agent.ERR_BAD_REQUEST), reply
+    assert reply.get("error") in (protocol.ERR_INVALID, protocol.ERR_BAD_REQUEST), reply
     assert harness.jobs() == []
 
 
 def test_longest_accepted_id_prefix_gives_a_usable_id(harness: Harness) -> None:
     """A prefix the agent accepts must give an id that status can look up."""
-    prefix = "p" * (agent.MAX_ID_LENGTH - 2)
+    prefix = "p" * (protocol.MAX_ID_LENGTH - 2)
     reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
     if reply["ok"]:
         job_id = reply["result"]
-        assert len(job_id) <= agent.MAX_ID_LENGTH
+        assert len(job_id) <= protocol.MAX_ID_LENGTH
         harness.wait_end(job_id)
     else:
-        assert reply["error"] == agent.ERR_INVALID
+        assert reply["error"] == protocol.ERR_INVALID
         assert harness.jobs() == []
 
 
@@ -795,7 +800,7 @@ def test_running_job_is_running_with_a_start_time(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="sleeper")
     harness.wait_running(job_id)
     status = harness.status(job_id)
-    assert status["state"] == agent.STATE_RUNNING
+    assert status["state"] == protocol.STATE_RUNNING
     assert status["started_at"] and status["ended_at"] is None
     assert status["exit_code"] is None
     record = harness.record(job_id)
@@ -808,8 +813,8 @@ def test_kill_stops_the_job_and_its_process_group(harness: Harness) -> None:
     pgid = harness.wait_running(job_id)["job"]["pid"]
     result = harness.ok("kill", job_id=job_id)
     assert result["killed"] is True
-    assert result["status"]["state"] == agent.STATE_KILLED
-    assert harness.status(job_id)["state"] == agent.STATE_KILLED
+    assert result["status"]["state"] == protocol.STATE_KILLED
+    assert harness.status(job_id)["state"] == protocol.STATE_KILLED
     assert harness.status(job_id)["ended_at"]
     assert group_gone(pgid)
 
@@ -855,7 +860,7 @@ def test_kill_of_a_finished_job_kills_nothing(harness: Harness) -> None:
     harness.run(script("true\n"), job_id="done")
     result = harness.ok("kill", job_id="done")
     assert result["killed"] is False
-    assert result["status"]["state"] == agent.STATE_FINISHED
+    assert result["status"]["state"] == protocol.STATE_FINISHED
 
 
 def test_exit_code_is_recorded(harness: Harness) -> None:
@@ -867,7 +872,7 @@ def test_exit_code_is_recorded(harness: Harness) -> None:
 
 def test_death_by_signal_is_recorded(harness: Harness) -> None:
     status = harness.run(script("kill -9 $$\n"), job_id="sigkilled")
-    assert status["state"] == agent.STATE_FINISHED
+    assert status["state"] == protocol.STATE_FINISHED
     assert (status["exit_code"], status["signal"]) == (137, "SIGKILL")
 
 
@@ -893,7 +898,7 @@ def test_scripts_run_like_a_shell_would(harness: Harness, shebang: str, mode: in
 def test_missing_interpreter_is_exit_126_or_127(harness: Harness, mode: int) -> None:
     tree = script("true\n", mode=mode, shebang="#!/nonexistent/interpreter\n")
     status = harness.run(tree, job_id="nointerp")
-    assert status["state"] == agent.STATE_FINISHED
+    assert status["state"] == protocol.STATE_FINISHED
     assert status["exit_code"] in (126, 127)
     assert status["reason"] == (
         "cannot run start.sh: its interpreter /nonexistent/interpreter is not found"
@@ -906,7 +911,7 @@ def test_script_that_cannot_run_is_recorded_not_refused(harness: Harness) -> Non
     """submit answers once the supervisor is forked: a failed start is in the job's status."""
     tree = script("true\n", shebang="#!/etc/passwd\n")  # an interpreter that isn't executable
     status = harness.run(tree, job_id="noexec")
-    assert (status["state"], status["exit_code"]) == (agent.STATE_FINISHED, 126)
+    assert (status["state"], status["exit_code"]) == (protocol.STATE_FINISHED, 126)
     assert status["reason"].startswith("cannot run start.sh: ")
     assert status["started_at"] and status["ended_at"]
 
@@ -917,27 +922,28 @@ def test_output_leaving_the_job_is_a_failure_to_start(harness: Harness, tmp_path
     tree = {**script("echo hi\n"), "logs": L(str(outside))}
     job = {"script": "start.sh", "args": [], "stdout": "logs/out.txt"}
     status = harness.run(tree, job_id="escape", job=job)
-    assert (status["state"], status["exit_code"]) == (agent.STATE_FINISHED, 126)
+    assert (status["state"], status["exit_code"]) == (protocol.STATE_FINISHED, 126)
     assert "cannot open its output" in status["reason"] and "leaves" in status["reason"]
     assert list(outside.iterdir()) == []
 
 
-def unstarted_job(harness: Harness, job_id: str, job: str) -> tuple[Path, str]:
+def unstarted_job(harness: Harness, job_id: str, job: str) -> tuple[Path, AgentCopy]:
     """A starting job made by hand, with job as its job.json; (its folder, the agent copy)."""
     harness.wait_end(harness.submit(script("true\n"), job_id=f"{job_id}-model"))
     job_dir = harness.job_dir(job_id)
     shutil.copytree(harness.job_dir(f"{job_id}-model") / "work", job_dir / "work")
-    (job_dir / agent.JOB_FILE).write_text(job)
-    record = {"id": job_id, "state": agent.STATE_STARTING, "submitted_at": agent.now_iso()}
-    (job_dir / agent.STATUS_FILE).write_text(json.dumps(record))
-    copy = Path(harness.queue) / agent.AGENT_DIR / f"tej_agent_{tej.session.AGENT_DIGEST}.py"
-    return job_dir, str(copy)
+    (job_dir / layout.JOB_FILE).write_text(job)
+    record = {"id": job_id, "state": protocol.STATE_STARTING, "submitted_at": files.now_iso()}
+    (job_dir / layout.STATUS_FILE).write_text(json.dumps(record))
+    copy = queue_copy(open_queue(harness.queue))
+    assert Path(copy.path).parent == Path(harness.queue) / layout.AGENT_DIR
+    return job_dir, copy
 
 
 def test_fork_server_forks_supervisors_that_leave_no_zombie(harness: Harness) -> None:
     job = {"id": "forked", "script": "start.sh", "args": [], "env": {}}
     job_dir, copy = unstarted_job(harness, "forked", json.dumps(job))
-    server = agent.ForkServer(copy)
+    server = launch.ForkServer(copy)
     try:
         report = server.start(str(job_dir), {})
         assert re.fullmatch(rb"forked \d+\n", report), report
@@ -954,11 +960,11 @@ def test_fork_server_forks_supervisors_that_leave_no_zombie(harness: Harness) ->
 
 def test_supervisor_failing_before_the_start_makes_the_job_lost(harness: Harness) -> None:
     broken, copy = unstarted_job(harness, "broken", "{not json")
-    command = agent.supervisor_command(copy, str(broken))
+    command = copy.supervisor_command(str(broken)).argv
     done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE)
     assert done.returncode == 1
     status = harness.status("broken")
-    assert status["state"] == agent.STATE_LOST
+    assert status["state"] == protocol.STATE_LOST
     assert "supervisor failed before starting it" in status["reason"]
     assert "not valid JSON" in status["reason"]
 
@@ -967,9 +973,9 @@ def test_kill_right_after_submit_stops_the_starting_job(harness: Harness) -> Non
     job_id = harness.submit(script("sleep 30\n"), job_id="early")
     result = harness.ok("kill", job_id=job_id)
     assert result["killed"] is True
-    assert result["status"]["state"] == agent.STATE_KILLED
+    assert result["status"]["state"] == protocol.STATE_KILLED
     record = harness.record(job_id)
-    assert record["state"] == agent.STATE_KILLED
+    assert record["state"] == protocol.STATE_KILLED
     if record.get("job"):  # it started before the kill reached it
         assert group_gone(record["job"]["pid"])
 
@@ -1040,15 +1046,15 @@ def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: H
             os.waitpid(record["supervisor"]["pid"], 0)
         reap_orphans_of(pgid)
         lost = wait_for(
-            lambda: (s := harness.status(job_id))["state"] == agent.STATE_LOST and s,
+            lambda: (s := harness.status(job_id))["state"] == protocol.STATE_LOST and s,
             "the job to be lost",
         )
         assert "supervisor" in lost["reason"]
-        assert [item["state"] for item in harness.jobs_listed()] == [agent.STATE_LOST]
+        assert [item["state"] for item in harness.jobs_listed()] == [protocol.STATE_LOST]
         assert not group_gone(pgid)
         result = harness.ok("kill", job_id=job_id)
         assert result["killed"] is True
-        assert result["status"]["state"] == agent.STATE_KILLED
+        assert result["status"]["state"] == protocol.STATE_KILLED
         # The orphans are dead; "init" (this test's reaper) collects them when it gets to it.
         wait_for(lambda: group_gone(pgid), "the orphaned group to be reaped")
     harness.ok("delete", job_id=job_id)
@@ -1058,23 +1064,23 @@ def test_dead_supervisor_makes_the_job_lost_then_kill_and_delete_work(harness: H
 def test_status_from_an_earlier_boot_is_lost_by_restart(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="rebooted")
     harness.wait_running(job_id)
-    path = harness.job_dir(job_id) / agent.STATUS_FILE
+    path = harness.job_dir(job_id) / layout.STATUS_FILE
     original = path.read_text()
     record = json.loads(original)
-    assert record["supervisor"]["boot"] == agent.boot_id()
+    assert record["supervisor"]["boot"] == processes.boot_id()
     record["supervisor"]["boot"] = "00000000-another-boot"
     path.write_text(json.dumps(record))
     status = harness.status(job_id)
-    assert status["state"] == agent.STATE_LOST
+    assert status["state"] == protocol.STATE_LOST
     assert "restart" in status["reason"]
     path.write_text(original)
-    assert harness.status(job_id)["state"] == agent.STATE_RUNNING
+    assert harness.status(job_id)["state"] == protocol.STATE_RUNNING
 
 
 def test_missing_status_file_is_lost(harness: Harness) -> None:
     harness.run(script("true\n"), job_id="j")
-    (harness.job_dir("j") / agent.STATUS_FILE).unlink()
-    assert harness.status("j")["state"] == agent.STATE_LOST
+    (harness.job_dir("j") / layout.STATUS_FILE).unlink()
+    assert harness.status("j")["state"] == protocol.STATE_LOST
 
 
 # -- delete ------------------------------------------------------------------------
@@ -1083,25 +1089,25 @@ def test_missing_status_file_is_lost(harness: Harness) -> None:
 def test_delete_of_a_running_job_needs_force(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="busy")
     pgid = harness.wait_running(job_id)["job"]["pid"]
-    harness.fail(agent.ERR_JOB_RUNNING, "delete", job_id=job_id)
-    assert harness.status(job_id)["state"] == agent.STATE_RUNNING
+    harness.fail(protocol.ERR_JOB_RUNNING, "delete", job_id=job_id)
+    assert harness.status(job_id)["state"] == protocol.STATE_RUNNING
     harness.ok("delete", job_id=job_id, force=True)
     assert group_gone(pgid)
     assert harness.jobs() == []
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id=job_id)
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "status", job_id=job_id)
 
 
 def test_delete_of_a_finished_job_removes_its_directory(harness: Harness) -> None:
     harness.run({**script("true\n"), "sub": D(), "sub/f": F(b"x")}, job_id="gone")
     harness.ok("delete", job_id="gone")
     assert not harness.job_dir("gone").exists()
-    assert list((Path(harness.queue) / agent.TRASH_DIR).iterdir()) == []
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "status", job_id="gone")
+    assert list((Path(harness.queue) / layout.TRASH_DIR).iterdir()) == []
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "status", job_id="gone")
 
 
 def test_delete_of_an_unknown_job_is_not_found(harness: Harness) -> None:
     harness.ok("setup")
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "delete", job_id="nobody")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "delete", job_id="nobody")
 
 
 # -- download side -------------------------------------------------------------------
@@ -1167,10 +1173,10 @@ def test_symlink_inside_the_job_is_followed(harness: Harness, finished_job: str)
 def test_symlinks_leaving_the_job_are_refused(
     harness: Harness, finished_job: str, path: bytes
 ) -> None:
-    message = harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=path)
+    message = harness.fail(protocol.ERR_INVALID, "list_files", job_id=finished_job, path=path)
     assert "leaves" in message
     chunks = [[path, 0, 10]]
-    message = harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=chunks)
+    message = harness.fail(protocol.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=chunks)
     assert "leaves" in message
 
 
@@ -1180,18 +1186,18 @@ def test_symlinks_leaving_the_job_are_refused(
 def test_escaping_download_paths_are_refused(
     harness: Harness, finished_job: str, path: bytes
 ) -> None:
-    harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=path)
-    harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[path, 0, 1]])
+    harness.fail(protocol.ERR_INVALID, "list_files", job_id=finished_job, path=path)
+    harness.fail(protocol.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[path, 0, 1]])
 
 
 def test_missing_download_path_is_invalid(harness: Harness, finished_job: str) -> None:
-    message = harness.fail(agent.ERR_INVALID, "list_files", job_id=finished_job, path=b"nope")
+    message = harness.fail(protocol.ERR_INVALID, "list_files", job_id=finished_job, path=b"nope")
     assert "nope" in message
-    harness.fail(agent.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[b"nope", 0, 1]])
+    harness.fail(protocol.ERR_INVALID, "read_chunks", job_id=finished_job, chunks=[[b"nope", 0, 1]])
 
 
 def test_download_from_an_unknown_job_is_not_found(harness: Harness, finished_job: str) -> None:
-    harness.fail(agent.ERR_JOB_NOT_FOUND, "list_files", job_id="other", path=b"")
+    harness.fail(protocol.ERR_JOB_NOT_FOUND, "list_files", job_id="other", path=b"")
 
 
 # -- the content store ----------------------------------------------------------
@@ -1215,8 +1221,8 @@ def kill_connection(harness: Harness) -> None:
     """What the death of the agent's process does: its files close, nothing is cleaned up."""
     for upload in harness.agent.uploads.values():
         upload.discard_files()
-    harness.agent = agent.Agent()
-    harness.ok("hello", protocol=agent.PROTOCOL_VERSION, digest=tej.session.AGENT_DIGEST)
+    harness.agent = Connection()
+    harness.ok("hello", protocol=protocol.PROTOCOL_VERSION)
 
 
 def test_only_what_the_store_lacks_is_asked_for(harness: Harness) -> None:
@@ -1245,7 +1251,7 @@ def test_only_what_the_store_lacks_is_asked_for(harness: Harness) -> None:
         for name, entry in source.items():
             if isinstance(entry, F):
                 assert (work / name).read_bytes() == entry.data
-                assert os.stat(work / name).st_mtime == agent.STORE_MTIME
+                assert os.stat(work / name).st_mtime == store.STORE_MTIME
     assert set(blobs_of(harness)) == {
         blob_name(entry.data, entry.mode)
         for entry in (*tree.values(), changed["sub/a.txt"])
@@ -1354,13 +1360,13 @@ def test_content_that_does_not_match_its_digest_is_refused(harness: Harness) -> 
     start = [[0, 0, tree["start.sh"].data]]
     harness.ok("upload_data", token=begun["token"], chunks=start)
     message = harness.fail(
-        agent.ERR_INVALID, "upload_data", token=begun["token"], chunks=[[1, 0, b"evil content"]]
+        protocol.ERR_INVALID, "upload_data", token=begun["token"], chunks=[[1, 0, b"evil content"]]
     )
     assert "data.txt" in message and "not the one announced" in message
     assert blob_name(b"good content") not in blobs_of(harness)
     assert blob_name(b"evil content") not in blobs_of(harness)
     reply = harness.submit_reply(tree, token=begun["token"], job_id="j")
-    assert reply.get("error") == agent.ERR_INVALID and "incomplete" in reply["message"], reply
+    assert reply.get("error") == protocol.ERR_INVALID and "incomplete" in reply["message"], reply
     assert harness.jobs() == []
     assert os.listdir(Path(harness.queue) / "staging") == []
 
@@ -1388,8 +1394,8 @@ def test_unused_blobs_are_collected_once_stale(
     assert blob_name(b"dropped\n") in blobs_of(harness)
     harness.ok("upload_begin")
     assert blob_name(b"dropped\n") in blobs_of(harness)  # ...for a while
-    monkeypatch.setattr(agent, "STALE_UPLOAD", -1.0)
-    monkeypatch.setattr(agent, "STORE_GC_INTERVAL", 0.0)
+    monkeypatch.setattr(store, "STALE_UPLOAD", -1.0)
+    monkeypatch.setattr(store, "STORE_GC_INTERVAL", 0.0)
     harness.ok("upload_begin")
     start = blob_name(kept["start.sh"].data, 0o755)
     assert set(blobs_of(harness)) == {blob_name(b"kept\n"), start}
@@ -1484,14 +1490,14 @@ def test_a_manifest_in_parts_is_laid_out_as_one(harness: Harness) -> None:
     # Nothing can be sent or submitted before the manifest is whole.
     token = transfer.new_token()
     send_parts(token, len(parts) - 1)
-    harness.fail(agent.ERR_INVALID, "upload_data", token=token, chunks=[[5, 0, b"c" * 100]])
-    harness.fail(agent.ERR_INVALID, "submit", token=token, job_id="early")
+    harness.fail(protocol.ERR_INVALID, "upload_data", token=token, chunks=[[5, 0, b"c" * 100]])
+    harness.fail(protocol.ERR_INVALID, "submit", token=token, job_id="early")
     assert staging_of(harness) == []  # a failed submit leaves nothing
     token = transfer.new_token()
     send_parts(token, len(parts) - 1)
     last = harness.ok("upload_manifest", token=token, manifest=parts[-1])
     assert asked(last) == [[5, 0]]  # an index in the whole tree
-    harness.fail(agent.ERR_INVALID, "upload_manifest", token=token, manifest=parts[-1])
+    harness.fail(protocol.ERR_INVALID, "upload_manifest", token=token, manifest=parts[-1])
     harness.send(changed, last)
     two = harness.submit(changed, token=token, job_id="two")
     work = harness.job_dir(two) / "work"
@@ -1510,7 +1516,7 @@ def test_a_path_repeated_in_a_later_part_is_refused(harness: Harness) -> None:
     token = transfer.new_token()
     parts = parts_of(tree, 2)
     harness.ok("upload_begin", token=token, manifest=parts[0], more=True)
-    message = harness.fail(agent.ERR_INVALID, "upload_manifest", token=token, manifest=parts[0])
+    message = harness.fail(protocol.ERR_INVALID, "upload_manifest", token=token, manifest=parts[0])
     assert "names 'start.sh' twice" in message
     assert staging_of(harness) == []
     assert not list((Path(harness.queue) / "store" / "leases").iterdir())
@@ -1521,10 +1527,8 @@ def test_manifests_in_parts_at_the_same_time_never_share_an_inode(harness: Harne
     tree: dict[str, Entry] = {**script("true\n"), **{f"f{i}": F(b"%d" % i) for i in range(6)}}
     harness.submit(tree, job_id="stored")
     harness.wait_end("stored")
-    other = agent.Agent()  # another connection, on the same queue
-    other.handle(
-        {"v": 1, "op": "hello", "args": {"protocol": 1, "digest": tej.session.AGENT_DIGEST}}
-    )
+    other = Connection()  # another connection, on the same queue
+    other.handle({"v": 2, "op": "hello", "args": {"protocol": 2}})
     parts = parts_of(tree, 3)
     tokens = [transfer.new_token(), transfer.new_token()]
     for number, part in enumerate(parts):
@@ -1532,7 +1536,7 @@ def test_manifests_in_parts_at_the_same_time_never_share_an_inode(harness: Harne
             args = {"queue": harness.queue, "token": token, "manifest": part}
             args["more"] = number < len(parts) - 1
             op = "upload_manifest" if number else "upload_begin"
-            reply = client.handle({"v": 1, "op": op, "args": args})
+            reply = client.handle({"v": 2, "op": op, "args": args})
             assert reply["ok"], reply
             if not args["more"]:
                 assert asked(reply["result"]) == []
@@ -1548,11 +1552,11 @@ def test_manifests_in_parts_at_the_same_time_never_share_an_inode(harness: Harne
 def test_a_client_token_must_be_new_and_well_formed(harness: Harness) -> None:
     token = transfer.new_token()
     harness.ok("upload_begin", token=token, manifest=manifest_of({}), more=True)
-    harness.fail(agent.ERR_INVALID, "upload_begin", token=token, manifest=manifest_of({}))
+    harness.fail(protocol.ERR_INVALID, "upload_begin", token=token, manifest=manifest_of({}))
     for bad in ("../jobs", "ABCDEF0123456789", "0123", "0" * 33, 12):
-        harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", token=bad, manifest=manifest_of({}))
+        harness.fail(protocol.ERR_BAD_REQUEST, "upload_begin", token=bad, manifest=manifest_of({}))
     for bad_more in ({"more": 1}, {"more": True, "contents": [[0, b"x"]]}):
-        harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", manifest=manifest_of({}), **bad_more)
+        harness.fail(protocol.ERR_BAD_REQUEST, "upload_begin", manifest=manifest_of({}), **bad_more)
     assert staging_of(harness) == [token]
 
 
@@ -1583,7 +1587,7 @@ def test_contents_sent_along_are_checked(harness: Harness) -> None:
     for contents in ([[1, b"what the client says\n"]], [[1, b"the real content\n!"]]):
         submit = {"job_id": "liar", "job": {"script": "start.sh"}}
         harness.fail(
-            agent.ERR_INVALID,
+            protocol.ERR_INVALID,
             "upload_begin",
             manifest=manifest_of(tree),
             contents=contents,
@@ -1600,19 +1604,17 @@ def test_a_failed_submit_sent_along_leaves_nothing(harness: Harness) -> None:
     tree = script("true\n")
     harness.submit(tree, job_id="taken")
     submit = {"job_id": "taken", "job": {"script": "start.sh"}}
-    harness.fail(agent.ERR_JOB_EXISTS, "upload_begin", manifest=manifest_of(tree), submit=submit)
+    harness.fail(protocol.ERR_JOB_EXISTS, "upload_begin", manifest=manifest_of(tree), submit=submit)
     assert staging_of(harness) == []
     assert not harness.agent.uploads
 
 
-def test_a_submit_sent_along_waits_for_the_agent_to_be_installed(harness: Harness) -> None:
+def test_a_submit_sent_along_starts_the_job_in_a_new_queue(harness: Harness) -> None:
     tree = script("true\n")
     contents = [[0, tree["start.sh"].data]]  # type: ignore[union-attr]
     submit = {"job_id": "j", "job": {"script": "start.sh"}}
     reply = harness.ok("upload_begin", manifest=manifest_of(tree), contents=contents, submit=submit)
-    assert asked(reply) == [] and reply["job_id"] is None  # a new queue: no agent copy yet
-    harness.ok("install_agent", source=tej.session.AGENT_SOURCE)
-    assert harness.ok("submit", token=reply["token"], **submit) == "j"
+    assert asked(reply) == [] and reply["job_id"] == "j"  # a new queue: the agent copies itself
     assert harness.wait_end("j")["exit_code"] == 0
 
 
@@ -1622,42 +1624,42 @@ MANIFEST = folder_manifest()
 @pytest.mark.parametrize(
     ("change", "error"),
     [
-        ({"paths": b"../x"}, agent.ERR_INVALID),
-        ({"paths": b"/x"}, agent.ERR_INVALID),
-        ({"paths": b"a/./b"}, agent.ERR_BAD_REQUEST),
-        ({"paths": b"a//b"}, agent.ERR_BAD_REQUEST),
-        ({"paths": b""}, agent.ERR_BAD_REQUEST),
+        ({"paths": b"../x"}, protocol.ERR_INVALID),
+        ({"paths": b"/x"}, protocol.ERR_INVALID),
+        ({"paths": b"a/./b"}, protocol.ERR_BAD_REQUEST),
+        ({"paths": b"a//b"}, protocol.ERR_BAD_REQUEST),
+        ({"paths": b""}, protocol.ERR_BAD_REQUEST),
         ({"paths": b"x\0x", "kinds": "dd", "modes": b"\0\0" * 2, "sizes": b"\0" * 16}, "Inv"),
-        ({"kinds": "x"}, agent.ERR_BAD_REQUEST),
-        ({"kinds": b"d"}, agent.ERR_BAD_REQUEST),
-        ({"modes": b"\0\x10"}, agent.ERR_BAD_REQUEST),  # 0o10000
-        ({"modes": b"\0"}, agent.ERR_BAD_REQUEST),
-        ({"sizes": b"\0" * 9}, agent.ERR_BAD_REQUEST),
-        ({"sizes": b"\x01" + b"\0" * 7}, agent.ERR_BAD_REQUEST),  # a folder with a size
-        ({"kinds": "f", "sizes": b"\0" * 7 + b"\x40"}, agent.ERR_BAD_REQUEST),  # 2**62
-        ({"kinds": "f", "sizes": b"\x05" + b"\0" * 7}, agent.ERR_BAD_REQUEST),  # no digest
-        ({"digests": b"\0" * 32}, agent.ERR_BAD_REQUEST),  # a digest for nothing
+        ({"kinds": "x"}, protocol.ERR_BAD_REQUEST),
+        ({"kinds": b"d"}, protocol.ERR_BAD_REQUEST),
+        ({"modes": b"\0\x10"}, protocol.ERR_BAD_REQUEST),  # 0o10000
+        ({"modes": b"\0"}, protocol.ERR_BAD_REQUEST),
+        ({"sizes": b"\0" * 9}, protocol.ERR_BAD_REQUEST),
+        ({"sizes": b"\x01" + b"\0" * 7}, protocol.ERR_BAD_REQUEST),  # a folder with a size
+        ({"kinds": "f", "sizes": b"\0" * 7 + b"\x40"}, protocol.ERR_BAD_REQUEST),  # 2**62
+        ({"kinds": "f", "sizes": b"\x05" + b"\0" * 7}, protocol.ERR_BAD_REQUEST),  # no digest
+        ({"digests": b"\0" * 32}, protocol.ERR_BAD_REQUEST),  # a digest for nothing
         ({"kinds": "f", "sizes": b"\x05" + b"\0" * 7, "digests": b"\0" * 31}, "Bad"),
-        ({"kinds": "l"}, agent.ERR_BAD_REQUEST),  # no target
-        ({"kinds": "l", "targets": b"a\0b"}, agent.ERR_BAD_REQUEST),
-        ({"targets": b"a"}, agent.ERR_BAD_REQUEST),  # a target for nothing
-        ({"extra": b""}, agent.ERR_BAD_REQUEST),
-        ({"paths": None}, agent.ERR_BAD_REQUEST),
-        ({"kinds": "", "modes": b"", "sizes": b""}, agent.ERR_BAD_REQUEST),  # paths for nothing
+        ({"kinds": "l"}, protocol.ERR_BAD_REQUEST),  # no target
+        ({"kinds": "l", "targets": b"a\0b"}, protocol.ERR_BAD_REQUEST),
+        ({"targets": b"a"}, protocol.ERR_BAD_REQUEST),  # a target for nothing
+        ({"extra": b""}, protocol.ERR_BAD_REQUEST),
+        ({"paths": None}, protocol.ERR_BAD_REQUEST),
+        ({"kinds": "", "modes": b"", "sizes": b""}, protocol.ERR_BAD_REQUEST),  # paths for nothing
     ],
 )
 def test_bad_manifests_are_refused_before_anything_is_written(
     harness: Harness, change: dict[str, Any], error: str
 ) -> None:
     manifest = {k: v for k, v in {**MANIFEST, **change}.items() if v is not None}
-    error = {"Inv": agent.ERR_INVALID, "Bad": agent.ERR_BAD_REQUEST}.get(error, error)
+    error = {"Inv": protocol.ERR_INVALID, "Bad": protocol.ERR_BAD_REQUEST}.get(error, error)
     harness.fail(error, "upload_begin", manifest=manifest)
     assert not os.path.lexists(harness.queue)
 
 
 @pytest.mark.parametrize("manifest", [None, b"[]", [], {}, "x", MANIFEST["paths"]])
 def test_a_manifest_of_the_wrong_type_is_a_bad_request(harness: Harness, manifest: Any) -> None:
-    harness.fail(agent.ERR_BAD_REQUEST, "upload_begin", manifest=manifest)
+    harness.fail(protocol.ERR_BAD_REQUEST, "upload_begin", manifest=manifest)
     assert not os.path.lexists(harness.queue)
 
 
@@ -1665,18 +1667,24 @@ def test_a_manifest_of_the_wrong_type_is_a_bad_request(harness: Harness, manifes
 
 
 def test_agent_is_standard_library_only_and_python38() -> None:
-    source = Path(agent.__file__).read_text(encoding="utf-8")
-    tree = ast.parse(source, feature_version=(3, 8))
+    """Every file of the bundle parses as Python 3.8 and imports only the standard library
+    (or the bundle itself, by relative imports); the client ships exactly these files."""
     roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and node.module, ast.dump(node)
-            roots.add(node.module.split(".")[0])
+    for path, data in own_files().items():
+        tree = ast.parse(data.decode("utf-8"), filename=path, feature_version=(3, 8))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module, ast.dump(node)
+                roots.add(node.module.split(".")[0])
     assert {"os", "json", "ctypes"} <= roots  # nested imports are seen too
-    assert sorted(roots - sys.stdlib_module_names) == []
-    assert source == tej.session.AGENT_SOURCE
+    builtin_hashes = {"_sha2", "_sha256"}  # one or the other, by Python version
+    assert sorted(roots - sys.stdlib_module_names - builtin_hashes) == []
+    assert "remote_agent.py" in own_files() and "protocol.py" in own_files()
+    shipped = tej.bootstrap.agent_bundle()
+    assert shipped.name == own_name()
+    assert {path: text.encode() for path, text in shipped.sources.items()} == own_files()
 
 
 # -- the list cache --------------------------------------------------------------
@@ -1688,11 +1696,11 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
     assert first["exit_code"] == 3
     listed = {job["id"]: job for job in harness.jobs_listed()}
     assert (listed["first"]["exit_code"], listed["second"]["exit_code"]) == (3, 0)
-    cache_path = Path(harness.queue) / agent.LIST_CACHE
+    cache_path = Path(harness.queue) / layout.LIST_CACHE
     assert set(json.loads(cache_path.read_text())["jobs"]) == {"first", "second"}
     # A status file replaced after caching (as when notifications are recorded) is read again.
-    path = harness.job_dir("first") / agent.STATUS_FILE
-    agent.write_json_atomic(str(path), dict(harness.record("first"), reason="changed"))
+    path = harness.job_dir("first") / layout.STATUS_FILE
+    files.write_json_atomic(str(path), dict(harness.record("first"), reason="changed"))
     assert {job["id"]: job["reason"] for job in harness.jobs_listed()}["first"] == "changed"
     # A deleted job leaves the list and the cache.
     harness.ok("delete", job_id="second")
@@ -1700,7 +1708,7 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
     assert set(json.loads(cache_path.read_text())["jobs"]) == {"first"}
     # A damaged cache is only a cache.
     good = json.loads(cache_path.read_text())
-    assert good["fields"] == list(agent.LIST_FIELDS)
+    assert good["fields"] == list(listcache.LIST_FIELDS)
     damages = [
         "{not json",
         json.dumps(dict(good, jobs={"first": [1, 2, 3]})),
@@ -1720,9 +1728,9 @@ def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Har
 def test_list_never_caches_a_running_job(harness: Harness) -> None:
     job_id = harness.submit(script("sleep 30\n"), job_id="busy")
     harness.wait_running(job_id)
-    assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_RUNNING]
+    assert [job["state"] for job in harness.jobs_listed()] == [protocol.STATE_RUNNING]
     assert harness.ok("kill", job_id=job_id)["killed"] is True
-    assert [job["state"] for job in harness.jobs_listed()] == [agent.STATE_KILLED]
+    assert [job["state"] for job in harness.jobs_listed()] == [protocol.STATE_KILLED]
 
 
 @pytest.mark.parametrize("when", [0.0, 951782400.5, 1709164800.25, 4102444799.999999, 1e9])
@@ -1730,7 +1738,7 @@ def test_times_read_back_as_written(when: float) -> None:
     """parse_iso (its own calendar arithmetic) reads now_iso's text back to the microsecond."""
     import calendar
 
-    text = agent.now_iso(when)
-    assert abs(agent.parse_iso(text) - when) < 2e-6
+    text = files.now_iso(when)
+    assert abs(files.parse_iso(text) - when) < 2e-6
     whole = calendar.timegm(time.gmtime(int(when)))
-    assert int(agent.parse_iso(text)) == whole
+    assert int(files.parse_iso(text)) == whole

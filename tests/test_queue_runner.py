@@ -142,9 +142,9 @@ def test_setup_records_the_runner_and_its_options(target: Target) -> None:
     config = queue_config(target)
     assert config["runner"] == "queue"
     assert config["options"] == {"max_running": 2}
-    module = config["runner_module"]
-    assert module.startswith("tej_runner_queue_")
-    assert target.server_path("agent", f"{module}.py").is_file()
+    # A built-in runner travels in the agent's bundle: nothing of it is installed on its own.
+    assert "runner_module" not in config
+    assert not list(target.server_path("agent").glob("tej_runner_*"))
     # The API does the same; --json shows the runner.
     other = os.path.join(os.path.dirname(target.queue), "api-queue")
     with target.api(queue=other) as remote:
@@ -606,12 +606,12 @@ def test_a_client_whose_agent_is_not_in_the_queue_installs_it_before_starting_jo
     os.kill(supervisor, signal.SIGKILL)
     wait_until(lambda: not process_alive(supervisor), 10, "the supervisor to die")
     # As if the queue had been used only by another version of tej: its agent's copy only.
-    (ours,) = target.server_path("agent").glob("tej_agent_*.py")
-    ours.rename(ours.with_name("tej_agent_0000000000000000.py"))
+    (ours,) = target.server_path("agent").glob("tej_agent_*")
+    ours.rename(ours.with_name("tej_agent_0000000000000000"))
     target.cli("list", check=0)  # ticks the queue: the job starts from this client's agent
     found = target.wait_for(following, ALL_ENDS)
     assert (found["state"], found["exit_code"]) == ("finished", 0), found
-    assert ours.is_file()
+    assert (ours / "remote_agent.py").is_file()
 
 
 # 10. a runner from a plugin

@@ -1,7 +1,8 @@
 """The server's cache of tej's code: used when it is safe and intact, never needed.
 
-A connection imports execnet's gateway_base and the agent from a private folder on the
-server ($XDG_CACHE_HOME/tej, else ~/.cache/tej), where Python keeps their compiled form;
+A connection imports execnet's gateway_base (a file) and the agent's bundle (a folder) from
+a private folder on the server ($XDG_CACHE_HOME/tej, else ~/.cache/tej), where Python keeps
+their compiled form;
 the client sends their source only when the cache misses. Each test points the agent at a
 cache folder of its own: through the environment for `local` (the agent inherits it), and
 through a --python wrapper over ssh (as the unprivileged SSH user, so permissions apply).
@@ -20,16 +21,37 @@ from sshd import SshServer, is_root
 
 import tej
 from tej import bootstrap
+from tej.loader import CACHE_MAX_AGE
 
 NOBODY = 65534
 
 
 def sources() -> dict[str, str]:
-    return bootstrap.cache_sources()
+    """The cache's files as the client would have them written: {relative path: source}."""
+    files = {}
+    for name, source in bootstrap.cache_sources().items():
+        if isinstance(source, str):
+            files[f"{name}.py"] = source
+        else:
+            files.update({f"{name}/{path}": text for path, text in source.items()})
+    return files
 
 
 def names() -> set[str]:
-    return set(sources())
+    """The names the loader asks for: gateway_base's and the bundle's."""
+    return set(bootstrap.cache_sources())
+
+
+def bundle_name() -> str:
+    return bootstrap.agent_bundle().name
+
+
+def compiled_names(cache: Path) -> set[str]:
+    """The modules compiled in the cache, by what holds them (gateway_base, or the bundle)."""
+    found = {path.name.split(".")[0] for path in (cache / "__pycache__").iterdir()}
+    if any((cache / bundle_name()).rglob("__pycache__/*.pyc")):
+        found.add(bundle_name())
+    return found
 
 
 def connect(remote: tej.RemoteQueue) -> tuple[str, ...]:
@@ -42,9 +64,10 @@ def connect(remote: tej.RemoteQueue) -> tuple[str, ...]:
 
 
 def plant(folder: Path, mode: int = 0o600) -> None:
-    """Write correct copies of the cached modules into folder."""
+    """Write correct copies of the cached files into folder."""
     for name, source in sources().items():
-        path = folder / f"{name}.py"
+        path = folder / name
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(source)
         path.chmod(mode)
 
@@ -76,12 +99,11 @@ def remote(tmp_path: Path) -> Iterator[tej.RemoteQueue]:
 def test_a_miss_then_a_hit(local_cache: Path, remote: tej.RemoteQueue) -> None:
     assert set(connect(remote)) == names(), "an empty cache: both sources are sent"
     assert stat.S_IMODE(local_cache.stat().st_mode) == 0o700
-    for name in names():
-        path = local_cache / f"{name}.py"
-        assert path.read_text() == sources()[name]
+    for name, source in sources().items():
+        path = local_cache / name
+        assert path.read_text() == source
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    compiled = [p.name for p in (local_cache / "__pycache__").iterdir()]
-    assert sorted(name.split(".")[0] for name in compiled) == sorted(names()), compiled
+    assert compiled_names(local_cache) == names()
     assert connect(remote) == (), "the second connection sends no source"
     assert connect(remote) == ()
 
@@ -122,13 +144,14 @@ def test_a_cached_file_writable_by_others_is_replaced(
     local_cache.mkdir(mode=0o700)
     plant(local_cache, mode=0o666)
     assert set(connect(remote)) == names()
-    for name in names():
-        assert stat.S_IMODE((local_cache / f"{name}.py").stat().st_mode) == 0o600
+    for name in sources():
+        assert stat.S_IMODE((local_cache / name).stat().st_mode) == 0o600
     assert connect(remote) == ()
 
 
 def agent_copy(cache: Path) -> Path:
-    return next(cache / f"{name}.py" for name in names() if name.startswith("tej_agent_"))
+    """The agent's entry point in the cache's copy of the bundle."""
+    return cache / bundle_name() / "remote_agent.py"
 
 
 def test_a_changed_copy_is_not_run(
@@ -139,8 +162,8 @@ def test_a_changed_copy_is_not_run(
     good = agent.read_bytes()
     marker = tmp_path / "tampered"
     agent.write_bytes(b"open(%r, 'w').close()\n" % str(marker).encode() + good)
-    shutil.rmtree(local_cache / "__pycache__")
-    assert connect(remote) == (agent.stem,)
+    shutil.rmtree(agent.parent / "__pycache__")
+    assert connect(remote) == (bundle_name(),)
     assert not marker.exists(), "the changed copy was run"
     assert agent.read_bytes() == good, "the changed copy is replaced"
     assert connect(remote) == ()
@@ -156,17 +179,23 @@ def test_a_damaged_copy_is_detected_by_its_digest(
     info = agent.stat()
     agent.write_bytes(good[:100] + b"\0" * 100 + good[200:])
     os.utime(agent, ns=(info.st_atime_ns, info.st_mtime_ns))
-    assert connect(remote) == (agent.stem,)
+    assert connect(remote) == (bundle_name(),)
     assert agent.read_bytes() == good
     assert connect(remote) == ()
 
 
 def test_a_damaged_compiled_copy_is_replaced(local_cache: Path, remote: tej.RemoteQueue) -> None:
+    """Python trusts a compiled copy by its header: the loader replaces a damaged one itself."""
     assert set(connect(remote)) == names()
-    for compiled in (local_cache / "__pycache__").iterdir():
+    damaged = {}
+    for compiled in local_cache.rglob("__pycache__/*.pyc"):
         data = compiled.read_bytes()
-        compiled.write_bytes(data[:16] + b"\xff" * (len(data) - 16))  # header kept
-    assert set(connect(remote)) == names()
+        damaged[compiled] = data[:16] + b"\xff" * (len(data) - 16)  # header kept
+        compiled.write_bytes(damaged[compiled])
+    assert len(damaged) >= 2
+    assert connect(remote) == (), "the sources are intact: none is sent"
+    for compiled, data in damaged.items():
+        assert compiled.read_bytes() != data, f"{compiled} was not replaced"
     assert connect(remote) == ()
 
 
@@ -186,7 +215,7 @@ def test_old_versions_are_pruned_on_a_miss(local_cache: Path, remote: tej.Remote
     recent = local_cache / "tej_agent_fedcba9876543210.py"
     for path in [*old, recent]:
         path.write_text("raise SystemExit('never imported')\n")
-    month_ago = os.path.getmtime(recent) - bootstrap.CACHE_MAX_AGE - 60
+    month_ago = os.path.getmtime(recent) - CACHE_MAX_AGE - 60
     for path in old:
         os.utime(path, (month_ago, month_ago))
     assert set(connect(remote)) == names()
@@ -247,7 +276,8 @@ def test_a_fresh_cache_over_ssh(ssh_server: SshServer, server_tmp: str) -> None:
     cache = cache_home / "tej"
     info = cache.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (ssh_server.uid, 0o700)
-    assert {path.stem for path in cache.glob("*.py")} == names()
+    assert {path.stem for path in cache.glob("*.py")} | {bundle_name()} == names()
+    assert (cache / bundle_name() / "remote_agent.py").is_file()
 
 
 @pytest.mark.ssh
@@ -260,7 +290,7 @@ def test_the_default_cache_is_in_the_home(ssh_server: SshServer, server_tmp: str
     finally:
         remote.close()
     cache = Path(ssh_server.home) / ".cache" / "tej"
-    assert {f"{name}.py" for name in names()} <= {path.name for path in cache.iterdir()}
+    assert set(sources()) <= {str(path.relative_to(cache)) for path in cache.rglob("*")}
 
 
 def test_the_cache_is_not_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,8 +49,8 @@ from helpers import (  # noqa: E402
 from sshd import SshServer, login_script_lines  # noqa: E402
 
 import tej  # noqa: E402
-from tej import remote_agent  # noqa: E402
-from tej.session import AGENT_DIGEST, AGENT_SOURCE  # noqa: E402
+from tej import protocol  # noqa: E402
+from tej.server.service import Connection  # noqa: E402
 from tej.transfer import Entry, encode_manifest  # noqa: E402
 
 REPO = TESTS.parent
@@ -339,14 +339,13 @@ def test_no_user_string_reaches_a_shell(target: Target) -> None:
 # -- the agent checks every request -------------------------------------------
 
 KNOWN_ERRORS = {
-    remote_agent.ERR_BAD_REQUEST,
-    remote_agent.ERR_INVALID,
-    remote_agent.ERR_JOB_NOT_FOUND,
-    remote_agent.ERR_JOB_EXISTS,
-    remote_agent.ERR_JOB_RUNNING,
-    remote_agent.ERR_QUEUE,
-    remote_agent.ERR_AGENT_MISSING,
-    remote_agent.ERR_SERVER,
+    protocol.ERR_BAD_REQUEST,
+    protocol.ERR_INVALID,
+    protocol.ERR_JOB_NOT_FOUND,
+    protocol.ERR_JOB_EXISTS,
+    protocol.ERR_JOB_RUNNING,
+    protocol.ERR_QUEUE,
+    protocol.ERR_SERVER,
 }
 
 
@@ -457,10 +456,9 @@ HOSTILE: dict[str, list[tuple[str, Any]]] = {
         ("args-nul-type", {"args": [b"x"]}),
     ],
     "secrets": [("bad-name", {"A=B": "x"}), ("not-text", {"A": b"x"})],
-    "runner": [("unknown", "slurm")],
+    "runner": [("unknown", "nosuchplugin")],
     "links": [("nul", ["a\0b"]), ("empty", [""]), ("self", ["{queue}"])],
-    "protocol": [("next", 2)],
-    "digest": [("up", "../../../x"), ("slash", "a/b"), ("empty", "")],
+    "protocol": [("next", protocol.PROTOCOL_VERSION + 1)],
 }
 
 
@@ -486,17 +484,16 @@ class Fuzzer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.queue = str(root / "queue")
-        self.agent = remote_agent.Agent()
+        self.agent = Connection()
         self.serial = 0
-        self.call("hello", protocol=remote_agent.PROTOCOL_VERSION, digest=AGENT_DIGEST)
-        self.call("install_agent", queue=self.queue, source=AGENT_SOURCE)
+        self.call("hello", protocol=protocol.PROTOCOL_VERSION)
         self.submit("target", links={"escape": b"/etc/passwd", "escape-dir": b"/etc"})
         self.submit("victim")
         for job_id in ("target", "victim"):
             self.wait_for(job_id)
 
     def call(self, op: str, **args: Any) -> Any:
-        reply = self.agent.handle({"v": remote_agent.PROTOCOL_VERSION, "op": op, "args": args})
+        reply = self.agent.handle({"v": protocol.PROTOCOL_VERSION, "op": op, "args": args})
         assert reply["ok"], (op, reply)
         return reply["result"]
 
@@ -551,7 +548,7 @@ class Fuzzer:
         Also puts the agent back as the client leaves it (a valid hello), and the job
         that `delete` removes back in the queue.
         """
-        self.call("hello", protocol=remote_agent.PROTOCOL_VERSION, digest=AGENT_DIGEST)
+        self.call("hello", protocol=protocol.PROTOCOL_VERSION)
         queue = self.queue
         self.serial += 1
         if op == "delete" and not os.path.isdir(os.path.join(queue, "jobs", "victim")):
@@ -576,11 +573,7 @@ class Fuzzer:
                 },
             }[op]
         return {
-            "hello": {
-                "protocol": remote_agent.PROTOCOL_VERSION,
-                "digest": AGENT_DIGEST,
-                "runners": {"queue": "0123456789abcdef"},
-            },
+            "hello": {"protocol": protocol.PROTOCOL_VERSION},
             "setup": {
                 "queue": str(self.root / f"setup-{self.serial}"),
                 "links": [str(self.root / f"link-{self.serial}")],
@@ -590,9 +583,7 @@ class Fuzzer:
                 "runner_source": None,
                 "options": {},
             },
-            "install_runner": {"queue": queue, "runner": "queue", "source": "#"},
-            # A new queue each time, so the agent's source is really written.
-            "install_agent": {"queue": str(self.root / f"install-{self.serial}"), "source": "#"},
+            "install_runner": {"queue": queue, "runner": "echo", "source": "#"},
             "status": {"queue": queue, "job_id": "target"},
             "list": {"queue": queue},
             "kill": {"queue": queue, "job_id": "target"},
@@ -646,8 +637,8 @@ def with_arg(fuzzer: Fuzzer, op: str, name: str, value: Any) -> Callable[[], Any
 
 def malformed_requests(fuzzer: Fuzzer) -> Iterator[Case]:
     """Every malformed request of the table."""
-    for op, handler in sorted(fuzzer.agent.handlers.items()):
-        params = inspect.signature(handler).parameters
+    for op, handler in sorted(all_handlers().items()):
+        params = dict(list(inspect.signature(handler).parameters.items())[1:])  # not connection
         valid = fuzzer.valid_args(op)
         assert set(valid) == set(params), f"the table of {op} is out of date: {list(params)}"
         for name in params:
@@ -664,27 +655,38 @@ def malformed_requests(fuzzer: Fuzzer) -> Iterator[Case]:
                     True,
                 )
         yield Case(f"{op}(unknown argument)", with_arg(fuzzer, op, "bogus", 1), True)
+    V = protocol.PROTOCOL_VERSION
     broken: list[tuple[str, Any]] = [
         ("not a dict", ["status"]),
         ("none", None),
-        ("bytes", b'{"v": 1}'),
+        ("bytes", b'{"v": 2}'),
         ("no version", {"op": "list", "args": {}}),
-        ("version 2", {"v": 2, "op": "list", "args": {}}),
-        ("version as text", {"v": "1", "op": "list", "args": {}}),
-        ("no op", {"v": 1, "args": {}}),
-        ("unknown op", {"v": 1, "op": "rm_rf", "args": {}}),
-        ("private method", {"v": 1, "op": "reserve_id", "args": {}}),
-        ("dunder op", {"v": 1, "op": "__init__", "args": {}}),
-        ("op as bytes", {"v": 1, "op": b"list", "args": {}}),
-        ("op as list", {"v": 1, "op": ["list"], "args": {}}),
-        ("op as dict", {"v": 1, "op": {"list": 1}, "args": {}}),
-        ("args as list", {"v": 1, "op": "list", "args": [fuzzer.queue]}),
-        ("args as none", {"v": 1, "op": "list", "args": None}),
-        ("args with int keys", {"v": 1, "op": "list", "args": {1: fuzzer.queue}}),
-        ("args with bytes keys", {"v": 1, "op": "list", "args": {b"queue": fuzzer.queue}}),
+        ("next version", {"v": V + 1, "op": "list", "args": {}}),
+        ("version as text", {"v": str(V), "op": "list", "args": {}}),
+        ("no op", {"v": V, "args": {}}),
+        ("unknown op", {"v": V, "op": "rm_rf", "args": {}}),
+        ("private method", {"v": V, "op": "reserve_id", "args": {}}),
+        ("dunder op", {"v": V, "op": "__init__", "args": {}}),
+        ("op as bytes", {"v": V, "op": b"list", "args": {}}),
+        ("op as list", {"v": V, "op": ["list"], "args": {}}),
+        ("op as dict", {"v": V, "op": {"list": 1}, "args": {}}),
+        ("args as list", {"v": V, "op": "list", "args": [fuzzer.queue]}),
+        ("args as none", {"v": V, "op": "list", "args": None}),
+        ("args with int keys", {"v": V, "op": "list", "args": {1: fuzzer.queue}}),
+        ("args with bytes keys", {"v": V, "op": "list", "args": {b"queue": fuzzer.queue}}),
     ]
     for label, request in broken:
         yield Case(f"envelope: {label}", lambda request=request: request, True)
+
+
+def all_handlers() -> dict[str, Callable[..., Any]]:
+    """Every operation's handler, as tej.protocol.OPERATIONS names them."""
+    import importlib
+
+    return {
+        op: importlib.import_module(f"tej.server.handlers.{module}").HANDLERS[op]
+        for op, module in protocol.OPERATIONS.items()
+    }
 
 
 def drop(request: dict[str, Any], name: str) -> dict[str, Any]:
@@ -693,7 +695,7 @@ def drop(request: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def envelope(op: str, args: dict[str, Any]) -> dict[str, Any]:
-    return {"v": remote_agent.PROTOCOL_VERSION, "op": op, "args": args}
+    return {"v": protocol.PROTOCOL_VERSION, "op": op, "args": args}
 
 
 @pytest.fixture
@@ -753,7 +755,7 @@ def check_reply(case: Case, reply: Any, internal: list[str]) -> list[str]:
         if case.must_refuse:
             return [f"{description}: accepted ({reply.get('result')!r:.100})"]
         return [] if "result" in reply else [f"{description}: ok without a result"]
-    if reply.get("error") == remote_agent.ERR_INTERNAL:
+    if reply.get("error") == protocol.ERR_INTERNAL:
         internal.append(f"{description}: {reply.get('message')!s:.200}")
         return []
     problems = []
@@ -784,7 +786,7 @@ def test_a_nan_duration_never_blocks_the_agent(fuzzer: Fuzzer) -> None:
         # An agent for each: a hung one stays blocked until the job dies (at teardown).
         request = envelope(description.split("(")[0], args)
         threads[description] = threading.Thread(
-            target=remote_agent.Agent().handle, args=(request,), daemon=True
+            target=Connection().handle, args=(request,), daemon=True
         )
         threads[description].start()
     deadline = time.monotonic() + 5

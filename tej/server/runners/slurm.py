@@ -27,8 +27,12 @@ import math
 import os
 import re
 import signal
-import subprocess
 import time
+
+from ...protocol import END_STATES, parse_duration
+
+# subprocess is imported where Slurm's commands are run: the client and the agent
+# load this module to check a job's fields.
 
 STATES = {
     "PENDING": "queued",
@@ -56,7 +60,6 @@ STATES = {
     "BOOT_FAIL": "lost",
     "REVOKED": "cancelled",
 }
-END_STATES = ("finished", "killed", "timed_out", "lost", "cancelled")
 SETTINGS = ("partition", "account", "qos")
 #: tej.json "slurm" fields given as text, and the sbatch option each becomes.
 TEXT_OPTIONS = {
@@ -68,6 +71,9 @@ TEXT_OPTIONS = {
 }
 #: tej.json "slurm" fields given as counts, and the sbatch option each becomes.
 COUNT_OPTIONS = {"cpus": "--cpus-per-task", "nodes": "--nodes", "gpus": "--gpus"}
+#: The job fields this runner owns: tej.json's "slurm" object of sbatch settings.
+JOB_FIELDS = ("slurm",)
+SLURM_FIELDS = ("time", "extra_args") + tuple(sorted(TEXT_OPTIONS)) + tuple(sorted(COUNT_OPTIONS))
 COMMAND_TIMEOUT = 60.0
 QUERY_CACHE = 0.5  # seconds a squeue answer is reused for
 BATCH_SCRIPT = "slurm-batch.py"
@@ -88,8 +94,50 @@ def configure(options):
     return dict(options)
 
 
+def check_fields(job):
+    """This runner's fields of a job (its "slurm" settings), checked and normalized.
+
+    ValueError if one is bad. A duration in "time" may be a text ("2h").
+    """
+    value = job.get("slurm")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError('slurm must be an object of sbatch settings, such as {"cpus": 4}')
+    return {"slurm": dict((key, check_setting(key, item)) for key, item in value.items())}
+
+
+def check_setting(key, value):
+    """One sbatch setting of a job, checked and normalized; ValueError if it is bad."""
+    if key == "time":
+        return parse_duration(value, "slurm.time")
+    if key in COUNT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("slurm.%s must be a positive whole number" % key)
+        return value
+    if key == "extra_args":
+        if not isinstance(value, list) or not all(isinstance(arg, str) for arg in value):
+            raise ValueError("slurm.extra_args must be a list of strings")
+        if any("\0" in arg for arg in value):
+            raise ValueError("slurm.extra_args can't contain NUL characters")
+        if any(not arg.startswith("-") for arg in value):
+            raise ValueError("slurm.extra_args must be sbatch options, such as --exclusive")
+        return list(value)
+    if key in TEXT_OPTIONS:
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise ValueError("slurm.%s must be a non-empty string" % key)
+        return value
+    import difflib
+
+    close = difflib.get_close_matches(str(key), SLURM_FIELDS, n=1)
+    hint = " (did you mean %r?)" % close[0] if close else ""
+    raise ValueError("Unknown key %r in slurm%s" % (key, hint))
+
+
 def run_command(argv):
     """Run a Slurm command; its CompletedProcess (text), or None if it can't be run."""
+    import subprocess
+
     try:
         return subprocess.run(
             argv,
@@ -135,7 +183,7 @@ class Runner(object):
     """Submits jobs with sbatch and follows them with squeue and scontrol."""
 
     name = "slurm"
-    job_fields = ("slurm",)
+    job_fields = JOB_FIELDS
     initial_state = "queued"
     takes_secrets = False
     poll_interval = 0.25
@@ -148,26 +196,11 @@ class Runner(object):
     # the interface
 
     def check_job(self, job):
-        """Refuse sbatch settings of the wrong type (the client checks them too)."""
-        slurm = job.get("slurm") or {}
-        if not isinstance(slurm, dict):
-            raise self.host.invalid("slurm must be an object of sbatch settings")
-        for key, value in slurm.items():
-            if key in TEXT_OPTIONS:
-                ok = isinstance(value, str) and value.strip() and "\0" not in value
-            elif key in COUNT_OPTIONS:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            elif key == "time":
-                ok = isinstance(value, (int, float)) and 0 < value <= 3650 * 86400
-            elif key == "extra_args":
-                ok = isinstance(value, list) and all(
-                    isinstance(arg, str) and arg.startswith("-") and "\0" not in arg
-                    for arg in value
-                )
-            else:
-                raise self.host.invalid("Unknown slurm setting %r" % key)
-            if not ok:
-                raise self.host.invalid("Invalid slurm setting %s: %r" % (key, value))
+        """Refuse sbatch settings that aren't right (the client checks them too)."""
+        try:
+            check_fields(job)
+        except ValueError as exc:
+            raise self.host.invalid(str(exc))
 
     def submit(self, job_id, job_dir, job, secrets):
         """Hand the job to Slurm; its batch script is the job's supervisor."""
@@ -299,7 +332,7 @@ class Runner(object):
     def write_batch_script(self, job_dir):
         """Write the job's batch script: Python that runs tej's supervisor for the job."""
         command = self.host.supervisor_command(job_dir)
-        python, code, arguments = command[0], command[2], command[3:]
+        python, code, arguments = command.python, command.code, command.arguments
         if re.search(r"\s", python) or len(python) > 120:
             raise self.host.failure("Python's path %r can't be a #! line" % python)
         text = "#!%s\nimport sys\nsys.argv[1:] = %r\n%s\n" % (python, arguments, code)

@@ -1,14 +1,14 @@
-"""The runners a queue can use: the built-in ones and those that plugins register.
+"""The runners a client can set up a queue with: the built-in ones, and plugins'.
 
-A runner other than ``default`` is a stdlib-only module that runs on the
-server (see docs/runners.md). The client never imports it: it ships its
-source with the agent. Plugins register theirs under the entry-point group
-``tej.runners``, as ``NAME = "package.module"``.
+A runner runs on the server (see docs/runners.md). The built-in ones,
+``default`` and those of tej/server/runners/, travel with the agent's bundle.
+A plugin's is a stdlib-only module whose source the client sends when a queue
+needs it; plugins register theirs under the entry-point group ``tej.runners``,
+as ``NAME = "package.module"``.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
@@ -16,9 +16,6 @@ from tej import protocol
 from tej.errors import InvalidInput
 
 ENTRY_POINT_GROUP = "tej.runners"
-#: The runners that ship with tej, by name: the module holding each one's server side.
-BUILTIN = {"queue": "tej.runners.queue", "slurm": "tej.runners.slurm"}
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass(frozen=True)
@@ -34,25 +31,18 @@ class RunnerSource:
         return protocol.sha256_hex(self.source.encode("utf-8"))[:16]
 
 
-def builtin_digests() -> dict[str, str]:
-    """The digests of the built-in runners, which the agent checks its copies against.
-
-    Plugins' are not sent: finding them costs every connection tens of
-    milliseconds. A queue's plugin runner is installed again only when its
-    copy is missing, or by `tej setup --force --plugin NAME`.
-    """
-    return {name: _builtin(name).digest for name in BUILTIN}
+def is_builtin(name: str) -> bool:
+    """Whether a runner ships with tej (its server side travels in the agent's bundle)."""
+    return name == protocol.DEFAULT_RUNNER or name in protocol.BUILTIN_RUNNERS
 
 
 def available() -> list[str]:
     """The names of every runner this client can set up, default first."""
-    return [protocol.DEFAULT_RUNNER, *sorted({*BUILTIN, *_plugins()})]
+    return [protocol.DEFAULT_RUNNER, *sorted({*protocol.BUILTIN_RUNNERS, *_plugins()})]
 
 
 def load(name: str) -> RunnerSource:
-    """The source of a runner; InvalidInput naming the choices if there is none."""
-    if name in BUILTIN:
-        return _builtin(name)
+    """The source of a plugin's runner; InvalidInput naming the choices if there is none."""
     module = _plugins().get(name)
     if module is None:
         raise InvalidInput(f"Unknown plugin {name!r} (available: {', '.join(available())})")
@@ -62,10 +52,6 @@ def load(name: str) -> RunnerSource:
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         raise InvalidInput(f"The plugin {name!r} names {module!r}, which is not a Python file")
     return RunnerSource(name, _read(spec.origin))
-
-
-def _builtin(name: str) -> RunnerSource:
-    return RunnerSource(name, _read(os.path.join(_HERE, f"{name}.py")))
 
 
 def _read(path: str) -> str:

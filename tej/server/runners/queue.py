@@ -23,6 +23,11 @@ supervisors never start more than ``max_running`` jobs.
 
 import time
 
+from ...protocol import job_id_problem
+
+#: The job fields this runner owns (tej.json's and the client's).
+JOB_FIELDS = ("priority", "after")
+MAX_PRIORITY = 1000000
 DEFAULT_MAX_RUNNING = 1
 MAX_RUNNING_LIMIT = 100000
 OCCUPYING = ("starting", "running")  # the states that take a place
@@ -49,11 +54,40 @@ def configure(options):
     return {"max_running": value}
 
 
+def check_fields(job):
+    """This runner's fields of a job, checked and normalized; ValueError if one is bad.
+
+    job may come from tej.json (`after` a job id or a list of them) or from the
+    client (normalized already).
+    """
+    fields = {}
+    priority = job.get("priority")
+    if priority is not None:
+        whole = isinstance(priority, int) and not isinstance(priority, bool)
+        if not whole or abs(priority) > MAX_PRIORITY:
+            raise ValueError(
+                "priority must be a whole number from -%d to %d" % (MAX_PRIORITY, MAX_PRIORITY)
+            )
+        fields["priority"] = priority
+    after = job.get("after")
+    if after:
+        ids = [after] if isinstance(after, str) else after
+        if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+            raise ValueError("after must be a list of strings")
+        for job_id in ids:
+            if "\0" in job_id:
+                raise ValueError("after can't contain NUL characters")
+            if job_id_problem(job_id):
+                raise ValueError("Invalid job identifier %r in after" % job_id)
+        fields["after"] = list(dict.fromkeys(ids))
+    return fields
+
+
 class Runner(object):
     """Runs jobs in turn, at most max_running at once, by priority and dependencies."""
 
     name = "queue"
-    job_fields = ("priority", "after")
+    job_fields = JOB_FIELDS
     initial_state = "queued"
     takes_secrets = False
 
@@ -65,12 +99,10 @@ class Runner(object):
 
     def check_job(self, job):
         """Refuse a bad priority, and dependencies on jobs that don't exist."""
-        priority = job.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise self.host.invalid("priority must be a whole number")
-        after = job.get("after") or []
-        if not isinstance(after, list) or not all(isinstance(item, str) for item in after):
-            raise self.host.invalid("after must be a list of job identifiers")
+        try:
+            after = check_fields(job).get("after") or []
+        except ValueError as exc:
+            raise self.host.invalid(str(exc))
         for job_id in after:
             if not self.host.has_job(job_id):
                 raise self.host.invalid("after: there is no job %r in this queue" % job_id)

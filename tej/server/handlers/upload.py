@@ -1,0 +1,273 @@
+"""Uploads and submit: a job's tree laid out from the store, then started by the queue's runner."""
+
+import errno
+import json
+import os
+import re
+import time
+
+from ...protocol import ERR_BAD_REQUEST, ERR_INVALID, ERR_JOB_EXISTS, ERR_RUNNER_MISSING
+from ..errors import AgentError, checked_rows
+from ..files import (
+    make_private_dir,
+    make_private_dirs,
+    now_iso,
+    randrange,
+    remove_quietly,
+    remove_stale,
+    remove_tree,
+    write_json_atomic,
+)
+from ..jobs import check_script, start_time_of, validate_job, validate_secrets
+from ..layout import (
+    JOB_FILE,
+    JOBS_DIR,
+    LEASES_DIR,
+    STAGING_DIR,
+    STALE_TRASH,
+    STALE_UPLOAD,
+    STATUS_FILE,
+    STORE_DIR,
+    TRASH_DIR,
+    WORK_DIR,
+    validate_job_id,
+)
+from ..manifest import parse_part
+from ..queue import open_queue
+from ..runners import check_runner_fields
+from ..store import collect_garbage, lease_path, note_lease
+from ..upload import Upload
+
+
+def upload_begin(connection, queue, manifest, contents=None, submit=None, token=None, more=False):
+    """Open a staging area for a new job and lay out its tree from the manifest.
+
+    Every file whose content the store holds is linked in at once; the reply
+    lists the others, {"token": T, "missing": JSON [[index, offset], ...]}: the
+    client sends those (one file per content) with upload_data, from offset.
+    contents, [[index, data], ...], are whole contents of files sent along in
+    case the store lacks them (those it has are ignored). submit, the
+    arguments of submit but the token: if nothing is missing, the upload is
+    submitted at once, and the reply's "job_id" names the job (None if the
+    queue's plugin runner must be installed first: then submit the token).
+
+    token: the upload's, chosen by the client (a new one: 16 to 32 hex
+    digits), so that it can send what follows without waiting for the reply.
+    more: the manifest goes on in upload_manifest requests; this reply is
+    {"token": T}, and the last part's is the one described here.
+    """
+    rows, contents = parse_part(manifest, contents, submit, more)
+    text, queue = queue, open_queue(queue, create=True, with_runner=False)
+    if token is None:
+        token = "%x%08x" % (int(time.time()), randrange(1 << 32))
+    elif not isinstance(token, str) or not re.match(r"[0-9a-f]{16,32}\Z", token):
+        raise AgentError(ERR_BAD_REQUEST, "Invalid upload token %r" % (token,))
+    remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
+    remove_stale(queue.path(TRASH_DIR), STALE_TRASH)
+    staging = queue.path(STAGING_DIR, token)
+    try:
+        make_private_dir(staging)
+    except FileExistsError:
+        raise AgentError(ERR_INVALID, "An upload with token %r exists already" % token)
+    upload = Upload(queue, token, staging)
+    try:
+        make_private_dir(os.path.join(staging, WORK_DIR))
+        make_private_dirs(queue.path(STORE_DIR, LEASES_DIR))
+        collect_garbage(queue)
+    except BaseException:
+        remove_tree(staging)
+        raise
+    connection.uploads[token] = upload
+    return take_manifest(connection, text, upload, rows, contents, submit, more)
+
+
+def upload_manifest(connection, queue, token, manifest, contents=None, submit=None, more=False):
+    """Lay out the next part of an upload's manifest: see upload_begin's more.
+
+    Its entries follow the previous parts' (their indices too).
+    """
+    upload = upload_of(connection, queue, token)
+    if upload.planned:
+        raise AgentError(ERR_INVALID, "The manifest of upload %r is complete" % token)
+    try:
+        rows, contents = parse_part(manifest, contents, submit, more)
+    except BaseException:
+        upload_abort(connection, queue, token)
+        raise
+    return take_manifest(connection, queue, upload, rows, contents, submit, more)
+
+
+def take_manifest(connection, queue, upload, rows, contents, submit, more):
+    """Lay out a part of an upload's manifest; after its last part, plan the upload.
+
+    Anything wrong throws the upload away.
+    """
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()  # the rows are many small objects: the collector would walk them for nothing
+    try:
+        upload.add(rows)
+        if more:
+            return {"token": upload.token}
+        missing = upload.plan()
+        if contents and missing:
+            missing = upload.receive_whole(contents, missing)
+    except BaseException:
+        connection.uploads.pop(upload.token, None)
+        upload.discard()
+        remove_tree(upload.staging)
+        raise
+    finally:
+        if collecting:
+            gc.enable()
+    reply = {"token": upload.token, "missing": json.dumps(missing).encode("ascii")}
+    if submit is not None and not missing:
+        reply["job_id"] = submit_at_once(connection, queue, upload.token, submit)
+    return reply
+
+
+def submit_at_once(connection, queue, token, submit_args):
+    """Submit a complete upload; None if the queue's plugin runner must be installed first."""
+    try:
+        return submit(connection, queue, token, **submit_args)
+    except AgentError as exc:
+        if exc.kind == ERR_RUNNER_MISSING:
+            return None  # the upload waits: the client installs the runner, then submits
+        abort_quietly(connection, queue, token)
+        raise
+    except BaseException:
+        abort_quietly(connection, queue, token)
+        raise
+
+
+def abort_quietly(connection, queue, token):
+    """Throw away an upload a failed submit may have left (a submit leaves nothing)."""
+    try:
+        upload_abort(connection, queue, token)
+    except (AgentError, OSError):
+        pass
+
+
+def staging_dir(queue, token):
+    """The staging area of an upload in progress."""
+    if not isinstance(token, str) or not re.match(r"[0-9a-f]+\Z", token):
+        raise AgentError(ERR_INVALID, "Invalid upload token %r" % (token,))
+    path = queue.path(STAGING_DIR, token)
+    if not queue.exists or not os.path.isdir(path):
+        raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+    return path
+
+
+def upload_of(connection, queue, token):
+    """The upload in progress on this connection with that token."""
+    staging = staging_dir(open_queue(queue, with_runner=False), token)
+    upload = connection.uploads.get(token)
+    if upload is None or upload.staging != staging:
+        raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+    return upload
+
+
+def upload_data(connection, queue, token, chunks):
+    """Write chunks [index, offset, data] of the files upload_begin asked for."""
+    upload = upload_of(connection, queue, token)
+    for index, offset, data in checked_rows(chunks, (int, int, bytes)):
+        upload.receive(index, offset, data)
+
+
+def upload_abort(connection, queue, token):
+    """Throw away an upload in progress (what reached the store stays there)."""
+    staging = staging_dir(open_queue(queue, with_runner=False), token)
+    upload = connection.uploads.pop(token, None)
+    if upload is not None:
+        upload.discard()
+    remove_tree(staging)
+
+
+def drop_upload(connection, queue, token):
+    """Forget an upload after a failed submit: the files it holds open, its lease."""
+    upload = connection.uploads.pop(token, None)
+    if upload is not None:
+        upload.discard_files()
+    remove_quietly(lease_path(queue, token))
+
+
+def finish_upload(connection, token):
+    """Complete the tree of a planned upload: every file arrived, symlinks, folder modes."""
+    upload = connection.uploads.pop(token, None)
+    if upload is None:
+        raise AgentError(ERR_INVALID, "No upload in progress with token %r" % token)
+    upload.finish()
+
+
+def submit(connection, queue, token, job_id=None, id_prefix=None, job=None, secrets=None):
+    """Turn a completed upload into a job and hand it to the queue's runner.
+
+    secrets are environment variables for the job that are never written
+    to disk: they reach the supervisor through a pipe (job.json keeps
+    their names only).
+    """
+    secrets = validate_secrets(secrets or {})
+    queue = open_queue(queue, create=True)
+    staging = staging_dir(queue, token)
+    try:
+        job = dict(validate_job(job or {}), secret_env=sorted(secrets))
+        check_runner_fields(queue.runner, job, secrets)
+        finish_upload(connection, token)
+        check_script(os.path.join(staging, WORK_DIR), job["script"])
+        job_id, job_dir = reserve_id(queue, staging, job_id, id_prefix, job)
+    except BaseException:
+        drop_upload(connection, queue, token)
+        remove_tree(staging)  # a failed submit leaves nothing, not even the upload
+        raise
+    try:
+        queue.runner.submit(job_id, job_dir, job, secrets)
+    except BaseException:
+        remove_tree(job_dir)
+        raise
+    return job_id
+
+
+def reserve_id(queue, staging, job_id, id_prefix, job):
+    """Atomically move the staged job to jobs/ID; returns (id, job_dir)."""
+    candidates = [job_id]
+    if job_id is None:
+        if not isinstance(id_prefix, str):
+            raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
+        candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
+    validate_job_id(candidates[0])
+    start_time = start_time_of(job)
+    for candidate in candidates:
+        record = first_record(queue, dict(job, id=candidate), start_time)
+        write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
+        # Not durable: after a power cut, a job that was starting is lost anyway.
+        write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
+        note_lease(queue, staging, candidate)
+        job_dir = queue.path(JOBS_DIR, candidate)
+        try:
+            os.rename(staging, job_dir)
+            return candidate, job_dir
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    if job_id is not None:
+        raise AgentError(ERR_JOB_EXISTS, "A job %r already exists" % job_id)
+    raise AgentError(ERR_JOB_EXISTS, "Could not find a free identifier for %r" % id_prefix)
+
+
+def first_record(queue, job, start_time):
+    """A new job's status record, as its runner wants it (complete before anyone sees it)."""
+    record = {"id": job["id"], "state": queue.runner.initial_state, "submitted_at": now_iso()}
+    if start_time is not None:
+        record["start_time"] = start_time
+    prepare = getattr(queue.runner, "prepare", None)
+    return prepare(job, record) if prepare is not None else record
+
+
+HANDLERS = {
+    "upload_begin": upload_begin,
+    "upload_manifest": upload_manifest,
+    "upload_data": upload_data,
+    "upload_abort": upload_abort,
+    "submit": submit,
+}

@@ -1,0 +1,41 @@
+"""The queue directory's format: the names of its files and folders (docs/queue-format.md)."""
+
+import re
+
+from ..protocol import ERR_INVALID, ID_REGEX, job_id_problem
+from .errors import AgentError
+
+QUEUE_FORMAT = 1
+LINK_FORMAT = 1
+
+QUEUE_CONFIG = "tej-queue.json"
+LOCK_FILE = "queue.lock"
+LIST_CACHE = "list-cache.json"
+JOBS_DIR = "jobs"
+STAGING_DIR = "staging"
+TRASH_DIR = "trash"
+AGENT_DIR = "agent"
+STORE_DIR = "store"
+LEASES_DIR = "leases"
+
+# In a job's folder.
+JOB_FILE = "job.json"
+STATUS_FILE = "status.json"
+RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
+BLOBS_FILE = "blobs"
+WORK_DIR = "work"
+STDOUT_FILE = "stdout"
+STDERR_FILE = "stderr"
+SUPERVISOR_LOG = "supervisor.log"
+
+STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
+STALE_TRASH = 3600.0  # a deletion interrupted this long ago
+
+ID_PATTERN = re.compile(ID_REGEX)
+
+
+def validate_job_id(job_id):
+    """Raise AgentError unless job_id is a valid job identifier."""
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise AgentError(ERR_INVALID, problem)
