@@ -54,19 +54,9 @@ def gateway_base() -> ModuleType:
 
         sys.modules[MODULE_NAME] = package_copy
         return package_copy
-    from importlib.machinery import SourceFileLoader
+    from tej.loader import tej_import  # as the server loads it
 
-    loader = SourceFileLoader(MODULE_NAME, path)
-    module = type(sys)(MODULE_NAME)
-    module.__file__ = path
-    module.__loader__ = loader
-    sys.modules[MODULE_NAME] = module
-    try:
-        loader.exec_module(module)
-    except BaseException:
-        del sys.modules[MODULE_NAME]
-        raise
-    return module
+    return tej_import(MODULE_NAME, path)  # type: ignore[no-any-return]
 
 
 def gateway_source() -> str:

@@ -264,7 +264,8 @@ class Target:
 
 
 def kill_processes_under(root: str) -> None:
-    """SIGKILL every process working in root or naming it (stray jobs, their supervisors).
+    """SIGKILL every process working in root, naming it, or logging into it (stray jobs,
+    their supervisors: a supervisor's stderr is its job's supervisor.log).
 
     Waits until they are gone, so no supervisor writes into root while it is removed.
     """
@@ -275,6 +276,8 @@ def kill_processes_under(root: str) -> None:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
+        with contextlib.suppress(OSError):
+            argv.append(os.readlink(entry / "fd" / "2"))
         inside = [path for path in [cwd, *argv] if path == root or path.startswith(root + "/")]
         if inside and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError):

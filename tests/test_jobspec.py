@@ -469,8 +469,8 @@ def stop_supervisors(queue: Path) -> None:
         pid = (record.get("supervisor") or {}).get("pid")
         if record.get("state") not in ("scheduled", "running") or not pid:
             continue
-        with contextlib.suppress(OSError):
-            if str(status_file.parent).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+        with contextlib.suppress(OSError):  # a supervisor's stderr is its supervisor.log
+            if os.readlink(f"/proc/{pid}/fd/2") == str(status_file.parent / "supervisor.log"):
                 os.kill(pid, signal.SIGTERM)
 
 

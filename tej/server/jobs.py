@@ -7,6 +7,7 @@ import time
 
 from ..protocol import (
     DEFAULT_SCRIPT,
+    ENV_NAME_REGEX,
     ERR_BAD_REQUEST,
     ERR_INVALID,
     MAX_DURATION,
@@ -68,9 +69,7 @@ def check_output_target(stream, target):
 def validate_secrets(secrets):
     """Check the secret environment variables of a submit."""
     if not isinstance(secrets, dict) or not all(
-        isinstance(name, str)
-        and re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", name)
-        and isinstance(value, str)
+        isinstance(name, str) and re.match(ENV_NAME_REGEX, name) and isinstance(value, str)
         for name, value in secrets.items()
     ):
         raise AgentError(ERR_INVALID, "secrets must map variable names to strings")

@@ -64,7 +64,7 @@ def public_status(job_id, record):
     }
 
 
-def read_job(job_dir, job_id):
+def job_metadata(job_dir, job_id):
     """A job's metadata; JobNotFound if the job was deleted meanwhile."""
     try:
         return read_json(os.path.join(job_dir, JOB_FILE))

@@ -142,7 +142,7 @@ class Upload(object):
         self.discard_files()
         remove_quietly(lease_path(self.queue, self.token))
 
-    def record(self, digest, mode, info):
+    def note_blob(self, digest, mode, info):
         """Note in BLOBS_FILE an inode the job shares with the store, before others can see it."""
         line = "%s-%03o %d\n" % (digest, mode, info.st_ino)
         os.write(self.blobs, line.encode("ascii"))
@@ -275,7 +275,7 @@ class Upload(object):
             evict(blob, os.lstat(path))
             os.unlink(path)
             return False
-        self.record(digest, mode, os.lstat(fresh))
+        self.note_blob(digest, mode, os.lstat(fresh))
         os.rename(fresh, path)
         os.link(path, fresh)
         os.rename(fresh, blob)
@@ -401,7 +401,7 @@ class Upload(object):
                 self.fill(digest, part, self.files[digest])
                 os.unlink(part)
                 return
-            self.record(digest, mode, os.fstat(fd))
+            self.note_blob(digest, mode, os.fstat(fd))
             os.link(part, path)
             self.fill(digest, part, self.files[digest][1:])
             blob = self.blob(digest, mode)

@@ -20,10 +20,10 @@ from ..layout import JOBS_DIR, LIST_CACHE, TRASH_DIR
 from ..listcache import LIST_FIELDS, ListCache
 from ..queue import open_queue
 from ..records import (
+    job_metadata,
     job_status,
     missing_status,
     public_status,
-    read_job,
     read_status_record,
     wait_for_state,
 )
@@ -96,7 +96,7 @@ def kill(connection, queue, job_id):
 def kill_job(queue, job_id):
     """Kill a job of an open queue: {"killed": whether this call killed it, "status": ...}."""
     job_dir = queue.job_dir(job_id)
-    grace = float(read_job(job_dir, job_id).get("kill_grace", KILL_GRACE))
+    grace = float(job_metadata(job_dir, job_id).get("kill_grace", KILL_GRACE))
     killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
     runner_tick(queue)
     return {"killed": killed, "status": public_status(job_id, record)}
