@@ -34,6 +34,9 @@ OPERATIONS = {
     "list_files": "files",
     "file_identity": "files",
     "read_chunks": "files",
+    "sync_list": "sync",
+    "sync_hash": "sync",
+    "sync_read": "sync",
 }
 
 # Job states.

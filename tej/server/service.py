@@ -15,10 +15,11 @@ from .errors import AgentError, describe_os_error, internal_error
 
 
 class Connection(object):
-    """One client's connection: what its requests share (its uploads in progress)."""
+    """One client's connection: what its requests share (uploads in progress, sync listings)."""
 
     def __init__(self):
         self.uploads = {}  # token -> Upload, see handlers/upload.py
+        self.sync_listings = {}  # token -> the last listing of a sync, see handlers/sync.py
 
     def handle(self, request):
         """Answer one request with a reply dict; never raises."""
