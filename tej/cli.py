@@ -600,8 +600,9 @@ def sync_job(
 def describe_sync(summary: Any) -> str:
     """What a sync did, in words."""
     verb = "would be " if summary.dry_run else ""
+    files = "file" if summary.files_sent == 1 else "files"
     return (
-        f"{summary.files_sent} files {verb}sent ({format_size(summary.bytes_sent)}), "
+        f"{summary.files_sent} {files} {verb}sent ({format_size(summary.bytes_sent)}), "
         f"{summary.files_copied} {verb}copied locally, {summary.files_unchanged} unchanged, "
         f"{summary.files_deleted} {verb}deleted"
     )

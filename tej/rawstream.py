@@ -61,6 +61,10 @@ class RawStreamFailed(ConnectionFailed):
         self.received = received
 
 
+class FileChanged(RawStreamFailed):
+    """The file was replaced or modified while it was being read."""
+
+
 def download_to(
     session: Session,
     identity: list[object],
@@ -106,7 +110,7 @@ def download_to(
             proc.kill()
             proc.wait()
     if code_ == _WRONG_FILE:
-        raise RawStreamFailed("the file changed while it was being downloaded", received)
+        raise FileChanged("the file changed while it was being downloaded", received)
     if code_ != 0 or received != size - offset:
         done = offset + received
         raise RawStreamFailed(f"the download stopped after {done} of {size} bytes", received)

@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from tej import protocol
 from tej.errors import InvalidInput, ProtocolError
@@ -40,6 +40,7 @@ PRIVATE = ".tej-sync"  # the sync's own folder in the destination: marker, parti
 MARKER = "sync.json"
 MARKER_FORMAT = 1
 PARTIAL = "partial"
+LOCK = "lock"
 #: A file modified this recently on the server (ns) is checked by content on the next pass:
 #: a change within the same timestamp tick would not show in its size and time.
 RECENT = 2 * 10**9
@@ -186,11 +187,9 @@ def prepare_destination(to: str, job_id: str, delete: bool, force: bool, dry_run
                 f"--delete: {to} holds other things than a sync of job {job_id!r}; "
                 "choose another --to, or use --force to delete what the job doesn't have"
             )
-    if not dry_run:
-        try:
-            os.makedirs(os.path.join(to, PRIVATE, PARTIAL), 0o700, exist_ok=True)
-        except OSError as exc:
-            raise InvalidInput(f"Can't create {to}: {exc.strerror}") from None
+    parent = os.path.dirname(os.path.abspath(to))
+    if not dry_run and not os.path.isdir(parent):
+        raise InvalidInput(f"No such local folder: {parent}")
 
 
 def read_marker(to: str) -> dict[str, Any] | None:
@@ -297,6 +296,7 @@ class Syncer:
         self.listing: dict[bytes, Remote] = {}
         self.requests = 0
         self.cache: HashCache | None = None
+        self._lock: BinaryIO | None = None
         marker = read_marker(self.to) if os.path.isdir(self.to) else None
         same = marker is not None and marker.get("job_id") == job_id
         recent = marker.get("recent", []) if same and marker is not None else []
@@ -331,6 +331,24 @@ class Syncer:
 
     # one pass
 
+    def lock(self) -> None:
+        """Make sure no other sync writes into the same folder (held until this process ends)."""
+        import fcntl
+
+        if self._lock is not None or self.dry_run:
+            return
+        try:
+            os.makedirs(os.path.join(self.to, PRIVATE, PARTIAL), 0o700, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInput(f"Can't create {self.to}: {exc.strerror}") from None
+        stream = open(os.path.join(self.to, PRIVATE, LOCK), "ab")  # noqa: SIM115 - kept open
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.close()
+            raise InvalidInput(f"Another tej sync is writing into {self.to}") from None
+        self._lock = stream
+
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
@@ -338,10 +356,15 @@ class Syncer:
         changing: list[Remote] = []
         for attempt in range(ATTEMPTS):
             changed, state, now = self.refresh(missing_ok)
+            self.lock()  # the folder is made once the job's files are known
             if attempt == 0 and idle_ok and not changed:
                 files = sum(1 for row in self.listing.values() if row.kind == "f")
                 return SyncSummary(files_unchanged=files, state=state, requests=1)
-            summary, changing = self.apply(self.plan(now), state)
+            try:
+                summary, changing = self.apply(self.plan(now), state)
+            except OSError as exc:
+                where = os.fsdecode(exc.filename) if exc.filename else self.to
+                raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
             totals = totals + summary
             if not changing:
                 break
@@ -459,12 +482,12 @@ class Syncer:
             self._make_link(row)
         for row in plan.unchanged:
             self._touch(row)
-        for path in plan.delete:
-            self._remove_local(path)
         for row, source in plan.copy:
             self._copy(row, source)
         fetcher = Fetcher(self, plan.verify + plan.send, {row.relpath for row in plan.verify})
         changing = fetcher.run()
+        for path in plan.delete:
+            self._remove_local(path)
         unchanged = len(plan.unchanged) + fetcher.same
         summary = SyncSummary(
             files_sent=fetcher.files,
@@ -693,15 +716,13 @@ class Fetcher:
             self.changing.append(row)
             return
         partial = self.s.partial_path(row)
-        start = self._start(row)
-        with open(partial, "ab") as out:
+        with _locked_partial(partial, row.size) as out:
+            start = out.tell()
             try:
                 rawstream.download_to(
                     self.s.session(), identity, out, self.advance, start, (row.size, row.mtime)
                 )
-            except rawstream.RawStreamFailed as exc:
-                if "changed" not in str(exc):
-                    raise
+            except rawstream.FileChanged:
                 self.changing.append(row)
                 os.unlink(partial)
                 return
@@ -715,6 +736,29 @@ class Fetcher:
         os.utime(self.s.root + b"/" + row.relpath, ns=(row.mtime, row.mtime))
         os.chmod(self.s.root + b"/" + row.relpath, row.mode & 0o777)
         self.same += 1
+
+
+def _locked_partial(path: bytes, size: int) -> BinaryIO:
+    """A big file's partial file, opened to append to, locked (flock) while it is written.
+
+    A raw stream's process may outlive a client killed mid-transfer, and go on
+    appending to its partial file, which it keeps locked: such a file is left to
+    it (unlinked) and a new one started.
+    """
+    import fcntl
+
+    for _ in range(2):
+        stream = open(path, "ab")  # noqa: SIM115 - returned
+        try:
+            fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.close()
+            os.unlink(path)
+            continue
+        if stream.tell() > size:
+            stream.truncate(0)
+        return stream
+    raise InvalidInput(f"Can't lock {os.fsdecode(path)}: is another tej sync writing there?")
 
 
 class _Writer:
