@@ -257,7 +257,8 @@ class Plan:
 
     folders: list[Remote] = field(default_factory=list)
     links: list[Remote] = field(default_factory=list)
-    unchanged: list[Remote] = field(default_factory=list)  # same content: only its time/mode
+    unchanged: list[Remote] = field(default_factory=list)  # same content: only its mode
+    same: int = 0  # files the same in every way
     verify: list[Remote] = field(default_factory=list)  # same size, other time: hash decides
     send: list[Remote] = field(default_factory=list)
     copy: list[tuple[Remote, bytes]] = field(default_factory=list)  # (file, local source)
@@ -297,6 +298,10 @@ class Syncer:
         self.requests = 0
         self.cache: HashCache | None = None
         self._lock: BinaryIO | None = None
+        self._real_root = os.path.realpath(self.root)
+        #: Local folders checked to be inside --to, in this pass (see local_path).
+        self._safe: set[bytes] = set()
+        self._partials: dict[Remote, bytes] = {}
         marker = read_marker(self.to) if os.path.isdir(self.to) else None
         same = marker is not None and marker.get("job_id") == job_id
         recent = marker.get("recent", []) if same and marker is not None else []
@@ -376,6 +381,7 @@ class Syncer:
     def plan(self, now: int) -> Plan:
         """Compare the listing with the local folder."""
         local = scan_local(self.root) if os.path.isdir(self.to) else {}
+        self._safe = set()
         plan = Plan()
         for relpath, row in sorted(self.listing.items()):
             if excluded(relpath, self.exclude) or self._under_excluded(relpath):
@@ -390,8 +396,10 @@ class Syncer:
                 plan.send.append(row)
             elif have.mtime != row.mtime or relpath in self.recent:
                 plan.verify.append(row)
+            elif have.mode & 0o777 != row.mode & 0o777:
+                plan.unchanged.append(row)  # only its mode to set
             else:
-                plan.unchanged.append(row)
+                plan.same += 1
         if self.delete:
             plan.delete = self._to_delete(local)
         self.recent = {
@@ -488,7 +496,7 @@ class Syncer:
         changing = fetcher.run()
         for path in plan.delete:
             self._remove_local(path)
-        unchanged = len(plan.unchanged) + fetcher.same
+        unchanged = plan.same + len(plan.unchanged) + fetcher.same
         summary = SyncSummary(
             files_sent=fetcher.files,
             bytes_sent=fetcher.bytes,
@@ -505,7 +513,7 @@ class Syncer:
         return SyncSummary(
             files_sent=len(send),
             bytes_sent=sum(row.size for row in send),
-            files_unchanged=len(plan.unchanged),
+            files_unchanged=plan.same + len(plan.unchanged),
             files_deleted=len(plan.delete),
             files_copied=len(plan.copy),
             state=state,
@@ -519,13 +527,14 @@ class Syncer:
         """The local path of a job's path, its folder made if missing; refused outside --to."""
         path = self.root + b"/" + relpath
         parent = os.path.dirname(path)
+        if parent in self._safe:
+            return path
         if not os.path.isdir(parent) or os.path.islink(parent):
             self._make_parents(relpath)
         real = os.path.realpath(parent)
-        if real != os.path.realpath(self.root) and not real.startswith(
-            os.path.realpath(self.root) + b"/"
-        ):
+        if real != self._real_root and not real.startswith(self._real_root + b"/"):
             raise InvalidInput(f"{os.fsdecode(path)} would be written outside {self.to}")
+        self._safe.add(parent)
         return path
 
     def _make_parents(self, relpath: bytes) -> None:
@@ -553,9 +562,7 @@ class Syncer:
 
     def _touch(self, row: Remote) -> None:
         """Give an unchanged file the server's mode (its time is already the server's)."""
-        path = self.local_path(row.relpath)
-        if stat.S_IMODE(os.lstat(path).st_mode) != row.mode & 0o777:
-            os.chmod(path, row.mode & 0o777)
+        os.chmod(self.local_path(row.relpath), row.mode & 0o777)
 
     def _remove_local(self, relpath: bytes) -> None:
         path = self.local_path(relpath)
@@ -571,9 +578,12 @@ class Syncer:
 
     def partial_path(self, row: Remote) -> bytes:
         """Where a file is written until it is whole: named by its path and version."""
-        key = b"%s\0%d\0%d\0%d" % (row.relpath, row.size, row.mtime, row.inode)
-        name = hashlib.sha256(key).hexdigest()[:40]
-        return self.root + f"/{PRIVATE}/{PARTIAL}/{name}".encode()
+        path = self._partials.get(row)
+        if path is None:
+            key = b"%s\0%d\0%d\0%d" % (row.relpath, row.size, row.mtime, row.inode)
+            name = hashlib.sha256(key).hexdigest()[:40]
+            path = self._partials[row] = self.root + f"/{PRIVATE}/{PARTIAL}/{name}".encode()
+        return path
 
     def install(self, row: Remote, partial: bytes) -> None:
         """Put a whole file in place: its mode, the server's time, then an atomic rename."""
@@ -623,6 +633,19 @@ class Syncer:
             )
 
 
+READ_ROW = struct.Struct("<qqqqQ")  # see tej/server/handlers/sync.py sync_read
+
+
+def _read_request(batch: list[tuple[Remote, int, int, str]]) -> dict[str, Any]:
+    """sync_read's arguments for chunks (file, offset, length, digest of the local copy)."""
+    pack = READ_ROW.pack
+    return {
+        "paths": b"\0".join(row.relpath for row, _, _, _ in batch),
+        "numbers": b"".join(pack(o, n, r.size, r.mtime, r.inode) for r, o, n, _ in batch),
+        "checks": [[index, chunk[3]] for index, chunk in enumerate(batch) if chunk[3]],
+    }
+
+
 def _stamped(row: Remote) -> list[Any]:
     """A file as the agent checks it: [path, size, mtime_ns, inode]."""
     return [row.relpath, row.size, row.mtime, row.inode]
@@ -670,29 +693,30 @@ class Fetcher:
         return done if done <= row.size else 0
 
     def _small(self) -> None:
-        batches: list[list[list[Any]]] = [[]]
+        batches: list[list[tuple[Remote, int, int, str]]] = [[]]
         size = 0
+        partials = set(os.listdir(self.s.root + f"/{PRIVATE}/{PARTIAL}".encode()))
         for row in self.small:
-            start = self._start(row)
+            start = (
+                self._start(row) if os.path.basename(self.s.partial_path(row)) in partials else 0
+            )
             digest = self._local_digest(row) if start == 0 and row.size <= CHUNK_SIZE else ""
             if start >= row.size and row.size:
                 self._done(row, self.s.partial_path(row))
                 continue
             for offset in range(start, max(row.size, 1), CHUNK_SIZE):
                 length = min(CHUNK_SIZE, row.size - offset)
-                batches[-1].append(
-                    [row.relpath, offset, length, row.size, row.mtime, row.inode, digest]
-                )
-                size += length + 200
+                batches[-1].append((row, offset, length, digest))
+                size += length + 100
                 if size >= BATCH_SIZE:
                     batches.append([])
                     size = 0
-        requests = [("sync_read", {"chunks": batch}) for batch in batches if batch]
-        rows = {row.relpath: row for row in self.small}
+        batches = [batch for batch in batches if batch]
+        requests = [("sync_read", _read_request(batch)) for batch in batches]
         writer = _Writer(self)
-        for batch, answers in zip([b for b in batches if b], self.s.pipeline(requests)):
-            for chunk, answer in zip(batch, answers):
-                writer.take(rows[chunk[0]], chunk[1], answer)
+        for batch, answers in zip(batches, self.s.pipeline(requests)):
+            for (row, offset, _, _), answer in zip(batch, answers):
+                writer.take(row, offset, answer)
         writer.close()
 
     def _local_digest(self, row: Remote) -> str:

@@ -24,6 +24,7 @@ from ..queue import open_queue
 LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
 CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
 SAME = True  # sync_read's answer for a file whose digest is the one the client has
+READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
 
 
 def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
@@ -88,27 +89,35 @@ def sync_hash(connection, queue, job_id, files):
     return digests
 
 
-def sync_read(connection, queue, job_id, chunks):
-    """Read chunks [path, offset, length, size, mtime_ns, inode, digest] of listed files.
+def sync_read(connection, queue, job_id, paths, numbers, checks):
+    """Read chunks of listed files: their paths (NUL-separated), and numbers (READ_ROW each:
+    offset, length, size, mtime_ns, inode); checks: [index, digest] of whole-file chunks.
 
     Each answer is the data; None if the file is no longer the one listed
-    (checked before and after the read); True if digest (hex, for a chunk that
-    is the whole file) is the file's own: the client has it already.
+    (checked before and after the read); True if the digest (hex) given for
+    it is the file's own: the client has it already.
     """
+    if not isinstance(paths, bytes) or not isinstance(numbers, bytes):
+        raise AgentError(ERR_BAD_REQUEST, "paths and numbers must be bytes")
+    relpaths = paths.split(b"\0")
+    if len(numbers) != READ_ROW.size * len(relpaths):
+        raise AgentError(ERR_BAD_REQUEST, "paths and numbers differ in length")
+    digests = dict(checked_rows(checks, (int, str)))
     work = work_dir(queue, job_id)
     answers = []  # type: list[object]
-    rows = checked_rows(chunks, (bytes, int, int, int, int, int, str))
-    for relpath, offset, length, size, mtime, inode, digest in rows:
+    for index, (relpath, row) in enumerate(zip(relpaths, READ_ROW.iter_unpack(numbers))):
+        offset, length, size, mtime, inode = row
         fd = open_listed(work, relpath, (size, mtime, inode))
         if fd is None:
             answers.append(CHANGED)
             continue
         try:
-            data = os.pread(fd, min(length, MAX_READ), offset)
+            data = os.pread(fd, min(max(length, 0), MAX_READ), max(offset, 0))
             same = stamp_of(os.fstat(fd)) == (size, mtime, inode)
         finally:
             os.close(fd)
-        answers.append(checked_answer(data, same, digest, offset == 0 and len(data) == size))
+        whole = offset == 0 and len(data) == size
+        answers.append(checked_answer(data, same, digests.get(index), whole))
     return answers
 
 
