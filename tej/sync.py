@@ -235,6 +235,31 @@ def scan_local(root: bytes) -> dict[bytes, Local]:
     return found
 
 
+class _LocalScan:
+    """scan_local in a thread, started at once."""
+
+    def __init__(self, root: bytes) -> None:
+        import threading
+
+        self.found: dict[bytes, Local] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(root,), daemon=True)
+        self.thread.start()
+
+    def _run(self, root: bytes) -> None:
+        try:
+            self.found = scan_local(root)
+        except BaseException as exc:  # noqa: BLE001 - raised again by result()
+            self.error = exc
+
+    def result(self) -> dict[bytes, Local]:
+        """What the scan found (its error raised again)."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+
 def _local_of(item: os.DirEntry[bytes], info: os.stat_result) -> Local:
     kind = stat.S_IFMT(info.st_mode)
     mode = info.st_mode & 0o7777
@@ -360,13 +385,16 @@ class Syncer:
         totals = SyncSummary(dry_run=self.dry_run)
         changing: list[Remote] = []
         for attempt in range(ATTEMPTS):
+            # The local folder is read while the server lists the job's files.
+            local = None if idle_ok and attempt == 0 else _LocalScan(self.root)
             changed, state, now = self.refresh(missing_ok)
             self.lock()  # the folder is made once the job's files are known
-            if attempt == 0 and idle_ok and not changed:
+            if local is None and not changed:
                 files = sum(1 for row in self.listing.values() if row.kind == "f")
                 return SyncSummary(files_unchanged=files, state=state, requests=1)
             try:
-                summary, changing = self.apply(self.plan(now), state)
+                found = local.result() if local is not None else scan_local(self.root)
+                summary, changing = self.apply(self.plan(now, found), state)
             except OSError as exc:
                 where = os.fsdecode(exc.filename) if exc.filename else self.to
                 raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
@@ -378,9 +406,8 @@ class Syncer:
         end = SyncSummary(files_changing=len(changing), requests=self.requests - start)
         return totals + end
 
-    def plan(self, now: int) -> Plan:
-        """Compare the listing with the local folder."""
-        local = scan_local(self.root) if os.path.isdir(self.to) else {}
+    def plan(self, now: int, local: dict[bytes, Local]) -> Plan:
+        """Compare the listing with the local folder (as scan_local found it)."""
         self._safe = set()
         plan = Plan()
         for relpath, row in sorted(self.listing.items()):
