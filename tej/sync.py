@@ -159,10 +159,10 @@ def decode_listing(columns: dict[str, Any]) -> list[Remote]:
 
 
 def check_relpath(relpath: bytes) -> bytes:
-    """Refuse a path from the server that would leave the local folder (or enter .tej-sync)."""
+    """Refuse a path from the server that would leave the local folder."""
     parts = relpath.split(b"/")
     bad = not relpath or relpath.startswith(b"/") or b"\0" in relpath
-    if bad or any(part in (b"", b".", b"..") for part in parts) or parts[0] == PRIVATE.encode():
+    if bad or any(part in (b"", b".", b"..") for part in parts):
         raise ProtocolError(f"The agent listed an invalid path {relpath!r}")
     return relpath
 
@@ -354,8 +354,10 @@ class Syncer:
         removed = [path for path in reply["removed"].split(b"\0") if path]
         for path in removed:
             self.listing.pop(path, None)
-        for row in changed:
-            self.listing[check_relpath(row.relpath)] = row
+        private = PRIVATE.encode()
+        for row in changed:  # a job's own .tej-sync (a sync into a job) can't be mirrored
+            if check_relpath(row.relpath).split(b"/")[0] != private:
+                self.listing[row.relpath] = row
         self.token = reply["token"]
         return bool(reply["full"] or changed or removed), reply["state"], int(reply["now"])
 

@@ -181,13 +181,14 @@ def test_follow_gets_every_file_whole_until_the_job_ends(target: Target) -> None
     )
     job_id = target.submit(target.make_job("writer", script))
     done = target.cli(
-        "sync", "--id", job_id, "--follow", "--interval", "0.2", "--json", check=0, timeout=60
+        "sync", "--id", job_id, "--follow", "--interval", "0.2", "--delete", "--json", timeout=60
     )
+    assert done.returncode == 0, done
     summary = json.loads(done.stdout)
     assert summary["state"] == "finished"
     local = target.client_dir / job_id
     assert (local / "res" / "final.txt").read_text() == "last\n"
-    assert tree(local) == tree(target.work(job_id))
+    assert tree(local) == tree(target.work(job_id))  # res/.tmp, seen in a pass, deleted
 
 
 def test_follow_with_the_api_yields_a_pass_each_and_idle_passes_cost_one_request(
