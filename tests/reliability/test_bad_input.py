@@ -40,15 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+import pytest
+from helpers import kill_processes_under, make_job, wait_until
+from sshd import SshServer, is_root, login_script_lines
 
-import pytest  # noqa: E402
-from helpers import kill_processes_under, make_job, wait_until  # noqa: E402
-from sshd import SshServer, is_root, login_script_lines  # noqa: E402
-
-REPO = TESTS.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI_DEADLINE = 60.0
 PYENV_ROOT = os.environ.get("PYENV_ROOT", "/root/.pyenv")
 NOISE = "tej bad-input login noise"

@@ -13,6 +13,8 @@
   `status`/`list --json`, not the supervisor's environment or command line.
 """
 
+# ruff: noqa: RUF100 - the E402 marks on the tej imports below go with their rewrite (tej/server)
+
 from __future__ import annotations
 
 import contextlib
@@ -32,13 +34,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import execnet  # noqa: E402
-import pytest  # noqa: E402
-from helpers import (  # noqa: E402
+import execnet
+import pytest
+from helpers import (
     Target,
     folder_manifest,
     kill_processes_under,
@@ -46,14 +44,14 @@ from helpers import (  # noqa: E402
     target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
-from sshd import SshServer, login_script_lines  # noqa: E402
+from sshd import SshServer, login_script_lines
 
 import tej  # noqa: E402
 from tej import remote_agent  # noqa: E402
 from tej.session import AGENT_DIGEST, AGENT_SOURCE  # noqa: E402
 from tej.transfer import Entry, encode_manifest  # noqa: E402
 
-REPO = TESTS.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI_DEADLINE = 60.0
 SECRET_NAME = "TEJ_TEST_SECRET"
 
