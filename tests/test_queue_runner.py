@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import (  # noqa: F401 - `target` is a fixture
+from helpers import (
     END_STATES,
     Target,
     assert_one_line_error,
     one_line_answer,
     process_alive,
-    target_fixture,
     wait_until,
 )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, target_fixture, wait_until  # noqa: F401 - the `target` fixture
+from helpers import Target, wait_until
 
 import tej
 from tej import transfer

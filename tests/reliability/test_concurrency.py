@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import Target, make_job, target_fixture, wait_until  # noqa: F401 - `target`
+from helpers import Target, make_job, wait_until
 
 import tej
 

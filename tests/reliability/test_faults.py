@@ -51,7 +51,6 @@ from helpers import (
     kill_processes_under,
     process_alive,
     read_pid,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 from sshd import SshServer, is_root

@@ -41,7 +41,6 @@ from helpers import (
     folder_manifest,
     kill_processes_under,
     process_alive,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 from sshd import SshServer, login_script_lines
