@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SilentServer, Target, client_side, ssh_target
+from helpers import SilentServer, Target, local_target, ssh_target
 from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
 
@@ -111,20 +111,11 @@ def target_fixture(
 ) -> Iterator[Target]:
     """A destination and a fresh queue: `local` or the loopback sshd."""
     if request.param == "local":
-        env, client_home, client_dir, src_dir = client_side(tmp_path)
+        target = local_target(tmp_path)
         # The in-process API's local agent inherits HOME too: `~/.tej` stays in tmp_path.
-        monkeypatch.setenv("HOME", str(client_home))
+        monkeypatch.setenv("HOME", target.home)
         for name in ("TEJ_QUEUE", "TEJ_SSH_CONFIG", "TEJ_PYTHON"):
             monkeypatch.delenv(name, raising=False)
-        target = Target(
-            kind="local",
-            destination="local",
-            queue=str(tmp_path / "queue"),
-            home=str(client_home),
-            client_env=env,
-            client_dir=client_dir,
-            src_dir=src_dir,
-        )
     else:
         server = request.getfixturevalue("ssh_server")
         target = ssh_target(server, request.getfixturevalue("server_tmp"), tmp_path)
