@@ -296,10 +296,7 @@ class Target:
 
     def popen(self, command: str, *args: str, **popen: Any) -> subprocess.Popen[Any]:
         """Start `tej COMMAND DEST --queue Q ...` in client_dir; text pipes unless popen says."""
-        options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        options.update(popen)
-        if "text" not in popen and options["stdout"] is subprocess.PIPE:
-            options["text"] = True
+        options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
         return start_tej(
             *self.argv(command, *args),
             env=self.client_env,
@@ -313,7 +310,7 @@ class Target:
         done = self.cli("submit", *args, str(job_dir), check=0)
         lines = done.stdout.splitlines()
         assert lines[0] == "Job submitted as:", done.stdout
-        assert len(lines) == (3 if "--wait" in args else 2), done.stdout
+        assert "--wait" in args or len(lines) == 2, done.stdout  # then the end state
         return lines[1]
 
     def status(self, job_id: str) -> dict[str, Any]:
