@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import process_alive, wait_until
+from helpers import INSTALLED, process_alive, run_tej, wait_until
 
 from tej.launcher import connection_arguments
 
@@ -93,19 +93,6 @@ def counted_python(tmp_path: Path) -> tuple[str, Path]:
     return str(wrapper), record
 
 
-def run_tej(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    return subprocess.run(
-        [sys.executable, "-m", "tej", *args],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
-
-
 def starts(record: Path) -> list[int]:
     return [int(line) for line in record.read_text().split()] if record.exists() else []
 
@@ -114,7 +101,9 @@ def test_the_early_agent_is_the_one_used(counted_python: tuple[str, Path], tmp_p
     python, record = counted_python
     queue = str(tmp_path / "queue")
     for _ in range(2):
-        done = run_tej("list", "local", "--queue", queue, "--python", python, cwd=tmp_path)
+        done = run_tej(
+            "list", "local", "--queue", queue, "--python", python, cwd=tmp_path, tej=INSTALLED
+        )
         assert (done.returncode, done.stderr) == (0, ""), done.stderr
     assert len(starts(record)) == 2, "one agent per command"
 
@@ -125,7 +114,16 @@ def test_an_agent_started_for_bad_input_is_ended(
     python, record = counted_python
     queue = str(tmp_path / "queue")
     done = run_tej(
-        "status", "local", "--queue", queue, "--python", python, "--id", "a/b", cwd=tmp_path
+        "status",
+        "local",
+        "--queue",
+        queue,
+        "--python",
+        python,
+        "--id",
+        "a/b",
+        cwd=tmp_path,
+        tej=INSTALLED,
     )
     assert done.returncode == 1, done
     assert done.stderr.startswith("Error: Invalid job identifier"), done.stderr
@@ -140,7 +138,7 @@ def test_an_agent_started_for_a_failed_option_is_ended(
     counted_python: tuple[str, Path], tmp_path: Path
 ) -> None:
     python, record = counted_python
-    done = run_tej("status", "local", "--python", python, cwd=tmp_path)  # no --id
+    done = run_tej("status", "local", "--python", python, cwd=tmp_path, tej=INSTALLED)  # no --id
     assert done.returncode == 2, done
     assert "Missing option '--id'" in done.stderr
     for pid in starts(record):
@@ -149,7 +147,7 @@ def test_an_agent_started_for_a_failed_option_is_ended(
 
 def test_help_starts_nothing(counted_python: tuple[str, Path], tmp_path: Path) -> None:
     python, record = counted_python
-    done = run_tej("status", "local", "--python", python, "--help", cwd=tmp_path)
+    done = run_tej("status", "local", "--python", python, "--help", cwd=tmp_path, tej=INSTALLED)
     assert done.returncode == 0, done
     assert "Show the state of a job" in done.stdout
     assert starts(record) == []
@@ -161,10 +159,21 @@ def test_output_and_exit_code_survive_the_quick_exit(
     python, _ = counted_python
     queue = str(tmp_path / "queue")
     done = run_tej(
-        "status", "local", "--queue", queue, "--python", python, "--id", "nojob", cwd=tmp_path
+        "status",
+        "local",
+        "--queue",
+        queue,
+        "--python",
+        python,
+        "--id",
+        "nojob",
+        cwd=tmp_path,
+        tej=INSTALLED,
     )
     assert (done.returncode, done.stdout, done.stderr) == (3, "", "No job with that identifier\n")
-    done = run_tej("list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path)
+    done = run_tej(
+        "list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path, tej=INSTALLED
+    )
     assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
 
 
