@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import Target, target_fixture  # noqa: F401 - the `target` fixture
+from helpers import Target
 
 from tej import RemoteQueue, protocol
 from tej.server.bundle import own_files

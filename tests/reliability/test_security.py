@@ -13,8 +13,6 @@
   `status`/`list --json`, not the supervisor's environment or command line.
 """
 
-# ruff: noqa: RUF100 - the E402 marks on the tej imports below go with their rewrite (tej/server)
-
 from __future__ import annotations
 
 import contextlib
@@ -44,10 +42,10 @@ from helpers import (
 )
 from sshd import SshServer, login_script_lines
 
-import tej  # noqa: E402
-from tej import protocol  # noqa: E402
-from tej.server.service import Connection  # noqa: E402
-from tej.transfer import Entry, encode_manifest  # noqa: E402
+import tej
+from tej import protocol
+from tej.server.service import Connection
+from tej.transfer import Entry, encode_manifest
 
 SECRET_NAME = "TEJ_TEST_SECRET"
 
