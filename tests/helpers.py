@@ -247,6 +247,13 @@ class Target:
         """A path inside a job's uploaded directory on the server."""
         return self.server_path("jobs", job_id, "work", *parts)
 
+    def write_settings(self, text: str) -> Path:
+        """Write the client's settings file (~/.config/tej/config.toml); return its path."""
+        path = Path(self.client_env["HOME"], ".config", "tej", "config.toml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
     def make_job(
         self, name: str = "job", script: str | None = "#!/bin/sh\ntrue\n", **kwargs: Any
     ) -> Path:
@@ -292,6 +299,7 @@ def client_side(tmp_path: Path) -> tuple[dict[str, str], Path, Path, Path]:
         path.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
     env["HOME"] = str(client_home)
+    env.pop("XDG_CONFIG_HOME", None)  # settings, if a test writes any: ~/.config/tej/config.toml
     return env, client_home, client_dir, src_dir
 
 
