@@ -315,8 +315,9 @@ class RemoteQueue:
         started ends FINISHED with exit code 127 or 126 and a reason.
         metadata overrides the directory's tej.json, with the same names
         (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
-        delay, notify); see docs/tej-json.md. defaults are metadata
-        beneath tej.json's (such as the user's settings, tej.config). secrets are environment
+        delay, notify, exclude); see docs/tej-json.md. defaults are metadata
+        beneath tej.json's (such as the user's settings, tej.config). Files
+        that .tejignore or exclude leave out are not sent. secrets are environment
         variables for the job that are never written to disk on the server
         nor shown by status. progress, if given, is called with (bytes just
         sent, total bytes to send): only the contents the server's store lacks
@@ -327,21 +328,25 @@ class RemoteQueue:
         what was sent.
         """
         from tej import jobspec, transfer
+        from tej.excludes import load_excludes
 
         from_file = jobspec.load_job_file(directory)
         job = jobspec.build_job(from_file, metadata, defaults)
         secret_env = jobspec.secret_env(secrets or {})
         transfer.check_directory(directory)
+        excludes = load_excludes(directory, jobspec.exclude_patterns(from_file, metadata))
         _check_script(directory, job["script"])
+        if excludes is not None and excludes.excludes_file(job["script"]):
+            raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
         if job_id is not None:
             check_job_id(job_id)
         prefix = default_id_prefix(directory)
         request = {"job_id": job_id, "id_prefix": prefix, "job": job, "secrets": secret_env}
         if self._session is not None and self._session.is_open:
             session = self.session()
-            parts = transfer.scan_tree(directory)  # read as its parts are sent
+            parts = transfer.scan_tree(directory, excludes=excludes)  # read as they are sent
         else:  # the directory is read and hashed while the connection is being made
-            parts = _read_ahead(transfer.scan_tree(directory))
+            parts = _read_ahead(transfer.scan_tree(directory, excludes=excludes))
             try:
                 session = self.session()
             except TejError:

@@ -39,6 +39,7 @@ FIELDS = (
     "priority",
     "after",
     "slurm",
+    "exclude",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
 #: tej.json's "slurm" object: sbatch settings, passed as arguments (never through a shell).
@@ -110,6 +111,14 @@ def build_job(
     if len(notifies) > 1:
         merged["notify"] = {key: value for notify in notifies for key, value in notify.items()}
     return _validated(merged)
+
+
+def exclude_patterns(from_file: Mapping[str, Any], overrides: Mapping[str, Any]) -> list[str]:
+    """The gitignore patterns of tej.json's "exclude" (or of the overrides', which win)."""
+    value = overrides.get("exclude")
+    if value is None:
+        value = from_file.get("exclude", [])
+    return _strings(value, "exclude")
 
 
 def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
