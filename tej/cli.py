@@ -100,8 +100,47 @@ def exit_with_error(exc: TejError, as_json: bool) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def complete_destination(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of DESTINATION: local, ssh config hosts, tej's configured hosts."""
+    from tej import completion
+
+    return completion.destinations(incomplete)
+
+
+def complete_job_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a job id: the queue's jobs, if the server answers within a second."""
+    from tej import completion
+
+    # While an option's value is completed, click parses no arguments: the destination,
+    # first, is then left in ctx.args.
+    destination = ctx.params.get("destination") or next(iter(ctx.args), None)
+    if not destination:
+        return []
+    try:
+        remote = open_queue(destination, resolve_settings(ctx, destination))
+    except TejError:
+        return []
+    return completion.job_ids(remote, incomplete)
+
+
+def complete_runner(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of --plugin: the runners this client has, plugins' too."""
+    from tej import runners
+
+    return [name for name in runners.available() if name.startswith(incomplete)]
+
+
+def complete_words(*words: str) -> Callable[[click.Context, click.Parameter, str], list[str]]:
+    """Shell completion of an option's fixed values."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        return [word for word in words if word.startswith(incomplete)]
+
+    return complete
+
+
 COMMON_OPTIONS = [
-    click.argument("destination"),
+    click.argument("destination", shell_complete=complete_destination),
     click.option(
         "--queue",
         envvar=config.CONNECTION["queue"],
@@ -220,6 +259,7 @@ ID_OPTION = click.option(
     "--id",
     "job_id",
     required=True,
+    shell_complete=complete_job_id,
     help="Identifier of the job.",
 )
 
@@ -243,6 +283,7 @@ def cli() -> None:
     "--plugin",
     default="default",
     show_default=True,
+    shell_complete=complete_runner,
     help="Runner of the queue: default (at once), queue (limits, order), slurm, or a plugin's.",
 )
 @click.option(
@@ -305,10 +346,12 @@ def setup(
 )
 @click.option(
     "--stdout",
+    shell_complete=complete_words("tej", "discard"),
     help="Where stdout goes: tej (kept), discard, or a path in the job.",
 )
 @click.option(
     "--stderr",
+    shell_complete=complete_words("tej", "discard", "stdout"),
     help="Where stderr goes: tej, discard, stdout, or a path in the job.",
 )
 @click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
@@ -318,12 +361,13 @@ def setup(
     "--after",
     multiple=True,
     metavar="ID",
+    shell_complete=complete_job_id,
     help="Queue runner: start once job ID has succeeded.",
 )
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.argument("directory")
+@click.argument("directory", type=click.Path(file_okay=False))
 def submit(
     remote: RemoteQueue,
     settings: config.Settings,
