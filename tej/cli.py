@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
+from click.shell_completion import CompletionItem
 
 from tej import __version__, config
 from tej.api import JobState, JobStatus, RemoteQueue
@@ -128,6 +129,13 @@ def complete_runner(ctx: click.Context, param: click.Parameter, incomplete: str)
     from tej import runners
 
     return [name for name in runners.available() if name.startswith(incomplete)]
+
+
+def complete_directory(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of a local folder: the shell's own (tej checks it, not click)."""
+    return [CompletionItem(incomplete, type="dir")]
 
 
 def complete_words(*words: str) -> Callable[[click.Context, click.Parameter, str], list[str]]:
@@ -367,7 +375,7 @@ def setup(
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", shell_complete=complete_directory)
 def submit(
     remote: RemoteQueue,
     settings: config.Settings,

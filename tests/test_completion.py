@@ -70,6 +70,7 @@ def test_commands_and_options(shell: str, client_env: dict[str, str]) -> None:
     options = complete(shell, "tej status local --", client_env)
     assert {"--id", "--queue", "--persist", "--no-reuse", "--reuse", "--json"} <= set(options)
     assert complete(shell, "tej submit local --std", client_env) == ["--stdout", "--stderr"]
+    assert complete(shell, "tej submit local ", client_env) == [""]  # the shell's own folders
 
 
 @pytest.mark.parametrize("shell", SHELLS)
