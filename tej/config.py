@@ -196,7 +196,8 @@ def _check(path: str, values: dict[str, object], where: str) -> None:
         if key not in SETTINGS:
             import difflib
 
-            close = difflib.get_close_matches(key, [*SETTINGS, HOST_TABLE], n=1)
+            known = [*SETTINGS, HOST_TABLE] if not where else list(SETTINGS)
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidInput(f"{path}: unknown key {key!r}{where}{hint}")
         problem = SETTINGS[key][0](value)

@@ -181,6 +181,7 @@ BAD_FILES = [
         "unknown key 'pyhton' in [host.\"gpu*\"] (did you mean 'python'?)",
     ),
     ('[hosts."gpu*"]\nqueue = "/q"\n', "unknown key 'hosts' (did you mean 'host'?)"),
+    ('[host."a".host]\nqueue = "/q"\n', "unknown key 'host' in [host.\"a\"]"),
     ('connect_timeout = "10"\n', "connect_timeout must be a whole number from 1 to 3600"),
     ("persist = 0\n", "persist must be a whole number from 1 to 604800"),
     ('no_reuse = "yes"\n', "no_reuse must be true or false"),
