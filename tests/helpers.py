@@ -396,6 +396,13 @@ class Target:
         pid = (self.record(job_id).get("supervisor") or {}).get("pid")
         return isinstance(pid, int) and not process_alive(pid)
 
+    def write_settings(self, text: str) -> Path:
+        """Write the client's settings file (~/.config/tej/config.toml); return its path."""
+        path = Path(self.client_env["HOME"], ".config", "tej", "config.toml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
     def make_job(
         self, name: str = "job", script: str | None = "#!/bin/sh\ntrue\n", **kwargs: Any
     ) -> Path:
@@ -444,7 +451,9 @@ def client_side(tmp_path: Path) -> tuple[dict[str, str], Path, Path, Path]:
     )
     for path in (client_home, client_dir, src_dir):
         path.mkdir()
-    return tej_env(HOME=str(client_home)), client_home, client_dir, src_dir
+    env = tej_env(HOME=str(client_home))
+    env.pop("XDG_CONFIG_HOME", None)  # settings, if a test writes any: ~/.config/tej/config.toml
+    return env, client_home, client_dir, src_dir
 
 
 def local_target(tmp_path: Path) -> Target:
