@@ -17,6 +17,7 @@ from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tej import plugins, protocol
+from tej.config import DEFAULT_QUEUE
 from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
 from tej.errors import (
     ConnectionFailed,
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # imported where used, so that commands load only what they n
     from tej.sync import Syncer, SyncSummary
 
 T = TypeVar("T")
-DEFAULT_QUEUE = "~/.tej"
 DEFAULT_SCRIPT = protocol.DEFAULT_SCRIPT
 
 
@@ -180,6 +180,8 @@ class RemoteQueue:
     the block. Every failure is raised as a :class:`tej.TejError`. A
     connection that stops answering is detected after about three times
     keepalive_interval seconds; connect_timeout bounds the connection's setup.
+    With reuse_connection, commands share one ssh connection, which stays open
+    `persist` seconds after the last one.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class RemoteQueue:
         connect_timeout: int = protocol.DEFAULT_CONNECT_TIMEOUT,
         reuse_connection: bool = True,
         keepalive_interval: int = 10,
+        persist: int = SHARED_CONNECTION_SECONDS,
     ) -> None:
         self.destination = parse_destination(destination)
         self.queue = queue
@@ -200,7 +203,7 @@ class RemoteQueue:
             ssh_config=ssh_config,
             connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval,
-            reuse_for=SHARED_CONNECTION_SECONDS if reuse_connection else 0,
+            reuse_for=persist if reuse_connection else 0,
         )
         self._session: Session | None = None
 
@@ -300,6 +303,7 @@ class RemoteQueue:
         job_id: str | None = None,
         secrets: Mapping[str, str] | None = None,
         progress: transfer.Progress | None = None,
+        defaults: Mapping[str, Any] | None = None,
         **metadata: Any,
     ) -> str:
         """Upload a directory and start its script; returns the job's id.
@@ -309,7 +313,9 @@ class RemoteQueue:
         started ends FINISHED with exit code 127 or 126 and a reason.
         metadata overrides the directory's tej.json, with the same names
         (script, args, env, max_runtime, kill_grace, stdout, stderr, start_at,
-        delay, notify); see docs/tej-json.md. secrets are environment
+        delay, notify, exclude); see docs/tej-json.md. defaults are metadata
+        beneath tej.json's (such as the user's settings, tej.config). Files
+        that .tejignore or exclude leave out are not sent. secrets are environment
         variables for the job that are never written to disk on the server
         nor shown by status. progress, if given, is called with (bytes just
         sent, total bytes to send): only the contents the server's store lacks
@@ -320,20 +326,25 @@ class RemoteQueue:
         what was sent.
         """
         from tej import jobspec, transfer
+        from tej.excludes import load_excludes
 
-        job = jobspec.build_job(jobspec.load_job_file(directory), metadata)
+        from_file = jobspec.load_job_file(directory)
+        job = jobspec.build_job(from_file, metadata, defaults)
         secret_env = jobspec.secret_env(secrets or {})
         transfer.check_directory(directory)
+        excludes = load_excludes(directory, jobspec.exclude_patterns(from_file, metadata))
         _check_script(directory, job["script"])
+        if excludes is not None and excludes.excludes_file(job["script"]):
+            raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
         if job_id is not None:
             check_job_id(job_id)
         prefix = default_id_prefix(directory)
         request = {"job_id": job_id, "id_prefix": prefix, "job": job, "secrets": secret_env}
         if self._session is not None and self._session.is_open:
             session = self.session()
-            parts = transfer.scan_tree(directory)  # read as its parts are sent
+            parts = transfer.scan_tree(directory, excludes=excludes)  # read as they are sent
         else:  # the directory is read and hashed while the connection is being made
-            parts = _read_ahead(transfer.scan_tree(directory))
+            parts = _read_ahead(transfer.scan_tree(directory, excludes=excludes))
             try:
                 session = self.session()
             except TejError:

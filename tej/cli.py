@@ -8,12 +8,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
+from click.shell_completion import CompletionItem
 
-from tej import __version__, protocol
-from tej.api import DEFAULT_QUEUE, JobState, JobStatus, RemoteQueue
+from tej import __version__, config, protocol
+from tej.api import JobState, JobStatus, RemoteQueue
+from tej.config import DEFAULT_QUEUE
+from tej.destination import SHARED_CONNECTION_SECONDS
 from tej.errors import InvalidInput, JobNotFound, TejError
 
 if TYPE_CHECKING:
@@ -91,91 +95,181 @@ def report_error(exc: TejError, as_json: bool) -> None:
         click.echo(f"{exc.prefix}{exc}", err=True)
 
 
+def exit_with_error(exc: TejError, as_json: bool) -> NoReturn:
+    """Report an anticipated error, and exit with its code."""
+    report_error(exc, as_json)
+    sys.exit(exc.exit_code)
+
+
+def complete_destination(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of DESTINATION: local, ssh config hosts, tej's configured hosts."""
+    from tej import completion
+
+    return completion.destinations(incomplete)
+
+
+def complete_job_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a job id: the queue's jobs, if the server answers within a second."""
+    from tej import completion
+
+    # While an option's value is completed, click parses no arguments: the destination,
+    # first, is then left in ctx.args.
+    destination = ctx.params.get("destination") or next(iter(ctx.args), None)
+    if not destination:
+        return []
+    try:
+        remote = open_queue(destination, resolve_settings(ctx, destination))
+    except TejError:
+        return []
+    return completion.job_ids(remote, incomplete)
+
+
+def complete_runner(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of --plugin: the runners this client has, plugins' too."""
+    from tej import plugins
+
+    return [name for name in plugins.available() if name.startswith(incomplete)]
+
+
+def complete_directory(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of a local folder: the shell's own (tej checks it, not click)."""
+    return [CompletionItem(incomplete, type="dir")]
+
+
+def complete_words(*words: str) -> Callable[[click.Context, click.Parameter, str], list[str]]:
+    """Shell completion of an option's fixed values."""
+
+    def complete(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+        return [word for word in words if word.startswith(incomplete)]
+
+    return complete
+
+
 COMMON_OPTIONS = [
-    click.argument("destination"),
+    click.argument("destination", shell_complete=complete_destination),
     click.option(
         "--queue",
-        default=DEFAULT_QUEUE,
-        envvar="TEJ_QUEUE",
-        show_default=True,
-        help="Queue directory on the server (or a link to one).",
+        envvar=config.CONNECTION["queue"],
+        help=f"Queue directory on the server (or a link to one) [default: {DEFAULT_QUEUE}].",
     ),
     click.option(
         "--ssh-config",
-        envvar="TEJ_SSH_CONFIG",
+        envvar=config.CONNECTION["ssh_config"],
         type=click.Path(dir_okay=False),
         help="ssh configuration file (passed as ssh -F).",
     ),
     click.option(
         "--python",
-        envvar="TEJ_PYTHON",
+        envvar=config.CONNECTION["python"],
         help="Python interpreter on the server [default: python3].",
     ),
     click.option(
         "--connect-timeout",
-        envvar="TEJ_CONNECT_TIMEOUT",
-        type=click.IntRange(1, 3600),
-        default=protocol.DEFAULT_CONNECT_TIMEOUT,
-        show_default=True,
-        help="Seconds to wait for the server before giving up.",
+        envvar=config.CONNECTION["connect_timeout"],
+        type=click.IntRange(1, config.MAX_CONNECT_TIMEOUT),
+        help=f"Seconds to wait for the server [default: {protocol.DEFAULT_CONNECT_TIMEOUT}].",
     ),
     click.option(
-        "--no-reuse",
-        is_flag=True,
-        envvar="TEJ_NO_REUSE",
-        help="Don't share one ssh connection between commands.",
+        "--no-reuse/--reuse",
+        default=None,
+        envvar=config.CONNECTION["no_reuse"],
+        help="Don't share one ssh connection between commands (--reuse: do).",
+    ),
+    click.option(
+        "--persist",
+        envvar=config.CONNECTION["persist"],
+        type=click.IntRange(1, config.MAX_PERSIST),
+        metavar="SECONDS",
+        help="Keep a shared ssh connection open this long after the last command "
+        f"[default: {SHARED_CONNECTION_SECONDS}].",
     ),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
 ]
 
 
-def queue_command(name: str | None = None) -> Callable[[F], click.Command]:
+def common_options(function: F) -> F:
+    """Give a command the destination and the options every command takes."""
+    for option in reversed(COMMON_OPTIONS):
+        function = option(function)
+    return function
+
+
+def resolve_settings(ctx: click.Context, destination: str) -> config.Settings:
+    """The settings for destination: the command line's, the environment's, the file's."""
+    given: dict[str, object] = {}
+    origins: dict[str, tuple[str, str | None]] = {}
+    for name, variable in config.CONNECTION.items():
+        source = ctx.get_parameter_source(name)
+        if source is ParameterSource.COMMANDLINE:
+            origins[name] = (config.FROM_COMMAND_LINE, None)
+        elif source is ParameterSource.ENVIRONMENT:
+            origins[name] = (config.FROM_ENVIRONMENT, variable)
+        else:
+            continue
+        given[name] = ctx.params[name]
+    return config.resolve(destination, given, origins)
+
+
+def open_queue(destination: str, settings: config.Settings) -> RemoteQueue:
+    """The queue the settings name (connecting on first use)."""
+    return RemoteQueue(
+        destination,
+        settings.queue,
+        python=settings.python,
+        ssh_config=settings.ssh_config,
+        connect_timeout=settings.connect_timeout,
+        reuse_connection=settings.reuse,
+        persist=settings.persist,
+    )
+
+
+def queue_command(
+    name: str | None = None, with_settings: bool = False
+) -> Callable[[F], click.Command]:
     """Declare a command that works on a queue: `tej NAME DESTINATION [options]`.
 
-    The command's function receives an open RemoteQueue as `remote`. This is
-    the one place where errors become messages and exit codes.
+    The command's function receives an open RemoteQueue as `remote` (and the
+    Settings as `settings`, if with_settings). This is the one place where
+    errors become messages and exit codes.
     """
 
     def decorate(function: F) -> click.Command:
         @functools.wraps(function)
-        def run(
-            destination: str,
-            queue: str,
-            ssh_config: str | None,
-            python: str | None,
-            connect_timeout: int,
-            no_reuse: bool,
-            as_json: bool,
-            **kwargs: Any,
-        ) -> None:
+        def run(destination: str, as_json: bool, **kwargs: Any) -> None:
+            for setting in config.CONNECTION:
+                del kwargs[setting]  # read from the context, with their sources
             remote: RemoteQueue | None = None
             try:
-                remote = RemoteQueue(
-                    destination,
-                    queue,
-                    python=python,
-                    ssh_config=ssh_config,
-                    connect_timeout=connect_timeout,
-                    reuse_connection=not no_reuse,
-                )
+                settings = resolve_settings(click.get_current_context(), destination)
+                if with_settings:
+                    kwargs["settings"] = settings
+                remote = open_queue(destination, settings)
                 try:  # connects on first use, so bad input costs no connection
                     function(remote=remote, as_json=as_json, **kwargs)
                 finally:
                     remote.close(wait=False)  # the command ends next
             except TejError as exc:
-                report_error(exc, as_json)
-                sys.exit(exc.exit_code)
+                exit_with_error(exc, as_json)
             except KeyboardInterrupt:
                 if remote is not None:
                     remote.abort()
                 click.echo("Error: interrupted", err=True)
                 sys.exit(EXIT_INTERRUPTED)
 
-        for option in reversed(COMMON_OPTIONS):
-            run = option(run)
-        return cli.command(name)(run)
+        return cli.command(name)(common_options(run))
 
     return decorate
+
+
+ID_OPTION = click.option(
+    "--id",
+    "job_id",
+    required=True,
+    shell_complete=complete_job_id,
+    help="Identifier of the job.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -197,6 +291,7 @@ def cli() -> None:
     "--plugin",
     default="default",
     show_default=True,
+    shell_complete=complete_runner,
     help="Runner of the queue: default (at once), queue (limits, order), slurm, or a plugin's.",
 )
 @click.option(
@@ -243,7 +338,7 @@ def setup(
         )
 
 
-@queue_command()
+@queue_command(with_settings=True)
 @click.option("--id", "job_id", help="Identifier of the job [default: <dirname>_<user>_<random>].")
 @click.option("--script", help="Script to run, relative to DIRECTORY [default: start.sh].")
 @click.option("--max-runtime", help="Time limit (90, 90s, 15m, 2h, 1d); then it is killed.")
@@ -257,20 +352,33 @@ def setup(
     metavar="NAME",
     help="Pass $NAME (or a prompted value) to the job, never written on the server.",
 )
-@click.option("--stdout", help="Where stdout goes: tej (kept), discard, or a path in the job.")
-@click.option("--stderr", help="Where stderr goes: tej, discard, stdout, or a path in the job.")
+@click.option(
+    "--stdout",
+    shell_complete=complete_words("tej", "discard"),
+    help="Where stdout goes: tej (kept), discard, or a path in the job.",
+)
+@click.option(
+    "--stderr",
+    shell_complete=complete_words("tej", "discard", "stdout"),
+    help="Where stderr goes: tej, discard, stdout, or a path in the job.",
+)
 @click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
 @click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end.")
 @click.option("--priority", type=int, help="Queue runner: higher starts first [default: 0].")
 @click.option(
-    "--after", multiple=True, metavar="ID", help="Queue runner: start once job ID has succeeded."
+    "--after",
+    multiple=True,
+    metavar="ID",
+    shell_complete=complete_job_id,
+    help="Queue runner: start once job ID has succeeded.",
 )
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.argument("directory")
+@click.argument("directory", shell_complete=complete_directory)
 def submit(
     remote: RemoteQueue,
+    settings: config.Settings,
     as_json: bool,
     job_id: str | None,
     directory: str,
@@ -301,10 +409,16 @@ def submit(
             **({"webhook": list(webhook)} if webhook else {}),
             **({"email": list(email)} if email else {}),
         }
+    defaults = settings.submit_defaults()
     secret_values = {name: read_secret(name) for name in secrets}
     with ProgressBar("Uploading", quiet) as progress:
         new_id = remote.submit(
-            directory, job_id=job_id, secrets=secret_values, progress=progress, **overrides
+            directory,
+            job_id=job_id,
+            secrets=secret_values,
+            progress=progress,
+            defaults=defaults,
+            **overrides,
         )
     if not as_json:
         click.echo("Job submitted as:")
@@ -397,7 +511,7 @@ def wait_for_job(
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 @click.option("--timeout", help="Give up after this duration (90, 15m, 2h): exit code 6.")
 @click.option("--exit-code", is_flag=True, help="Exit with the job's own exit code.")
 def wait(
@@ -416,7 +530,7 @@ def wait(
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 @click.option("--stderr", "use_stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 @click.option("--tail", type=click.IntRange(0), help="Start with the last N lines.")
@@ -442,7 +556,7 @@ def logs(
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     """Show the state of a job."""
     try:
@@ -474,7 +588,7 @@ def list_jobs(remote: RemoteQueue, as_json: bool) -> None:
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 def kill(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     """Kill a job and every process it started."""
     result = remote.kill(job_id)
@@ -489,7 +603,7 @@ def kill(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 @click.option("--force", is_flag=True, help="Kill the job first if it is still running.")
 def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None:
     """Delete a job and its files from the server."""
@@ -501,7 +615,7 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
 
 
 @queue_command()
-@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@ID_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 def download(
@@ -654,6 +768,49 @@ def parse_download_spec(spec: str) -> tuple[str, str | None]:
     if os.path.isdir(local):
         return path, os.path.join(local, name)
     return path, local
+
+
+@cli.command("config")
+@common_options
+def show_config(destination: str, as_json: bool, **_: object) -> None:
+    """Show the settings for DESTINATION, and where each comes from.
+
+    Settings come from the command line, the environment (TEJ_QUEUE...), then
+    the configuration file ($XDG_CONFIG_HOME/tej/config.toml): the first
+    [host."PATTERN"] section matching DESTINATION, then its global settings.
+    """
+    from tej.destination import parse_destination
+
+    try:
+        parse_destination(destination)
+        settings = resolve_settings(click.get_current_context(), destination)
+        settings.submit_defaults()  # checks them
+    except TejError as exc:
+        exit_with_error(exc, as_json)
+    if as_json:
+        emit_json(settings.to_json())
+        return
+    for note in settings.notes():
+        click.echo(f"Note: {note}", err=True)
+    file = settings.file
+    found = "from" if file.found else "no file at"
+    click.echo(f"Settings for {destination} ({found} {file.path}):")
+    rows = [
+        (name, show_value(value), settings.describe(name))
+        for name, value in settings.values.items()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    for name, value, origin in rows:
+        click.echo(f"{name.ljust(widths[0])}  {value.ljust(widths[1])}  {origin}")
+
+
+def show_value(value: object) -> str:
+    """A setting's value as text: strings as they are, other values as JSON, none as -."""
+    import json
+
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ FIELDS = (
     "start_at",
     "delay",
     "notify",
+    "exclude",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
 _ENV_NAME = re.compile(protocol.ENV_NAME_REGEX)
@@ -65,21 +66,40 @@ def load_job_file(directory: str) -> dict[str, Any]:
     return data
 
 
-def build_job(from_file: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's effective metadata: the command line wins over tej.json, tej.json over defaults.
+def build_job(
+    from_file: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The job's effective metadata: the command line wins over tej.json, tej.json over
+    defaults (the user's settings, see tej.config), and those over tej's defaults.
 
-    Overrides use the same names as tej.json; None means "not given".
+    Overrides use the same names as tej.json; None means "not given". env and
+    notify are merged key by key.
     """
     _check_keys(from_file, FIELDS + tuple(runner_fields()), JOB_FILE)
     given = {key: value for key, value in overrides.items() if value is not None}
     if "start_at" in given or "delay" in given:
         from_file = {k: v for k, v in from_file.items() if k not in ("start_at", "delay")}
-    merged = {**from_file, **given}
-    if "env" in from_file and "env" in given:
-        merged["env"] = {**_env(from_file["env"]), **_env(given["env"])}
-    if "notify" in given:
-        merged["notify"] = {**_notify_mapping(from_file.get("notify", {})), **given["notify"]}
+    layers = [defaults or {}, from_file, given]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    envs = [_env(layer["env"]) for layer in layers if "env" in layer]
+    if len(envs) > 1:
+        merged["env"] = {name: value for env in envs for name, value in env.items()}
+    notifies = [_notify_mapping(layer["notify"]) for layer in layers if "notify" in layer]
+    if len(notifies) > 1:
+        merged["notify"] = {key: value for notify in notifies for key, value in notify.items()}
     return _validated(merged)
+
+
+def exclude_patterns(from_file: Mapping[str, Any], overrides: Mapping[str, Any]) -> list[str]:
+    """The gitignore patterns of tej.json's "exclude" (or of the overrides', which win)."""
+    value = overrides.get("exclude")
+    if value is None:
+        value = from_file.get("exclude", [])
+    return _strings(value, "exclude")
 
 
 def _validated(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,10 @@ CONNECTION_OPTIONS = {
     "--python": "TEJ_PYTHON",
     "--ssh-config": "TEJ_SSH_CONFIG",
     "--connect-timeout": "TEJ_CONNECT_TIMEOUT",
+    "--persist": "TEJ_PERSIST",
 }
+#: Set while the shell asks click for completions (see tej.cli.main): nothing to start.
+COMPLETE_VARIABLE = "_TEJ_COMPLETE"
 TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")
 FALSE_WORDS = ("", "0", "false", "f", "no", "n", "off")
 
@@ -73,8 +76,11 @@ def _exit(exc: SystemExit) -> None:
 
 
 def connection_arguments(args: list[str]) -> dict[str, str | bool] | None:
-    """The destination and connection options of a queue command; None if unsure."""
+    """The destination and connection options of a queue command, as given on the
+    command line or in the environment; None if unsure."""
     if len(args) < 2 or args[0] not in QUEUE_COMMANDS or args[1].startswith("-"):
+        return None
+    if os.environ.get(COMPLETE_VARIABLE):
         return None
     found: dict[str, str | bool] = {"destination": args[1]}
     for option, variable in CONNECTION_OPTIONS.items():
@@ -83,17 +89,33 @@ def connection_arguments(args: list[str]) -> dict[str, str | bool] | None:
     reuse = os.environ.get("TEJ_NO_REUSE", "").lower()
     if reuse not in TRUE_WORDS + FALSE_WORDS:
         return None
-    found["--no-reuse"] = reuse in TRUE_WORDS
+    if reuse:
+        found["--no-reuse"] = reuse in TRUE_WORDS
     rest = iter(args[2:])
     for arg in rest:
         name, equals, value = arg.partition("=")
         if arg in ("--", "-h", "--help"):
             return None
-        if arg == "--no-reuse":
-            found["--no-reuse"] = True
+        if arg in ("--no-reuse", "--reuse"):
+            found["--no-reuse"] = arg == "--no-reuse"
         elif name in CONNECTION_OPTIONS:
             found[name] = value if equals else next(rest, "")
     return found
+
+
+def given_settings(found: dict[str, str | bool]) -> dict[str, object] | None:
+    """The settings in found (see connection_arguments), as tej.config names them; None if
+    one is invalid (the command line will say so)."""
+    given: dict[str, object] = {}
+    for option, value in found.items():
+        name = option.lstrip("-").replace("-", "_")
+        if name in ("connect_timeout", "persist"):
+            if not str(value).isdigit():
+                return None
+            given[name] = int(value)
+        elif name != "destination":
+            given[name] = value
+    return given
 
 
 def _prestart(args: list[str]) -> None:
@@ -101,21 +123,16 @@ def _prestart(args: list[str]) -> None:
     found = connection_arguments(args)
     if found is None:
         return
-    from tej.bootstrap import prestart
-    from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_destination
-    from tej.protocol import DEFAULT_CONNECT_TIMEOUT
-
-    python, ssh_config = found.get("--python"), found.get("--ssh-config")
-    timeout = str(found.get("--connect-timeout", DEFAULT_CONNECT_TIMEOUT))
-    if not timeout.isdigit():
+    given = given_settings(found)
+    if given is None:
         return
+    from tej import config
+    from tej.bootstrap import prestart
+    from tej.destination import parse_destination
+
+    destination = str(found["destination"])
     try:
-        options = ConnectOptions(
-            python=str(python) if python is not None else None,
-            ssh_config=str(ssh_config) if ssh_config is not None else None,
-            connect_timeout=int(timeout),
-            reuse_for=0 if found["--no-reuse"] else SHARED_CONNECTION_SECONDS,
-        )
-        prestart(parse_destination(str(found["destination"])), options)
+        options = config.resolve(destination, given).connect_options()
+        prestart(parse_destination(destination), options)
     except Exception:  # noqa: BLE001 - the command line will say what is wrong
         pass

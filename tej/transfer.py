@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from tej.errors import InvalidInput, ProtocolError, TejError
 
 if TYPE_CHECKING:
+    from tej.excludes import Excludes
     from tej.session import Session
 
     #: The digests a hash cache knows, by (relative path, stamp).
@@ -132,29 +133,39 @@ def scan_directory(root: str) -> list[Entry]:
     return scan(root)
 
 
-def scan(root: str) -> list[Entry]:
-    """List a directory: each folder's entries sorted, folders first, then its sub-folders'."""
-    return [entry for entries in _walk(os.fsencode(root), b"", {}) for entry in entries]
+def scan(root: str, excludes: Excludes | None = None) -> list[Entry]:
+    """List a directory: each folder's entries sorted, folders first, then its sub-folders'.
+
+    What excludes leaves out isn't listed (nor read, for a folder).
+    """
+    walk = _walk(os.fsencode(root), b"", {}, excludes)
+    return [entry for entries in walk for entry in entries]
 
 
-def _walk(base: bytes, prefix: bytes, known: Known) -> Iterator[list[Entry]]:
+def _walk(
+    base: bytes, prefix: bytes, known: Known, excludes: Excludes | None
+) -> Iterator[list[Entry]]:
     """The entries of the folder at prefix (its folders, then the rest), then its sub-folders'.
 
     A file whose digest `known` has gets it.
     """
-    folders, others = _list_folder(base, prefix, known)
+    folders, others = _list_folder(base, prefix, known, excludes)
     yield folders + others
     for entry in folders:
-        yield from _walk(base, entry.relpath + b"/", known)
+        yield from _walk(base, entry.relpath + b"/", known, excludes)
 
 
-def _list_folder(base: bytes, prefix: bytes, known: Known) -> tuple[list[Entry], list[Entry]]:
+def _list_folder(
+    base: bytes, prefix: bytes, known: Known, excludes: Excludes | None
+) -> tuple[list[Entry], list[Entry]]:
     folder = base + b"/" + prefix if prefix else base
     try:
         with os.scandir(folder) as items:
             found = sorted(items, key=_name_of)
     except OSError as exc:
         raise InvalidInput(f"Can't read {os.fsdecode(folder)}: {exc.strerror}") from None
+    if excludes is not None:  # before anything is read: an excluded item may be unreadable
+        found = [item for item in found if not _excluded(excludes, prefix, item)]
     folders: list[Entry] = []
     others: list[Entry] = []
     for item in found:
@@ -191,19 +202,30 @@ def _name_of(item: os.DirEntry[bytes]) -> bytes:
     return item.name
 
 
-def scan_tree(root: str, part_size: int | None = None) -> Iterator[TreePart]:
+def _excluded(excludes: Excludes, prefix: bytes, item: os.DirEntry[bytes]) -> bool:
+    try:
+        is_folder = item.is_dir(follow_symlinks=False)
+    except OSError:
+        is_folder = False
+    return excludes(prefix + item.name, is_folder)
+
+
+def scan_tree(
+    root: str, part_size: int | None = None, excludes: Excludes | None = None
+) -> Iterator[TreePart]:
     """Scan and hash a job directory, in parts of about part_size entries (at least one part).
 
     A part comes as soon as it is read, so that the server lays it out while
     the rest is read; each is held until the next one is ready, so that the
-    last one says it is. The hash cache is saved after the last part.
+    last one says it is. The hash cache is saved after the last part. What
+    excludes leaves out is neither listed nor read.
     """
     hasher = _Hasher(root)
     part_size = part_size or PART_ENTRIES
     held: TreePart | None = None
     batch: list[Entry] = []
     start = 0
-    for entries in _walk(os.fsencode(root), b"", hasher.cache.known):
+    for entries in _walk(os.fsencode(root), b"", hasher.cache.known, excludes):
         batch += entries
         if len(batch) >= part_size:
             if held is not None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SilentServer
+from helpers import SilentServer, Target, local_target, ssh_target
 from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
 
@@ -100,3 +100,50 @@ def silent_server() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.close()
+
+
+# the destination of the end-to-end tests
+
+
+@pytest.fixture(name="target", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
+def target_fixture(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Target]:
+    """A destination and a fresh queue: `local` or the loopback sshd."""
+    if request.param == "local":
+        target = local_target(tmp_path)
+        # The in-process API's local agent inherits HOME too: `~/.tej` stays in tmp_path.
+        monkeypatch.setenv("HOME", target.home)
+        for name in ("TEJ_QUEUE", "TEJ_SSH_CONFIG", "TEJ_PYTHON"):
+            monkeypatch.delenv(name, raising=False)
+    else:
+        server = request.getfixturevalue("ssh_server")
+        target = ssh_target(server, request.getfixturevalue("server_tmp"), tmp_path)
+    # The API in this process and the command line share the client's hash cache, as a user's do.
+    client_cache = str(tmp_path / "client-home" / ".cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", client_cache)
+    target.client_env["XDG_CACHE_HOME"] = client_cache
+    try:
+        yield target
+    finally:
+        target.cleanup()
+
+
+@pytest.fixture(name="default_link_home")
+def default_link_fixture(target: Target) -> Target:
+    """Set aside an existing `~/.tej` of the server's HOME, and remove the test's one after."""
+    default = Path(target.home, ".tej")
+    aside = Path(target.home, f".tej.aside-{os.getpid()}")
+    if os.path.lexists(default):
+        os.rename(default, aside)
+
+    def restore() -> None:
+        if default.is_dir() and not default.is_symlink():
+            shutil.rmtree(default)
+        elif os.path.lexists(default):
+            default.unlink()
+        if os.path.lexists(aside):
+            os.rename(aside, default)
+
+    target.extra_cleanup.append(restore)
+    return target

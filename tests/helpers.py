@@ -1,8 +1,8 @@
-"""Shared helpers of the end-to-end tests: the `target` fixture, polling, job builders.
+"""Shared helpers of the end-to-end tests: the `Target` of the `target` fixture, polling, jobs.
 
-`target` runs every test twice: against `local` (the embedded destination, a queue in a
-temporary directory and a temporary HOME) and against the real loopback sshd (a queue in
-the SSH user's `server_tmp`). Test modules import it as `from helpers import target_fixture`.
+The fixtures themselves live in conftest.py: `target` runs every test twice, against `local`
+(the embedded destination, a queue in a temporary directory and a temporary HOME) and
+against the real loopback sshd (a queue in the SSH user's `server_tmp`).
 """
 
 from __future__ import annotations
@@ -18,22 +18,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pytest
 
-from tej import RemoteQueue
+from tej import JobState, JobStatus, RemoteQueue
+from tej.protocol import END_STATES
 
+REPO = Path(__file__).resolve().parents[1]
+WORK_TREE = "work tree"  # `python -m tej` with this checkout first on the import path
+INSTALLED = "installed"  # the `tej` console script that installing tej made (the entry point)
 CLI_TIMEOUT = 60.0
 WAIT_TIMEOUT = 30.0
 T = TypeVar("T")
 _DEFAULT_QUEUE = object()
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
 ELAPSED = r"\d+:\d\d:\d\d"
-END_STATES = ("finished", "killed", "lost")
 
 
 def wait_until(
@@ -105,6 +108,77 @@ class CliResult(subprocess.CompletedProcess):  # type: ignore[type-arg]
         text = stdout.decode("utf-8", "surrogateescape")
         super().__init__(args, returncode, text, stderr.decode("utf-8", "replace"))
         self.stdout_bytes = stdout
+        self.stderr_bytes = stderr
+
+
+def tej_env(**extra: str) -> dict[str, str]:
+    """The environment of a tej command: this process's without any TEJ_* setting, plus extra."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
+    env.update(extra)
+    return env
+
+
+def tej_argv(*args: str, tej: str = WORK_TREE) -> list[str]:
+    """The command line of `tej ARGS...`, run from the work tree or the installed script."""
+    if tej == WORK_TREE:
+        return [sys.executable, "-m", "tej", *args]
+    if tej == INSTALLED:
+        beside = Path(sys.executable).with_name("tej")  # a venv's or pyenv's bin folder
+        script = str(beside) if beside.is_file() else shutil.which("tej")
+        if script is None:
+            pytest.fail("no installed `tej` script beside this Python or on PATH (pip install .)")
+        return [script, *args]
+    raise ValueError(f"tej is {WORK_TREE!r} or {INSTALLED!r}, not {tej!r}")
+
+
+def _process_env(env: dict[str, str] | None, tej: str) -> dict[str, str]:
+    """env (by default tej_env()), with this checkout first on PYTHONPATH for the work tree."""
+    env = dict(tej_env() if env is None else env)
+    if tej == WORK_TREE:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_tej(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | str | None = None,
+    input: bytes | None = None,
+    timeout: float = CLI_TIMEOUT,
+    tej: str = WORK_TREE,
+    prefix: Sequence[str] = (),
+) -> CliResult:
+    """Run `tej ARGS...` (after the prefix command, if any) and return its result.
+
+    tej says which tej runs: WORK_TREE or INSTALLED. env defaults to tej_env(); the run
+    fails the test if it outlives timeout. It never raises on a non-zero exit.
+    """
+    argv = [*prefix, *tej_argv(*args, tej=tej)]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            cwd=None if cwd is None else str(cwd),
+            env=_process_env(env, tej),
+            input=input,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tej {' '.join(args)} did not end within {timeout:g} s")
+    return CliResult(argv, done.returncode, done.stdout, done.stderr)
+
+
+def start_tej(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | str | None = None,
+    tej: str = WORK_TREE,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start `tej ARGS...` as run_tej would, without waiting: popen are Popen's options."""
+    cwd = None if cwd is None else str(cwd)
+    return subprocess.Popen(tej_argv(*args, tej=tej), cwd=cwd, env=_process_env(env, tej), **popen)
 
 
 def assert_one_line_error(
@@ -137,7 +211,11 @@ def one_line_answer(result: CliResult, code: int) -> str:
 
 @dataclass
 class Target:
-    """Where the tests send jobs: `local` or the loopback sshd, with one queue."""
+    """Where the tests send jobs: `local` or the loopback sshd, with one queue.
+
+    tej says which tej its command lines run: the work tree (the default) or the installed
+    `tej` script. options are given to every command (such as `--python`).
+    """
 
     kind: str
     destination: str
@@ -148,7 +226,10 @@ class Target:
     src_dir: Path  # where job directories are built
     ssh_config: str | None = None
     server: Any = None
+    tej: str = WORK_TREE
+    options: list[str] = field(default_factory=list)
     extra_cleanup: list[Callable[[], None]] = field(default_factory=list)
+    _remote: RemoteQueue | None = field(default=None, repr=False)
 
     # the command line
 
@@ -156,6 +237,23 @@ class Target:
     def ssh_args(self) -> list[str]:
         """The --ssh-config option, for ssh targets."""
         return ["--ssh-config", self.ssh_config] if self.ssh_config else []
+
+    def argv(
+        self,
+        command: str,
+        *args: str,
+        queue: Any = _DEFAULT_QUEUE,
+        destination: str | None = None,
+    ) -> list[str]:
+        """The arguments of `tej COMMAND DEST --queue Q [--ssh-config F] OPTIONS ARGS...`.
+
+        queue=None leaves --queue out (the default `~/.tej`).
+        """
+        queue_args = (
+            [] if queue is None else ["--queue", self.queue if queue is _DEFAULT_QUEUE else queue]
+        )
+        destination = destination or self.destination
+        return [command, destination, *queue_args, *self.ssh_args, *self.options, *args]
 
     def cli(
         self,
@@ -166,45 +264,66 @@ class Target:
         queue: Any = _DEFAULT_QUEUE,
         destination: str | None = None,
         timeout: float = CLI_TIMEOUT,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> CliResult:
-        """Run `python -m tej COMMAND DEST --queue Q [--ssh-config F] ARGS...` in client_dir.
+        """Run `tej COMMAND DEST --queue Q [--ssh-config F] OPTIONS ARGS...` in client_dir.
 
-        check asserts the exit code; queue=None leaves --queue out (the default `~/.tej`).
-        A traceback on stderr always fails the test.
+        check asserts the exit code; queue=None leaves --queue out (the default `~/.tej`);
+        env adds to client_env. A traceback on stderr always fails the test.
         """
-        queue_args = (
-            [] if queue is None else ["--queue", self.queue if queue is _DEFAULT_QUEUE else queue]
-        )
-        argv = [
-            sys.executable,
-            "-m",
-            "tej",
-            command,
-            destination or self.destination,
-            *queue_args,
-            *self.ssh_args,
-            *args,
-        ]
-        done = subprocess.run(
-            argv,
-            check=False,
-            capture_output=True,
-            cwd=str(cwd or self.client_dir),
-            env=self.client_env,
+        result = run_tej(
+            *self.argv(command, *args, queue=queue, destination=destination),
+            env={**self.client_env, **(env or {})},
+            cwd=cwd or self.client_dir,
             timeout=timeout,
+            tej=self.tej,
+            prefix=prefix,
         )
-        result = CliResult(argv, done.returncode, done.stdout, done.stderr)
         assert "Traceback" not in result.stderr, result.stderr
         if check is not None:
             assert result.returncode == check, result
         return result
 
+    def ok(self, command: str, *args: str) -> str:
+        """Run a command that must succeed with nothing on stderr; return its stdout."""
+        done = self.cli(command, *args)
+        assert done.returncode == 0, (
+            f"tej {command} {' '.join(args)}: exit {done.returncode}: {done.stderr}"
+        )
+        assert done.stderr == "", done.stderr
+        return done.stdout
+
+    def popen(self, command: str, *args: str, **popen: Any) -> subprocess.Popen[Any]:
+        """Start `tej COMMAND DEST --queue Q ...` in client_dir; text pipes unless popen says."""
+        options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+        return start_tej(
+            *self.argv(command, *args),
+            env=self.client_env,
+            cwd=self.client_dir,
+            tej=self.tej,
+            **options,
+        )
+
     def submit(self, job_dir: Path, *args: str) -> str:
-        """Submit a job directory with the CLI; return its id."""
+        """Submit a job directory with the CLI (--wait allowed); return its id."""
         done = self.cli("submit", *args, str(job_dir), check=0)
         lines = done.stdout.splitlines()
         assert lines[0] == "Job submitted as:", done.stdout
-        return lines[-1]
+        assert "--wait" in args or len(lines) == 2, done.stdout  # then the end state
+        return lines[1]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """`tej status --json`, which must succeed with nothing on stderr."""
+        document = json.loads(self.ok("status", "--id", job_id, "--json"))
+        assert isinstance(document, dict)
+        return document
+
+    def status_text(self, job_id: str) -> str:
+        """`tej status`, which must succeed."""
+        done = self.cli("status", "--id", job_id)
+        assert done.returncode == 0, done.stderr
+        return str(done.stdout)
 
     # the API
 
@@ -214,6 +333,26 @@ class Target:
             destination or self.destination, queue or self.queue, ssh_config=self.ssh_config
         )
 
+    def remote(self) -> RemoteQueue:
+        """One API session for the whole test (connected on first use, closed by cleanup)."""
+        if self._remote is None:
+            self._remote = RemoteQueue(
+                self.destination, self.queue, ssh_config=self.ssh_config, connect_timeout=15
+            )
+        return self._remote
+
+    def wait_for_state(
+        self, job_id: str, *states: JobState, timeout: float = WAIT_TIMEOUT
+    ) -> JobStatus:
+        """Poll the job's status through the API (remote()) until it is in one of states."""
+
+        def reached() -> JobStatus | None:
+            status = self.remote().status(job_id)
+            return status if status.state in states else None
+
+        what = f"job {job_id} to be {'/'.join(state.value for state in states)}"
+        return wait_until(reached, timeout, what)
+
     def wait_for(
         self, job_id: str, states: Sequence[str] = END_STATES, timeout: float = WAIT_TIMEOUT
     ) -> dict[str, Any]:
@@ -222,11 +361,10 @@ class Target:
         Returns the status record (`state`, `exit_code`...). Reading the file costs no
         connection; tests check what tej itself reports with `status`.
         """
-        path = self.job_dir(job_id) / "status.json"
 
         def reached() -> dict[str, Any] | None:
             try:
-                record: dict[str, Any] = json.loads(path.read_text())
+                record = self.record(job_id)
             except (OSError, ValueError):
                 return None
             return record if record.get("state") in states else None
@@ -247,6 +385,24 @@ class Target:
         """A path inside a job's uploaded directory on the server."""
         return self.server_path("jobs", job_id, "work", *parts)
 
+    def record(self, job_id: str) -> dict[str, Any]:
+        """The job's status record, read from the disk (no connection)."""
+        data = json.loads((self.job_dir(job_id) / "status.json").read_text())
+        assert isinstance(data, dict)
+        return data
+
+    def supervisor_gone(self, job_id: str) -> bool:
+        """Whether the job's supervisor, as its record names it, has exited."""
+        pid = (self.record(job_id).get("supervisor") or {}).get("pid")
+        return isinstance(pid, int) and not process_alive(pid)
+
+    def write_settings(self, text: str) -> Path:
+        """Write the client's settings file (~/.config/tej/config.toml); return its path."""
+        path = Path(self.client_env["HOME"], ".config", "tej", "config.toml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
     def make_job(
         self, name: str = "job", script: str | None = "#!/bin/sh\ntrue\n", **kwargs: Any
     ) -> Path:
@@ -256,7 +412,9 @@ class Target:
     # cleanup
 
     def cleanup(self) -> None:
-        """Kill every process left running in the queue, then run the extra cleanup steps."""
+        """Close remote(), kill every process left running in the queue, run the extra steps."""
+        if self._remote is not None:
+            self._remote.close()
         kill_processes_under(os.path.abspath(self.queue))
         kill_processes_under(os.path.realpath(self.queue))
         for step in self.extra_cleanup:
@@ -293,9 +451,23 @@ def client_side(tmp_path: Path) -> tuple[dict[str, str], Path, Path, Path]:
     )
     for path in (client_home, client_dir, src_dir):
         path.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    env["HOME"] = str(client_home)
+    env = tej_env(HOME=str(client_home))
+    env.pop("XDG_CONFIG_HOME", None)  # settings, if a test writes any: ~/.config/tej/config.toml
     return env, client_home, client_dir, src_dir
+
+
+def local_target(tmp_path: Path) -> Target:
+    """A target on `local`, its queue in tmp_path, the client's HOME the server's."""
+    env, client_home, client_dir, src_dir = client_side(tmp_path)
+    return Target(
+        kind="local",
+        destination="local",
+        queue=str(tmp_path / "queue"),
+        home=str(client_home),
+        client_env=env,
+        client_dir=client_dir,
+        src_dir=src_dir,
+    )
 
 
 def ssh_target(server: Any, server_tmp: str, tmp_path: Path) -> Target:
@@ -312,59 +484,6 @@ def ssh_target(server: Any, server_tmp: str, tmp_path: Path) -> Target:
         ssh_config=server.config_path,
         server=server,
     )
-
-
-@pytest.fixture(name="target", params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
-def target_fixture(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Target]:
-    """A destination and a fresh queue: `local` or the loopback sshd."""
-    if request.param == "local":
-        env, client_home, client_dir, src_dir = client_side(tmp_path)
-        # The in-process API's local agent inherits HOME too: `~/.tej` stays in tmp_path.
-        monkeypatch.setenv("HOME", str(client_home))
-        for name in ("TEJ_QUEUE", "TEJ_SSH_CONFIG", "TEJ_PYTHON"):
-            monkeypatch.delenv(name, raising=False)
-        target = Target(
-            kind="local",
-            destination="local",
-            queue=str(tmp_path / "queue"),
-            home=str(client_home),
-            client_env=env,
-            client_dir=client_dir,
-            src_dir=src_dir,
-        )
-    else:
-        server = request.getfixturevalue("ssh_server")
-        target = ssh_target(server, request.getfixturevalue("server_tmp"), tmp_path)
-    # The API in this process and the command line share the client's hash cache, as a user's do.
-    client_cache = str(tmp_path / "client-home" / ".cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", client_cache)
-    target.client_env["XDG_CACHE_HOME"] = client_cache
-    try:
-        yield target
-    finally:
-        target.cleanup()
-
-
-@pytest.fixture(name="default_link_home")
-def default_link_fixture(target: Target) -> Target:
-    """Set aside an existing `~/.tej` of the server's HOME, and remove the test's one after."""
-    default = Path(target.home, ".tej")
-    aside = Path(target.home, f".tej.aside-{os.getpid()}")
-    if os.path.lexists(default):
-        os.rename(default, aside)
-
-    def restore() -> None:
-        if default.is_dir() and not default.is_symlink():
-            shutil.rmtree(default)
-        elif os.path.lexists(default):
-            default.unlink()
-        if os.path.lexists(aside):
-            os.rename(aside, default)
-
-    target.extra_cleanup.append(restore)
-    return target
 
 
 class SilentServer:

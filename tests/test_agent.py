@@ -155,7 +155,8 @@ class Harness:
     def jobs_listed(self, queue: str | None = None) -> list[dict[str, Any]]:
         """The `list` reply, as one dict per job."""
         reply = self.ok("list", **({"queue": queue} if queue else {}))
-        assert reply["fields"] == list(listcache.LIST_FIELDS) or reply["fields"] == listcache.LIST_FIELDS
+        fields = listcache.LIST_FIELDS
+        assert reply["fields"] == list(fields) or reply["fields"] == fields
         return [dict(zip(reply["fields"], row)) for row in json.loads(reply["rows"])]
 
     def fail(self, error: str, op: str, **args: Any) -> str:
@@ -287,7 +288,8 @@ class Harness:
                     processes.signal_group(identity["pid"], signal.SIGKILL)
                 supervisors.append(record.get("supervisor"))
         deadline = time.monotonic() + DEADLINE
-        while any(processes.is_same_process(s) for s in supervisors) and time.monotonic() < deadline:
+        alive = processes.is_same_process
+        while any(alive(s) for s in supervisors) and time.monotonic() < deadline:
             time.sleep(0.02)
 
 

@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import (
     Target,
-    default_link_fixture,  # noqa: F401 - the `default_link_home` fixture
     kill_processes_under,
     process_alive,
     read_pid,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 from sshd import SshServer

@@ -20,11 +20,9 @@ from helpers import (
     ISO_UTC,
     Target,
     assert_one_line_error,
-    default_link_fixture,  # noqa: F401 - the `default_link_home` fixture
     one_line_answer,
     process_alive,
     read_pid,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 

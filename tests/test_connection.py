@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from helpers import SilentServer
+from helpers import SilentServer, run_tej, tej_env
 from sshd import SshServer, login_script_lines
 
 import tej
@@ -36,24 +36,10 @@ T = TypeVar("T")
 
 def clean_env(path_prefix: str | None = None) -> dict[str, str]:
     """The environment of tej commands, without settings that would leak from the caller."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
+    env = tej_env()
     if path_prefix is not None:
         env["PATH"] = f"{path_prefix}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def run_tej(
-    *args: str, deadline: float = CLI_DEADLINE, path_prefix: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run `python -m tej ARGS...`; fail if it outlives deadline."""
-    argv = [sys.executable, "-m", "tej", *args]
-    env = clean_env(path_prefix)
-    try:
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=deadline, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tej {' '.join(args)} did not end within {deadline:.0f} s")
 
 
 def error_line(done: subprocess.CompletedProcess[str], exit_code: int) -> str:
@@ -178,7 +164,7 @@ def test_silent_server_times_out_through_the_cli(
     ssh_server: SshServer, silent_server: SilentServer
 ) -> None:
     destination = f"ssh://127.0.0.1:{silent_server.port}"
-    done = run_tej("list", destination, *ssh_options(ssh_server), deadline=CLI_DEADLINE)
+    done = run_tej("list", destination, *ssh_options(ssh_server), timeout=CLI_DEADLINE)
     message = error_line(done, 5)
     assert destination in message
     assert silent_server.connections, "ssh never reached the silent server"
@@ -202,7 +188,7 @@ def fake_ssh(tmp_path: Path) -> tuple[str, Path]:
 def test_fake_ssh_is_what_tej_runs(fake_ssh: tuple[str, Path]) -> None:
     """The control of the next test: a valid destination does reach the fake ssh."""
     bin_dir, record = fake_ssh
-    done = run_tej("list", "valid-host", path_prefix=bin_dir)
+    done = run_tej("list", "valid-host", env=clean_env(bin_dir))
     assert "fake ssh refuses" in error_line(done, 5)
     assert "valid-host" in record.read_text()
 
@@ -210,7 +196,7 @@ def test_fake_ssh_is_what_tej_runs(fake_ssh: tuple[str, Path]) -> None:
 @pytest.mark.parametrize("destination", ["-oProxyCommand=x", "a b", "ssh://h:99999"])
 def test_unparsable_destination(destination: str, fake_ssh: tuple[str, Path]) -> None:
     bin_dir, record = fake_ssh
-    done = run_tej("list", "--", destination, path_prefix=bin_dir)
+    done = run_tej("list", "--", destination, env=clean_env(bin_dir))
     message = error_line(done, 1)
     assert repr(destination) in message or destination in message, message
     assert done.stdout == ""

@@ -15,19 +15,17 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import run_tej, tej_env
 
 from tej import jobspec
 from tej.errors import InvalidInput, TejError
 
-REPO = Path(__file__).resolve().parents[1]
-CLI_DEADLINE = 60.0
 MISSING = object()
 
 
@@ -57,27 +55,9 @@ def build(data: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def cli_env(home: Path) -> dict[str, str]:
-    """The environment of tej commands: this worktree's code, a private HOME, no TEJ_*."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
-    env["PYTHONPATH"] = str(REPO)
-    env["HOME"] = str(home)
-    return env
-
-
-def run_tej(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m tej ARGS...` with cli_env(home); fail if it outlives the deadline."""
+    """The environment of tej commands: a private HOME (made here), no TEJ_*."""
     home.mkdir(exist_ok=True)
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", "tej", *args],
-            capture_output=True,
-            text=True,
-            timeout=CLI_DEADLINE,
-            env=cli_env(home),
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tej {' '.join(args)} did not end within {CLI_DEADLINE:.0f} s")
+    return tej_env(HOME=str(home))
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -92,12 +72,13 @@ def submit_json(tmp_path: Path, job: Path, *options: str) -> dict[str, Any]:
     """Submit job to a local queue with options, wait for it, return `status --json`."""
     queue = str(tmp_path / "queue")
     home = tmp_path / "home"
-    done = run_tej(home, "submit", "local", "--queue", queue, "--json", *options, str(job))
+    env = cli_env(home)
+    done = run_tej("submit", "local", "--queue", queue, "--json", *options, str(job), env=env)
     assert done.returncode == 0, done.stderr
     job_id = json.loads(done.stdout)["id"]
-    waited = run_tej(home, "wait", "local", "--queue", queue, "--id", job_id)
+    waited = run_tej("wait", "local", "--queue", queue, "--id", job_id, env=env)
     assert waited.returncode == 0, waited.stderr
-    status = run_tej(home, "status", "local", "--queue", queue, "--id", job_id, "--json")
+    status = run_tej("status", "local", "--queue", queue, "--id", job_id, "--json", env=env)
     assert status.returncode == 0, status.stderr
     document = json.loads(status.stdout)
     assert isinstance(document, dict)
@@ -451,9 +432,8 @@ def refused_by_cli(tmp_path: Path, job: Path, options: Sequence[str]) -> str:
     """Submit job with options to a fresh local queue; check it is refused; return the message."""
     queue = tmp_path / "queue"
     try:
-        done = run_tej(
-            tmp_path / "home", "submit", "local", "--queue", str(queue), *options, str(job)
-        )
+        env = cli_env(tmp_path / "home")
+        done = run_tej("submit", "local", "--queue", str(queue), *options, str(job), env=env)
     finally:
         stop_supervisors(queue)
     message = one_error_line(done)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import process_alive, wait_until
+from helpers import INSTALLED, process_alive, run_tej, wait_until
 
 from tej.launcher import connection_arguments
 
@@ -22,10 +22,11 @@ DEADLINE = 60.0
 
 
 @pytest.fixture(autouse=True)
-def no_tej_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_tej_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("TEJ_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no settings file
 
 
 # reading the arguments
@@ -39,13 +40,17 @@ def no_tej_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["status", "h", "--python", "py", "--id", "x"], {"--python": "py"}),
         (["status", "h", "--python=py3 -u", "--ssh-config", "cfg"], {"--python": "py3 -u"}),
         (["list", "h", "--connect-timeout", "5", "--no-reuse"], {"--connect-timeout": "5"}),
+        (["list", "h", "--persist=600", "--reuse"], {"--persist": "600"}),
     ],
 )
 def test_the_connection_options_are_found(args: list[str], expected: dict[str, str]) -> None:
     found = connection_arguments(args)
     assert found is not None
     assert found["destination"] == args[1]
-    assert found["--no-reuse"] == ("--no-reuse" in args)
+    if "--no-reuse" in args or "--reuse" in args:
+        assert found["--no-reuse"] == ("--no-reuse" in args)
+    else:
+        assert "--no-reuse" not in found  # not given: the settings file may say
     for option, value in expected.items():
         assert found[option] == value
     if "--ssh-config" in args:
@@ -76,8 +81,14 @@ def test_the_environment_is_read_as_click_reads_it(monkeypatch: pytest.MonkeyPat
     found = connection_arguments(["list", "host"])
     assert found == {"destination": "host", "--python": "python3.11", "--no-reuse": True}
     assert connection_arguments(["list", "host", "--python", "py"])["--python"] == "py"  # type: ignore[index]
+    assert connection_arguments(["list", "host", "--reuse"])["--no-reuse"] is False  # type: ignore[index]
     monkeypatch.setenv("TEJ_NO_REUSE", "maybe")  # click refuses it: don't guess
     assert connection_arguments(["list", "host"]) is None
+
+
+def test_nothing_is_started_while_completing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("_TEJ_COMPLETE", "bash_complete")
+    assert connection_arguments(["status", "host", "--id", "x"]) is None
 
 
 # the command line, with the agent's starts counted
@@ -93,19 +104,6 @@ def counted_python(tmp_path: Path) -> tuple[str, Path]:
     return str(wrapper), record
 
 
-def run_tej(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    return subprocess.run(
-        [sys.executable, "-m", "tej", *args],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
-
-
 def starts(record: Path) -> list[int]:
     return [int(line) for line in record.read_text().split()] if record.exists() else []
 
@@ -114,9 +112,40 @@ def test_the_early_agent_is_the_one_used(counted_python: tuple[str, Path], tmp_p
     python, record = counted_python
     queue = str(tmp_path / "queue")
     for _ in range(2):
-        done = run_tej("list", "local", "--queue", queue, "--python", python, cwd=tmp_path)
+        done = run_tej(
+            "list", "local", "--queue", queue, "--python", python, cwd=tmp_path, tej=INSTALLED
+        )
         assert (done.returncode, done.stderr) == (0, ""), done.stderr
     assert len(starts(record)) == 2, "one agent per command"
+
+
+def test_the_early_agent_follows_the_settings_file(
+    counted_python: tuple[str, Path], tmp_path: Path
+) -> None:
+    """The launcher reads the settings file as the command line does: same agent command."""
+    python, record = counted_python
+    settings = tmp_path / "config" / "tej" / "config.toml"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(f'persist = 5\n[host."loc*"]\npython = "{python}"\nconnect_timeout = 7\n')
+    queue = str(tmp_path / "queue")
+    for _ in range(2):
+        done = run_tej("list", "local", "--queue", queue, cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert len(starts(record)) == 2, "one agent per command, the one the settings name"
+
+
+def test_a_broken_settings_file_starts_nothing(
+    counted_python: tuple[str, Path], tmp_path: Path
+) -> None:
+    python, record = counted_python
+    settings = tmp_path / "config" / "tej" / "config.toml"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("persist = [\n")
+    done = run_tej("list", "local", "--python", python, cwd=tmp_path)
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"Error: {settings}: "), done.stderr
+    assert "line 1" in done.stderr or "end of document" in done.stderr, done.stderr
+    assert starts(record) == []
 
 
 def test_an_agent_started_for_bad_input_is_ended(
@@ -125,7 +154,16 @@ def test_an_agent_started_for_bad_input_is_ended(
     python, record = counted_python
     queue = str(tmp_path / "queue")
     done = run_tej(
-        "status", "local", "--queue", queue, "--python", python, "--id", "a/b", cwd=tmp_path
+        "status",
+        "local",
+        "--queue",
+        queue,
+        "--python",
+        python,
+        "--id",
+        "a/b",
+        cwd=tmp_path,
+        tej=INSTALLED,
     )
     assert done.returncode == 1, done
     assert done.stderr.startswith("Error: Invalid job identifier"), done.stderr
@@ -140,7 +178,7 @@ def test_an_agent_started_for_a_failed_option_is_ended(
     counted_python: tuple[str, Path], tmp_path: Path
 ) -> None:
     python, record = counted_python
-    done = run_tej("status", "local", "--python", python, cwd=tmp_path)  # no --id
+    done = run_tej("status", "local", "--python", python, cwd=tmp_path, tej=INSTALLED)  # no --id
     assert done.returncode == 2, done
     assert "Missing option '--id'" in done.stderr
     for pid in starts(record):
@@ -149,7 +187,7 @@ def test_an_agent_started_for_a_failed_option_is_ended(
 
 def test_help_starts_nothing(counted_python: tuple[str, Path], tmp_path: Path) -> None:
     python, record = counted_python
-    done = run_tej("status", "local", "--python", python, "--help", cwd=tmp_path)
+    done = run_tej("status", "local", "--python", python, "--help", cwd=tmp_path, tej=INSTALLED)
     assert done.returncode == 0, done
     assert "Show the state of a job" in done.stdout
     assert starts(record) == []
@@ -161,15 +199,31 @@ def test_output_and_exit_code_survive_the_quick_exit(
     python, _ = counted_python
     queue = str(tmp_path / "queue")
     done = run_tej(
-        "status", "local", "--queue", queue, "--python", python, "--id", "nojob", cwd=tmp_path
+        "status",
+        "local",
+        "--queue",
+        queue,
+        "--python",
+        python,
+        "--id",
+        "nojob",
+        cwd=tmp_path,
+        tej=INSTALLED,
     )
     assert (done.returncode, done.stdout, done.stderr) == (3, "", "No job with that identifier\n")
-    done = run_tej("list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path)
+    done = run_tej(
+        "list", "local", "--queue", queue, "--python", python, "--json", cwd=tmp_path, tej=INSTALLED
+    )
     assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
 
 
-def test_ssh_is_started_before_the_heavy_modules_load(tmp_path: Path) -> None:
-    """The look at the arguments and the start of ssh load only tej's small modules."""
+@pytest.mark.parametrize("settings", [None, 'connect_timeout = 9\n[host."some*"]\npersist = 5\n'])
+def test_ssh_is_started_before_the_heavy_modules_load(tmp_path: Path, settings: str | None) -> None:
+    """The look at the arguments and the start of ssh load only tej's small modules.
+
+    Without a settings file, tej.config costs a stat; with one, a TOML parser (which loads
+    re and typing, not counted then), but still nothing of the command line's.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_ssh = bin_dir / "ssh"
@@ -187,12 +241,19 @@ def test_ssh_is_started_before_the_heavy_modules_load(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", XDG_RUNTIME_DIR=str(tmp_path))
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    if settings is not None:
+        (tmp_path / "config" / "tej").mkdir(parents=True)
+        (tmp_path / "config" / "tej" / "config.toml").write_text(settings)
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=DEADLINE
     )
     assert done.returncode == 0, done.stderr
     loaded = set(done.stdout.split())
     assert "tej.process" in loaded
-    heavy = {"subprocess", "typing", "re", "tempfile", "shlex", "dataclasses", "contextlib"}
-    heavy |= {"threading", "hashlib", "execnet", "click", "tej.api", "tej.cli"}
+    assert "tej.config" in loaded
+    heavy = {"subprocess", "tempfile", "shlex", "dataclasses", "contextlib", "difflib"}
+    heavy |= {"threading", "hashlib", "execnet", "click", "tej.api", "tej.cli", "tej.jobspec"}
+    if settings is None:
+        heavy |= {"typing", "re", "tomllib", "tomli"}
     assert not loaded & heavy

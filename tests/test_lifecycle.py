@@ -17,42 +17,28 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from sshd import SshServer, free_port
+from helpers import Target, wait_until
+from sshd import free_port
 
-from tej import JobState, JobStatus, RemoteQueue, TejError, WaitTimeout
+from tej import JobState, JobStatus, TejError, WaitTimeout
 
-REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 20.0
 CLI_DEADLINE = 60.0
-T = TypeVar("T")
 
 
 # helpers
-
-
-def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    """Poll predicate until it returns something truthy, and return that; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def make_job(parent: Path, body: str, job_file: dict[str, Any] | None = None) -> Path:
@@ -103,155 +89,6 @@ def read_pid(path: Path) -> int | None:
         if text.endswith("\n"):
             return int(text)
     return None
-
-
-# where jobs run: `local`, or the loopback sshd
-
-
-@dataclass
-class Target:
-    """A destination and a queue on it, driven through the CLI and the API."""
-
-    kind: str
-    destination: str
-    queue: str
-    ssh_config: str | None
-    home: Path
-    jobs: Path
-    _remote: RemoteQueue | None = field(default=None, repr=False)
-
-    def env(self) -> dict[str, str]:
-        """The environment of tej commands: this worktree's code, a private HOME, no TEJ_*."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
-        env.update(PYTHONPATH=str(REPO), HOME=str(self.home))
-        return env
-
-    def argv(self, command: str, *args: str) -> list[str]:
-        argv = [sys.executable, "-m", "tej", command, self.destination, "--queue", self.queue]
-        if self.ssh_config:
-            argv += ["--ssh-config", self.ssh_config]
-        return argv + list(args)
-
-    def tej(
-        self, command: str, *args: str, deadline: float = CLI_DEADLINE
-    ) -> subprocess.CompletedProcess[str]:
-        """Run `tej COMMAND DESTINATION --queue ... ARGS`; fail if it outlives deadline."""
-        try:
-            return subprocess.run(
-                self.argv(command, *args),
-                capture_output=True,
-                text=True,
-                timeout=deadline,
-                env=self.env(),
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"tej {command} {' '.join(args)} did not end within {deadline:g} s")
-
-    def popen(self, command: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            self.argv(command, *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env(),
-        )
-
-    def submit(self, job: Path, *options: str) -> str:
-        """Submit with the CLI; return the job's id."""
-        done = self.tej("submit", "--json", *options, str(job))
-        assert done.returncode == 0, done.stderr
-        job_id = json.loads(done.stdout)["id"]
-        assert isinstance(job_id, str)
-        return job_id
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        """`tej status --json`."""
-        done = self.tej("status", "--id", job_id, "--json")
-        assert done.returncode == 0, done.stderr
-        document = json.loads(done.stdout)
-        assert isinstance(document, dict)
-        return document
-
-    def status_text(self, job_id: str) -> str:
-        done = self.tej("status", "--id", job_id)
-        assert done.returncode == 0, done.stderr
-        return str(done.stdout)
-
-    def remote(self) -> RemoteQueue:
-        """One API session for the whole test (connected on first use)."""
-        if self._remote is None:
-            self._remote = RemoteQueue(
-                self.destination, self.queue, ssh_config=self.ssh_config, connect_timeout=15
-            )
-        return self._remote
-
-    def wait_for_state(self, job_id: str, *states: JobState) -> JobStatus:
-        """Poll the job's status through the API until it is in one of states."""
-
-        def reached() -> JobStatus | None:
-            status = self.remote().status(job_id)
-            return status if status.state in states else None
-
-        return wait_until(reached, f"job {job_id} to be {'/'.join(s.value for s in states)}")
-
-    def job_dir(self, job_id: str) -> Path:
-        return Path(self.queue) / "jobs" / job_id
-
-    def work(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "work"
-
-    def record(self, job_id: str) -> dict[str, Any]:
-        """The job's status record, read from the disk (no connection)."""
-        data = json.loads((self.job_dir(job_id) / "status.json").read_text())
-        assert isinstance(data, dict)
-        return data
-
-    def supervisor_gone(self, job_id: str) -> bool:
-        pid = (self.record(job_id).get("supervisor") or {}).get("pid")
-        return isinstance(pid, int) and process_group(pid) is None
-
-    def cleanup(self) -> None:
-        """Kill every job still active (seen on the disk), so none outlives the test."""
-        active = [
-            path.parent.name
-            for path in Path(self.queue).glob("jobs/*/status.json")
-            if json.loads(path.read_text()).get("state") in ("starting", "scheduled", "running")
-        ]
-        if active or self._remote is not None:
-            remote = self.remote()
-            try:
-                for job_id in active:
-                    with contextlib.suppress(TejError):
-                        remote.kill(job_id)
-            finally:
-                remote.close()
-        for job_id in active:  # a job that survived its kill (a bug) must not outlive the test
-            record = self.record(job_id)
-            if record.get("state") in ("starting", "scheduled", "running") and record.get("job"):
-                with contextlib.suppress(OSError):
-                    os.killpg(record["job"]["pid"], signal.SIGKILL)
-
-
-@pytest.fixture(params=["local", pytest.param("ssh", marks=pytest.mark.ssh)])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    home = tmp_path / "home"
-    home.mkdir()
-    if request.param == "local":
-        chosen = Target("local", "local", str(tmp_path / "queue"), None, home, tmp_path / "jobs")
-    else:
-        server: SshServer = request.getfixturevalue("ssh_server")
-        server_tmp: str = request.getfixturevalue("server_tmp")
-        chosen = Target(
-            "ssh",
-            server.alias,
-            os.path.join(server_tmp, "queue"),
-            server.config_path,
-            home,
-            tmp_path / "jobs",
-        )
-    yield chosen
-    chosen.cleanup()
 
 
 # a webhook receiver and an SMTP server on loopback
@@ -367,9 +204,9 @@ def smtp() -> Iterator[SmtpServer]:
 
 def test_webhook_posts_the_final_status(target: Target, webhooks: Any) -> None:
     hook = webhooks()
-    job = make_job(target.jobs, "echo hi\nexit 2\n", {"notify": {"webhook": hook.url}})
+    job = make_job(target.src_dir, "echo hi\nexit 2\n", {"notify": {"webhook": hook.url}})
     job_id = target.submit(job)
-    request = wait_until(hook.received, "the webhook")[0]
+    request = wait_until(hook.received, DEADLINE, "the webhook")[0]
     assert request.path == "/hook"
     assert request.headers["Content-Type"] == "application/json"
     body = request.json()
@@ -380,7 +217,9 @@ def test_webhook_posts_the_final_status(target: Target, webhooks: Any) -> None:
     assert body["queue"] == os.path.realpath(target.queue)
     started, ended = parse_time(body["started_at"]), parse_time(body["ended_at"])
     assert started <= ended
-    status = wait_until(lambda: (s := target.status(job_id))["notifications"] and s, "the record")
+    status = wait_until(
+        lambda: (s := target.status(job_id))["notifications"] and s, DEADLINE, "the record"
+    )
     for key in ("id", "state", "exit_code", "signal", "started_at", "ended_at", "submitted_at"):
         assert body[key] == status[key], key
     [result] = status["notifications"]
@@ -393,10 +232,12 @@ def test_webhook_posts_the_final_status(target: Target, webhooks: Any) -> None:
 
 def test_webhook_is_retried_until_it_succeeds(target: Target, webhooks: Any) -> None:
     hook = webhooks(codes=[500, 500])
-    job = make_job(target.jobs, "exit 0\n", {"notify": {"webhook": hook.url}})
+    job = make_job(target.src_dir, "exit 0\n", {"notify": {"webhook": hook.url}})
     job_id = target.submit(job)
-    wait_until(lambda: len(hook.received()) >= 3, "three deliveries")
-    status = wait_until(lambda: (s := target.status(job_id))["notifications"] and s, "the record")
+    wait_until(lambda: len(hook.received()) >= 3, DEADLINE, "three deliveries")
+    status = wait_until(
+        lambda: (s := target.status(job_id))["notifications"] and s, DEADLINE, "the record"
+    )
     [result] = status["notifications"]
     assert (result["ok"], result["attempts"]) == (True, 3)
     assert len(hook.received()) == 3
@@ -405,9 +246,11 @@ def test_webhook_is_retried_until_it_succeeds(target: Target, webhooks: Any) -> 
 
 def test_webhook_refused_by_the_receiver_is_not_retried(target: Target, webhooks: Any) -> None:
     hook = webhooks(codes=[404])
-    job = make_job(target.jobs, "exit 0\n", {"notify": {"webhook": hook.url}})
+    job = make_job(target.src_dir, "exit 0\n", {"notify": {"webhook": hook.url}})
     job_id = target.submit(job)
-    status = wait_until(lambda: (s := target.status(job_id))["notifications"] and s, "the record")
+    status = wait_until(
+        lambda: (s := target.status(job_id))["notifications"] and s, DEADLINE, "the record"
+    )
     [result] = status["notifications"]
     assert (result["ok"], result["attempts"]) == (False, 1)
     assert "404" in result["error"], result["error"]
@@ -418,15 +261,17 @@ def test_webhook_refused_by_the_receiver_is_not_retried(target: Target, webhooks
 def test_failed_webhook_is_recorded_and_changes_nothing(target: Target, webhooks: Any) -> None:
     hook = webhooks()
     closed = f"http://127.0.0.1:{free_port()}/nobody"
-    job = make_job(target.jobs, "exit 0\n", {"notify": {"webhook": [hook.url, closed]}})
+    job = make_job(target.src_dir, "exit 0\n", {"notify": {"webhook": [hook.url, closed]}})
     job_id = target.submit(job)
-    waited = target.tej("wait", "--id", job_id, "--json")
+    waited = target.cli("wait", "--id", job_id, "--json")
     assert waited.returncode == 0, waited.stderr
     ended = json.loads(waited.stdout)
     assert ended["state"] == "finished"
     # The end is recorded first: the failing webhook is still being retried.
     assert all(result["target"] != closed for result in ended["notifications"])
-    status = wait_until(lambda: (s := target.status(job_id))["notifications"] and s, "the record")
+    status = wait_until(
+        lambda: (s := target.status(job_id))["notifications"] and s, DEADLINE, "the record"
+    )
     good, bad = status["notifications"]
     assert (good["target"], good["ok"]) == (hook.url, True)
     assert (bad["kind"], bad["target"], bad["ok"], bad["attempts"]) == ("webhook", closed, False, 4)
@@ -442,9 +287,9 @@ def test_failed_webhook_is_recorded_and_changes_nothing(target: Target, webhooks
 
 def test_email_names_the_job(target: Target, smtp: SmtpServer) -> None:
     notify = {"email": "someone@example.org", "smtp": smtp.address, "from": "tej@example.net"}
-    job = make_job(target.jobs, "exit 1\n", {"notify": notify})
+    job = make_job(target.src_dir, "exit 1\n", {"notify": notify})
     job_id = target.submit(job)
-    sender, recipients, message = wait_until(smtp.mailbox.received, "the email")[0]
+    sender, recipients, message = wait_until(smtp.mailbox.received, DEADLINE, "the email")[0]
     assert sender == "tej@example.net"
     assert recipients == ["someone@example.org"]
     assert job_id in message["Subject"]
@@ -454,7 +299,9 @@ def test_email_names_the_job(target: Target, smtp: SmtpServer) -> None:
     body = message.get_content()
     assert job_id in body
     assert "Exit code: 1" in body
-    status = wait_until(lambda: (s := target.status(job_id))["notifications"] and s, "the record")
+    status = wait_until(
+        lambda: (s := target.status(job_id))["notifications"] and s, DEADLINE, "the record"
+    )
     [result] = status["notifications"]
     assert (result["kind"], result["target"], result["ok"]) == (
         "email",
@@ -465,19 +312,21 @@ def test_email_names_the_job(target: Target, smtp: SmtpServer) -> None:
 
 def test_email_only_for_the_chosen_end_states(target: Target, smtp: SmtpServer) -> None:
     quiet = make_job(
-        target.jobs,
+        target.src_dir,
         "exit 0\n",
         {"notify": {"email": "a@example.org", "smtp": smtp.address, "on": ["timed_out"]}},
     )
     quiet_id = target.submit(quiet, "--wait")
     loud = make_job(
-        target.jobs,
+        target.src_dir,
         "exit 0\n",
         {"notify": {"email": "b@example.org", "smtp": smtp.address, "on": ["finished"]}},
     )
     loud_id = target.submit(loud)
-    wait_until(smtp.mailbox.received, "the email of the job that notifies")
-    wait_until(lambda: target.supervisor_gone(quiet_id), "the quiet job's supervisor to exit")
+    wait_until(smtp.mailbox.received, DEADLINE, "the email of the job that notifies")
+    wait_until(
+        lambda: target.supervisor_gone(quiet_id), DEADLINE, "the quiet job's supervisor to exit"
+    )
     [(_, recipients, message)] = smtp.mailbox.received()
     assert recipients == ["b@example.org"]
     assert loud_id in message["Subject"]
@@ -489,7 +338,7 @@ def test_email_only_for_the_chosen_end_states(target: Target, smtp: SmtpServer) 
 
 def test_notification_arrives_after_the_client_is_gone(target: Target, webhooks: Any) -> None:
     hook = webhooks()
-    job = make_job(target.jobs, "sleep 2\necho done\n", {"notify": {"webhook": hook.url}})
+    job = make_job(target.src_dir, "sleep 2\necho done\n", {"notify": {"webhook": hook.url}})
     client = target.popen("submit", "--json", str(job))
     try:
         out, err = client.communicate(timeout=CLI_DEADLINE)
@@ -500,7 +349,7 @@ def test_notification_arrives_after_the_client_is_gone(target: Target, webhooks:
     # The client left before the end (submit answers while the job is starting).
     assert target.record(job_id)["state"] in ("starting", "running")
     assert hook.received() == []
-    request = wait_until(hook.received, "the webhook, with no client connected")[0]
+    request = wait_until(hook.received, DEADLINE, "the webhook, with no client connected")[0]
     body = request.json()
     assert (body["id"], body["state"], body["exit_code"]) == (job_id, "finished", 0)
     assert (target.job_dir(job_id) / "stdout").read_text() == "done\n"
@@ -533,7 +382,7 @@ def job_pids(target: Target, job_id: str, names: Sequence[str]) -> list[int]:
         pids = [read_pid(work / f"{name}.pid") for name in names]
         return [pid for pid in pids if pid] if all(pids) else None
 
-    return wait_until(written, "the job's pid files")
+    return wait_until(written, DEADLINE, "the job's pid files")
 
 
 def survivors(pids: Sequence[int]) -> list[int]:
@@ -546,10 +395,10 @@ def survivors(pids: Sequence[int]) -> list[int]:
 
 
 def test_max_runtime_ends_the_whole_tree(target: Target) -> None:
-    job = make_job(target.jobs, TREE_SCRIPT, {"max_runtime": 1})
+    job = make_job(target.src_dir, TREE_SCRIPT, {"max_runtime": 1})
     job_id = target.submit(job)
     pids = job_pids(target, job_id, ["main", "child", "grandchild", "escaped"])
-    waited = target.tej("wait", "--id", job_id, "--exit-code", deadline=DEADLINE)
+    waited = target.cli("wait", "--id", job_id, "--exit-code", timeout=DEADLINE)
     assert waited.returncode == 124, (waited.stdout, waited.stderr)
     assert re.fullmatch(r"Job timed out after 0:00:0[1-4]\n", waited.stdout), waited.stdout
     assert survivors(pids) == []
@@ -558,15 +407,17 @@ def test_max_runtime_ends_the_whole_tree(target: Target) -> None:
     assert (status["signal"], status["exit_code"]) == ("SIGTERM", 128 + signal.SIGTERM)
     assert 1.0 <= status["elapsed"] < 4.0
     assert re.fullmatch(r"Job timed out after 0:00:0[1-4]\n", target.status_text(job_id))
-    listed = target.tej("list")
+    listed = target.cli("list")
     assert re.search(rf"^{re.escape(job_id)}\s+timed_out\s", listed.stdout, re.M), listed.stdout
 
 
 def test_max_runtime_kills_a_job_that_ignores_sigterm(target: Target) -> None:
-    job = make_job(target.jobs, STUBBORN_SCRIPT, {"max_runtime": 1, "kill_grace": 1})
+    job = make_job(target.src_dir, STUBBORN_SCRIPT, {"max_runtime": 1, "kill_grace": 1})
     job_id = target.submit(job)
     pids = job_pids(target, job_id, ["main"])
-    final = target.wait_for_state(job_id, JobState.TIMED_OUT, JobState.KILLED, JobState.FINISHED)
+    final = target.wait_for_state(
+        job_id, JobState.TIMED_OUT, JobState.KILLED, JobState.FINISHED, timeout=DEADLINE
+    )
     assert final.state is JobState.TIMED_OUT
     assert (final.signal, final.exit_code) == ("SIGKILL", 128 + signal.SIGKILL)
     assert final.elapsed is not None and 1.9 <= final.elapsed < 4.5  # 1 s, then 1 s of grace
@@ -577,9 +428,11 @@ def test_max_runtime_kills_a_job_that_ignores_sigterm(target: Target) -> None:
 
 
 def test_delayed_job_is_scheduled_then_runs(target: Target) -> None:
-    job = make_job(target.jobs, "touch ran\n", {"delay": "3s"})
+    job = make_job(target.src_dir, "touch ran\n", {"delay": "3s"})
     job_id = target.submit(job)
-    scheduled = target.wait_for_state(job_id, JobState.SCHEDULED)  # submit answers at starting
+    scheduled = target.wait_for_state(
+        job_id, JobState.SCHEDULED, timeout=DEADLINE
+    )  # submit answers at starting
     assert scheduled.started_at is None
     assert scheduled.scheduled_for is not None and scheduled.submitted_at is not None
     delay = (scheduled.scheduled_for - scheduled.submitted_at).total_seconds()
@@ -588,7 +441,7 @@ def test_delayed_job_is_scheduled_then_runs(target: Target) -> None:
     as_json = target.status(job_id)
     assert as_json["state"] == "scheduled"
     assert parse_time(as_json["scheduled_for"]) == scheduled.scheduled_for
-    listed = target.tej("list")
+    listed = target.cli("list")
     assert re.search(rf"^{re.escape(job_id)}\s+scheduled\s", listed.stdout, re.M), listed.stdout
     assert not (target.work(job_id) / "ran").exists()
     final = target.remote().wait(job_id, timeout=DEADLINE)
@@ -599,18 +452,22 @@ def test_delayed_job_is_scheduled_then_runs(target: Target) -> None:
 
 
 def test_job_killed_while_scheduled_never_starts(target: Target) -> None:
-    job = make_job(target.jobs, "touch ran\n", {"delay": 2})
+    job = make_job(target.src_dir, "touch ran\n", {"delay": 2})
     job_id = target.submit(job)
     scheduled_for = target.remote().status(job_id).scheduled_for
     assert scheduled_for is not None
-    killed = target.tej("kill", "--id", job_id)
+    killed = target.cli("kill", "--id", job_id)
     assert (killed.returncode, killed.stdout) == (0, f"Job {job_id!r} killed\n"), killed.stderr
     status = target.status(job_id)
     assert (status["state"], status["started_at"]) == ("killed", None)
     assert target.status_text(job_id) == "Job was cancelled before it started\n"
-    wait_until(lambda: target.supervisor_gone(job_id), "the supervisor to exit")
+    wait_until(lambda: target.supervisor_gone(job_id), DEADLINE, "the supervisor to exit")
     # Past the start time, with nothing left to start it, the job must not have run.
-    wait_until(lambda: datetime.now(timezone.utc) > scheduled_for + timedelta(seconds=0.5), "time")
+    wait_until(
+        lambda: datetime.now(timezone.utc) > scheduled_for + timedelta(seconds=0.5),
+        DEADLINE,
+        "time",
+    )
     assert not (target.work(job_id) / "ran").exists()
     assert target.status(job_id)["state"] == "killed"
 
@@ -618,9 +475,11 @@ def test_job_killed_while_scheduled_never_starts(target: Target) -> None:
 def test_start_at_with_an_offset(target: Target) -> None:
     zone = timezone(timedelta(hours=-3, minutes=-30))
     start = (datetime.now(zone) + timedelta(seconds=3.5)).replace(microsecond=0)
-    job = make_job(target.jobs, "touch ran\n", {"start_at": start.isoformat()})
+    job = make_job(target.src_dir, "touch ran\n", {"start_at": start.isoformat()})
     job_id = target.submit(job)
-    scheduled = target.wait_for_state(job_id, JobState.SCHEDULED)  # submit answers at starting
+    scheduled = target.wait_for_state(
+        job_id, JobState.SCHEDULED, timeout=DEADLINE
+    )  # submit answers at starting
     assert scheduled.scheduled_for == start
     final = target.remote().wait(job_id, timeout=DEADLINE)
     assert final.state is JobState.FINISHED
@@ -632,32 +491,34 @@ def test_start_at_with_an_offset(target: Target) -> None:
 
 
 def test_stdout_to_a_path_in_the_job(target: Target) -> None:
-    job = make_job(target.jobs, "echo one\necho two\necho oops >&2\n", {"stdout": "out/log.txt"})
+    job = make_job(target.src_dir, "echo one\necho two\necho oops >&2\n", {"stdout": "out/log.txt"})
     job_id = target.submit(job, "--wait")
-    downloaded = target.tej("download", "--id", job_id, "out/log.txt:")
+    downloaded = target.cli("download", "--id", job_id, "out/log.txt:")
     assert (downloaded.returncode, downloaded.stdout) == (0, "one\ntwo\n"), downloaded.stderr
-    assert target.tej("logs", "--id", job_id).stdout == "one\ntwo\n"
-    assert target.tej("logs", "--id", job_id, "--stderr").stdout == "oops\n"
+    assert target.cli("logs", "--id", job_id).stdout == "one\ntwo\n"
+    assert target.cli("logs", "--id", job_id, "--stderr").stdout == "oops\n"
     assert mode_of(target.work(job_id) / "out" / "log.txt") == 0o600
     assert mode_of(target.job_dir(job_id) / "stderr") == 0o600
     assert not (target.job_dir(job_id) / "stdout").exists()
 
 
 def test_stderr_merged_into_stdout(target: Target) -> None:
-    job = make_job(target.jobs, "echo a\necho b >&2\necho c\n", {"stderr": "stdout"})
+    job = make_job(target.src_dir, "echo a\necho b >&2\necho c\n", {"stderr": "stdout"})
     job_id = target.submit(job, "--wait")
-    assert target.tej("logs", "--id", job_id).stdout == "a\nb\nc\n"
-    message = one_error_line(target.tej("logs", "--id", job_id, "--stderr"), 1)
+    assert target.cli("logs", "--id", job_id).stdout == "a\nb\nc\n"
+    message = one_error_line(target.cli("logs", "--id", job_id, "--stderr"), 1)
     assert "stdout" in message
     assert mode_of(target.job_dir(job_id) / "stdout") == 0o600
     assert not (target.job_dir(job_id) / "stderr").exists()
 
 
 def test_discarded_output(target: Target) -> None:
-    job = make_job(target.jobs, "echo a\necho b >&2\n", {"stdout": "discard", "stderr": "discard"})
+    job = make_job(
+        target.src_dir, "echo a\necho b >&2\n", {"stdout": "discard", "stderr": "discard"}
+    )
     job_id = target.submit(job, "--wait")
     for option in ((), ("--stderr",)):
-        message = one_error_line(target.tej("logs", "--id", job_id, *option), 1)
+        message = one_error_line(target.cli("logs", "--id", job_id, *option), 1)
         assert "discarded" in message
     assert not (target.job_dir(job_id) / "stdout").exists()
     assert not (target.job_dir(job_id) / "stderr").exists()
@@ -668,21 +529,21 @@ def test_discarded_output(target: Target) -> None:
 
 
 def test_wait_blocks_until_the_end(target: Target) -> None:
-    job = make_job(target.jobs, "sleep 1.5\nexit 3\n")
+    job = make_job(target.src_dir, "sleep 1.5\nexit 3\n")
     job_id = target.submit(job)
-    target.wait_for_state(job_id, JobState.RUNNING)
-    waited = target.tej("wait", "--id", job_id, deadline=DEADLINE)
+    target.wait_for_state(job_id, JobState.RUNNING, timeout=DEADLINE)
+    waited = target.cli("wait", "--id", job_id, timeout=DEADLINE)
     assert waited.returncode == 0, waited.stderr
     assert re.fullmatch(r"Job is finished \(0:00:0[12]\) with exit code 3\n", waited.stdout)
-    with_code = target.tej("wait", "--id", job_id, "--exit-code")
+    with_code = target.cli("wait", "--id", job_id, "--exit-code")
     assert with_code.returncode == 3, with_code.stderr
 
 
 def test_wait_gives_up_after_its_timeout(target: Target) -> None:
-    job = make_job(target.jobs, "sleep 30\n")
+    job = make_job(target.src_dir, "sleep 30\n")
     job_id = target.submit(job)
     begin = time.monotonic()
-    waited = target.tej("wait", "--id", job_id, "--timeout", "1", deadline=DEADLINE)
+    waited = target.cli("wait", "--id", job_id, "--timeout", "1", timeout=DEADLINE)
     message = one_error_line(waited, 6)
     assert job_id in message and "running" in message, message
     assert time.monotonic() - begin < 10
@@ -690,22 +551,22 @@ def test_wait_gives_up_after_its_timeout(target: Target) -> None:
 
 
 def test_submit_and_wait(target: Target) -> None:
-    job = make_job(target.jobs, "echo hi\nexit 5\n")
-    done = target.tej("submit", "--wait", str(job), deadline=DEADLINE)
+    job = make_job(target.src_dir, "echo hi\nexit 5\n")
+    done = target.cli("submit", "--wait", str(job), timeout=DEADLINE)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == "Job submitted as:", done.stdout
     assert re.fullmatch(r"Job is finished \(0:00:0\d\) with exit code 5", lines[2])
     assert target.remote().status(lines[1]).exit_code == 5
-    with_code = target.tej("submit", "--wait", "--exit-code", str(job), deadline=DEADLINE)
+    with_code = target.cli("submit", "--wait", "--exit-code", str(job), timeout=DEADLINE)
     assert with_code.returncode == 5, with_code.stderr
 
 
 def test_a_script_that_cannot_run_is_reported_by_wait(target: Target) -> None:
     """submit answers once the job is starting: a failed start is the job's end, with why."""
-    job = make_job(target.jobs, "true\n")
+    job = make_job(target.src_dir, "true\n")
     (job / "start.sh").write_text("#!/nonexistent/interpreter\ntrue\n")
-    done = target.tej("submit", "--wait", "--exit-code", str(job), deadline=DEADLINE)
+    done = target.cli("submit", "--wait", "--exit-code", str(job), timeout=DEADLINE)
     assert done.returncode == 127, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == "Job submitted as:", done.stdout
@@ -724,12 +585,12 @@ def test_a_script_that_cannot_run_is_reported_by_wait(target: Target) -> None:
 
 
 def test_logs_whole_stderr_and_tail(target: Target) -> None:
-    job = make_job(target.jobs, "printf 'l1\\nl2\\nl3\\nl4\\n'\necho e1 >&2\n")
+    job = make_job(target.src_dir, "printf 'l1\\nl2\\nl3\\nl4\\n'\necho e1 >&2\n")
     job_id = target.submit(job, "--wait")
-    assert target.tej("logs", "--id", job_id).stdout == "l1\nl2\nl3\nl4\n"
-    assert target.tej("logs", "--id", job_id, "--stderr").stdout == "e1\n"
-    assert target.tej("logs", "--id", job_id, "--tail", "2").stdout == "l3\nl4\n"
-    as_json = json.loads(target.tej("logs", "--id", job_id, "--json").stdout)
+    assert target.cli("logs", "--id", job_id).stdout == "l1\nl2\nl3\nl4\n"
+    assert target.cli("logs", "--id", job_id, "--stderr").stdout == "e1\n"
+    assert target.cli("logs", "--id", job_id, "--tail", "2").stdout == "l3\nl4\n"
+    as_json = json.loads(target.cli("logs", "--id", job_id, "--json").stdout)
     assert as_json == {"id": job_id, "stream": "stdout", "output": "l1\nl2\nl3\nl4\n"}
 
 
@@ -747,7 +608,7 @@ FOLLOWED_OUTPUT = ["ready"] + [f"line {i}" for i in range(1, 9)] + ["last line"]
 
 @pytest.mark.parametrize("stdout", ["tej", "out/log.txt"])
 def test_logs_follow_streams_until_the_end(target: Target, stdout: str) -> None:
-    job = make_job(target.jobs, FOLLOWED_SCRIPT, {"stdout": stdout, "max_runtime": 30})
+    job = make_job(target.src_dir, FOLLOWED_SCRIPT, {"stdout": stdout, "max_runtime": 30})
     job_id = target.submit(job)
     follower = target.popen("logs", "--id", job_id, "--follow")
     arrivals: list[tuple[float, str]] = []
@@ -760,7 +621,7 @@ def test_logs_follow_streams_until_the_end(target: Target, stdout: str) -> None:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        wait_until(lambda: arrivals, "the first line")
+        wait_until(lambda: arrivals, DEADLINE, "the first line")
         (target.work(job_id) / "go").touch()
         follower.wait(timeout=DEADLINE)
         reader.join(timeout=DEADLINE)
@@ -779,7 +640,7 @@ def test_logs_follow_streams_until_the_end(target: Target, stdout: str) -> None:
 
 def test_api_wait_and_logs(target: Target) -> None:
     remote = target.remote()
-    long_job = remote.submit(str(make_job(target.jobs, "sleep 30\n")))
+    long_job = remote.submit(str(make_job(target.src_dir, "sleep 30\n")))
     begin = time.monotonic()
     with pytest.raises(WaitTimeout) as caught:
         remote.wait(long_job, timeout=1)
@@ -789,7 +650,7 @@ def test_api_wait_and_logs(target: Target) -> None:
     remote.kill(long_job)
 
     body = "for i in 1 2 3 4 5; do echo chunk$i; echo err$i >&2; sleep 0.2; done\nexit 4\n"
-    job_id = remote.submit(str(make_job(target.jobs, body)), env={"UNUSED": "1"})
+    job_id = remote.submit(str(make_job(target.src_dir, body)), env={"UNUSED": "1"})
     chunks = list(remote.logs(job_id, stream="stdout", follow=True))
     assert all(isinstance(chunk, bytes) for chunk in chunks)
     assert b"".join(chunks) == b"".join(b"chunk%d\n" % i for i in range(1, 6))

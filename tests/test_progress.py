@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from helpers import Target, target_fixture  # noqa: F401
+from helpers import Target
 
 SIZE = 3 * (1 << 20) + 12345  # several chunks, and a ragged end
 

@@ -14,18 +14,20 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import Target, local_target, run_tej, ssh_target, tej_env, wait_until
 from sshd import SshServer, is_root
 
 import tej
+from tej.protocol import END_STATES
 
 PYENV_ROOT = os.environ.get("PYENV_ROOT", "/root/.pyenv")
 SUPPORTED = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
 TOO_OLD = {"3.7": "python3.7", "3.6": "python3.6", "2.7": "python2.7"}
-CLI_DEADLINE = 60.0
 STATE_DEADLINE = 30.0
 TOO_OLD_DEADLINE = 10.0
 # The wrapper that starts the agent with a PATH that leads nowhere.
@@ -58,59 +60,21 @@ def require_python(version: str) -> str:
     pytest.skip(f"Python {version} is not installed under {PYENV_ROOT}/versions")
 
 
-def clean_env() -> dict[str, str]:
-    """The environment of tej commands, without settings that would leak from the caller."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TEJ_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def with_python(target: Target, python: str) -> Target:
+    """target, its commands run with --python python and unbuffered output."""
+    target.options = ["--python", python]
+    target.client_env["PYTHONUNBUFFERED"] = "1"
+    return target
 
 
-def run_tej(*args: str, deadline: float = CLI_DEADLINE) -> subprocess.CompletedProcess[str]:
-    """Run `python -m tej ARGS...` and return its result; fail if it outlives deadline."""
-    argv = [sys.executable, "-m", "tej", *args]
-    try:
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=deadline, env=clean_env(), check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tej {' '.join(args)} did not end within {deadline:.0f} s")
+def wait_for_status(target: Target, job_id: str, states: Sequence[str]) -> dict[str, Any]:
+    """Poll `status --json` until the job's state is one of states; return that status."""
 
+    def reached() -> dict[str, Any] | None:
+        status = target.status(job_id)
+        return status if status["state"] in states else None
 
-def tej_ok(*args: str) -> str:
-    """Run tej, require success without any message on stderr, return its stdout."""
-    done = run_tej(*args)
-    assert done.returncode == 0, f"tej {' '.join(args)}: exit {done.returncode}: {done.stderr}"
-    assert done.stderr == "", done.stderr
-    return done.stdout
-
-
-class Target:
-    """Where the tej commands of a test go: destination and its options."""
-
-    def __init__(self, destination: str, *options: str) -> None:
-        self.destination = destination
-        self.options = list(options)
-
-    def __call__(self, command: str, *args: str) -> str:
-        return tej_ok(command, self.destination, *self.options, *args)
-
-    def run(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_tej(command, self.destination, *self.options, *args)
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        document: dict[str, Any] = json.loads(self("status", "--id", job_id, "--json"))
-        return document
-
-    def wait_for(self, job_id: str, states: tuple[str, ...]) -> dict[str, Any]:
-        """Poll `status --json` until the job's state is one of states."""
-        deadline = time.monotonic() + STATE_DEADLINE
-        while True:
-            status = self.status(job_id)
-            if status["state"] in states:
-                return status
-            if time.monotonic() > deadline:
-                pytest.fail(f"job {job_id} still {status['state']} after {STATE_DEADLINE:.0f} s")
-            time.sleep(0.05)
+    return wait_until(reached, STATE_DEADLINE, f"job {job_id} to be {'/'.join(states)}")
 
 
 def make_job(parent: Path, name: str, script: str) -> str:
@@ -125,7 +89,7 @@ def make_job(parent: Path, name: str, script: str) -> str:
 
 def submit(target: Target, directory: str) -> str:
     """Submit a directory with `--json`; return the new job's id."""
-    job_id: str = json.loads(target("submit", directory, "--json"))["id"]
+    job_id: str = json.loads(target.ok("submit", directory, "--json"))["id"]
     assert job_id.startswith(os.path.basename(directory) + "_"), job_id
     return job_id
 
@@ -133,34 +97,35 @@ def submit(target: Target, directory: str) -> str:
 def exercise_core_commands(target: Target, jobs: Path, path_seen: str | None = None) -> None:
     """Submit, status, list, download, kill and delete through target, checking each."""
     done_id = submit(target, make_job(jobs, "finishing", FINISHING_SCRIPT))
-    status = target.wait_for(done_id, ("finished", "killed", "lost"))
+    status = wait_for_status(target, done_id, END_STATES)
     assert (status["state"], status["exit_code"]) == ("finished", 0), status
     assert status["id"] == done_id
     assert re.fullmatch(
-        r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0\n", target("status", "--id", done_id)
+        r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0\n",
+        target.ok("status", "--id", done_id),
     ), "status text"
 
-    rows = [line.split() for line in target("list").splitlines()]
+    rows = [line.split() for line in target.ok("list").splitlines()]
     assert rows[0] == ["ID", "STATE", "ELAPSED", "EXIT"]
     assert [done_id, "finished"] in [row[:2] for row in rows[1:]], rows
 
-    assert target("download", "--id", done_id, "out.txt:") == "data\n"
+    assert target.ok("download", "--id", done_id, "out.txt:") == "data\n"
     if path_seen is not None:
-        assert target("download", "--id", done_id, "path.txt:") == path_seen + "\n"
+        assert target.ok("download", "--id", done_id, "path.txt:") == path_seen + "\n"
 
     sleep_id = submit(target, make_job(jobs, "sleeping", SLEEPING_SCRIPT))
-    target.wait_for(sleep_id, ("running",))
-    assert target("kill", "--id", sleep_id) == f"Job {sleep_id!r} killed\n"
+    wait_for_status(target, sleep_id, ("running",))
+    assert target.ok("kill", "--id", sleep_id) == f"Job {sleep_id!r} killed\n"
     killed = target.status(sleep_id)
     assert killed["state"] == "killed", killed
 
-    listed = {job["id"]: job["state"] for job in json.loads(target("list", "--json"))}
+    listed = {job["id"]: job["state"] for job in json.loads(target.ok("list", "--json"))}
     assert listed == {done_id: "finished", sleep_id: "killed"}
 
     for job_id in (done_id, sleep_id):
-        assert target("delete", "--id", job_id) == f"Deleted job {job_id!r}\n"
-    assert json.loads(target("list", "--json")) == []
-    gone = target.run("status", "--id", done_id)
+        assert target.ok("delete", "--id", job_id) == f"Deleted job {job_id!r}\n"
+    assert json.loads(target.ok("list", "--json")) == []
+    gone = target.cli("status", "--id", done_id)
     assert (gone.returncode, gone.stderr) == (3, "No job with that identifier\n"), gone
 
 
@@ -182,7 +147,7 @@ def test_agent_runs_on_server_python(version: str, tmp_path: Path) -> None:
         seen = remote.session().server["python"]
     assert seen.split(".")[:2] == version.split("."), f"agent ran on {seen}"
 
-    target = Target("local", "--queue", queue, "--python", python)
+    target = with_python(local_target(tmp_path), python)
     exercise_core_commands(target, tmp_path)
 
 
@@ -195,11 +160,11 @@ def test_jobs_are_supervised_by_the_chosen_python(tmp_path: Path) -> None:
         pytest.skip("no pyenv Python other than the client's one is installed")
     python = find_python(version)
     assert python is not None
-    target = Target("local", "--queue", str(tmp_path / "queue"), "--python", python)
+    target = with_python(local_target(tmp_path), python)
     script = "#!/bin/sh\nreadlink /proc/$PPID/exe > parent.txt\n"
     job_id = submit(target, make_job(tmp_path, "parent", script))
-    assert target.wait_for(job_id, ("finished", "killed", "lost"))["exit_code"] == 0
-    parent = target("download", "--id", job_id, "parent.txt:").strip()
+    assert wait_for_status(target, job_id, END_STATES)["exit_code"] == 0
+    parent = target.ok("download", "--id", job_id, "parent.txt:").strip()
     assert os.path.realpath(parent) == os.path.realpath(python)
 
 
@@ -215,7 +180,15 @@ def test_too_old_python_is_refused_clearly(version: str, tmp_path: Path) -> None
     job = make_job(tmp_path, "job", FINISHING_SCRIPT)
     started = time.monotonic()
     done = run_tej(
-        "submit", "local", "--queue", str(queue), "--python", python, job, deadline=TOO_OLD_DEADLINE
+        "submit",
+        "local",
+        "--queue",
+        str(queue),
+        "--python",
+        python,
+        job,
+        env=tej_env(PYTHONUNBUFFERED="1"),
+        timeout=TOO_OLD_DEADLINE,
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 5, done
@@ -244,7 +217,7 @@ def test_too_old_python_through_the_api(tmp_path: Path) -> None:
 
 def test_agent_needs_no_path_locally(tmp_path: Path) -> None:
     python = write_nowhere_python(tmp_path / "python-nowhere")
-    target = Target("local", "--queue", str(tmp_path / "queue"), "--python", python)
+    target = with_python(local_target(tmp_path), python)
     exercise_core_commands(target, tmp_path, path_seen="/nonexistent")
 
 
@@ -257,16 +230,7 @@ def test_agent_needs_no_path_over_ssh(
         os.chown(python, ssh_server.uid, ssh_server.gid)
     check = ssh_server.run_as_user([python, "-c", "import os; print(os.environ['PATH'])"])
     assert (check.returncode, check.stdout) == (0, "/nonexistent\n"), check
-    queue = os.path.join(server_tmp, "queue")
-    target = Target(
-        ssh_server.alias,
-        "--ssh-config",
-        ssh_server.config_path,
-        "--queue",
-        queue,
-        "--python",
-        python,
-    )
+    target = with_python(ssh_target(ssh_server, server_tmp, tmp_path), python)
     exercise_core_commands(target, tmp_path, path_seen="/nonexistent")
 
 

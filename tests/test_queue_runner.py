@@ -26,21 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import (  # noqa: F401 - `target` is a fixture
-    END_STATES,
+from helpers import (
     Target,
     assert_one_line_error,
     one_line_answer,
     process_alive,
-    target_fixture,
     wait_until,
 )
 
 from tej import InvalidInput, JobState
+from tej.protocol import END_STATES
 
 REPO = Path(__file__).resolve().parents[1]
 ECHO_PLUGIN = REPO / "tests" / "data" / "tej-echo-runner"
-ALL_ENDS = (*END_STATES, "timed_out", "cancelled")
 #: A job that runs until the test creates `release` in its folder, then exits with $CODE.
 BLOCKER = "#!/bin/sh\nwhile [ ! -e release ]; do sleep 0.05; done\nexit ${CODE:-0}\n"
 #: A job that leaves a trace of having run at all.
@@ -229,7 +227,7 @@ def test_max_running_holds_with_twenty_concurrent_submits(target: Target) -> Non
         ids = list(pool.map(target.submit, folders))
     assert len(set(ids)) == 20
     # Nobody is connected any more: the jobs' supervisors start the queued ones.
-    records = {job_id: target.wait_for(job_id, ALL_ENDS, timeout=150) for job_id in ids}
+    records = {job_id: target.wait_for(job_id, END_STATES, timeout=150) for job_id in ids}
     assert {job_id: (r["state"], r["exit_code"]) for job_id, r in records.items()} == {
         job_id: ("finished", 0) for job_id in ids
     }
@@ -374,7 +372,7 @@ def test_deleting_a_dependency_that_succeeded_does_not_cancel_its_dependents(
     target.cli("delete", "--id", first, check=0)  # a succeeded job, cleaned up
     assert state(target, second) == "queued"
     release(target, blocker)
-    found = target.wait_for(second, ALL_ENDS)
+    found = target.wait_for(second, END_STATES)
     assert (found["state"], found["exit_code"]) == ("finished", 0), found
 
 
@@ -451,15 +449,7 @@ def test_wait_on_a_queued_job_returns_once_it_has_run(target: Target) -> None:
     setup_queue(target, 1)
     blocker = submit_blocker(target)
     queued = target.submit(target.make_job("queued", MARKED), "--env", "CODE=5")
-    argv = [sys.executable, "-m", "tej", "wait", target.destination, "--queue", target.queue]
-    waiting = subprocess.Popen(
-        [*argv, *target.ssh_args, "--id", queued, "--exit-code"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=target.client_env,
-        cwd=str(target.client_dir),
-    )
+    waiting = target.popen("wait", "--id", queued, "--exit-code")
     try:
         # The waiting client is connected: one more status call proves it waits, not ended.
         assert status_text(target, queued) == "Job is queued (position 1 of 1)"
@@ -515,7 +505,7 @@ def test_jobs_due_at_once_do_not_exceed_max_running(target: Target) -> None:
         target.submit(target.make_job(f"due{number}", script), "--start-at", when)
         for number in range(5)
     ]
-    records = [target.wait_for(job_id, ALL_ENDS, timeout=60) for job_id in ids]
+    records = [target.wait_for(job_id, END_STATES, timeout=60) for job_id in ids]
     assert [(r["state"], r["exit_code"]) for r in records] == [("finished", 0)] * 5
     assert min(started_at(r) for r in records) >= parse_time(when)
     intervals = [
@@ -536,7 +526,7 @@ def test_killing_a_scheduled_job_cancels_it(target: Target) -> None:
     later = target.submit(target.make_job("later", MARKED), "--delay", "1h")
     target.wait_for(later, ("scheduled",))  # submit answers while it is starting
     assert one_line_answer(target.cli("kill", "--id", later), 0) == f"Job {later!r} killed"
-    found = target.wait_for(later, ALL_ENDS)
+    found = target.wait_for(later, END_STATES)
     assert (found["state"], found.get("started_at")) == ("killed", None), found
     assert status_text(target, later) == "Job was cancelled before it started"
     # The queue is free for the next one.
@@ -609,7 +599,7 @@ def test_a_client_whose_agent_is_not_in_the_queue_installs_it_before_starting_jo
     (ours,) = target.server_path("agent").glob("tej_agent_*")
     ours.rename(ours.with_name("tej_agent_0000000000000000"))
     target.cli("list", check=0)  # ticks the queue: the job starts from this client's agent
-    found = target.wait_for(following, ALL_ENDS)
+    found = target.wait_for(following, END_STATES)
     assert (found["state"], found["exit_code"]) == ("finished", 0), found
     assert (ours / "remote_agent.py").is_file()
 
@@ -642,12 +632,12 @@ def echo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def with_plugin(target: Target, echo_plugin: Path) -> Iterator[Target]:
     """The target, its client seeing the plugin on its PYTHONPATH."""
-    target.client_env["PYTHONPATH"] = f"{echo_plugin}{os.pathsep}{REPO}"
+    target.client_env["PYTHONPATH"] = str(echo_plugin)  # run_tej puts the work tree first
     yield target
 
 
 def without_plugin(target: Target) -> None:
-    target.client_env["PYTHONPATH"] = str(REPO)
+    target.client_env.pop("PYTHONPATH", None)
 
 
 def server_uid(target: Target) -> int:
@@ -728,7 +718,7 @@ def test_a_newer_plugin_replaces_the_queues_copy(with_plugin: Target, tmp_path: 
         text = text.replace('version = "1.0"', 'version = "2.0"')
         (source / name).write_text(text.replace('VERSION = "1.0"', 'VERSION = "2.0"'))
     newer = pip_install(source, tmp_path / "newer")
-    target.client_env["PYTHONPATH"] = f"{newer}{os.pathsep}{REPO}"
+    target.client_env["PYTHONPATH"] = str(newer)
     # A plugin's newer version is installed by setting the queue up again (a built-in
     # runner's, by the client at once: finding plugins would cost every connection).
     target.cli("setup", "--force", "--plugin", "echo", check=0)

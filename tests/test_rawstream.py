@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import Target, target_fixture  # noqa: F401 - the `target` fixture
+from helpers import Target
 
 import tej
 from tej import rawstream

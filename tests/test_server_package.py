@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import Target, target_fixture  # noqa: F401 - the `target` fixture
+from helpers import Target
 
-from tej import protocol
+from tej import RemoteQueue, protocol
 from tej.server.bundle import own_files
 
 # What a read-only request must not load: uploads, the supervisor, notifications, forking.
@@ -78,3 +79,49 @@ def test_a_supervisor_shows_as_tej_supervisor_and_its_job_in_ps(target: Target) 
         assert args[0] == b"tej-supervisor titled-job", args[:3]
     finally:
         target.cli("kill", "--id", job_id)
+
+
+OLD_AGENT = Path(__file__).parent / "data" / "tej_agent_single_file.py"
+
+
+@pytest.mark.timeout(60)
+def test_a_job_left_to_the_single_file_agent_of_an_earlier_tej_still_starts(
+    tmp_path: Path,
+) -> None:
+    """A queue used by this tej, with a job that an earlier tej's supervisor starts later
+    (a Slurm job pending through an upgrade): its copy, one file, still runs it."""
+    queue = tmp_path / "queue"
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "start.sh").write_text("#!/bin/sh\necho started by the old copy\n")
+    (job / "start.sh").chmod(0o755)
+    with RemoteQueue("local", str(queue)) as remote:
+        first = remote.submit(str(job), job_id="first")
+        assert remote.wait(first).exit_code == 0
+        # The job as the earlier tej left it: made, not yet started, its copy in agent/.
+        shutil.copytree(queue / "jobs" / first, queue / "jobs" / "pending")
+        for name in ("stdout", "stderr", "supervisor.log"):
+            (queue / "jobs" / "pending" / name).unlink(missing_ok=True)
+        metadata = json.loads((queue / "jobs" / first / "job.json").read_text())
+        (queue / "jobs" / "pending" / "job.json").write_text(
+            json.dumps(dict(metadata, id="pending"))
+        )
+        record = {"id": "pending", "state": "queued", "submitted_at": "2026-01-01T00:00:00.000000Z"}
+        (queue / "jobs" / "pending" / "status.json").write_text(json.dumps(record))
+        old = queue / "agent" / "tej_agent_0123456789abcdef.py"
+        shutil.copy(OLD_AGENT, old)
+        code = "import sys; sys.path.insert(0, sys.argv[1]); import %s as agent; " % old.stem
+        code += "sys.exit(agent.main(sys.argv[2:]))"
+        argv = [sys.executable, "-c", code, str(old.parent), "supervise"]
+        done = subprocess.run(
+            [*argv, str(queue / "jobs" / "pending")],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        status = remote.status("pending")
+        assert (status.state.value, status.exit_code) == ("finished", 0)
+        assert remote.status(first).exit_code == 0  # this tej's own jobs are untouched
+    assert (queue / "jobs" / "pending" / "stdout").read_text() == "started by the old copy\n"

@@ -13,13 +13,12 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, target_fixture, wait_until  # noqa: F401 - the `target` fixture
+from helpers import Target, wait_until
 
 import tej
 from tej import transfer
@@ -228,11 +227,9 @@ def test_an_interrupted_upload_resumes_without_sending_again_what_arrived(
     total = sum(path.stat().st_size for path in job.rglob("*") if path.is_file())
     first = target.submit(target.make_job("first"))  # the queue exists, with START stored
     staging = target.server_path("staging")
-    argv = [sys.executable, "-m", "tej", "submit", target.destination, "--queue", target.queue]
-    client = subprocess.Popen(
-        [*argv, *target.ssh_args, str(job)],
-        env=target.client_env,
-        cwd=str(target.client_dir),
+    client = target.popen(
+        "submit",
+        str(job),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

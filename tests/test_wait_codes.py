@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpers import Target, target_fixture, wait_until  # noqa: F401
+from helpers import Target, wait_until
 
 TRAPS_TERM = """#!/bin/sh
 trap 'echo saving; exit 0' TERM

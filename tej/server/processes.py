@@ -238,15 +238,17 @@ def signal_name(signum):
 def set_process_title(title):
     """Show title as this process's name and command line in `ps` (on Linux; else nothing).
 
-    The name (15 bytes at most) is set with prctl; the command line is
-    rewritten in place, within the room the process's own arguments take.
+    The name (the title's first word, 15 bytes at most: tools that parse
+    /proc/PID/stat, such as Slurm's process tracking, expect no space in it) is set
+    with prctl; the command line is rewritten in place, within the room the
+    process's own arguments take.
     """
     libc = c_library()
     if libc is None:
         return
     encoded = title.encode("utf-8", "replace")
     try:
-        libc.prctl(15, encoded[:15], 0, 0, 0)  # PR_SET_NAME
+        libc.prctl(15, encoded.split(b" ", 1)[0][:15], 0, 0, 0)  # PR_SET_NAME
         with open("/proc/self/stat", "rb") as stream:
             fields = stream.read().rsplit(b")", 1)[1].split()
         start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end

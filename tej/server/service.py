@@ -8,8 +8,6 @@ connection that only reads loads no more than reading needs. Every request
 gets a reply, whatever happens: an error reply names the error's kind.
 """
 
-import importlib
-
 from ..protocol import ERR_BAD_REQUEST, ERR_SERVER, OPERATIONS, PROTOCOL_VERSION
 from .errors import AgentError, describe_os_error, internal_error
 
@@ -48,7 +46,8 @@ class Connection(object):
             raise AgentError(ERR_BAD_REQUEST, "Unknown operation %r" % (op,))
         if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
             raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
-        module = importlib.import_module(".handlers." + OPERATIONS[op], __package__)
+        # __import__, not importlib's import_module: importlib would load more modules.
+        module = __import__("handlers." + OPERATIONS[op], globals(), None, ["HANDLERS"], 1)
         return module.HANDLERS[op], args
 
 

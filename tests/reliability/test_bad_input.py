@@ -40,15 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+import pytest
+from helpers import kill_processes_under, make_job, run_tej, tej_env, wait_until
+from sshd import SshServer, is_root, login_script_lines
 
-import pytest  # noqa: E402
-from helpers import kill_processes_under, make_job, wait_until  # noqa: E402
-from sshd import SshServer, is_root, login_script_lines  # noqa: E402
+from tej.protocol import END_STATES
 
-REPO = TESTS.parent
 CLI_DEADLINE = 60.0
 PYENV_ROOT = os.environ.get("PYENV_ROOT", "/root/.pyenv")
 NOISE = "tej bad-input login noise"
@@ -82,15 +79,11 @@ class Bench:
                 os.chown(name, self.server.uid, self.server.gid, follow_symlinks=False)
 
     def env(self) -> dict[str, str]:
-        """The client's environment: this worktree's code, a private HOME, no TEJ_*."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-        env["PYTHONPATH"] = str(REPO)
-        env["HOME"] = str(self.client_home)
-        env["LANG"] = env["LC_ALL"] = "C.UTF-8"
-        return env
+        """The client's environment: a private HOME, no TEJ_* (run_tej adds the work tree)."""
+        return tej_env(HOME=str(self.client_home), LANG="C.UTF-8", LC_ALL="C.UTF-8")
 
 
-def run_tej(
+def run_on_bench(
     bench: Bench,
     command: str,
     *,
@@ -105,11 +98,7 @@ def run_tej(
 ) -> subprocess.CompletedProcess[str]:
     """`tej COMMAND --queue Q [--ssh-config F] OPTIONS -- DESTINATION POSITIONALS...`."""
     ssh = ["--ssh-config", ssh_config] if ssh_config else []
-    argv = [
-        *(prefix or []),
-        sys.executable,
-        "-m",
-        "tej",
+    done = run_tej(
         command,
         "--queue",
         queue,
@@ -118,24 +107,13 @@ def run_tej(
         "--",
         destination,
         *positionals,
-    ]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            cwd=str(cwd),
-            env=bench.env(),
-            timeout=deadline,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{argv} did not end within {deadline:.0f} s")
-    return subprocess.CompletedProcess(
-        argv,
-        done.returncode,
-        done.stdout.decode("utf-8", "replace"),
-        done.stderr.decode("utf-8", "replace"),
+        env=bench.env(),
+        cwd=cwd,
+        timeout=deadline,
+        prefix=prefix or [],
     )
+    stdout = done.stdout_bytes.decode("utf-8", "replace")
+    return subprocess.CompletedProcess(done.args, done.returncode, stdout, done.stderr)
 
 
 def remove_tree(path: Path) -> None:
@@ -177,7 +155,7 @@ def make_bench(kind: str, base_tmp: Path, server: SshServer | None) -> Bench:
     )
     os.symlink("/etc/passwd", job / "escape")
     os.symlink("/etc", job / "escape-dir")
-    done = run_tej(
+    done = run_on_bench(
         bench,
         "submit",
         queue=str(bench.queue),
@@ -198,7 +176,7 @@ def wait_for_end(bench: Bench, job_id: str) -> None:
 
     def ended() -> bool:
         try:
-            return json.loads(path.read_text()).get("state") in ("finished", "killed")
+            return json.loads(path.read_text()).get("state") in END_STATES
         except (OSError, ValueError):
             return False
 
@@ -706,7 +684,7 @@ def test_bad_input(
         trees = [Path(pattern.format_map(values)) for pattern in row.snapshot]
         trees.append(bench.queue)
         before = {tree: snapshot(tree) for tree in trees}
-        done = run_tej(
+        done = run_on_bench(
             bench,
             row.command,
             queue=values["queue"],

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from helpers import Target, make_job, target_fixture, wait_until  # noqa: F401 - `target`
+from helpers import Target, make_job, run_tej, wait_until
 
 import tej
 
-REPO = Path(__file__).resolve().parents[2]
 CLIENTS = 20
 CONTESTED = "contested"
 LONG = "#!/bin/sh\nsleep 60\n"
@@ -63,16 +60,12 @@ class Client:
 
     def cli(self, command: str, *args: str) -> tuple[int, str, str]:
         target = self.target
-        argv = [sys.executable, "-m", "tej", command, target.destination]
-        argv += ["--queue", target.queue, *target.ssh_args, *args]
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
+        done = run_tej(
+            *target.argv(command, *args),
             env=target.client_env,
-            cwd=str(target.client_dir),
+            cwd=target.client_dir,
             timeout=90,
-            check=False,
+            tej=target.tej,
         )
         if "Traceback" in done.stderr:
             raise Failed(f"client {self.number}: {command} {args}: {done.stderr}")
@@ -193,7 +186,6 @@ def run_clients(count: int, work: Callable[[int], None]) -> list[str]:
 
 
 def test_twenty_clients(target: Target) -> None:
-    target.client_env["PYTHONPATH"] = str(REPO)
     target.cli("setup", check=0)
     clients = [Client(target, number, use_cli=number % 2 == 0) for number in range(CLIENTS)]
     long_ids: dict[int, str] = {}

@@ -51,7 +51,8 @@ from helpers import (
     kill_processes_under,
     process_alive,
     read_pid,
-    target_fixture,  # noqa: F401 - the `target` fixture
+    run_tej,
+    tej_env,
     wait_until,
 )
 from sshd import SshServer, is_root
@@ -78,31 +79,9 @@ def tgt(target: Target) -> Target:
     return target
 
 
-def cli_argv(target: Target, command: str, *args: str) -> list[str]:
-    """The argv of `python -m tej COMMAND DEST --queue Q [--ssh-config F] ARGS...`."""
-    return [
-        sys.executable,
-        "-m",
-        "tej",
-        command,
-        target.destination,
-        "--queue",
-        target.queue,
-        *target.ssh_args,
-        *args,
-    ]
-
-
 def start_cli(target: Target, command: str, *args: str) -> subprocess.Popen[bytes]:
     """Start the CLI in the background, its stdout and stderr piped."""
-    return subprocess.Popen(
-        cli_argv(target, command, *args),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=target.client_env,
-        cwd=str(target.client_dir),
-    )
+    return target.popen(command, *args, stdin=subprocess.DEVNULL, text=False)
 
 
 def stop(process: subprocess.Popen[bytes], signum: int = signal.SIGKILL) -> tuple[str, str]:
@@ -678,12 +657,10 @@ def test_silent_server(
 ) -> None:
     """`tej status --connect-timeout 2` against a server that never answers: exit 5 in ~10 s."""
     destination = f"ssh://{ssh_server.user}@127.0.0.1:{silent_server.port}"
-    argv = [sys.executable, "-m", "tej", "status", destination, "--id", "x"]
-    argv += ["--ssh-config", ssh_server.config_path, "--connect-timeout", "2", *sharing]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEJ_")}
-    env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path))
+    args = ["status", destination, "--id", "x"]
+    args += ["--ssh-config", ssh_server.config_path, "--connect-timeout", "2", *sharing]
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    done = run_tej(*args, env=tej_env(HOME=str(tmp_path)), timeout=60)
     elapsed = time.monotonic() - started
     assert silent_server.connections, "ssh never reached the silent server"
     assert elapsed < 10, f"took {elapsed:.1f} s with --connect-timeout 2"

@@ -25,7 +25,6 @@ import re
 import stat
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,70 +32,39 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import execnet  # noqa: E402
-import pytest  # noqa: E402
-from helpers import (  # noqa: E402
+import execnet
+import pytest
+from helpers import (
     Target,
     folder_manifest,
     kill_processes_under,
     process_alive,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
-from sshd import SshServer, login_script_lines  # noqa: E402
+from sshd import SshServer, login_script_lines
 
-import tej  # noqa: E402
-from tej import protocol  # noqa: E402
-from tej.server.service import Connection  # noqa: E402
-from tej.transfer import Entry, encode_manifest  # noqa: E402
+import tej
+from tej import protocol
+from tej.server.service import Connection
+from tej.transfer import Entry, encode_manifest
 
-REPO = TESTS.parent
-CLI_DEADLINE = 60.0
 SECRET_NAME = "TEJ_TEST_SECRET"
 
 
 def run_cli(
     target: Target, *args: str, queue: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """`python -m tej COMMAND DEST --queue Q [--ssh-config F] ARGS` with this worktree's code.
+    """`tej COMMAND DEST --queue Q [--ssh-config F] ARGS` with this worktree's code.
 
     The first of args is the command. The client runs with umask 000 (it is the server's
     umask for `local`).
     """
     command, *rest = args
-    argv = [
-        "sh",
-        "-c",
-        'umask 000 && exec "$@"',
-        "sh",
-        sys.executable,
-        "-m",
-        "tej",
-        command,
-        target.destination,
-        "--queue",
-        queue or target.queue,
-        *target.ssh_args,
-        *rest,
-    ]
-    environment = dict(target.client_env, PYTHONPATH=str(REPO), **(env or {}))
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            cwd=str(target.client_dir),
-            env=environment,
-            timeout=CLI_DEADLINE,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"tej {args} did not end within {CLI_DEADLINE:.0f} s")
-    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
-    return done
+    umask_000 = ["sh", "-c", 'umask 000 && exec "$@"', "sh"]
+    done = target.cli(command, *rest, queue=queue or target.queue, env=env, prefix=umask_000)
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout_bytes, done.stderr_bytes
+    )
 
 
 def submitted_id(done: subprocess.CompletedProcess[bytes]) -> str:
