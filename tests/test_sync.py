@@ -15,7 +15,6 @@ from helpers import (
     Target,
     assert_one_line_error,
     process_alive,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 
