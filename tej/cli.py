@@ -637,7 +637,7 @@ def list_jobs(remote: RemoteQueue, as_json: bool, long_form: bool, watch: bool) 
 
 
 def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list[str]:
-    """The lines of `tej list`: aligned columns, the progress last (cut to width)."""
+    """The lines of `tej list`: aligned columns, the progress last (cut to width), if any."""
     header = ("ID", "STATE", "ELAPSED", "EXIT", "MEMORY", "CPU", "PROGRESS")
     rows: list[tuple[str, ...]] = [header if long_form else header[:4] + header[6:]]
     for job in jobs:
@@ -646,6 +646,8 @@ def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list
         if long_form:
             cells += usage_cells(job)
         rows.append((*cells, job.progress or ""))
+    if not any(job.progress for job in jobs):  # no PROGRESS column when nobody wrote one
+        rows = [(*row[:-1], "") for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:

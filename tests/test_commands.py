@@ -237,7 +237,8 @@ def test_submit_json(target: Target) -> None:
 def test_status_of_a_running_job(target: Target) -> None:
     job_id = running_job(target)
     done = target.cli("status", "--id", job_id, check=0)
-    assert re.fullmatch(rf"Job is still running \({ELAPSED}\)\n", done.stdout), done.stdout
+    pattern = rf"Job is still running \({ELAPSED}\)(; memory \d+(\.\d)? [KMG]?B, CPU {ELAPSED})?\n"
+    assert re.fullmatch(pattern, done.stdout), done.stdout
 
 
 def test_status_of_a_finished_job(target: Target) -> None:
