@@ -23,7 +23,6 @@ from helpers import (
     USAGE,
     Target,
     assert_one_line_error,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 
