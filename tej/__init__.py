@@ -19,6 +19,7 @@ __all__ = [
     "KillResult",
     "QueueError",
     "RemoteQueue",
+    "Resources",
     "ServerError",
     "ServerPythonError",
     "SetupResult",
@@ -31,7 +32,7 @@ __all__ = [
 if TYPE_CHECKING:
     from typing import Any
 
-    from tej.api import JobState, JobStatus, KillResult, RemoteQueue, SetupResult
+    from tej.api import JobState, JobStatus, KillResult, RemoteQueue, Resources, SetupResult
     from tej.errors import (
         ConnectionFailed,
         InvalidInput,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 # The public names are imported on first use: `python -m tej` and `import tej.cli`
 # load only what their command needs.
-_API = {"JobState", "JobStatus", "KillResult", "RemoteQueue", "SetupResult"}
+_API = {"JobState", "JobStatus", "KillResult", "RemoteQueue", "Resources", "SetupResult"}
 
 
 def __getattr__(name: str) -> Any:

@@ -57,6 +57,56 @@ class JobState(str, Enum):
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What a job used: memory in bytes, CPU time in seconds.
+
+    Once it has ended: its peak memory (``max_rss``, the kernel's maximum resident
+    set size of the largest of its processes) and the CPU time of the job and of
+    every process it waited for. While it runs: its current memory (``rss``) and
+    CPU time, summed over its process group (on Linux). ``source`` says where they
+    come from: ``tej`` (its supervisor), ``slurm`` (Slurm's accounting), ``proc``
+    (the server's /proc, now).
+    """
+
+    source: str
+    max_rss: int | None = None
+    rss: int | None = None
+    cpu_user: float | None = None
+    cpu_system: float | None = None
+
+    @property
+    def cpu(self) -> float | None:
+        """User and system CPU time together, in seconds."""
+        if self.cpu_user is None and self.cpu_system is None:
+            return None
+        return (self.cpu_user or 0.0) + (self.cpu_system or 0.0)
+
+    @property
+    def memory(self) -> int | None:
+        """The memory figure there is: the peak once ended, the current one while running."""
+        return self.max_rss if self.max_rss is not None else self.rss
+
+    @classmethod
+    def from_agent(cls, data: Any) -> Resources | None:
+        """From the agent's plain dict (None stays None; unknown keys are ignored)."""
+        if not isinstance(data, dict):
+            return None
+        return cls(
+            source=str(data.get("source") or "tej"),
+            max_rss=data.get("max_rss"),
+            rss=data.get("rss"),
+            cpu_user=data.get("cpu_user"),
+            cpu_system=data.get("cpu_system"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict, without the figures that are unknown."""
+        fields = ("source", "max_rss", "rss", "cpu_user", "cpu_system")
+        values = {name: getattr(self, name) for name in fields}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class JobStatus:
     """What is known of a job; times are in UTC, elapsed in seconds."""
 
@@ -74,6 +124,10 @@ class JobStatus:
     position: tuple[int, int] | None = None
     notifications: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, Any] | None = None
+    #: What it used (see Resources); None if unknown (not started, lost, not Linux).
+    resources: Resources | None = None
+    #: The last line the job wrote to $TEJ_PROGRESS (at most 200 characters, escaped).
+    progress: str | None = None
 
     @classmethod
     def from_agent(cls, data: dict[str, Any]) -> JobStatus:
@@ -97,6 +151,8 @@ class JobStatus:
             position=tuple(data["position"]) if data.get("position") else None,
             notifications=tuple(data.get("notifications") or ()),
             metadata=data.get("metadata"),
+            resources=Resources.from_agent(data.get("resources")),
+            progress=data.get("progress"),
         )
         return status
 
@@ -115,6 +171,8 @@ class JobStatus:
             "elapsed": self.elapsed,
             "position": list(self.position) if self.position else None,
             "notifications": list(self.notifications),
+            "resources": self.resources.to_json() if self.resources else None,
+            "progress": self.progress,
             **({"metadata": self.metadata} if self.metadata is not None else {}),
         }
 

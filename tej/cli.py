@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import sys
 import time
@@ -35,8 +36,51 @@ def format_elapsed(seconds: float | None) -> str:
     return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
-def describe_status(status: JobStatus) -> str:
-    """The one-line text of `tej status`."""
+def format_bytes(count: int) -> str:
+    """A size for people: 512 B, 9.8 MB, 310 MB, 1.9 GB (units of 1024)."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.1f} {unit}"
+
+
+def describe_usage(status: JobStatus) -> str:
+    """`; peak memory 1.9 GB, CPU 0:47:10` (`memory` while it runs), or "" if unknown."""
+    resources = status.resources
+    if resources is None:
+        return ""
+    parts = []
+    if resources.max_rss is not None:
+        parts.append(f"peak memory {format_bytes(resources.max_rss)}")
+    elif resources.rss is not None:
+        parts.append(f"memory {format_bytes(resources.rss)}")
+    if resources.cpu is not None:
+        parts.append(f"CPU {format_elapsed(round(resources.cpu))}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def describe_status(status: JobStatus, width: int | None = None) -> str:
+    """The one-line text of `tej status`; width cuts the job's progress to fit a terminal."""
+    state, usage = describe_state(status), describe_usage(status)
+    if status.state is not JobState.RUNNING or not status.progress:
+        return state + usage
+    room = None if width is None else width - 1 - len(state) - len(usage) - 2
+    if room is not None and room < 4:
+        return state + usage
+    return f"{state}: {cut(status.progress, room)}{usage}"
+
+
+def cut(text: str, width: int | None) -> str:
+    """text, cut to width characters (its end replaced by ...) if it is longer."""
+    if width is None or len(text) <= width:
+        return text
+    return text[: width - 3] + "..." if width > 3 else text[: max(width, 0)]
+
+
+def describe_state(status: JobStatus) -> str:
+    """What `tej status` says of a job's state and time, without its usage or progress."""
     elapsed = format_elapsed(status.elapsed)
     if status.state is JobState.RUNNING:
         return f"Job is still running ({elapsed})"
@@ -496,7 +540,9 @@ def wait_for_job(
     on_terminal = show_progress and sys.stderr.isatty()
 
     def progress(status: JobStatus) -> None:
-        click.echo(f"\r\033[K{describe_status(status)}", err=True, nl=False)
+        # One line, cut to the terminal's width: \r must bring the cursor back to its start.
+        width = shutil.get_terminal_size().columns
+        click.echo(f"\r\033[K{describe_status(status, width)}", err=True, nl=False)
 
     try:
         return remote.wait(
@@ -570,21 +616,58 @@ def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
 
 
 @queue_command("list")
-def list_jobs(remote: RemoteQueue, as_json: bool) -> None:
+@click.option("--long", "-l", "long_form", is_flag=True, help="Add peak memory and CPU columns.")
+@click.option("--watch", "-w", is_flag=True, help="A live table, refreshed every 2 s (q: quit).")
+def list_jobs(remote: RemoteQueue, as_json: bool, long_form: bool, watch: bool) -> None:
     """List the jobs in the queue."""
+    if watch:
+        from tej import watch as live
+
+        if as_json:
+            raise InvalidInput("--watch shows a live table: it can't be combined with --json")
+        live.check_terminal()
+        live.watch(remote)
+        return
     jobs = remote.list()
     if as_json:
         emit_json([job.to_json() for job in jobs])
         return
-    rows = [("ID", "STATE", "ELAPSED", "EXIT")]
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    click.echo("\n".join(job_table(jobs, long_form, width)))
+
+
+def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list[str]:
+    """The lines of `tej list`: aligned columns, the progress last (cut to width), if any."""
+    header = ("ID", "STATE", "ELAPSED", "EXIT", "MEMORY", "CPU", "PROGRESS")
+    rows: list[tuple[str, ...]] = [header if long_form else header[:4] + header[6:]]
     for job in jobs:
         code = "" if job.exit_code is None else str(job.exit_code)
-        rows.append((job.id, job.state.value, format_elapsed(job.elapsed), code))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+        cells = [job.id, job.state.value, format_elapsed(job.elapsed), code]
+        if long_form:
+            cells += usage_cells(job)
+        rows.append((*cells, job.progress or ""))
+    if not any(job.progress for job in jobs):  # no PROGRESS column when nobody wrote one
+        rows = [(*row[:-1], "") for row in rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        text = "  ".join(cell.ljust(size) for cell, size in zip(row, widths)) + "  "
+        room = None if width is None else width - 1 - len(text)
+        lines.append((text + (cut(row[-1], room) if room is None or room > 3 else "")).rstrip())
+    return lines
+
+
+def usage_cells(job: JobStatus) -> list[str]:
+    """The MEMORY and CPU cells of a job (peak once ended, current while it runs)."""
+    resources = job.resources
+    if resources is None:
+        return ["", ""]
+    memory = resources.memory
+    cpu = resources.cpu
+    return [
+        "" if memory is None else format_bytes(memory),
+        "" if cpu is None else format_elapsed(round(cpu)),
     ]
-    click.echo("\n".join(lines))
 
 
 @queue_command()

@@ -37,6 +37,8 @@ T = TypeVar("T")
 _DEFAULT_QUEUE = object()
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
 ELAPSED = r"\d+:\d\d:\d\d"
+#: What `tej status` adds to an ended job's line: its peak memory and CPU time.
+USAGE = r"; peak memory \d+(\.\d)? [KMGT]?B, CPU \d+:\d\d:\d\d"
 
 
 def wait_until(

@@ -18,6 +18,7 @@ from pathlib import Path
 from helpers import (
     ELAPSED,
     ISO_UTC,
+    USAGE,
     Target,
     assert_one_line_error,
     one_line_answer,
@@ -236,13 +237,14 @@ def test_submit_json(target: Target) -> None:
 def test_status_of_a_running_job(target: Target) -> None:
     job_id = running_job(target)
     done = target.cli("status", "--id", job_id, check=0)
-    assert re.fullmatch(rf"Job is still running \({ELAPSED}\)\n", done.stdout), done.stdout
+    pattern = rf"Job is still running \({ELAPSED}\)(; memory \d+(\.\d)? [KMG]?B, CPU {ELAPSED})?\n"
+    assert re.fullmatch(pattern, done.stdout), done.stdout
 
 
 def test_status_of_a_finished_job(target: Target) -> None:
     job_id = finished_job(target, "#!/bin/sh\nsleep 1\nexit 3\n")
     done = target.cli("status", "--id", job_id, check=0)
-    pattern = r"Job is finished \(0:00:0[1-9]\) with exit code 3\n"
+    pattern = rf"Job is finished \(0:00:0[1-9]\) with exit code 3{USAGE}\n"
     assert re.fullmatch(pattern, done.stdout), done.stdout
 
 
@@ -250,7 +252,7 @@ def test_status_of_a_killed_job(target: Target) -> None:
     job_id = running_job(target)
     target.cli("kill", "--id", job_id, check=0)
     done = target.cli("status", "--id", job_id, check=0)
-    assert re.fullmatch(rf"Job was killed \({ELAPSED}\)\n", done.stdout), done.stdout
+    assert re.fullmatch(rf"Job was killed \({ELAPSED}\){USAGE}\n", done.stdout), done.stdout
 
 
 def test_status_and_kill_of_a_job_whose_supervisor_died(target: Target) -> None:
@@ -776,7 +778,7 @@ def test_the_job_survives_the_submitting_command(target: Target) -> None:
     wait_until(lambda: target.work(job_id, "done.txt").is_file(), message="done.txt")
     target.wait_for(job_id)
     done = target.cli("status", "--id", job_id, check=0)
-    assert re.fullmatch(r"Job is finished \(0:00:0[2-9]\) with exit code 5\n", done.stdout)
+    assert re.fullmatch(rf"Job is finished \(0:00:0[2-9]\) with exit code 5{USAGE}\n", done.stdout)
 
 
 CLIENT = """
@@ -812,4 +814,4 @@ def test_the_job_survives_a_killed_api_client(target: Target) -> None:
     target.wait_for(job_id)
     assert target.work(job_id, "done.txt").read_text() == "done\n"
     done = target.cli("status", "--id", job_id, check=0)
-    assert re.fullmatch(r"Job is finished \(0:00:0[2-9]\) with exit code 4\n", done.stdout)
+    assert re.fullmatch(rf"Job is finished \(0:00:0[2-9]\) with exit code 4{USAGE}\n", done.stdout)

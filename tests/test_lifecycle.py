@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from helpers import Target, wait_until
+from helpers import USAGE, Target, wait_until
 from sshd import free_port
 
 from tej import JobState, JobStatus, TejError, WaitTimeout
@@ -400,13 +400,13 @@ def test_max_runtime_ends_the_whole_tree(target: Target) -> None:
     pids = job_pids(target, job_id, ["main", "child", "grandchild", "escaped"])
     waited = target.cli("wait", "--id", job_id, "--exit-code", timeout=DEADLINE)
     assert waited.returncode == 124, (waited.stdout, waited.stderr)
-    assert re.fullmatch(r"Job timed out after 0:00:0[1-4]\n", waited.stdout), waited.stdout
+    assert re.fullmatch(rf"Job timed out after 0:00:0[1-4]{USAGE}\n", waited.stdout), waited.stdout
     assert survivors(pids) == []
     status = target.status(job_id)
     assert status["state"] == "timed_out"
     assert (status["signal"], status["exit_code"]) == ("SIGTERM", 128 + signal.SIGTERM)
     assert 1.0 <= status["elapsed"] < 4.0
-    assert re.fullmatch(r"Job timed out after 0:00:0[1-4]\n", target.status_text(job_id))
+    assert re.fullmatch(rf"Job timed out after 0:00:0[1-4]{USAGE}\n", target.status_text(job_id))
     listed = target.cli("list")
     assert re.search(rf"^{re.escape(job_id)}\s+timed_out\s", listed.stdout, re.M), listed.stdout
 
@@ -534,7 +534,7 @@ def test_wait_blocks_until_the_end(target: Target) -> None:
     target.wait_for_state(job_id, JobState.RUNNING, timeout=DEADLINE)
     waited = target.cli("wait", "--id", job_id, timeout=DEADLINE)
     assert waited.returncode == 0, waited.stderr
-    assert re.fullmatch(r"Job is finished \(0:00:0[12]\) with exit code 3\n", waited.stdout)
+    assert re.fullmatch(rf"Job is finished \(0:00:0[12]\) with exit code 3{USAGE}\n", waited.stdout)
     with_code = target.cli("wait", "--id", job_id, "--exit-code")
     assert with_code.returncode == 3, with_code.stderr
 
@@ -556,7 +556,7 @@ def test_submit_and_wait(target: Target) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == "Job submitted as:", done.stdout
-    assert re.fullmatch(r"Job is finished \(0:00:0\d\) with exit code 5", lines[2])
+    assert re.fullmatch(rf"Job is finished \(0:00:0\d\) with exit code 5{USAGE}", lines[2])
     assert target.remote().status(lines[1]).exit_code == 5
     with_code = target.cli("submit", "--wait", "--exit-code", str(job), timeout=DEADLINE)
     assert with_code.returncode == 5, with_code.stderr

@@ -101,7 +101,7 @@ def exercise_core_commands(target: Target, jobs: Path, path_seen: str | None = N
     assert (status["state"], status["exit_code"]) == ("finished", 0), status
     assert status["id"] == done_id
     assert re.fullmatch(
-        r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0\n",
+        r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0(; peak memory .*)?\n",
         target.ok("status", "--id", done_id),
     ), "status text"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    USAGE,
     Target,
     assert_one_line_error,
     one_line_answer,
@@ -80,7 +81,7 @@ def test_a_job_runs_through_slurm_and_finishes_with_its_exit_code(
     final = wait_for_state(slurm, job_id, "finished")
     assert final["exit_code"] == 0
     answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
-    assert re.fullmatch(r"Job is finished \(\d+:\d\d:\d\d\) with exit code 0", answer)
+    assert re.fullmatch(rf"Job is finished \(\d+:\d\d:\d\d\) with exit code 0{USAGE}", answer)
     # It ran under Slurm, named after the job, in the job's directory.
     record = scontrol(slurm_cluster, slurm, job_id)
     assert record["JobName"] == f"tej-{job_id}"
@@ -90,6 +91,32 @@ def test_a_job_runs_through_slurm_and_finishes_with_its_exit_code(
     assert re.fullmatch(r"hello from \d+\n", logs)
     slurm.cli("download", "--id", job_id, "out.txt", check=0)
     assert (slurm.client_dir / "out.txt").read_text() == "result\n"
+
+
+def test_a_slurm_job_has_its_supervisors_figures_without_accounting(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    """The test cluster keeps no accounting: sacct refuses, so the supervisor's figures stay
+    (asked once: runner.json remembers it). sacct's output is parsed in test_costs.py."""
+    hold = "x = bytearray(80 << 20); x[::4096] = b'1' * len(x[::4096])"
+    script = f'#!/bin/sh\npython3 -c "{hold}"\n'
+    script += 'echo "all done" > "$TEJ_PROGRESS"\n'
+    job_id = slurm.submit(slurm.make_job(script=script))
+    wait_for_state(slurm, job_id, "finished")
+    resources = wait_until(
+        lambda: (
+            json.loads((slurm.job_dir(job_id) / "runner.json").read_text()).get("accounting")
+            and status_json(slurm, job_id)["resources"]
+        ),
+        SLURM_WAIT,
+        "the job to leave squeue",
+    )
+    assert resources["source"] == "tej", resources
+    assert resources["max_rss"] >= 80 << 20, resources
+    data = json.loads((slurm.job_dir(job_id) / "runner.json").read_text())
+    assert data["accounting"] == "none", data
+    assert status_json(slurm, job_id)["progress"] == "all done"
+    assert slurm_cluster.run("sacct", "-n", "-j", data["slurm_id"]).returncode != 0
 
 
 def test_a_failing_job_keeps_its_exit_code(slurm: Target, slurm_cluster: SlurmCluster) -> None:

@@ -96,6 +96,7 @@ def prepare_fork():
         except (AttributeError, OSError, ValueError):
             pass
     import random  # noqa: F401 - names of the status records' temporary files
+    import resource  # noqa: F401 - the job's resource use, at its end
     import subprocess  # noqa: F401 - starting the job
 
     c_library()

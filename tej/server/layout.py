@@ -27,6 +27,7 @@ WORK_DIR = "work"
 STDOUT_FILE = "stdout"
 STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
+PROGRESS_FILE = "progress"  # the job writes its progress here ($TEJ_PROGRESS)
 
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago

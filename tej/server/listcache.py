@@ -30,6 +30,8 @@ LIST_FIELDS = (
     "elapsed",
     "position",
     "notifications",
+    "resources",
+    "progress",
 )
 
 

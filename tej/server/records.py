@@ -8,6 +8,7 @@ from ..protocol import (
     ERR_JOB_NOT_FOUND,
     STATE_LOST,
     STATE_QUEUED,
+    STATE_RUNNING,
     STATE_STARTING,
 )
 from .errors import (
@@ -61,7 +62,26 @@ def public_status(job_id, record):
         "elapsed": elapsed,
         "position": record.get("position"),
         "notifications": record.get("notifications", []),
+        "resources": record.get("resources"),
+        "progress": None,
     }
+
+
+def live_status(job_id, job_dir, record, scan=None):
+    """A job's public status with what its files and processes say now: its progress,
+    and a running job's current memory and CPU use (scan: a ProcessScan to share)."""
+    from .progress import read_progress
+
+    status = public_status(job_id, record)
+    if record.get("started_at"):
+        status["progress"] = read_progress(job_dir)
+    if record.get("state") == STATE_RUNNING:
+        from .usage import ProcessScan
+
+        status["resources"] = (scan or ProcessScan()).of_job(record.get("job")) or status[
+            "resources"
+        ]
+    return status
 
 
 def job_metadata(job_dir, job_id):
@@ -74,7 +94,7 @@ def job_metadata(job_dir, job_id):
 
 def job_status(queue, job_id, job_dir):
     """A job's public status, with the metadata it was submitted with."""
-    status = public_status(job_id, queue.record(job_id, job_dir))
+    status = live_status(job_id, job_dir, queue.record(job_id, job_dir))
     try:
         status["metadata"] = read_json(os.path.join(job_dir, JOB_FILE))
     except (OSError, AgentError):

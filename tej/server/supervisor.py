@@ -53,6 +53,7 @@ from .processes import (
     terminate_group,
     wait_for_child,
 )
+from .progress import progress_path
 from .queue import open_queue
 from .records import (
     read_status_record,
@@ -60,6 +61,10 @@ from .records import (
 )
 from .runners import (
     open_runner,
+)
+from .usage import (
+    children_usage,
+    job_resources,
 )
 
 
@@ -95,6 +100,7 @@ class Supervisor(object):
         if self.kill_requested:
             self.end(STATE_KILLED, reason="cancelled before it started")
             return 0
+        before = children_usage()  # what was reaped before is not the job's
         proc = self.launch()
         if proc is None:
             return 0
@@ -103,6 +109,8 @@ class Supervisor(object):
         terminate_group(self.pgid, self.grace, with_descendants=True)
         reap_remaining(time.time() + 1.0)
         signal.setitimer(signal.ITIMER_REAL, 0)
+        # Before end(): the queue's tick may fork (and reap) the next job's supervisor.
+        self.record["resources"] = job_resources(before)
         self.record.update(exit_code_fields(wait_status))
         self.end(self.end_state())
         return 0
@@ -160,6 +168,7 @@ class Supervisor(object):
         work = os.path.join(self.job_dir, WORK_DIR)
         script = os.path.join(work, self.job["script"])
         env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
+        env["TEJ_PROGRESS"] = progress_path(os.path.abspath(self.job_dir))
         env.update(self.job.get("env") or {})
         env.update(self.secrets)
         args = list(self.job.get("args", []))

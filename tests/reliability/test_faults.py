@@ -45,6 +45,7 @@ from typing import Any, Callable, TypeVar
 import pytest
 from helpers import (
     ELAPSED,
+    USAGE,
     SilentServer,
     Target,
     assert_one_line_error,
@@ -341,7 +342,7 @@ def test_client_killed_right_after_submit(tgt: Target) -> None:
     job_id = lines[1]
     assert tgt.wait_for(job_id)["state"] == "finished"
     assert re.fullmatch(
-        rf"Job is finished \({ELAPSED}\) with exit code 3\n", status_line(tgt, job_id)
+        rf"Job is finished \({ELAPSED}\) with exit code 3{USAGE}\n", status_line(tgt, job_id)
     )
     assert status_json(tgt, job_id)["exit_code"] == 3
 
@@ -382,7 +383,7 @@ def test_api_client_killed_while_the_job_runs(tgt: Target) -> None:
     tgt.work(job_id, "go").touch()
     assert tgt.wait_for(job_id)["state"] == "finished"
     assert re.fullmatch(
-        rf"Job is finished \({ELAPSED}\) with exit code 4\n", status_line(tgt, job_id)
+        rf"Job is finished \({ELAPSED}\) with exit code 4{USAGE}\n", status_line(tgt, job_id)
     )
     assert tgt.cli("logs", "--id", job_id, check=0).stdout == "start\nend\n"
 
@@ -451,7 +452,7 @@ def test_connection_lost_during_logs_follow(tgt: Target, victim: str) -> None:
     tgt.work(job_id, "go").touch()
     assert tgt.wait_for(job_id)["state"] == "finished"
     assert re.fullmatch(
-        rf"Job is finished \({ELAPSED}\) with exit code 5\n", status_line(tgt, job_id)
+        rf"Job is finished \({ELAPSED}\) with exit code 5{USAGE}\n", status_line(tgt, job_id)
     )
     assert tgt.cli("logs", "--id", job_id, "--follow", check=0).stdout == "start\nend\n"
 
@@ -495,7 +496,7 @@ def test_job_killed_by_someone_else(tgt: Target) -> None:
     status = status_json(tgt, job_id)
     assert (status["state"], status["exit_code"], status["signal"]) == ("finished", 137, "SIGKILL")
     assert re.fullmatch(
-        rf"Job is finished \({ELAPSED}\) with exit code 137\n", status_line(tgt, job_id)
+        rf"Job is finished \({ELAPSED}\) with exit code 137{USAGE}\n", status_line(tgt, job_id)
     )
     wait_until(lambda: not process_alive(child), 10, "the job's leftover child to be ended")
 

@@ -22,12 +22,14 @@ from ..queue import open_queue
 from ..records import (
     job_metadata,
     job_status,
+    live_status,
     missing_status,
     public_status,
     read_status_record,
     wait_for_state,
 )
 from ..runners import runner_tick
+from ..usage import ProcessScan
 
 
 def status(connection, queue, job_id):
@@ -42,7 +44,7 @@ def wait(connection, queue, job_id, timeout):
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
     record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
-    return public_status(job_id, record)
+    return live_status(job_id, job_dir, record)
 
 
 def list_jobs(connection, queue):
@@ -66,8 +68,9 @@ def list_jobs(connection, queue):
         record = read_status_record(job_dir)
         if record is not None or os.path.isdir(job_dir):
             pending.append((name, job_dir, record or missing_status(), key))
-    for (name, _, written, key), record in zip(pending, refresh_all(queue, pending)):
-        row = [public_status(name, record)[field] for field in LIST_FIELDS]
+    scan = ProcessScan()  # one scan of /proc for every running job
+    for (name, job_dir, written, key), record in zip(pending, refresh_all(queue, pending)):
+        row = [live_status(name, job_dir, record, scan)[field] for field in LIST_FIELDS]
         rows.append(row)
         if key is not None and written.get("state") in END_STATES:
             cache.put(name, key, row)

@@ -74,6 +74,10 @@ COUNT_OPTIONS = {"cpus": "--cpus-per-task", "nodes": "--nodes", "gpus": "--gpus"
 #: The job fields this runner owns: tej.json's "slurm" object of sbatch settings.
 JOB_FIELDS = ("slurm",)
 SLURM_FIELDS = ("time", "extra_args") + tuple(sorted(TEXT_OPTIONS)) + tuple(sorted(COUNT_OPTIONS))
+#: sacct's figures of a job's resource use: MaxRSS on its steps, CPU on the job.
+ACCOUNTING_FIELDS = "JobID,State,MaxRSS,UserCPU,SystemCPU"
+ACCOUNTING_WAIT = 300.0  # seconds after its end that a job's figures may take to reach sacct
+SIZE_UNITS = "KMGTPE"
 COMMAND_TIMEOUT = 60.0
 QUERY_CACHE = 0.5  # seconds a squeue answer is reused for
 BATCH_SCRIPT = "slurm-batch.py"
@@ -179,6 +183,47 @@ def exit_fields(text):
     return {"exit_code": code}
 
 
+def sacct_seconds(text):
+    """Seconds from a sacct CPU time: [D-][HH:]MM:SS[.fff] ("00:00.004", "1-02:03:04")."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not 2 <= len(parts) <= 3:
+        raise ValueError("not a sacct time: %r" % text)
+    hours = int(parts[0]) if len(parts) == 3 else 0
+    return ((int(days or 0) * 24 + hours) * 60 + int(parts[-2])) * 60 + float(parts[-1])
+
+
+def sacct_bytes(text):
+    """Bytes from a sacct size: "3268572K", "1.50G", "0" (no unit: bytes)."""
+    match = re.match(r"(\d+(?:\.\d+)?)([%s]?)\Z" % SIZE_UNITS, text.strip())
+    if not match:
+        raise ValueError("not a sacct size: %r" % text)
+    power = SIZE_UNITS.index(match.group(2)) + 1 if match.group(2) else 0
+    return int(float(match.group(1)) * 1024**power)
+
+
+def parse_accounting(text, slurm_id):
+    """A job's resource use from `sacct -n -P -o ACCOUNTING_FIELDS` lines, or None.
+
+    None if sacct has no figures for it (yet): no line, or still running, or
+    no MaxRSS (no accounting of memory). Peak memory is the largest of its
+    steps' MaxRSS; CPU times are the job's line (the sum of its steps).
+    """
+    rows = [line.split("|") for line in text.splitlines()]
+    job = [row for row in rows if len(row) == 5 and row[0] == slurm_id]
+    steps = [row for row in rows if len(row) == 5 and row[0].startswith(slurm_id + ".")]
+    if not job or STATES.get(job[0][1].split(" ")[0]) not in END_STATES:
+        return None
+    try:
+        peak = max([sacct_bytes(row[2]) for row in steps + job if row[2].strip()] or [-1])
+        user, system = sacct_seconds(job[0][3]), sacct_seconds(job[0][4])
+    except ValueError:
+        return None
+    if peak < 0:
+        return None
+    return {"max_rss": peak, "cpu_user": user, "cpu_system": system, "source": "slurm"}
+
+
 class Runner(object):
     """Submits jobs with sbatch and follows them with squeue and scontrol."""
 
@@ -220,7 +265,7 @@ class Runner(object):
     def refresh(self, job_id, job_dir, record):
         """The job's record, from its supervisor's reports and from Slurm."""
         if record.get("state") in END_STATES:
-            return record
+            return self.with_accounting(job_dir, record)
         slurm_id = self.host.read_data(job_dir).get("slurm_id")
         if not slurm_id:
             return record  # being submitted
@@ -231,9 +276,11 @@ class Runner(object):
             return self.while_active(record, *active[slurm_id])
         # Ended: its supervisor may have said how; otherwise ask Slurm.
         latest = self.host.read_record(job_dir) or record
-        if latest.get("state") in END_STATES:
-            return latest
-        return self.record_end(job_dir, slurm_id, latest)
+        if latest.get("state") not in END_STATES:
+            latest = self.record_end(job_dir, slurm_id, latest)
+        return (
+            self.with_accounting(job_dir, latest) if latest.get("state") in END_STATES else latest
+        )
 
     def refresh_many(self, jobs):
         """The records of several jobs, with one squeue for all."""
@@ -318,6 +365,38 @@ class Runner(object):
             state, _, exit_code = proc.stdout.strip().splitlines()[0].partition("|")
             return state.split()[0], exit_code
         return ("UNKNOWN", "") if forgotten else None
+
+    def with_accounting(self, job_dir, record):
+        """An ended job's record with Slurm's figures of its resource use, when Slurm keeps
+        accounting (asked once the job has left squeue, and kept); else the supervisor's."""
+        if (record.get("resources") or {}).get("source") == "slurm":
+            return record
+        data = self.host.read_data(job_dir)
+        slurm_id = data.get("slurm_id")
+        if not slurm_id or data.get("accounting"):
+            return record
+        active = self.query()
+        if active is None or slurm_id in active:
+            return record  # its steps are still being accounted
+        proc = run_command(["sacct", "-n", "-P", "-j", slurm_id, "-o", ACCOUNTING_FIELDS])
+        if proc is None:
+            return record
+        found = parse_accounting(proc.stdout, slurm_id) if proc.returncode == 0 else None
+        if found is not None:
+            record = dict(record, resources=found)
+            self.host.write_record(job_dir, record)
+            self.host.write_data(job_dir, dict(data, accounting="slurm"))
+        elif proc.returncode != 0 or self.accounting_is_late(record):
+            self.host.write_data(job_dir, dict(data, accounting="none"))  # keep tej's
+        return record
+
+    @staticmethod
+    def accounting_is_late(record):
+        """Whether a job ended too long ago for its figures to be still on their way."""
+        from ..files import parse_iso
+
+        ended = record.get("ended_at")
+        return not ended or time.time() - parse_iso(ended) > ACCOUNTING_WAIT
 
     def wait_for_end(self, job_id, job_dir, record, deadline):
         """Poll the job until it has ended, or deadline."""
