@@ -18,8 +18,8 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from tej.api import JobState, JobStatus
-from tej.cli import cut, format_bytes, format_elapsed
 from tej.errors import InvalidInput
+from tej.text import cut, format_bytes, format_elapsed
 
 if TYPE_CHECKING:
     from tej.api import RemoteQueue

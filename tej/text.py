@@ -1,0 +1,91 @@
+"""How tej writes a job's state for people: the lines of `tej status`, sizes and times."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tej.api import JobState, JobStatus
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+
+def format_elapsed(seconds: float | None) -> str:
+    """Elapsed time as H:MM:SS."""
+    total = int(seconds or 0)
+    return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
+
+
+def format_bytes(count: int) -> str:
+    """A size for people: 512 B, 9.8 MB, 310 MB, 1.9 GB (units of 1024)."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.1f} {unit}"
+
+
+def describe_usage(status: JobStatus) -> str:
+    """`; peak memory 1.9 GB, CPU 0:47:10` (`memory` while it runs), or "" if unknown."""
+    resources = status.resources
+    if resources is None:
+        return ""
+    parts = []
+    if resources.max_rss is not None:
+        parts.append(f"peak memory {format_bytes(resources.max_rss)}")
+    elif resources.rss is not None:
+        parts.append(f"memory {format_bytes(resources.rss)}")
+    if resources.cpu is not None:
+        parts.append(f"CPU {format_elapsed(round(resources.cpu))}")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def describe_status(status: JobStatus, width: int | None = None) -> str:
+    """The one-line text of `tej status`; width cuts the job's progress to fit a terminal."""
+    state, usage = describe_state(status), describe_usage(status)
+    if status.state is not JobState.RUNNING or not status.progress:
+        return state + usage
+    room = None if width is None else width - 1 - len(state) - len(usage) - 2
+    if room is not None and room < 4:
+        return state + usage
+    return f"{state}: {cut(status.progress, room)}{usage}"
+
+
+def cut(text: str, width: int | None) -> str:
+    """text, cut to width characters (its end replaced by ...) if it is longer."""
+    if width is None or len(text) <= width:
+        return text
+    return text[: width - 3] + "..." if width > 3 else text[: max(width, 0)]
+
+
+def describe_state(status: JobStatus) -> str:
+    """What `tej status` says of a job's state and time, without its usage or progress."""
+    elapsed = format_elapsed(status.elapsed)
+    if status.state is JobState.RUNNING:
+        return f"Job is still running ({elapsed})"
+    if status.state is JobState.STARTING:
+        return "Job is starting"
+    if status.state is JobState.QUEUED:
+        if status.position:
+            return f"Job is queued (position {status.position[0]} of {status.position[1]})"
+        return f"Job is queued ({status.reason})" if status.reason else "Job is queued"
+    if status.state is JobState.CANCELLED:
+        return f"Job was cancelled ({status.reason or 'unknown reason'})"
+    if status.state is JobState.FINISHED:
+        text = f"Job is finished ({elapsed}) with exit code {status.exit_code}"
+        return f"{text} ({status.reason})" if status.reason else text  # such as a failed start
+    if status.state is JobState.SCHEDULED:
+        return f"Job is scheduled to start at {format_local(status.scheduled_for)}"
+    if status.state is JobState.TIMED_OUT:
+        return f"Job timed out after {elapsed}"
+    if status.state is JobState.KILLED and status.started_at is None:
+        return "Job was cancelled before it started"
+    if status.state is JobState.KILLED:
+        return f"Job was killed ({elapsed})"
+    return f"Job was lost ({status.reason or 'unknown reason'})"
+
+
+def format_local(when: datetime | None) -> str:
+    """A time in the local time zone, as YYYY-MM-DD HH:MM:SS TZ."""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z") if when else "an unknown time"
