@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -136,6 +135,8 @@ class SetupResult:
     links: tuple[str, ...]
     #: Batch systems found on the server (such as "sbatch"), which a runner could use.
     batch_systems: tuple[str, ...] = ()
+    #: The queue existed with this runner and options already, and was left alone.
+    unchanged: bool = False
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -156,20 +157,6 @@ def check_job_id(job_id: str) -> str:
     if problem is not None:
         raise InvalidInput(problem)
     return job_id
-
-
-def default_id_prefix(directory: str) -> str:
-    """The start of a default job id: ``<dirname>_<user>`` (a random part follows)."""
-    import getpass
-
-    name = os.path.basename(os.path.abspath(directory))
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "user"
-    outside = f"[^{protocol.ID_CHARACTERS}]"
-    clean = [re.sub(outside, "_", part) or "job" for part in (name, user)]
-    return f"{clean[0][:80]}_{clean[1][:32]}"
 
 
 class RemoteQueue:
@@ -279,6 +266,9 @@ class RemoteQueue:
     ) -> SetupResult:
         """Create the queue (or reconfigure it with force) and make links to it.
 
+        A queue that exists with this runner and options already is left alone
+        (the result's unchanged); another runner or options need force.
+
         runner names the queue's runner (see tej.plugins.available()); options
         are its settings, such as {"max_running": "4"} for the queue runner.
         """
@@ -293,6 +283,7 @@ class RemoteQueue:
             result["runner"],
             tuple(result["links"]),
             tuple(result.get("batch_systems") or ()),
+            bool(result.get("unchanged")),
         )
 
     def submit(
@@ -337,8 +328,9 @@ class RemoteQueue:
             raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
         if job_id is not None:
             check_job_id(job_id)
-        prefix = default_id_prefix(directory)
-        request = {"job_id": job_id, "id_prefix": prefix, "job": job, "secrets": secret_env}
+        # The server names a job without an id after the directory and the user it runs as.
+        name = os.path.basename(os.path.abspath(directory))
+        request = {"job_id": job_id, "id_name": name, "job": job, "secrets": secret_env}
         if self._session is not None and self._session.is_open:
             session = self.session()
             parts = transfer.scan_tree(directory, excludes=excludes)  # read as they are sent

@@ -325,7 +325,9 @@ def setup(
 
         emit_json(dataclasses.asdict(result))
         return
-    if not only_links:
+    if result.unchanged:
+        click.echo(f"Queue {result.queue} already set up (plugin: {result.runner})")
+    elif not only_links:
         verb = "Created" if result.created else "Reconfigured"
         click.echo(f"{verb} queue {result.queue} (plugin: {result.runner})")
     for link in result.links:

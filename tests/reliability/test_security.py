@@ -535,7 +535,7 @@ class Fuzzer:
                     "queue": queue,
                     "token": token,
                     "job_id": f"fuzz-{self.serial}",
-                    "id_prefix": "fuzz",
+                    "id_name": "fuzz",
                     "job": {"script": "start.sh", "args": ["a"], "env": {"A": "1"}},
                     "secrets": {"S": "s"},
                 },
