@@ -24,6 +24,7 @@ OPERATIONS = {
     "upload_data": "upload",
     "upload_abort": "upload",
     "submit": "upload",
+    "store_has": "upload",
     "status": "jobs",
     "list": "jobs",
     "wait": "jobs",
@@ -34,6 +35,7 @@ OPERATIONS = {
     "list_files": "files",
     "file_identity": "files",
     "read_chunks": "files",
+    "doctor": "doctor",
 }
 
 # Job states.

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import struct
 import time
 
 from ...protocol import (
@@ -42,7 +43,14 @@ from ..manifest import parse_part
 from ..processes import login_user
 from ..queue import open_queue
 from ..runners import check_runner_fields
-from ..store import collect_garbage, lease_path, note_lease
+from ..store import (
+    MODE_SUFFIXES,
+    STORE_MTIME,
+    collect_garbage,
+    lease_path,
+    note_lease,
+    store_mode,
+)
 from ..upload import Upload
 
 
@@ -273,6 +281,33 @@ def default_id_prefix(name):
     return "%s_%s" % (name[:80], user[:32])
 
 
+def store_has(connection, queue, digests, modes):
+    """Which contents the queue's store holds, for `tej submit --dry-run`: read only.
+
+    digests: the 32-byte sha256 of each content, end to end; modes: the mode of
+    a file of each (little-endian uint16). The reply is a text of one "1" (held)
+    or "0" per content. A queue that doesn't exist holds nothing (and isn't made).
+    """
+    if not isinstance(digests, bytes) or not isinstance(modes, bytes):
+        raise AgentError(ERR_BAD_REQUEST, "digests and modes must be bytes")
+    count = len(digests) // 32
+    if len(digests) % 32 or len(modes) != 2 * count:
+        raise AgentError(ERR_BAD_REQUEST, "digests and modes must list as many contents")
+    found = open_queue(queue, with_runner=False)
+    if not found.exists:
+        return "0" * count
+    held = []
+    for index, mode in enumerate(struct.unpack("<%dH" % count, modes)):
+        digest = digests[32 * index : 32 * index + 32].hex()
+        blob = found.path(STORE_DIR, digest[:2], digest + MODE_SUFFIXES[store_mode(mode)])
+        try:
+            info = os.lstat(blob)
+            held.append("1" if info.st_mtime == STORE_MTIME else "0")
+        except OSError:
+            held.append("0")
+    return "".join(held)
+
+
 def first_record(queue, job, start_time):
     """A new job's status record, as its runner wants it (complete before anyone sees it)."""
     record = {"id": job["id"], "state": queue.runner.initial_state, "submitted_at": now_iso()}
@@ -288,4 +323,5 @@ HANDLERS = {
     "upload_data": upload_data,
     "upload_abort": upload_abort,
     "submit": submit,
+    "store_has": store_has,
 }
