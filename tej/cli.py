@@ -451,6 +451,8 @@ def submit(
 
 def show_dry_run(plan: DryRun, destination: str, as_json: bool) -> None:
     """Print what `tej submit --dry-run` found."""
+    from tej.doctor import format_bytes
+
     if as_json:
         emit_json(plan.to_json())
         return
@@ -474,16 +476,6 @@ def show_dry_run(plan: DryRun, destination: str, as_json: bool) -> None:
         f"The server has {held} of them ({format_bytes(plan.held_bytes)}): "
         f"{format_bytes(plan.send_bytes)} would be sent. Nothing was created (dry run)."
     )
-
-
-def format_bytes(count: int) -> str:
-    """A size for people: 512 B, 1.5 KiB, 3.2 MiB..."""
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def read_secret(name: str) -> str:
@@ -749,6 +741,41 @@ def show_value(value: object) -> str:
     if value is None:
         return "-"
     return value if isinstance(value, str) else json.dumps(value)
+
+
+DOCTOR_MARKS = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+
+
+@cli.command()
+@common_options
+def doctor(destination: str, as_json: bool, **_: object) -> None:
+    """Check that DESTINATION works with tej, and say what to do where it doesn't.
+
+    One line per check: ssh, the login shell, the server's Python, its cache of
+    tej's code, the queue, free space, stale uploads, lost jobs, Slurm. Exits 1
+    if a check fails. Nothing is created or changed on the server.
+    """
+    from tej import doctor as checks
+    from tej.destination import parse_destination
+
+    try:
+        where = parse_destination(destination)
+        settings = resolve_settings(click.get_current_context(), destination)
+        found = checks.run_checks(where, settings.queue, settings.connect_options())
+    except TejError as exc:
+        exit_with_error(exc, as_json)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if as_json:
+        emit_json([check.to_json() for check in found])
+    else:
+        width = max(len(check.name) for check in found)
+        for check in found:
+            click.echo(f"{DOCTOR_MARKS[check.status]} {check.name.ljust(width)}  {check.found}")
+            if check.fix and check.status in ("fail", "warn"):
+                click.echo(f"       {' ' * width}  -> {check.fix}")
+    sys.exit(1 if any(check.status == "fail" for check in found) else 0)
 
 
 def main() -> None:

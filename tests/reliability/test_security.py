@@ -569,6 +569,8 @@ class Fuzzer:
                 "wait": 0,
             },
             "tail_offset": {"queue": queue, "job_id": "target", "stream": "stdout", "lines": 1},
+            "store_has": {"queue": queue, "digests": bytes(32), "modes": b"\xed\x01"},
+            "doctor": {"queue": queue},
         }[op]
 
 
