@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, process_alive, run_tej, tej_env, wait_until
+from helpers import SilentServer, Target, process_alive, run_tej, tej_env, wait_until
 from sshd import SshServer, is_root
 from test_pythons import find_python
 
@@ -127,6 +127,19 @@ def test_refused_port(ssh_server: SshServer) -> None:
     assert checks["ssh"]["status"] == "fail" and "refused" in checks["ssh"]["found"], checks
     assert "port" in checks["ssh"]["fix"]
     assert elapsed < DOCTOR_DEADLINE
+
+
+@pytest.mark.ssh
+def test_silent_server_within_the_connect_timeout(
+    ssh_server: SshServer, silent_server: SilentServer
+) -> None:
+    destination = f"ssh://127.0.0.1:{silent_server.port}"
+    code, checks, elapsed = doctor_ssh(
+        ssh_server, destination, "--ssh-config", ssh_server.config_path, "--connect-timeout", "2"
+    )
+    assert code == 1
+    assert checks["ssh"]["status"] == "fail" and "no answer" in checks["ssh"]["found"], checks
+    assert elapsed < 10, f"took {elapsed:.1f} s with --connect-timeout 2"
 
 
 def config_with(server: SshServer, path: Path, old: str, new: str) -> str:
