@@ -27,6 +27,7 @@ MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 100
 #: Less than this share of the disk free: a warning.
 LOW_FREE_SHARE = 0.05
+NOISE_FIX = "print nothing from ~/.bashrc (or your shell's) when not on a terminal"
 CHECK_NAMES = ("ssh", "shell", "python", "cache", "queue", "disk", "staging", "jobs", "slurm")
 
 # What ssh says, and what it means: (pattern of its stderr, reason, what to do).
@@ -111,13 +112,18 @@ def connection_failure(
     destination: Destination, options: ConnectOptions, session: Session, exc: TejError
 ) -> Iterator[Check]:
     """The checks when the agent could not be reached: why, and the rest skipped."""
-    if destination.is_local or not isinstance(exc, ConnectionFailed):
-        yield Check("ssh", SKIP if destination.is_local else OK, "local: no ssh")
-        yield Check("agent", FAIL, str(exc), "see the message; tej status shows the same")
-    else:
+    if isinstance(exc, ConnectionFailed) and not destination.is_local:
         reason, fix = ssh_reason(destination, session.failure_output or str(exc))
         yield Check("ssh", FAIL, reason, fix)
-    yield from skipped(CHECK_NAMES[1:], "needs a connection")
+        yield from skipped(CHECK_NAMES[1:], "needs a connection")
+        return
+    yield from reached(destination, session)
+    if "login scripts" in str(exc):  # they print too much before the agent can start
+        yield Check("shell", FAIL, str(exc), NOISE_FIX)
+    else:
+        yield Check("shell", SKIP, "not checked: needs the agent")
+        yield Check("agent", FAIL, str(exc), "the agent did not start or answer: see why above")
+    yield from skipped(CHECK_NAMES[2:], "needs the agent")
 
 
 def ssh_reason(destination: Destination, output: str) -> tuple[str, str]:
@@ -153,7 +159,7 @@ def reached(
             "shell",
             FAIL,
             f"login shell {shell}: its startup files print {noise} bytes",
-            "print nothing from ~/.bashrc (or your shell's) when not on a terminal",
+            NOISE_FIX,
         )
     elif noise:
         yield Check("shell", WARN, f"login shell {shell}: its startup files print {noise} bytes")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import SilentServer, Target, process_alive, run_tej, tej_env, wait_until
-from sshd import SshServer, is_root
+from sshd import SshServer, is_root, login_script_lines
 from test_pythons import find_python
 
 from tej.doctor import CHECK_NAMES
@@ -194,6 +194,18 @@ def test_host_key(ssh_server: SshServer, tmp_path: Path, known: str) -> None:
     assert code == 1
     expected = "changed" if known == "changed" else "is unknown"
     assert expected in checks["ssh"]["found"], checks["ssh"]
+
+
+@pytest.mark.ssh
+def test_login_noise_is_a_warning(ssh_server: SshServer) -> None:
+    lines = ["  echo 'hello from bashrc';;"]
+    with login_script_lines(ssh_server, lines, "test_doctor login noise"):
+        code, checks, _ = doctor_ssh(
+            ssh_server, ssh_server.alias, "--ssh-config", ssh_server.config_path
+        )
+    assert code == 0, checks
+    shell = checks["shell"]
+    assert shell["status"] == "warn" and "print 18 bytes" in shell["found"], shell
 
 
 # the server's Python
