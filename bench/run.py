@@ -44,6 +44,7 @@ TEJ06_BIG_TIMEOUT = 3600.0
 COMMAND_TIMEOUT = 1800.0
 STATUS_JOB = "bench-status"
 FILES_JOB = "bench-files"
+SYNC_JOB = "bench-sync"
 SSH_NAMES = ("tej", "ssh true")
 
 
@@ -798,6 +799,153 @@ class Rows:
         row.met = verdict(ratio < 1)
         return row
 
+    # -- tej sync against rsync (rows S1, S2, S3) ----------------------------------------
+
+    def sync_sources(self) -> tuple[Path, Path]:
+        """A finished job whose folder holds row 4's small files and a row-6-sized big file
+        (tej's source), and a copy of that folder (rsync's: each tool changes its own)."""
+        queue = self.b.remote_path("q-sync")
+        with self.b.api(queue) as remote:
+            remote.submit(str(self.b.tiny), job_id=SYNC_JOB)
+            remote.wait(SYNC_JOB, timeout=60)
+        work = queue / "jobs" / SYNC_JOB / "work"
+        owner = self.owner()
+        progress(f"rows S: writing {self.b.sizes.small_files} files into {work}")
+        for index in range(self.b.sizes.small_files):
+            folder = work / f"d{index // 100:03d}"
+            if index % 100 == 0:
+                folder.mkdir()
+                self.b.chown(folder)
+            path = folder / f"f{index:05d}.txt"
+            path.write_bytes(small_content(self.b.sizes.small_size))
+            self.b.chown(path)
+        write_random(work / "big.bin", self.b.sizes.download, owner)
+        copy = self.b.remote_path("rsync-src")
+        subprocess.run(["cp", "-a", str(work), str(copy)], check=True, timeout=600)
+        return queue, copy
+
+    def rsync(self, source: Path, dest: Path) -> float:
+        """`rsync -a -e 'ssh -F CFG' ALIAS:SOURCE/ DEST/`."""
+        ssh = shlex.join(self.b.server.ssh_argv()[:-1])
+        remote = f"{self.b.server.alias}:{source}/"
+        return self.b.time_cmd(["rsync", "-a", "-e", ssh, remote, f"{dest}/"])
+
+    def sync(self, queue: Path, dest: Path) -> float:
+        """A cold `tej sync ALIAS --id SYNC_JOB --to DEST`."""
+        with self.b.connection_scope() as control:
+            return self.b.time_tej(
+                "sync", "--id", SYNC_JOB, "--to", str(dest), queue=queue, control=control
+            )
+
+    def rows_sync(self) -> list[Row]:
+        ensure_rsync()
+        queue, copy = self.sync_sources()
+        work = queue / "jobs" / SYNC_JOB / "work"
+        tej_dest, rsync_dest = self.b.work / "sync-tej", self.b.work / "sync-rsync"
+
+        def first(run: Callable[[], float], dest: Path) -> Callable[[], float]:
+            def timed() -> float:
+                remove_tree(dest)
+                return run()
+
+            return timed
+
+        try:
+            tej_t, base_t = side_by_side(
+                self.mid_runs,
+                first(lambda: self.sync(queue, tej_dest), tej_dest),
+                first(lambda: self.rsync(copy, rsync_dest), rsync_dest),
+                "row S1",
+            )
+            changes = iter(range(10**6))
+
+            def again(run: Callable[[], float], source: Path) -> Callable[[], float]:
+                def timed() -> float:
+                    name = f"d000/f{next(changes) % 100:05d}.txt"
+                    (source / name).write_bytes(small_content(self.b.sizes.small_size))
+                    return run()
+
+                return timed
+
+            tej_a, base_a = side_by_side(
+                self.runs,
+                again(lambda: self.sync(queue, tej_dest), work),
+                again(lambda: self.rsync(copy, rsync_dest), copy),
+                "row S2",
+            )
+            if tree_digest(tej_dest) != tree_digest(rsync_dest):
+                raise BenchError("tej sync and rsync ended with different folders")
+            idle = self.follow_idle(queue, work)
+        finally:
+            remove_tree(queue)
+            remove_tree(copy)
+        what = (
+            f"first `tej sync` of {self.b.sizes.small_files} small files + "
+            f"{fmt_size(self.b.sizes.download)} vs `rsync -a` over ssh"
+        )
+        row1 = ratio_row("S1", what, tej_t, base_t, 1.1, ("tej sync", "rsync"))
+        what2 = "re-sync, one small file changed, vs `rsync -a` doing the same"
+        row2 = ratio_row("S2", what2, tej_a, base_a, 1.0, ("tej sync", "rsync"))
+        return [row1, row2, idle]
+
+    def follow_idle(self, queue: Path, work: Path) -> Row:
+        """Row S3: the requests and time of `sync --follow`'s passes where nothing changed."""
+        job = self.b.make_tiny_job(self.b.work / "sleeper")
+        (job / "start.sh").write_text("#!/bin/sh\nsleep 12\n")
+        dest = self.b.work / "sync-follow"
+        from tej import sync
+
+        naps: list[float] = []
+
+        def nap(seconds: float) -> None:
+            naps.append(seconds)
+            time.sleep(seconds)
+
+        with self.b.api(queue) as remote:
+            job_id = remote.submit(str(job))
+            while remote.status(job_id).state.value == "starting":  # its script is read
+                time.sleep(0.05)
+            running = queue / "jobs" / job_id / "work"
+            subprocess.run(["cp", "-a", f"{work}/.", str(running)], check=True, timeout=600)
+            syncer = sync.Syncer(remote.session, str(queue), job_id, str(dest))
+            summaries = list(sync.follow(syncer, 0.5, sleep=nap))
+        # A pass shorter than the interval is followed by a nap of the rest of the interval.
+        passes = [(0.5 - slept, summary) for summary, slept in zip(summaries, naps)]
+        passes.append((0.0, summaries[-1]))
+        remove_tree(dest)
+        idle = [(t, s) for t, s in passes[1:-1] if not s.files_sent]
+        if not idle:
+            raise BenchError(f"sync --follow made no idle pass: {passes}")  # job too short?
+        requests = sorted({s.requests for _, s in idle})
+        return Row(
+            "S3",
+            f"`tej sync --follow`: an idle pass over {self.b.sizes.small_files + 1} files",
+            tej=f"{'/'.join(map(str, requests))} request(s), "
+            f"{fmt_time(median([t for t, _ in idle]))} each",
+            target="1 round trip",
+            met=verdict(requests == [1]),
+            detail=f"{len(idle)} idle passes of {len(passes)}",
+        )
+
+
+def ensure_rsync() -> None:
+    """Install rsync if it is missing (as root, with apt-get), for the sync rows' baseline."""
+    if shutil.which("rsync"):
+        return
+    if sshd.is_root() and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "rsync"], capture_output=True)
+    if not shutil.which("rsync"):
+        raise BenchError("rsync is missing (the baseline of rows S1 and S2): install it")
+
+
+def tree_digest(root: Path) -> dict[str, int]:
+    """The size of every file under root (but .tej-sync), to compare two mirrors."""
+    return {
+        str(path.relative_to(root)): path.stat().st_size
+        for path in root.rglob("*")
+        if path.is_file() and ".tej-sync" not in path.parts
+    }
+
 
 def clone_jobs(jobs: Path, template_id: str, count: int, owner: tuple[int, int] | None) -> None:
     """Make count copies of a finished job, with new ids, as tej lays them out."""
@@ -985,6 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (["7"], measure.row7),
             (["8"], measure.row8),
             (["9"], measure.row9),
+            (["S1", "S2", "S3"], measure.rows_sync),
         ]
         wanted = set(args.rows.split(",")) if args.rows else None
         for keys, step in steps:

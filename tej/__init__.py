@@ -22,6 +22,7 @@ __all__ = [
     "ServerError",
     "ServerPythonError",
     "SetupResult",
+    "SyncSummary",
     "TejError",
     "WaitTimeout",
     "__version__",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
         TejError,
         WaitTimeout,
     )
+    from tej.sync import SyncSummary
 
 # The public names are imported on first use: `python -m tej` and `import tej.cli`
 # load only what their command needs.
@@ -55,6 +57,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'tej' has no attribute {name!r}")
     if name in _API:
         from tej import api as module
+    elif name == "SyncSummary":
+        from tej import sync as module  # type: ignore[no-redef]
     else:
         from tej import errors as module  # type: ignore[no-redef]
     value = getattr(module, name)

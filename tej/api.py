@@ -32,6 +32,7 @@ from tej.session import Session
 if TYPE_CHECKING:  # imported where used, so that commands load only what they need
     from tej import transfer
     from tej.excludes import Excludes
+    from tej.sync import Syncer, SyncSummary
 
 T = TypeVar("T")
 DEFAULT_SCRIPT = protocol.DEFAULT_SCRIPT
@@ -555,6 +556,83 @@ class RemoteQueue:
         if entries[0].kind != "f":
             raise InvalidInput(f"{path} is a folder, not a file")
         yield from transfer.stream_file(self.session(), self.queue, job_id, path, entries[0].size)
+
+    def sync(
+        self,
+        job_id: str,
+        to: str,
+        paths: Sequence[str] = (),
+        delete: bool = False,
+        *,
+        exclude: Sequence[str] = (),
+        force: bool = False,
+        dry_run: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> SyncSummary:
+        """Mirror a job's files (or the paths named, in it) into the local folder to.
+
+        Only what changed since the last sync is sent (see tej.sync); each file
+        appears whole. delete removes local files the job doesn't have (within
+        the paths synced); in a folder that holds anything but a previous sync
+        of this job, only with force. exclude: globs of paths left alone.
+        dry_run changes nothing, and the summary lists what would be done.
+        """
+        syncer = self._syncer(job_id, to, paths, delete, exclude, force, dry_run, progress)
+        return syncer.run()
+
+    def sync_follow(
+        self,
+        job_id: str,
+        to: str,
+        paths: Sequence[str] = (),
+        delete: bool = False,
+        *,
+        interval: float = 5.0,
+        exclude: Sequence[str] = (),
+        force: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> Iterator[SyncSummary]:
+        """sync again every interval seconds until the job has ended; yields each pass's summary.
+
+        A pass where nothing changed on the server costs one request. The last
+        pass is made after the job ended, so it holds the job's last files.
+        """
+        from tej import sync
+
+        if not interval > 0:
+            raise InvalidInput(f"The interval must be a positive number of seconds, not {interval}")
+        syncer = self._syncer(job_id, to, paths, delete, exclude, force, False, progress)
+        return sync.follow(syncer, interval)
+
+    def _syncer(
+        self,
+        job_id: str,
+        to: str,
+        paths: Sequence[str],
+        delete: bool,
+        exclude: Sequence[str],
+        force: bool,
+        dry_run: bool,
+        progress: transfer.Progress | None,
+    ) -> Syncer:
+        """Check a sync's arguments and its local folder, before anything is sent."""
+        from tej import sync
+
+        check_job_id(job_id)
+        syncer = sync.Syncer(
+            self.session,
+            self.queue,
+            job_id,
+            to,
+            paths,
+            delete=delete,
+            exclude=exclude,
+            dry_run=dry_run,
+            progress=progress,
+            destination=str(self.destination),
+        )
+        sync.prepare_destination(to, job_id, delete, force, dry_run)
+        return syncer
 
 
 def _prepare_job(

@@ -683,6 +683,119 @@ def download(
         emit_json({"id": job_id, "files": saved})
 
 
+@queue_command("sync")
+@click.option("--id", "job_id", required=True, help="Identifier of the job.")
+@click.option("--to", "to", help="Local folder to mirror into [default: ./ID].")
+@click.option(
+    "--follow", "-f", is_flag=True, help="Sync again every --interval until the job ends."
+)
+@click.option("--interval", help="With --follow: seconds between passes (90, 15m) [default: 5].")
+@click.option("--delete", is_flag=True, help="Remove local files the job doesn't have.")
+@click.option("--force", is_flag=True, help="--delete in a folder that isn't a sync of this job.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave these paths alone.")
+@click.option("--dry-run", "-n", is_flag=True, help="Only say what would be done.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.argument("paths", nargs=-1, metavar="[PATH]...")
+def sync_job(
+    remote: RemoteQueue,
+    as_json: bool,
+    job_id: str,
+    to: str | None,
+    follow: bool,
+    interval: str | None,
+    delete: bool,
+    force: bool,
+    exclude: tuple[str, ...],
+    dry_run: bool,
+    quiet: bool,
+    paths: tuple[str, ...],
+) -> None:
+    """Mirror a job's files (or the PATHs in it) into a local folder, sending what changed."""
+    from tej import jobspec
+
+    if interval is not None and not follow:
+        raise InvalidInput("--interval goes with --follow")
+    if follow and dry_run:
+        raise InvalidInput("--dry-run can't be combined with --follow")
+    seconds = jobspec.duration(interval, "--interval") if interval is not None else 5.0
+    folder = to if to is not None else os.path.join(".", job_id)
+    with ProgressBar("Syncing", quiet or as_json) as progress:
+        if not follow:
+            summary = remote.sync(
+                job_id,
+                folder,
+                paths,
+                delete,
+                exclude=exclude,
+                force=force,
+                dry_run=dry_run,
+                progress=progress,
+            )
+            report_sync(summary, folder, as_json)
+            return
+        passes = remote.sync_follow(
+            job_id,
+            folder,
+            paths,
+            delete,
+            interval=seconds,
+            exclude=exclude,
+            force=force,
+            progress=progress,
+        )
+        total = None
+        for summary in passes:
+            total = summary if total is None else total + summary
+            if not as_json and (
+                summary.files_sent or summary.files_copied or summary.files_deleted
+            ):
+                click.echo(f"{time.strftime('%H:%M:%S')} {describe_sync(summary)}")
+    assert total is not None
+    report_sync(total, folder, as_json)
+
+
+def describe_sync(summary: Any) -> str:
+    """What a sync did, in words."""
+    verb = "would be " if summary.dry_run else ""
+    files = "file" if summary.files_sent == 1 else "files"
+    return (
+        f"{summary.files_sent} {files} {verb}sent ({format_size(summary.bytes_sent)}), "
+        f"{summary.files_copied} {verb}copied locally, {summary.files_unchanged} unchanged, "
+        f"{summary.files_deleted} {verb}deleted"
+    )
+
+
+def report_sync(summary: Any, folder: str, as_json: bool) -> None:
+    """Print a sync's summary (and, for a dry run, what it would do)."""
+    if as_json:
+        emit_json(summary.to_json())
+        return
+    for verb, names in (("send", summary.to_send), ("copy", summary.to_copy)):
+        for name in names:
+            click.echo(f"would {verb} {name}")
+    for name in summary.to_delete:
+        click.echo(f"would delete {name}")
+    click.echo(f"{folder}: {describe_sync(summary)}")
+    if summary.files_changing:
+        click.echo(
+            f"Warning: {summary.files_changing} files kept changing while they were read: "
+            "sync again to get them",
+            err=True,
+        )
+
+
+def format_size(size: int) -> str:
+    """A size in bytes, KiB, MiB or GiB."""
+    if size < 1024:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
 def parse_download_spec(spec: str) -> tuple[str, str | None]:
     """`path` -> (path, ./basename); `path:` -> (path, None: stdout); `path:dest`."""
     path, colon, local = spec.partition(":")

@@ -20,15 +20,10 @@ ENTRY_POINT_GROUP = "tej.runners"
 
 @dataclass(frozen=True)
 class RunnerSource:
-    """The server-side source of a runner, and its digest."""
+    """The server-side source of a plugin's runner (the agent names its copy by its digest)."""
 
     name: str
     source: str
-
-    @property
-    def digest(self) -> str:
-        """The first 16 hex digits of the source's SHA-256, as the agent names its copy."""
-        return protocol.sha256_hex(self.source.encode("utf-8"))[:16]
 
 
 def is_builtin(name: str) -> bool:

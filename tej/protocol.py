@@ -6,10 +6,9 @@ is standard library only, Python 3.8+, and imports nothing at load time (the
 
 A request is ``{"v": PROTOCOL_VERSION, "op": NAME, "args": {...}}``; the reply
 is ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": KIND, "message":
-TEXT}``, KIND one of the ERR_ names below.
+TEXT}``, KIND one of the ERR_ names below. (No ``from __future__ import
+annotations``: the server would load __future__ for it.)
 """
-
-from __future__ import annotations
 
 PROTOCOL_VERSION = 2
 
@@ -35,6 +34,9 @@ OPERATIONS = {
     "list_files": "files",
     "file_identity": "files",
     "read_chunks": "files",
+    "sync_list": "sync",
+    "sync_hash": "sync",
+    "sync_read": "sync",
     "doctor": "doctor",
 }
 
@@ -91,7 +93,7 @@ ENV_NAME_REGEX = r"[A-Za-z_][A-Za-z0-9_]*\Z"
 RUNNER_NAME_REGEX = r"[a-z][a-z0-9_]{0,63}\Z"
 
 
-def job_id_problem(job_id: object) -> str | None:
+def job_id_problem(job_id: object) -> "str | None":
     """Why job_id is not a valid job identifier, or None if it is."""
     if not isinstance(job_id, str) or not job_id:
         return "A job identifier can't be empty"

@@ -25,9 +25,10 @@ RAW_STREAM_MIN = 16 << 20
 PROGRESS_INTERVAL = 0.1  # seconds between looks at how much has arrived
 _WRONG_FILE = 3  # the stream command's exit code when the file changed under it
 
-# Runs on the server's Python (3.8+), with the path, device and inode filled in.
+# Runs on the server's Python (3.8+), with the path, device, inode, the offset to start
+# from and the (size, mtime_ns) the file must keep while it is read (or None) filled in.
 _SENDER = """import os, sys
-path, device, inode = {path!r}, {device!r}, {inode!r}
+path, device, inode, expect = {path!r}, {device!r}, {inode!r}, {expect!r}
 try:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
 except OSError:
@@ -35,7 +36,9 @@ except OSError:
 info = os.fstat(fd)
 if (info.st_dev, info.st_ino) != (device, inode):
     sys.exit({wrong})
-out, offset = sys.stdout.fileno(), 0
+if expect is not None and (info.st_size, info.st_mtime_ns) != expect:
+    sys.exit({wrong})
+out, offset = sys.stdout.fileno(), {offset!r}
 while True:
     try:
         sent = os.sendfile(out, fd, offset, 1 << 24)
@@ -44,6 +47,9 @@ while True:
     if not sent:
         break
     offset += sent
+info = os.fstat(fd)
+if expect is not None and (info.st_size, info.st_mtime_ns) != expect:
+    sys.exit({wrong})
 """
 
 
@@ -55,16 +61,30 @@ class RawStreamFailed(ConnectionFailed):
         self.received = received
 
 
+class FileChanged(RawStreamFailed):
+    """The file was replaced or modified while it was being read."""
+
+
 def download_to(
-    session: Session, identity: list[object], out: BinaryIO, advance: Callable[[int], None]
+    session: Session,
+    identity: list[object],
+    out: BinaryIO,
+    advance: Callable[[int], None],
+    offset: int = 0,
+    expect: tuple[int, int] | None = None,
 ) -> None:
-    """Write a file's bytes from a raw stream to out (at its start); RawStreamFailed if not all.
+    """Write a file's bytes from a raw stream to out; RawStreamFailed if not all.
 
     The stream's command writes into out itself: no byte goes through Python
-    here. Progress is read from the file's size while it grows.
+    here. Progress is read from the file's size while it grows. offset: the
+    bytes out holds already (it is positioned at its end), sent from there
+    on. expect: the (size, mtime_ns) the file must have before and after it is
+    read, else it changed meanwhile (RawStreamFailed).
     """
     path, device, inode, size = identity[0], identity[1], identity[2], int(identity[3])  # type: ignore[call-overload]
-    code = _SENDER.format(path=path, device=device, inode=inode, wrong=_WRONG_FILE)
+    code = _SENDER.format(
+        path=path, device=device, inode=inode, expect=expect, offset=offset, wrong=_WRONG_FILE
+    )
     proc = subprocess.Popen(
         session.command_for(code),
         stdin=subprocess.DEVNULL,
@@ -79,7 +99,7 @@ def download_to(
                 code_ = proc.wait(timeout=PROGRESS_INTERVAL)
             except subprocess.TimeoutExpired:
                 code_ = None
-            now = os.fstat(out.fileno()).st_size
+            now = os.fstat(out.fileno()).st_size - offset
             if now > received:
                 advance(now - received)
                 received = now
@@ -90,6 +110,7 @@ def download_to(
             proc.kill()
             proc.wait()
     if code_ == _WRONG_FILE:
-        raise RawStreamFailed("the file changed while it was being downloaded", received)
-    if code_ != 0 or received != size:
-        raise RawStreamFailed(f"the download stopped after {received} of {size} bytes", received)
+        raise FileChanged("the file changed while it was being downloaded", received)
+    if code_ != 0 or received != size - offset:
+        done = offset + received
+        raise RawStreamFailed(f"the download stopped after {done} of {size} bytes", received)

@@ -8,17 +8,16 @@ connection that only reads loads no more than reading needs. Every request
 gets a reply, whatever happens: an error reply names the error's kind.
 """
 
-import importlib
-
 from ..protocol import ERR_BAD_REQUEST, ERR_SERVER, OPERATIONS, PROTOCOL_VERSION
 from .errors import AgentError, describe_os_error, internal_error
 
 
 class Connection(object):
-    """One client's connection: what its requests share (its uploads in progress)."""
+    """One client's connection: what its requests share (uploads in progress, sync listings)."""
 
     def __init__(self):
         self.uploads = {}  # token -> Upload, see handlers/upload.py
+        self.sync_listings = {}  # token -> the last listing of a sync, see handlers/sync.py
 
     def handle(self, request):
         """Answer one request with a reply dict; never raises."""
@@ -47,7 +46,8 @@ class Connection(object):
             raise AgentError(ERR_BAD_REQUEST, "Unknown operation %r" % (op,))
         if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
             raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
-        module = importlib.import_module(".handlers." + OPERATIONS[op], __package__)
+        # __import__, not importlib's import_module: importlib would load more modules.
+        module = __import__("handlers." + OPERATIONS[op], globals(), None, ["HANDLERS"], 1)
         return module.HANDLERS[op], args
 
 

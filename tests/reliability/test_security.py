@@ -23,6 +23,7 @@ import math
 import os
 import re
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -569,6 +570,21 @@ class Fuzzer:
                 "wait": 0,
             },
             "tail_offset": {"queue": queue, "job_id": "target", "stream": "stdout", "lines": 1},
+            "sync_list": {
+                "queue": queue,
+                "job_id": "target",
+                "paths": [],
+                "since": None,
+                "missing_ok": False,
+            },
+            "sync_hash": {"queue": queue, "job_id": "target", "files": [[b"start.sh", 5, 0, 0]]},
+            "sync_read": {
+                "queue": queue,
+                "job_id": "target",
+                "paths": b"start.sh",
+                "numbers": struct.pack("<qqqqQ", 0, 5, 5, 0, 0),
+                "checks": [[0, "0" * 64]],
+            },
             "store_has": {"queue": queue, "digests": bytes(32), "modes": b"\xed\x01"},
             "doctor": {"queue": queue},
         }[op]

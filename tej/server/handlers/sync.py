@@ -1,0 +1,242 @@
+"""A job's files for `tej sync`: what changed since the last listing, hashes, checked reads.
+
+sync_list walks the job's directory (or the paths asked for in it) without
+following symlinks, and remembers the listing in the connection under a
+token: the next sync_list with that token answers only what changed, so a
+pass where nothing changed costs one small reply. sync_hash hashes the files
+the client may already have; sync_read reads chunks of files that must still
+be the file listed (same size, modification time and inode, before and after
+the read), so a file that changes while it is read is reported changed, never
+sent torn.
+"""
+
+import os
+import stat
+import struct
+import time
+
+from ...protocol import ERR_BAD_REQUEST, ERR_INVALID, MAX_READ
+from ..errors import AgentError, checked_rows
+from ..files import relative_parts, show
+from ..layout import WORK_DIR
+from ..queue import open_queue
+
+LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
+CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
+SAME = True  # sync_read's answer for a file whose digest is the one the client has
+READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
+
+
+def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
+    """The job's state, then its files (all, or only what changed since the listing `since`).
+
+    Returns {"token", "state", "now", "full", "entries": columns, "removed": paths}.
+    The state is read before the files, so that a listing made once the job
+    has ended holds its last files.
+    """
+    opened = open_queue(queue)
+    job_dir = opened.job_dir(job_id)
+    state = opened.record(job_id, job_dir).get("state")
+    work = os.fsencode(os.path.realpath(os.path.join(job_dir, WORK_DIR)))
+    rows = {}  # type: dict[bytes, tuple[object, ...]]
+    for path in checked_paths(paths):
+        list_path(work, path, rows, missing_ok)
+    listings = connection.sync_listings
+    old = listings.pop(since, None) if isinstance(since, str) else None
+    token = "%x-%x" % (os.getpid(), int(time.time() * 1e6))
+    listings[token] = rows
+    while len(listings) > LISTINGS_KEPT:
+        listings.pop(next(iter(listings)))
+    if old is None:
+        changed, removed = list(rows.values()), []
+    else:
+        changed = [row for path, row in rows.items() if old.get(path) != row]
+        removed = [path for path in old if path not in rows]
+    return {
+        "token": token,
+        "state": state,
+        "now": time.time_ns(),
+        "full": old is None,
+        "entries": encode_rows(changed),
+        "removed": b"\0".join(removed),
+    }
+
+
+def sync_hash(connection, queue, job_id, files):
+    """The sha256 of files [path, size, mtime_ns, inode]: hex, or None if one changed."""
+    import hashlib
+
+    work = work_dir(queue, job_id)
+    digests = []  # type: list[object]
+    for relpath, size, mtime, inode in checked_rows(files, (bytes, int, int, int)):
+        fd = open_listed(work, relpath, (size, mtime, inode))
+        if fd is None:
+            digests.append(CHANGED)
+            continue
+        try:
+            hasher = hashlib.sha256()
+            offset = 0
+            while offset < size:
+                data = os.pread(fd, min(MAX_READ, size - offset), offset)
+                if not data:
+                    break
+                hasher.update(data)
+                offset += len(data)
+            same = offset == size and stamp_of(os.fstat(fd)) == (size, mtime, inode)
+            digests.append(hasher.hexdigest() if same else CHANGED)
+        finally:
+            os.close(fd)
+    return digests
+
+
+def sync_read(connection, queue, job_id, paths, numbers, checks):
+    """Read chunks of listed files: their paths (NUL-separated), and numbers (READ_ROW each:
+    offset, length, size, mtime_ns, inode); checks: [index, digest] of whole-file chunks.
+
+    Each answer is the data; None if the file is no longer the one listed
+    (checked before and after the read); True if the digest (hex) given for
+    it is the file's own: the client has it already.
+    """
+    if not isinstance(paths, bytes) or not isinstance(numbers, bytes):
+        raise AgentError(ERR_BAD_REQUEST, "paths and numbers must be bytes")
+    relpaths = paths.split(b"\0")
+    if len(numbers) != READ_ROW.size * len(relpaths):
+        raise AgentError(ERR_BAD_REQUEST, "paths and numbers differ in length")
+    digests = dict(checked_rows(checks, (int, str)))
+    work = work_dir(queue, job_id)
+    answers = []  # type: list[object]
+    for index, (relpath, row) in enumerate(zip(relpaths, READ_ROW.iter_unpack(numbers))):
+        offset, length, size, mtime, inode = row
+        fd = open_listed(work, relpath, (size, mtime, inode))
+        if fd is None:
+            answers.append(CHANGED)
+            continue
+        try:
+            data = os.pread(fd, min(max(length, 0), MAX_READ), max(offset, 0))
+            same = stamp_of(os.fstat(fd)) == (size, mtime, inode)
+        finally:
+            os.close(fd)
+        whole = offset == 0 and len(data) == size
+        answers.append(checked_answer(data, same, digests.get(index), whole))
+    return answers
+
+
+def checked_answer(data, same, digest, whole):
+    """sync_read's answer for a chunk read: CHANGED, SAME (digest is the whole file's), or data."""
+    if not same:
+        return CHANGED
+    if digest and whole:
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() == digest:
+            return SAME
+    return data
+
+
+def work_dir(queue, job_id):
+    """The real path of a job's directory (bytes)."""
+    job_dir = open_queue(queue, with_runner=False).job_dir(job_id)
+    return os.fsencode(os.path.realpath(os.path.join(job_dir, WORK_DIR)))
+
+
+def checked_paths(paths):
+    """The relative paths asked for, normalized (b"" for the whole job); escapes refused."""
+    if not isinstance(paths, list) or not all(isinstance(path, bytes) for path in paths):
+        raise AgentError(ERR_BAD_REQUEST, "paths must be a list of bytes")
+    return [b"/".join(relative_parts(path)) for path in paths] or [b""]
+
+
+def list_path(work, path, rows, missing_ok):
+    """Add a path of the job (a folder's whole tree) to rows {relpath: row}."""
+    full = os.path.join(work, path) if path else work
+    real = os.path.realpath(full)
+    if real != work and not real.startswith(work + b"/"):
+        raise AgentError(ERR_INVALID, "Path %s leaves the job's directory" % show(path))
+    try:
+        info = os.stat(full)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise AgentError(ERR_INVALID, "No file %s in the job" % show(path))
+    if not stat.S_ISDIR(info.st_mode):
+        if stat.S_ISREG(info.st_mode):
+            rows[path] = row_of(path, "f", info)
+        return
+    if path:
+        rows[path] = row_of(path, "d", info)
+    walk(full, path + b"/" if path else b"", rows)
+
+
+def walk(folder, prefix, rows):
+    """Add a folder's entries to rows, recursively, never following a symlink."""
+    try:
+        items = list(os.scandir(folder))
+    except OSError:
+        return  # gone, or unreadable: listed as empty
+    for item in items:
+        relpath = prefix + item.name
+        try:
+            info = item.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        kind = stat.S_IFMT(info.st_mode)
+        if kind == stat.S_IFREG:
+            rows[relpath] = row_of(relpath, "f", info)
+        elif kind == stat.S_IFDIR:
+            rows[relpath] = row_of(relpath, "d", info)
+            walk(item.path, relpath + b"/", rows)
+        elif kind == stat.S_IFLNK:
+            try:
+                target = os.readlink(item.path)
+            except OSError:
+                continue
+            rows[relpath] = (relpath, "l", 0o777, 0, 0, 0, target)
+
+
+def row_of(relpath, kind, info):
+    """A listing's row: (relpath, kind, mode, size, mtime_ns, inode, symlink target)."""
+    size = info.st_size if kind == "f" else 0
+    return (relpath, kind, info.st_mode & 0o7777, size, info.st_mtime_ns, info.st_ino, b"")
+
+
+def encode_rows(rows):
+    """Rows as columns (fast to send): see tej.sync.decode_listing."""
+    count = len(rows)
+    return {
+        "paths": b"\0".join(row[0] for row in rows),
+        "kinds": "".join(row[1] for row in rows),
+        "modes": struct.pack("<%dH" % count, *(row[2] for row in rows)),
+        "sizes": struct.pack("<%dQ" % count, *(row[3] for row in rows)),
+        "mtimes": struct.pack("<%dq" % count, *(row[4] for row in rows)),
+        "inodes": struct.pack("<%dQ" % count, *(row[5] for row in rows)),
+        "targets": b"\0".join(row[6] for row in rows if row[1] == "l"),
+    }
+
+
+def open_listed(work, relpath, stamp):
+    """An open descriptor of a job's file if it is still the one listed (stamp), else None."""
+    full = os.path.join(work, *relative_parts(relpath))
+    real = os.path.realpath(os.path.dirname(full))
+    if real != work and not real.startswith(work + b"/"):
+        raise AgentError(ERR_INVALID, "Path %s leaves the job's directory" % show(relpath))
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or stamp_of(info) != stamp:
+        os.close(fd)
+        return None
+    return fd
+
+
+def stamp_of(info):
+    """What tells a file's version: (size, mtime_ns, inode)."""
+    return (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+HANDLERS = {
+    "sync_list": sync_list,
+    "sync_hash": sync_hash,
+    "sync_read": sync_read,
+}
