@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_des
 from tej.errors import (
     ConnectionFailed,
     InvalidInput,
+    ProtocolError,
     QueueError,
     RunnerMissing,
     TejError,
@@ -31,6 +31,7 @@ from tej.session import Session
 
 if TYPE_CHECKING:  # imported where used, so that commands load only what they need
     from tej import transfer
+    from tej.excludes import Excludes
     from tej.sync import Syncer, SyncSummary
 
 T = TypeVar("T")
@@ -195,6 +196,56 @@ class SetupResult:
     links: tuple[str, ...]
     #: Batch systems found on the server (such as "sbatch"), which a runner could use.
     batch_systems: tuple[str, ...] = ()
+    #: The queue existed with this runner and options already, and was left alone.
+    unchanged: bool = False
+
+
+@dataclass(frozen=True)
+class DryRunFile:
+    """A file submit would upload: its path, its size, whether the server's store has it."""
+
+    path: str
+    size: int
+    on_server: bool
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What submit would upload (after excludes), and what of it the server's store has."""
+
+    directory: str
+    files: tuple[DryRunFile, ...]
+    folders: int = 0
+    symlinks: int = 0
+    #: Bytes submit would send: each content the store lacks, once.
+    send_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """The size of all the files."""
+        return sum(item.size for item in self.files)
+
+    @property
+    def held_bytes(self) -> int:
+        """The size of the files whose content the server's store has."""
+        return sum(item.size for item in self.files if item.on_server)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "directory": self.directory,
+            "files": [
+                {"path": item.path, "size": item.size, "on_server": item.on_server}
+                for item in self.files
+            ],
+            "file_count": len(self.files),
+            "folders": self.folders,
+            "symlinks": self.symlinks,
+            "bytes": self.total_bytes,
+            "on_server_files": sum(item.on_server for item in self.files),
+            "on_server_bytes": self.held_bytes,
+            "send_bytes": self.send_bytes,
+        }
 
 
 def _parse_time(text: str | None) -> datetime | None:
@@ -215,20 +266,6 @@ def check_job_id(job_id: str) -> str:
     if problem is not None:
         raise InvalidInput(problem)
     return job_id
-
-
-def default_id_prefix(directory: str) -> str:
-    """The start of a default job id: ``<dirname>_<user>`` (a random part follows)."""
-    import getpass
-
-    name = os.path.basename(os.path.abspath(directory))
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "user"
-    outside = f"[^{protocol.ID_CHARACTERS}]"
-    clean = [re.sub(outside, "_", part) or "job" for part in (name, user)]
-    return f"{clean[0][:80]}_{clean[1][:32]}"
 
 
 class RemoteQueue:
@@ -338,6 +375,9 @@ class RemoteQueue:
     ) -> SetupResult:
         """Create the queue (or reconfigure it with force) and make links to it.
 
+        A queue that exists with this runner and options already is left alone
+        (the result's unchanged); another runner or options need force.
+
         runner names the queue's runner (see tej.plugins.available()); options
         are its settings, such as {"max_running": "4"} for the queue runner.
         """
@@ -352,6 +392,7 @@ class RemoteQueue:
             result["runner"],
             tuple(result["links"]),
             tuple(result.get("batch_systems") or ()),
+            bool(result.get("unchanged")),
         )
 
     def submit(
@@ -384,20 +425,12 @@ class RemoteQueue:
         what was sent.
         """
         from tej import jobspec, transfer
-        from tej.excludes import load_excludes
 
-        from_file = jobspec.load_job_file(directory)
-        job = jobspec.build_job(from_file, metadata, defaults)
         secret_env = jobspec.secret_env(secrets or {})
-        transfer.check_directory(directory)
-        excludes = load_excludes(directory, jobspec.exclude_patterns(from_file, metadata))
-        _check_script(directory, job["script"])
-        if excludes is not None and excludes.excludes_file(job["script"]):
-            raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
-        if job_id is not None:
-            check_job_id(job_id)
-        prefix = default_id_prefix(directory)
-        request = {"job_id": job_id, "id_prefix": prefix, "job": job, "secrets": secret_env}
+        job, excludes = _prepare_job(directory, job_id, defaults, metadata)
+        # The server names a job without an id after the directory and the user it runs as.
+        name = os.path.basename(os.path.abspath(directory))
+        request = {"job_id": job_id, "id_name": name, "job": job, "secrets": secret_env}
         if self._session is not None and self._session.is_open:
             session = self.session()
             parts = transfer.scan_tree(directory, excludes=excludes)  # read as they are sent
@@ -425,6 +458,53 @@ class RemoteQueue:
             # the upload is then thrown away through a new one.
             self._abort_upload(token)
             raise
+
+    def dry_run(
+        self,
+        directory: str,
+        *,
+        job_id: str | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        **metadata: Any,
+    ) -> DryRun:
+        """What submit would upload, and how much of it the server's store has already.
+
+        The job is checked as submit checks it; nothing is created on the server
+        (not even the queue): the store is only asked which contents it holds.
+        """
+        from tej import transfer
+
+        _, excludes = _prepare_job(directory, job_id, defaults, metadata)
+        parts = transfer.scan_tree(directory, excludes=excludes)
+        entries = [entry for part in parts for entry in part.entries]
+        files = [entry for entry in entries if entry.kind == "f"]
+        contents = sorted({(entry.digest, entry.mode) for entry in files if entry.size})
+        held: set[tuple[str, int]] = set()
+        if contents:
+            import struct
+
+            reply = self._call(
+                "store_has",
+                digests=bytes.fromhex("".join(digest for digest, _ in contents)),
+                modes=struct.pack(f"<{len(contents)}H", *(mode for _, mode in contents)),
+            )
+            if not isinstance(reply, str) or len(reply) != len(contents):
+                raise ProtocolError(f"Unexpected reply from the agent: {reply!r:.200}")
+            held = {key for key, flag in zip(contents, reply) if flag == "1"}
+        rows = tuple(
+            DryRunFile(os.fsdecode(entry.relpath), entry.size, (entry.digest, entry.mode) in held)
+            for entry in files
+        )
+        to_send = {(entry.digest, entry.mode): entry.size for entry in files if entry.size}
+        for key in held:
+            to_send.pop(key, None)
+        return DryRun(
+            directory,
+            rows,
+            folders=sum(entry.kind == "d" for entry in entries),
+            symlinks=sum(entry.kind == "l" for entry in entries),
+            send_bytes=sum(to_send.values()),
+        )
 
     def _abort_upload(self, token: str) -> None:
         if self._session is None:
@@ -611,6 +691,28 @@ class RemoteQueue:
         )
         sync.prepare_destination(to, job_id, delete, force, dry_run)
         return syncer
+
+
+def _prepare_job(
+    directory: str,
+    job_id: str | None,
+    defaults: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any],
+) -> tuple[dict[str, Any], Excludes | None]:
+    """Check a job before anything is sent; its metadata, and what leaves files out."""
+    from tej import jobspec, transfer
+    from tej.excludes import load_excludes
+
+    from_file = jobspec.load_job_file(directory)
+    job = jobspec.build_job(from_file, dict(metadata), defaults)
+    transfer.check_directory(directory)
+    excludes = load_excludes(directory, jobspec.exclude_patterns(from_file, dict(metadata)))
+    _check_script(directory, job["script"])
+    if excludes is not None and excludes.excludes_file(job["script"]):
+        raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
+    if job_id is not None:
+        check_job_id(job_id)
+    return job, excludes
 
 
 def _read_ahead(items: Iterator[T]) -> Iterator[T]:

@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from click.shell_completion import CompletionItem
 
 from tej import __version__, config, protocol
-from tej.api import JobState, JobStatus, RemoteQueue
+from tej.api import DryRun, JobState, JobStatus, RemoteQueue
 from tej.config import DEFAULT_QUEUE
 from tej.destination import SHARED_CONNECTION_SECONDS
 from tej.errors import InvalidInput, JobNotFound, TejError
@@ -289,7 +289,9 @@ def setup(
 
         emit_json(dataclasses.asdict(result))
         return
-    if not only_links:
+    if result.unchanged:
+        click.echo(f"Queue {result.queue} already set up (plugin: {result.runner})")
+    elif not only_links:
         verb = "Created" if result.created else "Reconfigured"
         click.echo(f"{verb} queue {result.queue} (plugin: {result.runner})")
     for link in result.links:
@@ -339,6 +341,11 @@ def setup(
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show what would be uploaded, and what the server has of it; create nothing.",
+)
 @click.argument("directory", shell_complete=complete_directory)
 def submit(
     remote: RemoteQueue,
@@ -355,6 +362,7 @@ def submit(
     then_wait: bool,
     exit_code: bool,
     quiet: bool,
+    dry_run: bool,
     **metadata: str | None,
 ) -> None:
     """Upload DIRECTORY and start its script (tej.json in it adds metadata).
@@ -374,6 +382,12 @@ def submit(
             **({"email": list(email)} if email else {}),
         }
     defaults = settings.submit_defaults()
+    if dry_run:
+        if then_wait:
+            raise InvalidInput("--dry-run submits nothing to wait for: leave out --wait")
+        plan = remote.dry_run(directory, job_id=job_id, defaults=defaults, **overrides)
+        show_dry_run(plan, str(remote.destination), as_json)
+        return
     secret_values = {name: read_secret(name) for name in secrets}
     with ProgressBar("Uploading", quiet) as progress:
         new_id = remote.submit(
@@ -397,6 +411,34 @@ def submit(
     else:
         click.echo(describe_status(status))
     sys.exit(job_exit_code(status, exit_code))
+
+
+def show_dry_run(plan: DryRun, destination: str, as_json: bool) -> None:
+    """Print what `tej submit --dry-run` found."""
+
+    if as_json:
+        emit_json(plan.to_json())
+        return
+    others = [f"{plan.folders} folder{'s' if plan.folders != 1 else ''}"] if plan.folders else []
+    if plan.symlinks:
+        others.append(f"{plan.symlinks} symlink{'s' if plan.symlinks != 1 else ''}")
+    also = f" and {', '.join(others)}" if others else ""
+    count = len(plan.files)
+    click.echo(
+        f"Would upload {count} file{'s' if count != 1 else ''} "
+        f"({format_bytes(plan.total_bytes)}){also} from {plan.directory} to {destination}:"
+    )
+    sizes = [format_bytes(item.size) for item in plan.files]
+    width = max((len(item.path) for item in plan.files), default=0)
+    size_width = max((len(size) for size in sizes), default=0)
+    for item, size in zip(plan.files, sizes):
+        note = "  (on the server)" if item.on_server else ""
+        click.echo(f"  {item.path.ljust(width)}  {size.rjust(size_width)}{note}")
+    held = sum(item.on_server for item in plan.files)
+    click.echo(
+        f"The server has {held} of them ({format_bytes(plan.held_bytes)}): "
+        f"{format_bytes(plan.send_bytes)} would be sent. Nothing was created (dry run)."
+    )
 
 
 def read_secret(name: str) -> str:
@@ -814,6 +856,41 @@ def show_value(value: object) -> str:
     if value is None:
         return "-"
     return value if isinstance(value, str) else json.dumps(value)
+
+
+DOCTOR_MARKS = {"ok": "[ ok ]", "warn": "[warn]", "fail": "[FAIL]", "skip": "[skip]"}
+
+
+@cli.command()
+@common_options
+def doctor(destination: str, as_json: bool, **_: object) -> None:
+    """Check that DESTINATION works with tej, and say what to do where it doesn't.
+
+    One line per check: ssh, the login shell, the server's Python, its cache of
+    tej's code, the queue, free space, stale uploads, lost jobs, Slurm. Exits 1
+    if a check fails. Nothing is created or changed on the server.
+    """
+    from tej import doctor as checks
+    from tej.destination import parse_destination
+
+    try:
+        where = parse_destination(destination)
+        settings = resolve_settings(click.get_current_context(), destination)
+        found = checks.run_checks(where, settings.queue, settings.connect_options())
+    except TejError as exc:
+        exit_with_error(exc, as_json)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if as_json:
+        emit_json([check.to_json() for check in found])
+    else:
+        width = max(len(check.name) for check in found)
+        for check in found:
+            click.echo(f"{DOCTOR_MARKS[check.status]} {check.name.ljust(width)}  {check.found}")
+            if check.fix and check.status in ("fail", "warn"):
+                click.echo(f"       {' ' * width}  -> {check.fix}")
+    sys.exit(1 if any(check.status == "fail" for check in found) else 0)
 
 
 def main() -> None:

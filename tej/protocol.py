@@ -23,6 +23,7 @@ OPERATIONS = {
     "upload_data": "upload",
     "upload_abort": "upload",
     "submit": "upload",
+    "store_has": "upload",
     "status": "jobs",
     "list": "jobs",
     "wait": "jobs",
@@ -36,6 +37,7 @@ OPERATIONS = {
     "sync_list": "sync",
     "sync_hash": "sync",
     "sync_read": "sync",
+    "doctor": "doctor",
 }
 
 # Job states.

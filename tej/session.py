@@ -67,6 +67,10 @@ class Session:
         self._channel: Any = None
         #: The modules whose source had to be sent (not in the server's cache).
         self.sent_sources: tuple[str, ...] = ()
+        #: Bytes the login scripts printed before the agent started (skipped).
+        self.login_noise = 0
+        #: All that ssh and the server wrote to stderr, when the session failed to open.
+        self.failure_output = ""
 
     def __enter__(self) -> Session:
         self.open()
@@ -157,6 +161,7 @@ class Session:
             while not line.endswith(b"\n"):
                 line += io.read(1)
             if line.startswith(BOOT_MARKER):
+                self.login_noise = max(len(noise) - 1, 0)  # less stage one's own newline
                 return tuple(int(part) for part in line[len(BOOT_MARKER) :].split(b"."))
             noise += line
         raise ProtocolError(
@@ -169,6 +174,7 @@ class Session:
         code = self._io.popen.wait(timeout=5)
         if code is None:
             self._io.popen.kill()
+        self.failure_output = self.stderr_text()
         detail = self.stderr_tail()
         where = self.destination
         if not in_time:
@@ -198,12 +204,16 @@ class Session:
         module = f"{agent_bundle().name}.remote_agent"  # the loader has imported it
         return gateway.remote_exec(f"import sys\nsys.modules[{module!r}].serve(channel)\n")
 
-    def stderr_tail(self) -> str:
-        """The last meaningful line the server (or ssh) wrote to stderr."""
+    def stderr_text(self) -> str:
+        """What the server (or ssh) wrote to stderr so far."""
         if self._stderr is None:
             return ""
         self._stderr.seek(0)
-        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def stderr_tail(self) -> str:
+        """The last meaningful line the server (or ssh) wrote to stderr."""
+        lines = self.stderr_text().strip().splitlines()
         lines = [line.strip() for line in lines if line.strip()]
         return lines[-1] if lines else ""
 

@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -222,7 +223,7 @@ class Harness:
                 return begun
             self.send(tree, begun["result"], queue)
             token = begun["result"]["token"]
-        request.setdefault("id_prefix", "job")
+        request.setdefault("id_name", "job")
         request.setdefault("job", {"script": "start.sh", "args": []})
         return self.call("submit", queue=queue, token=token, **request)
 
@@ -507,13 +508,41 @@ def test_setup_creates_a_queue(harness: Harness) -> None:
         "runner": "default",
         "links": [],
         "batch_systems": batch_systems,
+        "unchanged": False,
     }
     assert json.loads((Path(harness.queue) / layout.QUEUE_CONFIG).read_text())["format"] == 1
 
 
-def test_setup_again_needs_force(harness: Harness) -> None:
-    harness.ok("setup")
-    assert "force" in harness.fail(protocol.ERR_QUEUE, "setup")
+def test_setup_again_with_the_same_settings_leaves_the_queue_alone(harness: Harness) -> None:
+    harness.ok("setup", runner="queue", options={"max_running": "2"})
+    config_path = Path(harness.queue) / layout.QUEUE_CONFIG
+    before = config_path.read_bytes()
+    link = str(harness.tmp / "link")
+    result = harness.ok("setup", runner="queue", options={"max_running": "2"}, links=[link])
+    assert (result["created"], result["unchanged"], result["links"]) == (False, True, [link])
+    assert config_path.read_bytes() == before
+    assert json.loads(Path(link).read_text())["tej_link"] == harness.queue
+
+
+@pytest.mark.parametrize(
+    ("args", "change"),
+    [
+        ({}, "runner would change from 'queue' to 'default'"),
+        ({"runner": "queue"}, "max_running would change from 2 to 1"),
+        ({"runner": "queue", "options": {"max_running": "3"}}, "from 2 to 3"),
+    ],
+)
+def test_setup_with_other_settings_needs_force(
+    harness: Harness, args: dict[str, Any], change: str
+) -> None:
+    harness.ok("setup", runner="queue", options={"max_running": "2"})
+    config_path = Path(harness.queue) / layout.QUEUE_CONFIG
+    before = config_path.read_bytes()
+    link = str(harness.tmp / "link")
+    message = harness.fail(protocol.ERR_QUEUE, "setup", links=[link], **args)
+    assert "--force" in message and change in message, message
+    assert config_path.read_bytes() == before
+    assert not os.path.lexists(link)
 
 
 def test_setup_with_force_rewrites_config_and_keeps_jobs(harness: Harness) -> None:
@@ -751,30 +780,40 @@ def test_duplicate_job_id_is_refused(harness: Harness) -> None:
     assert (harness.job_dir("dup") / "stdout").read_text() == "first\n"
 
 
-def test_default_id_is_prefix_and_six_digits(harness: Harness) -> None:
-    job_id = harness.submit(script("true\n"), id_prefix="myjobdir_user")
-    assert re.fullmatch(r"myjobdir_user_\d{6}", job_id)
+def test_default_id_is_name_user_and_six_digits(harness: Harness) -> None:
+    """The agent names the job after the directory and the user it runs as."""
+    job_id = harness.submit(script("true\n"), id_name="myjobdir")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert re.fullmatch(rf"myjobdir_{re.escape(user)}_\d{{6}}", job_id)
     assert harness.jobs() == [job_id]
 
 
+@pytest.mark.parametrize(
+    ("name", "start"),
+    [("a b", "a_b_"), ("../x", ".._x_"), ("x" * 200, "x" * 80 + "_"), ("", "job_")],
+)
+def test_default_id_from_an_odd_name_is_a_valid_id(harness: Harness, name: str, start: str) -> None:
+    job_id = harness.submit(script("true\n"), id_name=name)
+    assert job_id.startswith(start) and protocol.job_id_problem(job_id) is None, job_id
+
+
 def test_default_ids_are_distinct(harness: Harness) -> None:
-    ids = {harness.submit(script("true\n"), id_prefix="same") for _ in range(20)}
+    ids = {harness.submit(script("true\n"), id_name="same") for _ in range(20)}
     assert len(ids) == 20
     assert harness.jobs() == sorted(ids)
 
 
-@pytest.mark.parametrize("prefix", ["a b", "../x", "x" * 200, None, 5])
-def test_bad_id_prefix_is_refused_cleanly(harness: Harness, prefix: Any) -> None:
-    """A bad or absent prefix (with no job_id) gets a clean error, never an internal one."""
-    reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
+@pytest.mark.parametrize("name", [None, 5, b"x"])
+def test_bad_id_name_is_refused_cleanly(harness: Harness, name: Any) -> None:
+    """A bad or absent name (with no job_id) gets a clean error, never an internal one."""
+    reply = harness.submit_reply(script("true\n"), id_name=name)
     assert reply.get("error") in (protocol.ERR_INVALID, protocol.ERR_BAD_REQUEST), reply
     assert harness.jobs() == []
 
 
-def test_longest_accepted_id_prefix_gives_a_usable_id(harness: Harness) -> None:
-    """A prefix the agent accepts must give an id that status can look up."""
-    prefix = "p" * (protocol.MAX_ID_LENGTH - 2)
-    reply = harness.submit_reply(script("true\n"), id_prefix=prefix)
+def test_longest_id_name_gives_a_usable_id(harness: Harness) -> None:
+    """A name the agent accepts must give an id that status can look up."""
+    reply = harness.submit_reply(script("true\n"), id_name="p" * protocol.MAX_ID_LENGTH)
     if reply["ok"]:
         job_id = reply["result"]
         assert len(job_id) <= protocol.MAX_ID_LENGTH

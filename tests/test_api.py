@@ -204,8 +204,9 @@ def test_setup(target: Target) -> None:
             os.path.abspath(target.queue), True, "default", (link,), batch_systems
         )
         assert result == expected
+        assert remote.setup().unchanged is True
         with pytest.raises(tej.QueueError):
-            remote.setup()
+            remote.setup(runner="queue")
         assert remote.setup(force=True).created is False
     with target.api(queue=link) as linked:
         job_id = linked.submit(str(target.make_job()))

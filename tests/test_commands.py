@@ -15,6 +15,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from helpers import (
     ELAPSED,
     ISO_UTC,
@@ -32,7 +33,11 @@ EARLY_WRITER = "#!/bin/sh\necho early > early.txt\nsleep 30\n"
 GRANDPARENT = "#!/bin/sh\nsleep 300 &\necho $! > child.pid\nwait\n"
 # A child in a session (and process group) of its own, as daemons make.
 ESCAPER = "#!/bin/sh\nsetsid sleep 300 &\necho $! > child.pid\nwait\n"
-USER = getpass.getuser()
+
+
+def login_user(target: Target) -> str:
+    """The user tej logs in as on the target's server (over ssh, not the local one)."""
+    return str(target.server.user) if target.kind == "ssh" else getpass.getuser()
 
 
 def running_job(target: Target, script: str = SLEEPER) -> str:
@@ -62,23 +67,35 @@ def test_submit_prints_the_default_id_on_its_own_last_line(target: Target) -> No
     done = target.cli("submit", str(job), check=0)
     lines = done.stdout.splitlines()
     assert lines[0] == "Job submitted as:"
-    assert re.fullmatch(rf"myjob_{re.escape(USER)}_\d{{6}}", lines[-1]), done.stdout
+    user = re.escape(login_user(target))
+    assert re.fullmatch(rf"myjob_{user}_\d{{6}}", lines[-1]), done.stdout
     assert len(lines) == 2
     assert target.job_dir(lines[-1]).is_dir()
     assert (target.work(lines[-1], "start.sh")).read_text() == "#!/bin/sh\necho hello\n"
 
 
+@pytest.mark.parametrize("target", ["ssh"], indirect=True)
+def test_default_id_names_the_login_user_given_in_the_destination(target: Target) -> None:
+    """The seed's `tej submit user@server myjobdir`: myjobdir_user_NNNNNN, user the login one."""
+    job = target.make_job("myjobdir")
+    done = target.cli("submit", str(job), destination=target.server.url, check=0)
+    job_id = done.stdout.splitlines()[-1]
+    assert re.fullmatch(rf"myjobdir_{re.escape(target.server.user)}_\d{{6}}", job_id), job_id
+    if target.server.user != getpass.getuser():  # the tests run as root: the login differs
+        assert f"_{getpass.getuser()}_" not in job_id
+
+
 def test_submit_default_id_from_an_odd_directory_name(target: Target) -> None:
     job = target.make_job("my job!")
     job_id = target.submit(Path(str(job) + "/"))
-    assert re.fullmatch(rf"my_job__{re.escape(USER)}_\d{{6}}", job_id), job_id
+    assert re.fullmatch(rf"my_job__{re.escape(login_user(target))}_\d{{6}}", job_id), job_id
     assert target.job_dir(job_id).is_dir()
 
 
 def test_submit_default_id_from_a_long_directory_name(target: Target) -> None:
     job_id = target.submit(target.make_job("a" * 150))
     assert len(job_id) <= 128
-    assert re.fullmatch(rf"a+_{re.escape(USER)}_\d{{6}}", job_id), job_id
+    assert re.fullmatch(rf"a+_{re.escape(login_user(target))}_\d{{6}}", job_id), job_id
 
 
 def test_submit_with_explicit_id(target: Target) -> None:
@@ -665,10 +682,27 @@ def test_setup_creates_the_queue(target: Target) -> None:
     assert target.job_dir(job_id).is_dir()
 
 
-def test_setup_on_an_existing_queue_needs_force(target: Target) -> None:
+def test_setup_on_an_existing_queue_is_idempotent(target: Target) -> None:
+    """The seed's setup line, run again: the queue is left alone and the link is made."""
     target.cli("setup", check=0)
-    message = assert_one_line_error(target.cli("setup"))
-    assert "--force" in message
+    config = target.server_path("tej-queue.json").read_bytes()
+    link = os.path.join(os.path.dirname(target.queue), "again")
+    done = target.cli("setup", "--make-link", link, "--plugin=default", check=0)
+    real = os.path.abspath(target.queue)
+    assert done.stdout == (
+        f"Queue {real} already set up (plugin: default)\nMade link {link} -> {real}\n"
+    ), done.stdout
+    assert target.server_path("tej-queue.json").read_bytes() == config
+
+
+def test_setup_with_other_settings_needs_force(target: Target) -> None:
+    target.cli("setup", check=0)
+    message = assert_one_line_error(target.cli("setup", "--plugin", "queue"))
+    assert "--force" in message and "from 'default' to 'queue'" in message, message
+    message = assert_one_line_error(
+        target.cli("setup", "--option", "max_running=2")
+    )  # the default runner takes none
+    assert "takes no options" in message, message
     job_id = target.submit(target.make_job())
     target.cli("setup", "--force", check=0)
     assert target.job_dir(job_id).is_dir()

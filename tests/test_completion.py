@@ -196,4 +196,4 @@ def test_bash_completes_through_the_generated_function(target: Target, tej_bin: 
         env,
     )
     assert done.returncode == 0, done
-    assert done.stdout.split() == ["only_job", "delete", "download"], done
+    assert done.stdout.split() == ["only_job", "delete", "doctor", "download"], done

@@ -173,3 +173,68 @@ def test_scan_leaves_excluded_entries_out(tmp_path: Path) -> None:
     excludes = load_excludes(str(job), [])
     names = [entry.relpath for entry in transfer.scan(str(job), excludes)]
     assert names == [b"a", b".tejignore", b"start.sh", b"a/x"]
+
+
+# submit --dry-run
+
+
+def test_dry_run_lists_what_would_be_sent_and_creates_nothing(target: Target) -> None:
+    job = target.make_job(
+        "dry",
+        files={
+            ".tejignore": "*.log\nbuild/\n",
+            "a.log": "x",
+            "build/x.o": "x",
+            "data.bin": "d" * 3000,
+        },
+    )
+    done = target.cli("submit", "--dry-run", str(job), check=0)
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"Would upload 3 files (3.0 KB) from {job} to {target.destination}:"
+    assert [line.split()[0] for line in lines[1:-1]] == [".tejignore", "data.bin", "start.sh"]
+    assert (
+        lines[-1]
+        == "The server has 0 of them (0 B): 3.0 KB would be sent. Nothing was created (dry run)."
+    )
+    assert not target.server_path().exists(), "the dry run made the queue"
+
+
+def test_dry_run_counts_what_the_store_has(target: Target) -> None:
+    job = target.make_job("dry", files={"same.bin": "s" * 5000, "changed.txt": "old"})
+    target.submit(job)
+    (job / "changed.txt").write_text("new content")
+    before = sorted(os.listdir(target.server_path("jobs")))
+    done = target.cli("submit", "--dry-run", "--json", str(job), check=0)
+    plan = json.loads(done.stdout)
+    on_server = {item["path"]: item["on_server"] for item in plan["files"]}
+    assert on_server == {"changed.txt": False, "same.bin": True, "start.sh": True}, plan
+    assert (plan["file_count"], plan["bytes"]) == (3, 5000 + 11 + len("#!/bin/sh\ntrue\n"))
+    assert (plan["on_server_files"], plan["send_bytes"]) == (2, 11), plan
+    assert sorted(os.listdir(target.server_path("jobs"))) == before
+    assert os.listdir(target.server_path("staging")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "files", "message"),
+    [
+        ((), {".tejignore": "start.sh\n"}, "excluded"),
+        (("--wait",), {}, "--dry-run"),
+        ((), {".tejignore": "ok\n\\\n"}, "Invalid exclude pattern"),
+    ],
+)
+def test_dry_run_refuses_what_submit_refuses(
+    target: Target, args: tuple[str, ...], files: dict[str, str], message: str
+) -> None:
+    job = target.make_job("dry", files=files)
+    error = assert_one_line_error(target.cli("submit", "--dry-run", *args, str(job)))
+    assert message in error, error
+    assert not target.server_path().exists()
+
+
+def test_dry_run_against_a_queue_that_is_a_file(target: Target) -> None:
+    queue = target.server_path()
+    queue.parent.mkdir(parents=True, exist_ok=True)
+    queue.write_text("mine\n")
+    error = assert_one_line_error(target.cli("submit", "--dry-run", str(target.make_job())))
+    assert "is a file" in error, error
+    assert queue.read_text() == "mine\n"

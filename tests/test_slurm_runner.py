@@ -252,3 +252,13 @@ def test_a_delayed_job_waits_in_slurm_not_on_a_node(
     submitted = datetime.fromisoformat(final["submitted_at"].replace("Z", "+00:00"))
     started = datetime.fromisoformat(final["started_at"].replace("Z", "+00:00"))
     assert (started - submitted).total_seconds() >= 2.5
+
+
+def test_doctor_checks_slurm(slurm: Target) -> None:
+    """`tej doctor` on a Slurm queue: Slurm's commands are there and the cluster answers."""
+    done = slurm.cli("doctor", "--json", check=0)
+    checks = {check["name"]: check for check in json.loads(done.stdout)}
+    assert checks["slurm"]["status"] == "ok", checks["slurm"]
+    assert "the cluster answers" in checks["slurm"]["found"]
+    assert checks["jobs"]["status"] == "skip"
+    assert "runner slurm" in checks["queue"]["found"]

@@ -19,7 +19,7 @@ from .files import (
 MANIFEST_FIELDS = ("paths", "kinds", "modes", "sizes", "digests", "targets")
 
 
-SUBMIT_FIELDS = frozenset(("job_id", "id_prefix", "job", "secrets"))
+SUBMIT_FIELDS = frozenset(("job_id", "id_name", "job", "secrets"))
 
 
 def parse_manifest(manifest):

@@ -16,6 +16,16 @@ def boot_id():
         return None
 
 
+def login_user():
+    """The name this agent runs as (the user tej logged in as), or "user" if it has none."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER") or "user"
+
+
 def process_start(pid):
     """The start time of a live process in clock ticks (None if unknowable or dead).
 

@@ -536,7 +536,7 @@ class Fuzzer:
                     "queue": queue,
                     "token": token,
                     "job_id": f"fuzz-{self.serial}",
-                    "id_prefix": "fuzz",
+                    "id_name": "fuzz",
                     "job": {"script": "start.sh", "args": ["a"], "env": {"A": "1"}},
                     "secrets": {"S": "s"},
                 },
@@ -585,6 +585,8 @@ class Fuzzer:
                 "numbers": struct.pack("<qqqqQ", 0, 5, 5, 0, 0),
                 "checks": [[0, "0" * 64]],
             },
+            "store_has": {"queue": queue, "digests": bytes(32), "modes": b"\xed\x01"},
+            "doctor": {"queue": queue},
         }[op]
 
 

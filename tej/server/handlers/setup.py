@@ -1,5 +1,7 @@
 """Setting up a queue: its runner and options, links to it, a plugin runner's module."""
 
+import os
+
 from ...protocol import (
     BUILTIN_RUNNERS,
     DEFAULT_RUNNER,
@@ -43,6 +45,9 @@ def setup(
 ):
     """Create or reconfigure a queue and make links to it.
 
+    An existing queue already set up with this runner and options is left
+    alone ("unchanged" in the reply); another runner or options need force.
+
     A plugin runner (neither default nor built in) comes with its source, which
     is installed in the queue; options are the runner's settings (names to strings).
     """
@@ -55,12 +60,17 @@ def setup(
     root = resolve_queue_path(queue)
     existing = read_queue_config(root)
     paths = [link_location(link, root, force) for link in links]
-    created = False
-    if not only_links:
-        if existing is not None and not force:
+    created = unchanged = False
+    if not only_links and existing is not None and not force:
+        changes = setup_changes(open_queue(root, with_runner=False), runner, runner_source, options)
+        if changes:
             raise AgentError(
-                ERR_QUEUE, "A queue already exists at %s (use --force to reconfigure it)" % root
+                ERR_QUEUE,
+                "A queue already exists at %s with other settings (%s): use --force to "
+                "reconfigure it" % (root, "; ".join(changes)),
             )
+        unchanged = True  # set up as asked already: left alone, only the links are made
+    elif not only_links:
         if existing is not None:
             check_runner_change(open_queue(root, with_runner=False), runner)
         else:
@@ -78,6 +88,7 @@ def setup(
     return {
         "queue": root,
         "created": created,
+        "unchanged": unchanged,
         "runner": runner,
         "links": paths,
         "batch_systems": batch_systems(),
@@ -88,6 +99,39 @@ def _is_runner_name(name):
     import re
 
     return re.match(RUNNER_NAME_REGEX, name) is not None
+
+
+def setup_changes(queue, runner, source, options):
+    """What setting up an existing queue with this runner and options would change (a list)."""
+    current = queue.config.get("runner") or DEFAULT_RUNNER
+    if runner != current:
+        return ["its runner would change from %r to %r" % (current, runner)]
+    if runner == DEFAULT_RUNNER:
+        module = DefaultRunner
+    elif runner in BUILTIN_RUNNERS:
+        module = builtin_module(runner)
+    else:
+        from ...protocol import sha256_hex
+        from ..layout import AGENT_DIR
+        from ..runners import load_plugin_module, plugin_module_name
+
+        name = plugin_module_name(runner, sha256_hex(source.encode("utf-8"))[:16])
+        path = queue.path(AGENT_DIR, "%s.py" % name)
+        if queue.config.get("runner_module") != name or not os.path.isfile(path):
+            return ["the code of the plugin %r would change" % runner]
+        module = load_plugin_module(path, name)
+    wanted = configure_runner(module, runner, options or {})
+    had = queue.config.get("options") or {}
+    return [
+        "option %s would change from %s to %s"
+        % (key, _shown(had.get(key, None)), _shown(wanted.get(key, None)))
+        for key in sorted(set(had) | set(wanted))
+        if had.get(key, None) != wanted.get(key, None)
+    ]
+
+
+def _shown(value):
+    return "(unset)" if value is None else repr(value)
 
 
 def configure_queue(queue, runner, source, options):

@@ -4,9 +4,16 @@ import errno
 import json
 import os
 import re
+import struct
 import time
 
-from ...protocol import ERR_BAD_REQUEST, ERR_INVALID, ERR_JOB_EXISTS, ERR_RUNNER_MISSING
+from ...protocol import (
+    ERR_BAD_REQUEST,
+    ERR_INVALID,
+    ERR_JOB_EXISTS,
+    ERR_RUNNER_MISSING,
+    ID_CHARACTERS,
+)
 from ..errors import AgentError, checked_rows
 from ..files import (
     make_private_dir,
@@ -33,9 +40,17 @@ from ..layout import (
     validate_job_id,
 )
 from ..manifest import parse_part
+from ..processes import login_user
 from ..queue import open_queue
 from ..runners import check_runner_fields
-from ..store import collect_garbage, lease_path, note_lease
+from ..store import (
+    MODE_SUFFIXES,
+    STORE_MTIME,
+    collect_garbage,
+    lease_path,
+    note_lease,
+    store_mode,
+)
 from ..upload import Upload
 
 
@@ -200,8 +215,11 @@ def finish_upload(connection, token):
     upload.finish()
 
 
-def submit(connection, queue, token, job_id=None, id_prefix=None, job=None, secrets=None):
+def submit(connection, queue, token, job_id=None, id_name=None, job=None, secrets=None):
     """Turn a completed upload into a job and hand it to the queue's runner.
+
+    Without job_id, the job's id is NAME_USER_RANDOM: id_name (the job
+    directory's name) and the user this agent runs as, the one tej logged in as.
 
     secrets are environment variables for the job that are never written
     to disk: they reach the supervisor through a pipe (job.json keeps
@@ -215,7 +233,7 @@ def submit(connection, queue, token, job_id=None, id_prefix=None, job=None, secr
         check_runner_fields(queue.runner, job, secrets)
         finish_upload(connection, token)
         check_script(os.path.join(staging, WORK_DIR), job["script"])
-        job_id, job_dir = reserve_id(queue, staging, job_id, id_prefix, job)
+        job_id, job_dir = reserve_id(queue, staging, job_id, id_name, job)
     except BaseException:
         drop_upload(connection, queue, token)
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
@@ -228,12 +246,11 @@ def submit(connection, queue, token, job_id=None, id_prefix=None, job=None, secr
     return job_id
 
 
-def reserve_id(queue, staging, job_id, id_prefix, job):
+def reserve_id(queue, staging, job_id, id_name, job):
     """Atomically move the staged job to jobs/ID; returns (id, job_dir)."""
     candidates = [job_id]
     if job_id is None:
-        if not isinstance(id_prefix, str):
-            raise AgentError(ERR_INVALID, "Give a job identifier or a prefix for one")
+        id_prefix = default_id_prefix(id_name)
         candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
     validate_job_id(candidates[0])
     start_time = start_time_of(job)
@@ -255,6 +272,42 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
     raise AgentError(ERR_JOB_EXISTS, "Could not find a free identifier for %r" % id_prefix)
 
 
+def default_id_prefix(name):
+    """The start of a default job id, NAME_USER (a random part follows), in id characters."""
+    if not isinstance(name, str):
+        raise AgentError(ERR_INVALID, "Give a job identifier or the name to make one from")
+    outside = "[^%s]" % ID_CHARACTERS
+    name, user = [re.sub(outside, "_", part) or "job" for part in (name, login_user())]
+    return "%s_%s" % (name[:80], user[:32])
+
+
+def store_has(connection, queue, digests, modes):
+    """Which contents the queue's store holds, for `tej submit --dry-run`: read only.
+
+    digests: the 32-byte sha256 of each content, end to end; modes: the mode of
+    a file of each (little-endian uint16). The reply is a text of one "1" (held)
+    or "0" per content. A queue that doesn't exist holds nothing (and isn't made).
+    """
+    if not isinstance(digests, bytes) or not isinstance(modes, bytes):
+        raise AgentError(ERR_BAD_REQUEST, "digests and modes must be bytes")
+    count = len(digests) // 32
+    if len(digests) % 32 or len(modes) != 2 * count:
+        raise AgentError(ERR_BAD_REQUEST, "digests and modes must list as many contents")
+    found = open_queue(queue, with_runner=False)
+    if not found.exists:
+        return "0" * count
+    held = []
+    for index, mode in enumerate(struct.unpack("<%dH" % count, modes)):
+        digest = digests[32 * index : 32 * index + 32].hex()
+        blob = found.path(STORE_DIR, digest[:2], digest + MODE_SUFFIXES[store_mode(mode)])
+        try:
+            info = os.lstat(blob)
+            held.append("1" if info.st_mtime == STORE_MTIME else "0")
+        except OSError:
+            held.append("0")
+    return "".join(held)
+
+
 def first_record(queue, job, start_time):
     """A new job's status record, as its runner wants it (complete before anyone sees it)."""
     record = {"id": job["id"], "state": queue.runner.initial_state, "submitted_at": now_iso()}
@@ -270,4 +323,5 @@ HANDLERS = {
     "upload_data": upload_data,
     "upload_abort": upload_abort,
     "submit": submit,
+    "store_has": store_has,
 }
