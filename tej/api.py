@@ -74,6 +74,18 @@ class JobStatus:
     position: tuple[int, int] | None = None
     notifications: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, Any] | None = None
+    #: Each run of the script so far (several with retries): attempt, started_at,
+    #: ended_at, state, exit_code, signal, reason (times as ISO 8601 text).
+    attempts: tuple[dict[str, Any], ...] = ()
+    #: How many times the script may run in all (1 + retries.max); None before it starts.
+    max_attempts: int | None = None
+    #: When the next attempt starts, while the job waits to retry.
+    retry_at: datetime | None = None
+
+    @property
+    def attempt(self) -> int:
+        """The number of the current (or last) attempt; 0 before the first."""
+        return len(self.attempts)
 
     @classmethod
     def from_agent(cls, data: dict[str, Any]) -> JobStatus:
@@ -97,6 +109,9 @@ class JobStatus:
             position=tuple(data["position"]) if data.get("position") else None,
             notifications=tuple(data.get("notifications") or ()),
             metadata=data.get("metadata"),
+            attempts=tuple(data.get("attempts") or ()),
+            max_attempts=data.get("max_attempts"),
+            retry_at=_parse_time(data.get("retry_at")),
         )
         return status
 
@@ -115,6 +130,9 @@ class JobStatus:
             "elapsed": self.elapsed,
             "position": list(self.position) if self.position else None,
             "notifications": list(self.notifications),
+            "attempts": list(self.attempts),
+            "max_attempts": self.max_attempts,
+            "retry_at": _format_time(self.retry_at),
             **({"metadata": self.metadata} if self.metadata is not None else {}),
         }
 
@@ -425,21 +443,27 @@ class RemoteQueue:
         stream: str = "stdout",
         follow: bool = False,
         tail: int | None = None,
+        attempt: int | None = None,
     ) -> Iterator[bytes]:
         """Yield the job's output (stdout or stderr) in chunks.
 
-        With follow, new output is streamed as it is written, until the job
-        ends and every last byte has been delivered. tail starts at the last
-        `tail` lines.
+        attempt: the output of that attempt of a job with retries (1 for the
+        first); by default, the current one's. With follow, new output is
+        streamed as it is written, until the job ends and every last byte has
+        been delivered (without attempt, following the later attempts too).
+        tail starts at the last `tail` lines.
         """
         from tej import transfer
 
         check_job_id(job_id)
         if stream not in ("stdout", "stderr"):
             raise InvalidInput(f"stream must be stdout or stderr, not {stream!r}")
+        if attempt is not None and (isinstance(attempt, bool) or attempt < 1):
+            raise InvalidInput(f"attempt must be 1 or more, not {attempt!r}")
+        pinned = {} if attempt is None else {"attempt": attempt}
         offset = 0
         if tail is not None:
-            offset = self._call("tail_offset", job_id=job_id, stream=stream, lines=tail)
+            offset = self._call("tail_offset", job_id=job_id, stream=stream, lines=tail, **pinned)
         while True:
             reply = self._call(
                 "read_output",
@@ -448,10 +472,14 @@ class RemoteQueue:
                 offset=offset,
                 length=transfer.CHUNK_SIZE,
                 wait=protocol.MAX_BLOCK if follow else 0,
+                **pinned,
             )
             if reply["data"]:
                 offset = reply["offset"]
+                pinned = pinned or ({"attempt": reply["attempt"]} if reply["attempt"] else {})
                 yield reply["data"]
+            elif follow and attempt is None and reply["attempt"] < reply["attempts"]:
+                pinned, offset = {"attempt": reply["attempt"] + 1}, 0  # on to the next one
             elif reply["ended"] or not follow:
                 return
 

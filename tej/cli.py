@@ -38,6 +38,22 @@ def format_elapsed(seconds: float | None) -> str:
 def describe_status(status: JobStatus) -> str:
     """The one-line text of `tej status`."""
     elapsed = format_elapsed(status.elapsed)
+    text = describe_state(status, elapsed)
+    if status.attempt > 1 and not status.state.is_active:
+        return f"{text} after {status.attempt} attempts"
+    return text
+
+
+def describe_state(status: JobStatus, elapsed: str) -> str:
+    """The state part of `tej status`'s line (describe_status adds the attempts)."""
+    tries = status.max_attempts or 1
+    if status.state is JobState.RUNNING and status.retry_at is not None:
+        return (
+            f"Job is waiting to retry (attempt {status.attempt + 1} of {tries} "
+            f"at {format_local(status.retry_at)})"
+        )
+    if status.state is JobState.RUNNING and tries > 1:
+        return f"Job is running (attempt {status.attempt} of {tries}, {elapsed})"
     if status.state is JobState.RUNNING:
         return f"Job is still running ({elapsed})"
     if status.state is JobState.STARTING:
@@ -372,6 +388,11 @@ def setup(
     shell_complete=complete_job_id,
     help="Queue runner: start once job ID has succeeded.",
 )
+@click.option(
+    "--retries",
+    type=click.IntRange(0, protocol.MAX_RETRIES),
+    help="Run the script again, up to N times, when it fails (tej.json: retries).",
+)
 @click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
 @click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -388,6 +409,7 @@ def submit(
     email: tuple[str, ...],
     priority: int | None,
     after: tuple[str, ...],
+    retries: int | None,
     then_wait: bool,
     exit_code: bool,
     quiet: bool,
@@ -403,6 +425,7 @@ def submit(
         env=parse_env(env) if env else None,
         priority=priority,
         after=list(after) or None,
+        retries=None if retries is None else {"max": retries},
     )
     if webhook or email:
         overrides["notify"] = {
@@ -534,6 +557,12 @@ def wait(
 @click.option("--stderr", "use_stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 @click.option("--tail", type=click.IntRange(0), help="Start with the last N lines.")
+@click.option(
+    "--attempt",
+    type=click.IntRange(1),
+    metavar="K",
+    help="The output of attempt K of a job with retries [default: the current one].",
+)
 def logs(
     remote: RemoteQueue,
     as_json: bool,
@@ -541,10 +570,11 @@ def logs(
     use_stderr: bool,
     follow: bool,
     tail: int | None,
+    attempt: int | None,
 ) -> None:
     """Print a job's output."""
     stream = "stderr" if use_stderr else "stdout"
-    chunks = remote.logs(job_id, stream, follow=follow, tail=tail)
+    chunks = remote.logs(job_id, stream, follow=follow, tail=tail, attempt=attempt)
     if as_json:
         text = b"".join(chunks).decode("utf-8", "replace")
         emit_json({"id": job_id, "stream": stream, "output": text})

@@ -61,6 +61,9 @@ def public_status(job_id, record):
         "elapsed": elapsed,
         "position": record.get("position"),
         "notifications": record.get("notifications", []),
+        "attempts": record.get("attempts") or [],
+        "max_attempts": record.get("max_attempts"),
+        "retry_at": now_iso(record["retry_at"]) if record.get("retry_at") else None,
     }
 
 
