@@ -386,6 +386,44 @@ class RemoteQueue:
             self._abort_upload(token)
             raise
 
+    def resubmit(
+        self,
+        job_id: str,
+        *,
+        new_id: str | None = None,
+        secrets: Mapping[str, str] | None = None,
+        **metadata: Any,
+    ) -> str:
+        """Start a new job from the files an existing one was uploaded with; its id.
+
+        Nothing is uploaded: the server lays the new job out from its store. The
+        new job has the old one's metadata, but for what metadata overrides
+        (submit's names; env is merged). new_id: its id (by default, one like
+        submit's, from the old id). The old job is left as it is. InvalidInput
+        if the store no longer holds one of the files' contents.
+        """
+        from tej import jobspec
+
+        old = self.status(job_id).metadata
+        if old is None:
+            raise InvalidInput(f"Job {job_id!r} has no readable metadata: submit it again")
+        base = {key: value for key, value in old.items() if key not in ("id", "secret_env")}
+        job = jobspec.build_job(base, metadata)
+        secret_env = jobspec.secret_env(secrets or {})
+        if new_id is not None:
+            check_job_id(new_id)
+        prefix = re.sub(r"_\d{6}\Z", "", job_id)[: protocol.MAX_ID_LENGTH - 7]
+        return str(
+            self._call(
+                "resubmit",
+                job_id=job_id,
+                new_id=new_id,
+                id_prefix=prefix,
+                job=job,
+                secrets=secret_env,
+            )
+        )
+
     def _abort_upload(self, token: str) -> None:
         if self._session is None:
             return

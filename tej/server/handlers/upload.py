@@ -23,6 +23,7 @@ from ..layout import (
     JOB_FILE,
     JOBS_DIR,
     LEASES_DIR,
+    MANIFEST_FILE,
     STAGING_DIR,
     STALE_TRASH,
     STALE_UPLOAD,
@@ -32,7 +33,7 @@ from ..layout import (
     WORK_DIR,
     validate_job_id,
 )
-from ..manifest import parse_part
+from ..manifest import keep_part, parse_manifest, parse_part, read_parts
 from ..queue import open_queue
 from ..runners import check_runner_fields
 from ..store import collect_garbage, lease_path, note_lease
@@ -58,6 +59,13 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
     """
     rows, contents = parse_part(manifest, contents, submit, more)
     text, queue = queue, open_queue(queue, create=True, with_runner=False)
+    upload = open_upload(connection, queue, token)
+    keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
+    return take_manifest(connection, text, upload, rows, contents, submit, more)
+
+
+def open_upload(connection, queue, token):
+    """A new upload of this connection: its staging area (token: the client's, or None)."""
     if token is None:
         token = "%x%08x" % (int(time.time()), randrange(1 << 32))
     elif not isinstance(token, str) or not re.match(r"[0-9a-f]{16,32}\Z", token):
@@ -78,7 +86,7 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
         remove_tree(staging)
         raise
     connection.uploads[token] = upload
-    return take_manifest(connection, text, upload, rows, contents, submit, more)
+    return upload
 
 
 def upload_manifest(connection, queue, token, manifest, contents=None, submit=None, more=False):
@@ -91,6 +99,7 @@ def upload_manifest(connection, queue, token, manifest, contents=None, submit=No
         raise AgentError(ERR_INVALID, "The manifest of upload %r is complete" % token)
     try:
         rows, contents = parse_part(manifest, contents, submit, more)
+        keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
     except BaseException:
         upload_abort(connection, queue, token)
         raise
@@ -264,10 +273,50 @@ def first_record(queue, job, start_time):
     return prepare(job, record) if prepare is not None else record
 
 
+def resubmit(connection, queue, job_id, new_id=None, id_prefix=None, job=None, secrets=None):
+    """Start a new job from the files an existing one was uploaded with: nothing is sent.
+
+    Its tree is laid out from the store, by the old job's MANIFEST_FILE (as an
+    upload's is); the old job is left as it is. job, secrets, new_id and
+    id_prefix are submit's. A content the store no longer holds (a job wrote
+    to its input file, or it was collected) is an error: nothing is created.
+    """
+    text, queue = queue, open_queue(queue, with_runner=False)
+    old_dir = queue.job_dir(job_id)
+    try:
+        parts = read_parts(os.path.join(old_dir, MANIFEST_FILE))
+    except OSError:
+        raise AgentError(
+            ERR_INVALID,
+            "Job %r has no record of the files it was uploaded with (submitted by an older "
+            "tej?): submit its directory again" % job_id,
+        )
+    upload = open_upload(connection, queue, None)
+    try:
+        for part in parts:
+            keep_part(os.path.join(upload.staging, MANIFEST_FILE), part)
+            upload.add(parse_manifest(part))
+        missing = upload.plan()
+        if missing:
+            path = upload.rows[missing[0][0]][1].decode("utf-8", "replace")
+            raise AgentError(
+                ERR_INVALID,
+                "The queue's store no longer holds the uploaded content of %s, a file of job "
+                "%r: submit its directory again" % (path, job_id),
+            )
+    except BaseException:
+        connection.uploads.pop(upload.token, None)
+        upload.discard()
+        remove_tree(upload.staging)
+        raise
+    return submit(connection, text, upload.token, new_id, id_prefix, job, secrets)
+
+
 HANDLERS = {
     "upload_begin": upload_begin,
     "upload_manifest": upload_manifest,
     "upload_data": upload_data,
     "upload_abort": upload_abort,
     "submit": submit,
+    "resubmit": resubmit,
 }
