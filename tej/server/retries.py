@@ -88,6 +88,8 @@ def retry_if_lost(host, job_dir, record):
     """
     if record.get("state") != STATE_LOST or record.get("ended_at"):
         return record  # not lost, or recorded lost for good (its supervisor failed)
+    if record.get("max_attempts") == 1:
+        return record  # no retries: its job.json needn't be read
     try:
         job = read_json(os.path.join(job_dir, JOB_FILE))
     except (OSError, AgentError):  # unreadable: it stays lost
