@@ -130,10 +130,16 @@ class JobStatus:
             "elapsed": self.elapsed,
             "position": list(self.position) if self.position else None,
             "notifications": list(self.notifications),
+            **({"metadata": self.metadata} if self.metadata is not None else {}),
+            **(self._attempts_json() if self.max_attempts is not None else {}),
+        }
+
+    def _attempts_json(self) -> dict[str, Any]:
+        """The attempts' fields, which `status` has (not `list`)."""
+        return {
             "attempts": list(self.attempts),
             "max_attempts": self.max_attempts,
             "retry_at": _format_time(self.retry_at),
-            **({"metadata": self.metadata} if self.metadata is not None else {}),
         }
 
 
