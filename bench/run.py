@@ -44,6 +44,7 @@ TEJ06_BIG_TIMEOUT = 3600.0
 COMMAND_TIMEOUT = 1800.0
 STATUS_JOB = "bench-status"
 FILES_JOB = "bench-files"
+RESUBMIT_JOB = "bench-resubmit"
 SYNC_JOB = "bench-sync"
 SSH_NAMES = ("tej", "ssh true")
 
@@ -635,6 +636,38 @@ class Rows:
             )
         ]
 
+    def row_resubmit(self) -> list[Row]:
+        """R1: resubmit of a job of row 4's directory vs a tiny submit, both cold."""
+        queue = self.b.remote_path("q-resubmit")
+        with self.b.api(queue) as remote:
+            remote.submit(str(self.b.big_dir()), job_id=RESUBMIT_JOB)
+            remote.wait(RESUBMIT_JOB, timeout=600)
+            remote.submit(str(self.b.tiny))
+
+        def resubmit() -> float:
+            with self.b.connection_scope() as control:
+                return self.b.time_tej(
+                    "resubmit", "--id", RESUBMIT_JOB, queue=queue, control=control
+                )
+
+        def tiny() -> float:
+            with self.b.connection_scope() as control:
+                return self.b.time_tej("submit", str(self.b.tiny), queue=queue, control=control)
+
+        tej_t, base_t = side_by_side(self.runs, resubmit, tiny, "row R1")
+        files = self.b.sizes.small_files
+        what = f"cold `tej resubmit` of a job of {files} files + {fmt_size(self.b.sizes.big_file)}"
+        return [
+            ratio_row(
+                "R1",
+                f"{what} vs cold submit of a tiny job",
+                tej_t,
+                base_t,
+                1.5,
+                ("resubmit", "tiny submit"),
+            )
+        ]
+
     def owner(self) -> tuple[int, int] | None:
         return (self.b.server.uid, self.b.server.gid) if sshd.is_root() else None
 
@@ -1134,6 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (["8"], measure.row8),
             (["9"], measure.row9),
             (["S1", "S2", "S3"], measure.rows_sync),
+            (["R1"], measure.row_resubmit),
         ]
         wanted = set(args.rows.split(",")) if args.rows else None
         for keys, step in steps:

@@ -129,6 +129,18 @@ class JobStatus:
     resources: Resources | None = None
     #: The last line the job wrote to $TEJ_PROGRESS (at most 200 characters, escaped).
     progress: str | None = None
+    #: Each run of the script so far (several with retries): attempt, started_at,
+    #: ended_at, state, exit_code, signal, reason (times as ISO 8601 text).
+    attempts: tuple[dict[str, Any], ...] = ()
+    #: How many times the script may run in all (1 + retries.max); None before it starts.
+    max_attempts: int | None = None
+    #: When the next attempt starts, while the job waits to retry.
+    retry_at: datetime | None = None
+
+    @property
+    def attempt(self) -> int:
+        """The number of the current (or last) attempt; 0 before the first."""
+        return len(self.attempts)
 
     @classmethod
     def from_agent(cls, data: dict[str, Any]) -> JobStatus:
@@ -154,6 +166,9 @@ class JobStatus:
             metadata=data.get("metadata"),
             resources=Resources.from_agent(data.get("resources")),
             progress=data.get("progress"),
+            attempts=tuple(data.get("attempts") or ()),
+            max_attempts=data.get("max_attempts"),
+            retry_at=_parse_time(data.get("retry_at")),
         )
         return status
 
@@ -175,6 +190,15 @@ class JobStatus:
             "resources": self.resources.to_json() if self.resources else None,
             "progress": self.progress,
             **({"metadata": self.metadata} if self.metadata is not None else {}),
+            **(self._attempts_json() if self.max_attempts is not None else {}),
+        }
+
+    def _attempts_json(self) -> dict[str, Any]:
+        """The attempts' fields, which `status` has (not `list`)."""
+        return {
+            "attempts": list(self.attempts),
+            "max_attempts": self.max_attempts,
+            "retry_at": _format_time(self.retry_at),
         }
 
 
@@ -506,6 +530,36 @@ class RemoteQueue:
             send_bytes=sum(to_send.values()),
         )
 
+    def resubmit(
+        self,
+        job_id: str,
+        *,
+        new_id: str | None = None,
+        secrets: Mapping[str, str] | None = None,
+        **metadata: Any,
+    ) -> str:
+        """Start a new job from the files an existing one was uploaded with; its id.
+
+        Nothing is uploaded: the server lays the new job out from its store. The
+        new job has the old one's metadata, but for what metadata overrides
+        (submit's names; env is merged). new_id: its id (by default, one like
+        submit's, from the old id). The old job is left as it is. InvalidInput
+        if the store no longer holds one of the files' contents.
+        """
+        from tej import jobspec
+
+        old = self.status(job_id).metadata
+        if old is None:
+            raise InvalidInput(f"Job {job_id!r} has no readable metadata: submit it again")
+        base = {key: value for key, value in old.items() if key not in ("id", "secret_env")}
+        job = jobspec.build_job(base, metadata)
+        secret_env = jobspec.secret_env(secrets or {})
+        if new_id is not None:
+            check_job_id(new_id)
+        return str(
+            self._call("resubmit", job_id=job_id, new_id=new_id, job=job, secrets=secret_env)
+        )
+
     def _abort_upload(self, token: str) -> None:
         if self._session is None:
             return
@@ -563,21 +617,27 @@ class RemoteQueue:
         stream: str = "stdout",
         follow: bool = False,
         tail: int | None = None,
+        attempt: int | None = None,
     ) -> Iterator[bytes]:
         """Yield the job's output (stdout or stderr) in chunks.
 
-        With follow, new output is streamed as it is written, until the job
-        ends and every last byte has been delivered. tail starts at the last
-        `tail` lines.
+        attempt: the output of that attempt of a job with retries (1 for the
+        first); by default, the current one's. With follow, new output is
+        streamed as it is written, until the job ends and every last byte has
+        been delivered (without attempt, following the later attempts too).
+        tail starts at the last `tail` lines.
         """
         from tej import transfer
 
         check_job_id(job_id)
         if stream not in ("stdout", "stderr"):
             raise InvalidInput(f"stream must be stdout or stderr, not {stream!r}")
+        if attempt is not None and (isinstance(attempt, bool) or attempt < 1):
+            raise InvalidInput(f"attempt must be 1 or more, not {attempt!r}")
+        pinned = {} if attempt is None else {"attempt": attempt}
         offset = 0
         if tail is not None:
-            offset = self._call("tail_offset", job_id=job_id, stream=stream, lines=tail)
+            offset = self._call("tail_offset", job_id=job_id, stream=stream, lines=tail, **pinned)
         while True:
             reply = self._call(
                 "read_output",
@@ -586,10 +646,14 @@ class RemoteQueue:
                 offset=offset,
                 length=transfer.CHUNK_SIZE,
                 wait=protocol.MAX_BLOCK if follow else 0,
+                **pinned,
             )
             if reply["data"]:
                 offset = reply["offset"]
+                pinned = pinned or ({"attempt": reply["attempt"]} if reply["attempt"] else {})
                 yield reply["data"]
+            elif follow and attempt is None and reply["attempt"] < reply["attempts"]:
+                pinned, offset = {"attempt": reply["attempt"] + 1}, 0  # on to the next one
             elif reply["ended"] or not follow:
                 return
 

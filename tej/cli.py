@@ -304,42 +304,90 @@ def setup(
         )
 
 
+JOB_OPTIONS = [
+    click.option("--script", help="Script to run, relative to DIRECTORY [default: start.sh]."),
+    click.option("--max-runtime", help="Time limit (90, 90s, 15m, 2h, 1d); then it is killed."),
+    click.option("--start-at", help="Start at this ISO 8601 time (naive: the server's time)."),
+    click.option("--delay", help="Start after this duration (90s, 15m, 2h)."),
+    click.option(
+        "--env", "env", multiple=True, metavar="NAME=VALUE", help="Add to the environment."
+    ),
+    click.option(
+        "--env-secret",
+        "secrets",
+        multiple=True,
+        metavar="NAME",
+        help="Pass $NAME (or a prompted value) to the job, never written on the server.",
+    ),
+    click.option(
+        "--stdout",
+        shell_complete=complete_words("tej", "discard"),
+        help="Where stdout goes: tej (kept), discard, or a path in the job.",
+    ),
+    click.option(
+        "--stderr",
+        shell_complete=complete_words("tej", "discard", "stdout"),
+        help="Where stderr goes: tej, discard, stdout, or a path in the job.",
+    ),
+    click.option(
+        "--webhook", multiple=True, metavar="URL", help="POST the status here at the end."
+    ),
+    click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end."),
+    click.option("--priority", type=int, help="Queue runner: higher starts first [default: 0]."),
+    click.option(
+        "--after",
+        multiple=True,
+        metavar="ID",
+        shell_complete=complete_job_id,
+        help="Queue runner: start once job ID has succeeded.",
+    ),
+    click.option(
+        "--retries",
+        type=click.IntRange(0, protocol.MAX_RETRIES),
+        help="Run the script again, up to N times, when it fails (tej.json: retries).",
+    ),
+    click.option(
+        "--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait)."
+    ),
+    click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code."),
+]
+
+
+def job_options(function: F) -> F:
+    """Give a command the options of a job's metadata (submit's and resubmit's), and --wait."""
+    for option in reversed(JOB_OPTIONS):
+        function = option(function)
+    return function
+
+
+def job_overrides(
+    metadata: dict[str, Any],
+    env: tuple[str, ...],
+    webhook: tuple[str, ...],
+    email: tuple[str, ...],
+    priority: int | None,
+    after: tuple[str, ...],
+    retries: int | None,
+) -> dict[str, Any]:
+    """The job metadata the command line gives (tej.json's names; None: not given)."""
+    overrides: dict[str, Any] = dict(
+        metadata,
+        env=parse_env(env) if env else None,
+        priority=priority,
+        after=list(after) or None,
+        retries=None if retries is None else {"max": retries},
+    )
+    if webhook or email:
+        overrides["notify"] = {
+            **({"webhook": list(webhook)} if webhook else {}),
+            **({"email": list(email)} if email else {}),
+        }
+    return overrides
+
+
 @queue_command(with_settings=True)
 @click.option("--id", "job_id", help="Identifier of the job [default: <dirname>_<user>_<random>].")
-@click.option("--script", help="Script to run, relative to DIRECTORY [default: start.sh].")
-@click.option("--max-runtime", help="Time limit (90, 90s, 15m, 2h, 1d); then it is killed.")
-@click.option("--start-at", help="Start at this ISO 8601 time (naive: the server's time).")
-@click.option("--delay", help="Start after this duration (90s, 15m, 2h).")
-@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Add to the environment.")
-@click.option(
-    "--env-secret",
-    "secrets",
-    multiple=True,
-    metavar="NAME",
-    help="Pass $NAME (or a prompted value) to the job, never written on the server.",
-)
-@click.option(
-    "--stdout",
-    shell_complete=complete_words("tej", "discard"),
-    help="Where stdout goes: tej (kept), discard, or a path in the job.",
-)
-@click.option(
-    "--stderr",
-    shell_complete=complete_words("tej", "discard", "stdout"),
-    help="Where stderr goes: tej, discard, stdout, or a path in the job.",
-)
-@click.option("--webhook", multiple=True, metavar="URL", help="POST the status here at the end.")
-@click.option("--email", multiple=True, metavar="ADDRESS", help="Email a summary at the end.")
-@click.option("--priority", type=int, help="Queue runner: higher starts first [default: 0].")
-@click.option(
-    "--after",
-    multiple=True,
-    metavar="ID",
-    shell_complete=complete_job_id,
-    help="Queue runner: start once job ID has succeeded.",
-)
-@click.option("--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait).")
-@click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code.")
+@job_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option(
     "--dry-run",
@@ -359,6 +407,7 @@ def submit(
     email: tuple[str, ...],
     priority: int | None,
     after: tuple[str, ...],
+    retries: int | None,
     then_wait: bool,
     exit_code: bool,
     quiet: bool,
@@ -370,17 +419,7 @@ def submit(
     The queue's runner decides when: at once (default), in turn (queue), or
     through a batch system (slurm).
     """
-    overrides: dict[str, Any] = dict(
-        metadata,
-        env=parse_env(env) if env else None,
-        priority=priority,
-        after=list(after) or None,
-    )
-    if webhook or email:
-        overrides["notify"] = {
-            **({"webhook": list(webhook)} if webhook else {}),
-            **({"email": list(email)} if email else {}),
-        }
+    overrides = job_overrides(metadata, env, webhook, email, priority, after, retries)
     defaults = settings.submit_defaults()
     if dry_run:
         if then_wait:
@@ -398,6 +437,43 @@ def submit(
             defaults=defaults,
             **overrides,
         )
+    report_submitted(remote, new_id, as_json, then_wait, exit_code)
+
+
+@queue_command()
+@ID_OPTION
+@click.option("--as", "new_id", help="Identifier of the new job [default: like submit's].")
+@job_options
+def resubmit(
+    remote: RemoteQueue,
+    as_json: bool,
+    job_id: str,
+    new_id: str | None,
+    env: tuple[str, ...],
+    secrets: tuple[str, ...],
+    webhook: tuple[str, ...],
+    email: tuple[str, ...],
+    priority: int | None,
+    after: tuple[str, ...],
+    retries: int | None,
+    then_wait: bool,
+    exit_code: bool,
+    **metadata: str | None,
+) -> None:
+    """Start a new job from the files job ID was uploaded with (nothing is uploaded).
+
+    It has the job's script and metadata, but for the options given.
+    """
+    overrides = job_overrides(metadata, env, webhook, email, priority, after, retries)
+    secret_values = {name: read_secret(name) for name in secrets}
+    created = remote.resubmit(job_id, new_id=new_id, secrets=secret_values, **overrides)
+    report_submitted(remote, created, as_json, then_wait, exit_code)
+
+
+def report_submitted(
+    remote: RemoteQueue, new_id: str, as_json: bool, then_wait: bool, exit_code: bool
+) -> None:
+    """Say which job was submitted; with --wait, wait for it and exit as `tej wait` does."""
     if not as_json:
         click.echo("Job submitted as:")
         click.echo(new_id)
@@ -542,6 +618,12 @@ def wait(
 @click.option("--stderr", "use_stderr", is_flag=True, help="Show stderr instead of stdout.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 @click.option("--tail", type=click.IntRange(0), help="Start with the last N lines.")
+@click.option(
+    "--attempt",
+    type=click.IntRange(1),
+    metavar="K",
+    help="The output of attempt K of a job with retries [default: the current one].",
+)
 def logs(
     remote: RemoteQueue,
     as_json: bool,
@@ -549,10 +631,11 @@ def logs(
     use_stderr: bool,
     follow: bool,
     tail: int | None,
+    attempt: int | None,
 ) -> None:
     """Print a job's output."""
     stream = "stderr" if use_stderr else "stdout"
-    chunks = remote.logs(job_id, stream, follow=follow, tail=tail)
+    chunks = remote.logs(job_id, stream, follow=follow, tail=tail, attempt=attempt)
     if as_json:
         text = b"".join(chunks).decode("utf-8", "replace")
         emit_json({"id": job_id, "stream": stream, "output": text})

@@ -37,6 +37,7 @@ FIELDS = (
     "delay",
     "notify",
     "exclude",
+    "retries",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
 _ENV_NAME = re.compile(protocol.ENV_NAME_REGEX)
@@ -121,6 +122,8 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
         job["start_at"] = parse_start_at(data["start_at"])
     if "notify" in data:
         job["notify"] = _notify(data["notify"])
+    if data.get("retries") is not None:
+        job["retries"] = retries(data["retries"])
     job.update(_runner_fields(data))
     return job
 
@@ -157,6 +160,14 @@ def duration(value: Any, field: str, allow_zero: bool = False) -> float:
     """Seconds from a number or a text like "90", "90s", "15m", "2h", "1d", "1h30m"."""
     try:
         return protocol.parse_duration(value, field, allow_zero)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def retries(value: Any) -> dict[str, Any]:
+    """tej.json's "retries" (or --retries N), checked and normalized (see tej.protocol)."""
+    try:
+        return protocol.check_retries(value)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
 

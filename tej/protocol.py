@@ -38,6 +38,7 @@ OPERATIONS = {
     "sync_hash": "sync",
     "sync_read": "sync",
     "doctor": "doctor",
+    "resubmit": "upload",
 }
 
 # Job states.
@@ -85,6 +86,12 @@ MAX_OFFSET = 1 << 62
 MAX_READ = 1 << 24
 MAX_CHUNK = 1 << 20
 MAX_ID_LENGTH = 128
+MAX_RETRIES = 100  # retries.max: more attempts than this is a loop, not a retry
+MAX_BACKOFF = 100.0  # retries.backoff: the factor the delay grows by at each retry
+
+# Retries: what "on" may name besides exit codes.
+RETRY_ON_FAILURE = "failure"  # a non-zero exit code, or a timeout
+RETRY_ON_LOST = "lost"  # the supervisor died (killed, a reboot): retried by the next command
 
 # Names: what job identifiers, environment variables and runners are made of.
 ID_CHARACTERS = r"A-Za-z0-9_\-.+=@%:,"
@@ -131,6 +138,44 @@ def parse_duration(value: object, field: str, allow_zero: bool = False) -> float
     if not 0 <= seconds <= MAX_DURATION or (seconds == 0 and not allow_zero):
         raise ValueError("%s must be a positive duration up to 10 years, not %r" % (field, value))
     return seconds
+
+
+def check_retries(value: object) -> "dict[str, object]":
+    """tej.json's "retries" (a number of retries, or an object), normalized; ValueError if bad.
+
+    The result: {"max": N, "on": [...], "delay": seconds, "backoff": factor}, "on" a
+    list of exit codes and of "failure" and "lost".
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"max": value}
+    if not isinstance(value, dict):
+        raise ValueError('retries must be a number or an object such as {"max": 3}')
+    unknown = sorted(set(value) - {"max", "on", "delay", "backoff"})
+    if unknown:
+        raise ValueError("Unknown key %r in retries (use max, on, delay, backoff)" % unknown[0])
+    count = value.get("max", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_RETRIES:
+        raise ValueError("retries.max must be a whole number from 0 to %d" % MAX_RETRIES)
+    on = value.get("on", RETRY_ON_FAILURE)
+    on = [on] if isinstance(on, (str, int)) and not isinstance(on, bool) else on
+    if not isinstance(on, list) or not on:
+        raise ValueError('retries.on must be "failure", "lost", or a list of those and exit codes')
+    for item in on:
+        if item in (RETRY_ON_FAILURE, RETRY_ON_LOST):
+            continue
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 255:
+            raise ValueError(
+                'Invalid retries.on value %r: use "failure", "lost" or exit codes from 1 to 255'
+                % (item,)
+            )
+    delay = parse_duration(value.get("delay", 0), "retries.delay", allow_zero=True)
+    backoff = value.get("backoff", 1)
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)):
+        raise ValueError("retries.backoff must be a number from 1 to %g" % MAX_BACKOFF)
+    if not 1 <= backoff <= MAX_BACKOFF:
+        raise ValueError("retries.backoff must be a number from 1 to %g" % MAX_BACKOFF)
+    unique = list(dict.fromkeys(on))
+    return {"max": count, "on": unique, "delay": delay, "backoff": float(backoff)}
 
 
 def sha256_hex(data: bytes) -> str:

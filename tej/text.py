@@ -60,8 +60,23 @@ def cut(text: str, width: int | None) -> str:
 
 
 def describe_state(status: JobStatus) -> str:
-    """What `tej status` says of a job's state and time, without its usage or progress."""
-    elapsed = format_elapsed(status.elapsed)
+    """What `tej status` says of a job's state, time and attempts, without usage or progress."""
+    text = describe_attempt(status, format_elapsed(status.elapsed))
+    if status.attempt > 1 and not status.state.is_active:
+        return f"{text} after {status.attempt} attempts"
+    return text
+
+
+def describe_attempt(status: JobStatus, elapsed: str) -> str:
+    """The state part of `tej status`'s line (describe_state adds the attempts' count)."""
+    tries = status.max_attempts or 1
+    if status.state is JobState.RUNNING and status.retry_at is not None:
+        return (
+            f"Job is waiting to retry (attempt {status.attempt + 1} of {tries} "
+            f"at {format_local(status.retry_at)})"
+        )
+    if status.state is JobState.RUNNING and tries > 1:
+        return f"Job is running (attempt {status.attempt} of {tries}, {elapsed})"
     if status.state is JobState.RUNNING:
         return f"Job is still running ({elapsed})"
     if status.state is JobState.STARTING:

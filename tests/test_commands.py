@@ -667,6 +667,8 @@ def test_list_json(target: Target) -> None:
         _check_times(document)
     single = json.loads(target.cli("status", "--json", "--id", finished).stdout)
     assert single.pop("metadata")["id"] == finished  # status adds the job's metadata
+    assert single.pop("attempts")[0]["exit_code"] == 2  # and its attempts
+    assert (single.pop("max_attempts"), single.pop("retry_at")) == (1, None)
     assert single == by_id[finished]
 
 

@@ -173,6 +173,45 @@ def test_scancel_outside_tej_shows_as_killed(slurm: Target, slurm_cluster: Slurm
     assert final["exit_code"] is not None or final["signal"] is not None or final["reason"]
 
 
+def test_retries_run_inside_the_one_slurm_job(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    script = (
+        "#!/bin/sh\nn=$(cat count 2>/dev/null || echo 0); n=$((n + 1)); echo $n > count\n"
+        'echo "try $n in $SLURM_JOB_ID"\n[ "$n" -ge 3 ] && exit 0\nexit 5\n'
+    )
+    job_file = {"retries": {"max": 3, "delay": 1}, "max_runtime": 60}
+    job = slurm.make_job(script=script, files={"tej.json": json.dumps(job_file)})
+    job_id = slurm.submit(job)
+    final = wait_for_state(slurm, job_id, "finished")
+    assert final["exit_code"] == 0
+    assert [(item["state"], item["exit_code"]) for item in final["attempts"]] == [
+        ("finished", 5),
+        ("finished", 5),
+        ("finished", 0),
+    ]
+    answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
+    assert answer.endswith("with exit code 0 after 3 attempts"), answer
+    # One sbatch: every attempt ran in the same Slurm job, whose time limit covers them all.
+    record = scontrol(slurm_cluster, slurm, job_id)
+    logs = [
+        slurm.cli("logs", "--id", job_id, "--attempt", str(k), check=0).stdout for k in (1, 2, 3)
+    ]
+    assert logs == [f"try {k} in {record['JobId']}\n" for k in (1, 2, 3)]
+    assert record["JobState"] == "COMPLETED"
+    assert record["TimeLimit"] == "00:05:00"  # 4 x (60 + 5) + 3 x 1 + 30 = 293 s
+
+
+def test_kill_stops_the_retries_under_slurm(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    job = slurm.make_job(
+        script="#!/bin/sh\nexit 1\n",
+        files={"tej.json": json.dumps({"retries": {"max": 3, "delay": "5m"}})},
+    )
+    job_id = slurm.submit(job)
+    wait_until(lambda: status_json(slurm, job_id)["retry_at"], SLURM_WAIT, "the delay")
+    one_line_answer(slurm.cli("kill", "--id", job_id), 0)
+    final = status_json(slurm, job_id)
+    assert final["state"] == "killed" and len(final["attempts"]) == 1
+
+
 def test_max_runtime_times_out_and_becomes_slurms_time_limit(
     slurm: Target, slurm_cluster: SlurmCluster
 ) -> None:

@@ -14,6 +14,7 @@ from ..protocol import (
     OUTPUT_DISCARDED,
     OUTPUT_KEPT,
     STDERR_MERGED,
+    check_retries,
 )
 from .errors import (
     AgentError,
@@ -52,7 +53,13 @@ def validate_job(job):
         check_output_target(stream, job.get(stream, OUTPUT_KEPT))
     if not isinstance(job.get("notify") or {}, dict):
         raise AgentError(ERR_INVALID, "notify must be a dict")
-    return dict(job, script=script, args=args, env=env)
+    job = dict(job, script=script, args=args, env=env)
+    if job.get("retries") is not None:
+        try:
+            job["retries"] = check_retries(job["retries"])
+        except ValueError as exc:
+            raise AgentError(ERR_INVALID, str(exc))
+    return job
 
 
 def check_output_target(stream, target):

@@ -146,6 +146,9 @@ def run_forked_supervisor(copy, job_dir, secrets, log):
         for fd, target in ((0, devnull), (1, devnull), (2, log)):
             os.dup2(target, fd)
         close_inherited_files()
+        from .queue import HELD_LOCKS
+
+        HELD_LOCKS.clear()  # the locks of the process it was forked from are not its own
         os.chdir("/")
         set_process_title(supervisor_title(job_dir))
         from .supervisor import supervise

@@ -23,6 +23,7 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
 BLOBS_FILE = "blobs"
+MANIFEST_FILE = "manifest"  # the manifest of the job's files as uploaded (for resubmit)
 WORK_DIR = "work"
 STDOUT_FILE = "stdout"
 STDERR_FILE = "stderr"

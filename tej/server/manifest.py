@@ -1,5 +1,6 @@
 """Upload manifests: decoding and checking the columns the client sends."""
 
+import os
 import struct
 
 from ..protocol import (
@@ -72,6 +73,46 @@ def parse_manifest(manifest):
     if len(hexes) != files or symlinks != len(links) or b"" in links:
         raise AgentError(ERR_BAD_REQUEST, "Invalid manifest: digests or targets don't match")
     return rows
+
+
+def keep_part(path, manifest):
+    """Append a manifest's part, as the client sent it, to a job's MANIFEST_FILE.
+
+    Each column in MANIFEST_FIELDS order: its length (little-endian uint64),
+    then its bytes ("kinds" in ASCII). resubmit lays the job's files out again
+    from it (see read_parts).
+    """
+    data = []
+    for name in MANIFEST_FIELDS:
+        value = manifest[name]
+        value = value.encode("ascii") if isinstance(value, str) else value
+        data.append(struct.pack("<Q", len(value)) + value)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"".join(data))
+    finally:
+        os.close(fd)
+
+
+def read_parts(path):
+    """The manifest's parts a MANIFEST_FILE holds (as the client sent them); OSError if none."""
+    with open(path, "rb") as stream:
+        data = stream.read()
+    parts, offset = [], 0
+    try:
+        while offset < len(data):
+            part = {}
+            for name in MANIFEST_FIELDS:
+                (size,) = struct.unpack_from("<Q", data, offset)
+                value = data[offset + 8 : offset + 8 + size]
+                if len(value) != size:
+                    raise ValueError("truncated")
+                part[name] = value.decode("ascii") if name == "kinds" else value
+                offset += 8 + size
+            parts.append(part)
+    except (struct.error, ValueError):
+        raise AgentError(ERR_INVALID, "The job's record of its files (%s) is damaged" % path)
+    return parts
 
 
 def parse_part(manifest, contents, submit, more):

@@ -217,19 +217,31 @@ def write_link(path, root):
     write_json_atomic(path, {"tej_link": root, "format": LINK_FORMAT})
 
 
+HELD_LOCKS = {}  # type: dict[str, int]  # path -> how many QueueLocks hold it in this process
+
+
 class QueueLock(object):
-    """An exclusive advisory lock (flock) on a file of the queue."""
+    """An exclusive advisory lock (flock) on a file of the queue.
+
+    Reentrant within a process: a lock taken while this process holds it
+    already (a lost job retried while the queue runner decides) just counts.
+    """
 
     def __init__(self, path):
         self.path = path
         self.fd = None
 
     def __enter__(self):
-
+        if HELD_LOCKS.get(self.path):
+            HELD_LOCKS[self.path] += 1
+            return self
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
+        HELD_LOCKS[self.path] = 1
         return self
 
     def __exit__(self, *exc_info):
-        os.close(self.fd)  # type: ignore[arg-type]  # releases the lock
-        self.fd = None
+        HELD_LOCKS[self.path] -= 1
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None

@@ -64,6 +64,9 @@ def public_status(job_id, record):
         "notifications": record.get("notifications", []),
         "resources": record.get("resources"),
         "progress": None,
+        "attempts": record.get("attempts") or [],
+        "max_attempts": record.get("max_attempts"),
+        "retry_at": now_iso(record["retry_at"]) if record.get("retry_at") else None,
     }
 
 

@@ -46,7 +46,9 @@ from .notify import (
 )
 from .processes import (
     become_subreaper,
+    group_exists,
     identify_process,
+    owns_group,
     reap_remaining,
     signal_job,
     signal_name,
@@ -58,6 +60,11 @@ from .queue import open_queue
 from .records import (
     read_status_record,
     supervised_record,
+)
+from .retries import (
+    close_attempt,
+    max_attempts,
+    next_retry,
 )
 from .runners import (
     open_runner,
@@ -97,23 +104,57 @@ class Supervisor(object):
             return 0
         if self.record.get("start_time") and not self.admitted():
             return 0  # queued: the runner starts the job later
-        if self.kill_requested:
-            self.end(STATE_KILLED, reason="cancelled before it started")
-            return 0
         before = children_usage()  # what was reaped before is not the job's
+        while True:
+            if not self.wait_for_retry() or self.kill_requested:
+                self.end(STATE_KILLED, reason=self.cancelled_reason())
+                return 0
+            state = self.attempt()
+            delay = next_retry(self.job, self.record["attempts"], state, self.record["exit_code"])
+            if delay is None:
+                # Before end(): the queue's tick may fork (and reap) the next job's supervisor.
+                self.record["resources"] = job_resources(before)
+                self.end(state)
+                return 0
+            self.record.update(state=STATE_RUNNING, retry_at=time.time() + delay)
+            self.save()
+
+    def attempt(self):
+        """Run the script once, from start to end; returns how this attempt ended.
+
+        Its start and end are noted in the record's attempts (see retries).
+        """
+        self.timed_out = False
+        clear_leftovers(self.record.get("job"), self.grace)
+        rotate_outputs(self.job_dir, self.job, len(self.record.get("attempts") or []))
         proc = self.launch()
         if proc is None:
-            return 0
-        self.arm_time_limit()
-        wait_status = wait_for_child(proc.pid)
-        terminate_group(self.pgid, self.grace, with_descendants=True)
-        reap_remaining(time.time() + 1.0)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        # Before end(): the queue's tick may fork (and reap) the next job's supervisor.
-        self.record["resources"] = job_resources(before)
-        self.record.update(exit_code_fields(wait_status))
-        self.end(self.end_state())
-        return 0
+            state = STATE_FINISHED  # it could not start: exit code 126 or 127
+        else:
+            self.arm_time_limit()
+            wait_status = wait_for_child(proc.pid)
+            terminate_group(self.pgid, self.grace, with_descendants=True)
+            reap_remaining(time.time() + 1.0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.pgid, self.alarm_phase = None, None
+            self.record.update(exit_code_fields(wait_status))
+            state = self.end_state()
+        close_attempt(self.record, state)
+        return state
+
+    def wait_for_retry(self):
+        """Wait for the time of the next attempt, if there is one; False if killed meanwhile."""
+        retry_at = self.record.pop("retry_at", None)
+        while retry_at and not self.kill_requested and time.time() < retry_at:
+            time.sleep(min(retry_at - time.time(), 0.2))
+        return not self.kill_requested
+
+    def cancelled_reason(self):
+        """Why a job killed between attempts (or before its first) never ran again."""
+        attempts = self.record.get("attempts")
+        if not attempts:
+            return "cancelled before it started"
+        return "killed while waiting to retry (after attempt %d)" % len(attempts)
 
     def wait_for_start_time(self):
         """Stay scheduled until the start time; False if killed meanwhile."""
@@ -157,11 +198,19 @@ class Supervisor(object):
             os.close(out)
             os.close(err)
         self.pgid = proc.pid
-        self.record.update(
-            state=STATE_RUNNING, started_at=started_at, job=identify_process(proc.pid)
-        )
+        self.record.update(state=STATE_RUNNING, job=identify_process(proc.pid))
+        self.start_attempt(started_at)
         self.save()
         return proc
+
+    def start_attempt(self, started_at):
+        """Note a new attempt in the record (the job's started_at is its first one's)."""
+        attempts = self.record.setdefault("attempts", [])
+        attempts.append({"attempt": len(attempts) + 1, "started_at": started_at})
+        self.record.setdefault("started_at", started_at)
+        for stale in ("exit_code", "signal", "reason"):
+            self.record.pop(stale, None)
+        self.record["max_attempts"] = max_attempts(self.job)
 
     def start_job(self, out, err):
         """Spawn the job's script in its own session, its output to out and err."""
@@ -196,8 +245,8 @@ class Supervisor(object):
                 stream.write("tej: %s\n" % reason)
         except OSError:
             pass
-        self.record.update(started_at=now_iso(), exit_code=exit_code, reason=reason)
-        self.end(STATE_FINISHED)
+        self.start_attempt(now_iso())
+        self.record.update(exit_code=exit_code, reason=reason)
 
     def arm_time_limit(self):
         """Start the clock of max_runtime, if the job has one."""
@@ -283,6 +332,30 @@ def tick_after_end(job_dir):
     except Exception as exc:  # noqa: BLE001 - the job's end is recorded: log, don't fail
         sys.stderr.write("%s tej: the queue's runner failed: %s\n" % (now_iso(), exc))
         sys.stderr.flush()
+
+
+def clear_leftovers(identity, grace):
+    """Stop what a lost attempt left running (its processes), before the job runs again."""
+    if identity and owns_group(identity) and group_exists(identity["pid"]):
+        terminate_group(identity["pid"], grace)
+
+
+def rotate_outputs(job_dir, job, done):
+    """Before attempt done + 1 (not the first): keep attempt done's output as stdout.DONE.
+
+    Only the output tej keeps (stdout and stderr in the job's folder): a path in
+    the job's files is appended to by every attempt.
+    """
+    if not done:
+        return
+    for stream in ("stdout", "stderr"):
+        if (job.get(stream) or OUTPUT_KEPT) != OUTPUT_KEPT:
+            continue
+        path = os.path.join(job_dir, stream)
+        try:
+            os.rename(path, "%s.%d" % (path, done))
+        except OSError:
+            pass  # not written (or kept already, by a supervisor lost since)
 
 
 def exit_code_fields(wait_status):

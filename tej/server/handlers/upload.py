@@ -13,6 +13,7 @@ from ...protocol import (
     ERR_JOB_EXISTS,
     ERR_RUNNER_MISSING,
     ID_CHARACTERS,
+    MAX_ID_LENGTH,
 )
 from ..errors import AgentError, checked_rows
 from ..files import (
@@ -30,6 +31,7 @@ from ..layout import (
     JOB_FILE,
     JOBS_DIR,
     LEASES_DIR,
+    MANIFEST_FILE,
     STAGING_DIR,
     STALE_TRASH,
     STALE_UPLOAD,
@@ -39,7 +41,7 @@ from ..layout import (
     WORK_DIR,
     validate_job_id,
 )
-from ..manifest import parse_part
+from ..manifest import keep_part, parse_manifest, parse_part, read_parts
 from ..processes import login_user
 from ..queue import open_queue
 from ..runners import check_runner_fields
@@ -73,6 +75,13 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
     """
     rows, contents = parse_part(manifest, contents, submit, more)
     text, queue = queue, open_queue(queue, create=True, with_runner=False)
+    upload = open_upload(connection, queue, token)
+    keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
+    return take_manifest(connection, text, upload, rows, contents, submit, more)
+
+
+def open_upload(connection, queue, token):
+    """A new upload of this connection: its staging area (token: the client's, or None)."""
     if token is None:
         token = "%x%08x" % (int(time.time()), randrange(1 << 32))
     elif not isinstance(token, str) or not re.match(r"[0-9a-f]{16,32}\Z", token):
@@ -93,7 +102,7 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
         remove_tree(staging)
         raise
     connection.uploads[token] = upload
-    return take_manifest(connection, text, upload, rows, contents, submit, more)
+    return upload
 
 
 def upload_manifest(connection, queue, token, manifest, contents=None, submit=None, more=False):
@@ -106,6 +115,7 @@ def upload_manifest(connection, queue, token, manifest, contents=None, submit=No
         raise AgentError(ERR_INVALID, "The manifest of upload %r is complete" % token)
     try:
         rows, contents = parse_part(manifest, contents, submit, more)
+        keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
     except BaseException:
         upload_abort(connection, queue, token)
         raise
@@ -225,6 +235,12 @@ def submit(connection, queue, token, job_id=None, id_name=None, job=None, secret
     to disk: they reach the supervisor through a pipe (job.json keeps
     their names only).
     """
+    id_prefix = None if job_id is not None else default_id_prefix(id_name)
+    return submit_upload(connection, queue, token, job_id, id_prefix, job, secrets)
+
+
+def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets):
+    """Submit a completed upload as job_id, or as ID_PREFIX_RANDOM (see submit)."""
     secrets = validate_secrets(secrets or {})
     queue = open_queue(queue, create=True)
     staging = staging_dir(queue, token)
@@ -233,7 +249,7 @@ def submit(connection, queue, token, job_id=None, id_name=None, job=None, secret
         check_runner_fields(queue.runner, job, secrets)
         finish_upload(connection, token)
         check_script(os.path.join(staging, WORK_DIR), job["script"])
-        job_id, job_dir = reserve_id(queue, staging, job_id, id_name, job)
+        job_id, job_dir = reserve_id(queue, staging, job_id, id_prefix, job)
     except BaseException:
         drop_upload(connection, queue, token)
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
@@ -246,11 +262,10 @@ def submit(connection, queue, token, job_id=None, id_name=None, job=None, secret
     return job_id
 
 
-def reserve_id(queue, staging, job_id, id_name, job):
-    """Atomically move the staged job to jobs/ID; returns (id, job_dir)."""
+def reserve_id(queue, staging, job_id, id_prefix, job):
+    """Atomically move the staged job to jobs/ID (or ID_PREFIX_RANDOM); returns (id, job_dir)."""
     candidates = [job_id]
     if job_id is None:
-        id_prefix = default_id_prefix(id_name)
         candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
     validate_job_id(candidates[0])
     start_time = start_time_of(job)
@@ -317,6 +332,47 @@ def first_record(queue, job, start_time):
     return prepare(job, record) if prepare is not None else record
 
 
+def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
+    """Start a new job from the files an existing one was uploaded with: nothing is sent.
+
+    Its tree is laid out from the store, by the old job's MANIFEST_FILE (as an
+    upload's is); the old job is left as it is. job and secrets are submit's;
+    new_id is the new job's id, by default the old one's with a new random part.
+    A content the store no longer holds (a job wrote to its input file, or it
+    was collected) is an error: nothing is created.
+    """
+    text, queue = queue, open_queue(queue, with_runner=False)
+    old_dir = queue.job_dir(job_id)
+    try:
+        parts = read_parts(os.path.join(old_dir, MANIFEST_FILE))
+    except OSError:
+        raise AgentError(
+            ERR_INVALID,
+            "Job %r has no record of the files it was uploaded with (submitted by an older "
+            "tej?): submit its directory again" % job_id,
+        )
+    upload = open_upload(connection, queue, None)
+    try:
+        for part in parts:
+            keep_part(os.path.join(upload.staging, MANIFEST_FILE), part)
+            upload.add(parse_manifest(part))
+        missing = upload.plan()
+        if missing:
+            path = upload.rows[missing[0][0]][1].decode("utf-8", "replace")
+            raise AgentError(
+                ERR_INVALID,
+                "The queue's store no longer holds the uploaded content of %s, a file of job "
+                "%r: submit its directory again" % (path, job_id),
+            )
+    except BaseException:
+        connection.uploads.pop(upload.token, None)
+        upload.discard()
+        remove_tree(upload.staging)
+        raise
+    id_prefix = None if new_id is not None else re.sub(r"_\d{6}\Z", "", job_id)[: MAX_ID_LENGTH - 7]
+    return submit_upload(connection, text, upload.token, new_id, id_prefix, job, secrets)
+
+
 HANDLERS = {
     "upload_begin": upload_begin,
     "upload_manifest": upload_manifest,
@@ -324,4 +380,5 @@ HANDLERS = {
     "upload_abort": upload_abort,
     "submit": submit,
     "store_has": store_has,
+    "resubmit": resubmit,
 }

@@ -112,9 +112,17 @@ class RunnerHost(object):
         """A job's status record as last written, or None if it is gone."""
         return read_status_record(job_dir)
 
-    def supervised_record(self, job_dir, record=None):
-        """A job's status record, with a dead supervisor reported as lost."""
-        return supervised_record(job_dir, record)
+    def supervised_record(self, job_dir, record=None, retry=True):
+        """A job's status record, with a dead supervisor reported as lost.
+
+        A lost job whose retries include "lost" is started again (retry=False: not).
+        """
+        found = supervised_record(job_dir, record)
+        if retry and found.get("state") == STATE_LOST and not found.get("ended_at"):
+            from ..retries import retry_if_lost
+
+            found = retry_if_lost(self, job_dir, found)
+        return found
 
     def write_record(self, job_dir, record):
         """Replace a job's status record (atomically)."""

@@ -224,6 +224,14 @@ def parse_accounting(text, slurm_id):
     return {"max_rss": peak, "cpu_user": user, "cpu_system": system, "source": "slurm"}
 
 
+def retries_time(job, per_attempt):
+    """The longest a job's attempts take, with the delays between them (see retries)."""
+    policy = job.get("retries") or {}
+    tries = 1 + int(policy.get("max") or 0)
+    delay, backoff = float(policy.get("delay") or 0), float(policy.get("backoff") or 1)
+    return tries * per_attempt + sum(delay * backoff**retry for retry in range(tries - 1))
+
+
 class Runner(object):
     """Submits jobs with sbatch and follows them with squeue and scontrol."""
 
@@ -438,8 +446,8 @@ class Runner(object):
         limit = slurm.get("time")
         if limit is None and job.get("max_runtime"):
             # tej's supervisor enforces max_runtime to the second; Slurm's limit
-            # leaves it the grace period to do so.
-            limit = job["max_runtime"] + job.get("kill_grace", 5.0) + 30
+            # leaves it the grace period to do so, for every attempt (retries).
+            limit = retries_time(job, job["max_runtime"] + job.get("kill_grace", 5.0)) + 30
         if limit is not None:
             argv.append("--time=%s" % time_limit(limit))
         for key, option in sorted(TEXT_OPTIONS.items()):
