@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, assert_one_line_error, process_alive, wait_until
+from helpers import ELAPSED, USAGE, Target, assert_one_line_error, process_alive, wait_until
 
 from tej import protocol
 from tej.server.errors import AgentError
@@ -57,7 +58,9 @@ def test_a_script_that_fails_twice_ends_finished_after_three_attempts(target: Ta
     for item in status["attempts"]:
         assert item["started_at"] <= item["ended_at"]
     text = target.status_text(job_id)
-    assert text.startswith("Job is finished (") and text.endswith("after 3 attempts\n"), text
+    assert re.fullmatch(
+        rf"Job is finished \({ELAPSED}\) with exit code 0 after 3 attempts{USAGE}\n", text
+    )
     # Each attempt's output stays readable; the default is the last one's.
     assert target.ok("logs", "--id", job_id) == "try 3\n"
     for attempt in (1, 2, 3):

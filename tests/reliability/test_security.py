@@ -581,7 +581,6 @@ class Fuzzer:
                 "queue": queue,
                 "job_id": "target",
                 "new_id": f"fuzz-{self.serial}",
-                "id_prefix": "fuzz",
                 "job": {"script": "start.sh", "args": ["a"], "env": {"A": "1"}},
                 "secrets": {"S": "s"},
             },
