@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -23,6 +23,7 @@ EXIT_INTERRUPTED = 130
 EXIT_JOB_LOST = 7
 EXIT_JOB_TIMED_OUT = 124
 F = TypeVar("F", bound="Callable[..., Any]")
+T = TypeVar("T")
 
 
 def format_elapsed(seconds: float | None) -> str:
@@ -455,22 +456,68 @@ def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
         click.echo(describe_status(result))
 
 
+STATE_NAMES = [state.value for state in JobState]
+
+
 @queue_command("list")
-def list_jobs(remote: RemoteQueue, as_json: bool) -> None:
-    """List the jobs in the queue."""
-    jobs = remote.list()
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(STATE_NAMES),
+    help="Only the jobs in this state (repeatable).",
+)
+def list_jobs(remote: RemoteQueue, as_json: bool, states: tuple[str, ...]) -> None:
+    """List the jobs in the queue, oldest first (printed as they arrive)."""
+    jobs = remote.iter_list(list(states) or None)
     if as_json:
-        emit_json([job.to_json() for job in jobs])
+        emit_json_list(job.to_json() for job in jobs)
         return
-    rows = [("ID", "STATE", "ELAPSED", "EXIT")]
-    for job in jobs:
-        code = "" if job.exit_code is None else str(job.exit_code)
-        rows.append((job.id, job.state.value, format_elapsed(job.elapsed), code))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
-    ]
-    click.echo("\n".join(lines))
+    widths: list[int] = []
+    for batch in batched(jobs, 1000):
+        rows = [
+            (job.id, job.state.value, format_elapsed(job.elapsed), exit_text(job)) for job in batch
+        ]
+        if not widths:
+            header = ("ID", "STATE", "ELAPSED", "EXIT")
+            widths = [max(len(row[column]) for row in [header, *rows]) for column in range(4)]
+            rows.insert(0, header)
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows
+        ]
+        click.echo("\n".join(lines))
+    if not widths:
+        click.echo("ID  STATE  ELAPSED  EXIT")
+
+
+def exit_text(job: JobStatus) -> str:
+    """The EXIT column of a job."""
+    return "" if job.exit_code is None else str(job.exit_code)
+
+
+def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to size items, in order."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def emit_json_list(items: Iterator[Any]) -> None:
+    """Print a JSON list as emit_json would, an item at a time (a long list never in memory)."""
+    import json
+
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, sort_keys=True).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
 
 
 @queue_command()
@@ -498,6 +545,38 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
         emit_json({"id": job_id, "deleted": True})
     else:
         click.echo(f"Deleted job {job_id!r}")
+
+
+@queue_command()
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([state for state in STATE_NAMES if state in protocol.END_STATES]),
+    help="Only the jobs that ended this way (repeatable) [default: every ended job].",
+)
+@click.option("--older-than", help="Only the jobs that ended longer ago than this (7d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Only list the jobs that would be deleted.")
+def prune(
+    remote: RemoteQueue,
+    as_json: bool,
+    states: tuple[str, ...],
+    older_than: str | None,
+    dry_run: bool,
+) -> None:
+    """Delete ended jobs in bulk, and their files, from the server."""
+    from tej import jobspec
+
+    seconds = jobspec.duration(older_than, "--older-than", allow_zero=True) if older_than else None
+    ids = remote.prune(list(states) or None, seconds, dry_run=dry_run)
+    if as_json:
+        emit_json({"ids": list(ids), "count": len(ids), "dry_run": dry_run})
+    elif dry_run:
+        for job_id in ids:
+            click.echo(job_id)
+        click.echo(f"{len(ids)} job{'' if len(ids) == 1 else 's'} would be deleted", err=True)
+    else:
+        click.echo(f"Deleted {len(ids)} job{'' if len(ids) == 1 else 's'}")
 
 
 @queue_command()

@@ -15,10 +15,11 @@ from .errors import AgentError, describe_os_error, internal_error
 
 
 class Connection(object):
-    """One client's connection: what its requests share (its uploads in progress)."""
+    """One client's connection: what its requests share (uploads, a listing in progress)."""
 
     def __init__(self):
         self.uploads = {}  # token -> Upload, see handlers/upload.py
+        self.listings = {}  # cursor -> the batches of a listing, see handlers/jobs.py
 
     def handle(self, request):
         """Answer one request with a reply dict; never raises."""
