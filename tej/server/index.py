@@ -55,6 +55,9 @@ LIST_FIELDS = (
     "position",
     "notifications",
 )
+# Tests only: a process SIGKILLs itself at this point of an update ("POINT" or
+# "POINT:STATE", see crash_point), so that tests can check what a crash leaves.
+CRASH_AT = os.environ.get("TEJ_TEST_CRASH_AT")
 _intents = itertools.count()
 _writer = []  # type: list[str]  # this process's HOST~PID~START, made once
 
@@ -93,7 +96,9 @@ def write_status(job_dir, record, durable=True):
     job_id = os.path.basename(job_dir)
     with Intent(root, job_id):
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
+        crash_point("status-written", record.get("state"))
         sync(root, job_id, record)
+        crash_point("marker-moved", record.get("state"))
 
 
 class Intent(object):
@@ -126,6 +131,14 @@ class Intent(object):
         if exc_type is None:
             self.end()
         # On an error the intent stays: the job is repaired once this process is gone.
+
+
+def crash_point(name, state=None):
+    """Tests only: die here (SIGKILL) if TEJ_TEST_CRASH_AT names this point."""
+    if CRASH_AT is not None and CRASH_AT in (name, "%s:%s" % (name, state)):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def writer_tag():
@@ -357,7 +370,9 @@ def rebuild(root):
     except OSError:
         ids = []
     lines = []
-    for job_id in ids:
+    for number, job_id in enumerate(ids):
+        if number == len(ids) // 2:
+            crash_point("rebuilding")
         record = sync(root, job_id, with_row=False)
         if state_of(record) in END_STATES:
             lines.append(row_line(job_id, record))

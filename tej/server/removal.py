@@ -6,7 +6,7 @@ import time
 
 from ..protocol import END_STATES
 from .files import make_private_dir, parse_iso, randrange
-from .index import LIST_FIELDS, Intent, forget, state_of
+from .index import LIST_FIELDS, Intent, crash_point, forget, state_of
 from .layout import JOBS_DIR, TRASH_DIR
 from .records import read_status_record
 
@@ -23,6 +23,7 @@ def to_trash(queue, job_id):
             os.rename(queue.path(JOBS_DIR, job_id), trash)
         except FileNotFoundError:
             trash = None
+        crash_point("job-trashed")
         forget(queue.root, job_id)
     return trash
 

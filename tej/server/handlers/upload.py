@@ -18,7 +18,7 @@ from ..files import (
     remove_tree,
     write_json_atomic,
 )
-from ..index import Intent, forget, sync
+from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
 from ..layout import (
     JOB_FILE,
@@ -222,6 +222,7 @@ def submit(connection, queue, token, job_id=None, id_prefix=None, job=None, secr
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
         raise
     try:
+        crash_point("job-renamed")
         sync(queue.root, job_id, with_row=False)
         queue.runner.submit(job_id, job_dir, job, secrets)
     except BaseException:

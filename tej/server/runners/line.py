@@ -24,7 +24,7 @@ import json
 import os
 
 from ..files import read_json, remove_quietly, remove_tree, write_file_atomic
-from ..index import ids_in, index_path
+from ..index import crash_point, ids_in, index_path
 from ..layout import LINE_DIR
 
 LINE_FORMAT = 1
@@ -178,6 +178,7 @@ class Line(object):
                 os.mkdir(self.folder, 0o700)
             os.close(os.open(os.path.join(self.folder, DIRTY_FILE), os.O_WRONLY | os.O_CREAT))
             self.dirty = True
+            crash_point("line-dirty")
 
     def save(self):
         """Write the changes (state.json), then say the line is whole again."""

@@ -134,6 +134,7 @@ class Runner(object):
         """Make sure a queued job is in the line (its submit may have died), and tick."""
         with self.host.lock():
             line = Line(self.host)
+            line.load()  # first: building it again may give the job its ticket
             job_dir = self.host.job_path(job_id)
             record = self.host.read_record(job_dir)
             queued = record is not None and record.get("state") == "queued"
@@ -165,12 +166,22 @@ class Runner(object):
         """The records of several jobs, with the positions of the queued ones."""
         records = [self.host.supervised_record(job_dir, record) for _, job_dir, record in jobs]
         line = Line(self.host)
-        for record in records:
+        for (_, job_dir, _), record in zip(jobs, records):
             if record.get("state") == "queued":
                 if line.state is None:
-                    line.state = read_state(line.folder)
+                    line.state = read_state(line.folder) or self.rebuilt_line()
+                if record.get("ticket") is None:  # given one as the line was built
+                    record.update(self.host.read_record(job_dir) or {})
                 record["position"] = line.position(record)
         return records
+
+    def rebuilt_line(self):
+        """The line's state after building it again (a queue just upgraded, or a crash)."""
+        with self.host.lock():
+            line = Line(self.host)
+            state = line.load()
+            line.save()
+            return state
 
     def kill(self, job_id, job_dir, record, grace):
         """Take a queued job out of the queue; kill a running one through its supervisor."""
