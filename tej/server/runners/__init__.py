@@ -120,9 +120,13 @@ class RunnerHost(object):
         """A job's status record, with a dead supervisor reported as lost."""
         return supervised_record(job_dir, record)
 
-    def write_record(self, job_dir, record):
-        """Replace a job's status record (atomically), and move the job in the queue's index."""
-        write_status(job_dir, record)
+    def write_record(self, job_dir, record, durable=True):
+        """Replace a job's status record (atomically), and move the job in the queue's index.
+
+        durable=False: without fsync, for a change a power cut may lose (readers still
+        see the old record or the new one).
+        """
+        write_status(job_dir, record, durable)
 
     def read_data(self, job_dir):
         """The runner's own record of a job (a dict; empty if none)."""

@@ -140,7 +140,8 @@ class Runner(object):
             queued = record is not None and record.get("state") == "queued"
             if queued and not line.holds(job_id, record):
                 line.join(job_id, record, bool(self.pending(record)))
-                self.host.write_record(job_dir, record)
+                # Not durable: a ticket lost in a power cut is found again (see dispatch).
+                self.host.write_record(job_dir, record, durable=False)
             self.dispatch(line)
 
     def admit(self, job_id, job_dir, record):
@@ -223,7 +224,7 @@ class Runner(object):
                 if running >= self.max_running:
                     break
                 record = records.get(job_id)
-                if (record or {}).get("state") != "queued" or record.get("ticket") != ticket:
+                if not self.holds(job_id, record, ticket):
                     line.give_back(place_of(record or {})[0], ticket, job_id)  # a stale ticket
                     continue
                 if self.pending(record):
@@ -232,6 +233,16 @@ class Runner(object):
                 running += 1
         finally:
             line.save()
+
+    def holds(self, job_id, record, ticket):
+        """Whether a job still holds a ticket of the line (one whose record lost its ticket,
+        in a power cut, is given it again)."""
+        if (record or {}).get("state") != "queued":
+            return False
+        if record.get("ticket") is None:
+            record["ticket"] = ticket
+            self.host.write_record(self.host.job_path(job_id), record, durable=False)
+        return record["ticket"] == ticket
 
     def occupied(self):
         """How many jobs take a place: starting or running, and not lost."""
