@@ -373,9 +373,15 @@ class RemoteQueue:
     def iter_list(self, states: Sequence[str] | None = None) -> Iterator[JobStatus]:
         """The statuses of list(), yielded as their batches arrive (the server sends
         a few thousand at a time), so that a long queue is never all in memory."""
+        for row in self.iter_rows(states):
+            yield JobStatus.from_agent(row)
+
+    def iter_rows(self, states: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The jobs of iter_list() as the agent sends them: plain dicts (times as ISO 8601
+        text), cheaper than JobStatus for a long queue."""
         for fields, rows in self._list_batches(states):
             for row in rows:
-                yield JobStatus.from_agent(dict(zip(fields, row)))
+                yield dict(zip(fields, row))
 
     def _list_batches(
         self, states: Sequence[str] | None

@@ -469,31 +469,29 @@ STATE_NAMES = [state.value for state in JobState]
 )
 def list_jobs(remote: RemoteQueue, as_json: bool, states: tuple[str, ...]) -> None:
     """List the jobs in the queue, oldest first (printed as they arrive)."""
-    jobs = remote.iter_list(list(states) or None)
     if as_json:
-        emit_json_list(job.to_json() for job in jobs)
+        emit_json_list(job.to_json() for job in remote.iter_list(list(states) or None))
         return
-    widths: list[int] = []
-    for batch in batched(jobs, 1000):
+    form = ""
+    out = sys.stdout
+    for batch in batched(remote.iter_rows(list(states) or None), 1000):
         rows = [
-            (job.id, job.state.value, format_elapsed(job.elapsed), exit_text(job)) for job in batch
+            (job["id"], job["state"], format_elapsed(job["elapsed"]), exit_text(job["exit_code"]))
+            for job in batch
         ]
-        if not widths:
-            header = ("ID", "STATE", "ELAPSED", "EXIT")
-            widths = [max(len(row[column]) for row in [header, *rows]) for column in range(4)]
-            rows.insert(0, header)
-        lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-            for row in rows
-        ]
-        click.echo("\n".join(lines))
-    if not widths:
-        click.echo("ID  STATE  ELAPSED  EXIT")
+        if not form:  # the columns' widths: the header's and the first batch's
+            rows.insert(0, ("ID", "STATE", "ELAPSED", "EXIT"))
+            widths = [max(len(row[column]) for row in rows) for column in range(3)]
+            form = "%%-%ds  %%-%ds  %%-%ds  %%s" % tuple(widths)
+        out.write("".join((form % row).rstrip() + "\n" for row in rows))
+    if not form:
+        out.write("ID  STATE  ELAPSED  EXIT\n")
+    out.flush()
 
 
-def exit_text(job: JobStatus) -> str:
+def exit_text(code: int | None) -> str:
     """The EXIT column of a job."""
-    return "" if job.exit_code is None else str(job.exit_code)
+    return "" if code is None else str(code)
 
 
 def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:

@@ -52,8 +52,8 @@ from tej.errors import InvalidInput, JobNotFound, JobStillRunning, WaitTimeout
 # Without TEJ_SOAK_SECONDS: EXAMPLES sequences of STEPS steps, derandomized (the same
 # every run, about a minute per destination); with it, random ones until the time is up.
 SECONDS = float(os.environ.get("TEJ_SOAK_SECONDS") or 0)
-EXAMPLES = int(os.environ.get("TEJ_SOAK_EXAMPLES") or 4)
-STEPS = 25
+EXAMPLES = int(os.environ.get("TEJ_SOAK_EXAMPLES") or 6)
+STEPS = 30
 ACTIVE = ("starting", "queued", "scheduled", "running")
 ENDED = ("finished", "killed", "timed_out", "lost", "cancelled")
 SCRIPT = "#!/bin/sh\ndate +%s.%N > t0\nsleep ${SOAK_SLEEP:-0}\ndate +%s.%N > t1\n"

@@ -220,10 +220,18 @@ def row_of(job_id, record):
 
 
 def row_line(job_id, record):
-    """A row as a segment holds it: ID, STATE, REV, SUBMITTED_AT, then the row in JSON."""
+    """A row as a segment holds it: SUBMITTED_AT, ID, STATE, REV, then the row in JSON.
+
+    Tab-separated (no field holds a tab), so that lines sort by submit time, then id.
+    """
     row = json.dumps(row_of(job_id, record), separators=(",", ":"))
-    fields = (job_id, record.get("state"), str(record.get("rev") or 0))
-    return "%s\t%s\t%s\t%s\t%s\n" % (fields + (record.get("submitted_at") or "", row))
+    fields = (record.get("submitted_at") or "", job_id, record.get("state"))
+    return "%s\t%s\t%s\t%d\t%s\n" % (fields + (int(record.get("rev") or 0), row))
+
+
+def line_row(line):
+    """The row (JSON text) of a segment's line."""
+    return line[line.index("\t[") + 1 :]
 
 
 def note_row(root, job_id, record):
@@ -252,8 +260,9 @@ def segment_names(root):
 
 
 def read_rows(root, names):
-    """The rows in segments: {id: (state, rev, submitted_at, row JSON)}; the latest wins."""
-    rows = {}  # type: dict[str, tuple[str, int, str, str]]
+    """The rows in segments: {id: (state, line)}; of two rows of a job, the higher REV wins
+    (then the later segment)."""
+    rows = {}  # type: dict[str, tuple[str, str]]
     for name in names:
         try:
             with open(index_path(root, INDEX_ROWS, name)) as stream:
@@ -262,26 +271,22 @@ def read_rows(root, names):
             continue
         for line in text.splitlines():
             parts = line.split("\t", 4)
-            if len(parts) != 5:
+            if len(parts) != 5 or not parts[3].isdigit() or not parts[4].startswith("["):
                 continue
-            job_id, state, rev, submitted, row = parts
-            known = rows.get(job_id)
-            if known is None or int(rev) >= known[1]:
-                rows[job_id] = (state, int(rev), submitted, row)
+            known = rows.get(parts[1])
+            if known is not None and int(known[1].split("\t", 4)[3]) > int(parts[3]):
+                continue
+            rows[parts[1]] = (parts[2], line)
     return rows
 
 
-def merge_segments(root, names, rows):
-    """Replace the segments names with one holding rows {id: (state, rev, submitted, row)}.
+def merge_segments(root, names, lines):
+    """Replace the segments names with one holding lines (sorted: by submit time, then id).
 
     It takes the place of the newest of them (its name sorts right after it),
     so rows written meanwhile in newer segments still come later.
     """
-    lines = [
-        "%s\t%s\t%d\t%s\t%s\n" % (job_id, state, rev, submitted, row)
-        for job_id, (state, rev, submitted, row) in rows.items()
-    ]
-    merged = write_segment(root, lines, names[-1] + "~")
+    merged = write_segment(root, [line + "\n" for line in lines], names[-1] + "~")
     for name in names:
         if name != merged:
             remove_quietly(index_path(root, INDEX_ROWS, name))

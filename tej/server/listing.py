@@ -6,21 +6,20 @@ job's position, a lost supervisor); ended jobs from the rows the index keeps
 reads no ended job at all.
 """
 
-import json
-
 from ..protocol import ACTIVE_STATES, END_STATES, ERR_INVALID, STATE_LOST
 from .errors import AgentError
 from .index import (
     MERGE_SEGMENTS,
     STATES,
     ids_in,
+    line_row,
     merge_segments,
     read_rows,
     row_line,
-    row_of,
     segment_names,
     state_of,
     sync,
+    write_segment,
 )
 from .records import read_status_record
 
@@ -39,19 +38,19 @@ def check_states(states):
 
 
 def list_rows(queue, states=None):
-    """The rows of the jobs in states (all if None), oldest first: [(submitted, id, row JSON)]."""
+    """The rows of the jobs in states (all if None), oldest first: segment lines (index.py)."""
     wanted = set(STATES) if states is None else set(states)
-    found = {}  # type: dict[str, tuple[str, str, str]]
+    lines = []
+    active = set()
     if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
         for job_id, record in active_records(queue):
+            active.add(job_id)
             if record.get("state") in wanted:
-                row = json.dumps(row_of(job_id, record), separators=(",", ":"))
-                found[job_id] = (record.get("submitted_at") or "", job_id, row)
+                lines.append(row_line(job_id, record).rstrip("\n"))
     if wanted & set(END_STATES):
-        for job_id, (state, _, submitted, row) in ended_rows(queue.root, wanted).items():
-            if state in wanted and job_id not in found:
-                found[job_id] = (submitted, job_id, row)
-    return sorted(found.values())
+        lines += [line for job_id, line in ended_lines(queue.root, wanted) if job_id not in active]
+    lines.sort()  # the ended jobs' come sorted already: this costs little
+    return lines
 
 
 def active_records(queue):
@@ -81,8 +80,8 @@ def refresh_all(queue, jobs):
     return [queue.runner.refresh(*job) for job in jobs]
 
 
-def ended_rows(root, wanted):
-    """{id: (state, rev, submitted, row JSON)} of the ended jobs in the wanted states.
+def ended_lines(root, wanted):
+    """[(id, segment line)] of the ended jobs in the wanted states, mostly in order.
 
     A job whose row is missing or says another state is read from its folder
     (and its row written). When every ended job was read, the segments are
@@ -90,33 +89,38 @@ def ended_rows(root, wanted):
     """
     names = segment_names(root)
     rows = read_rows(root, names)
-    found = {}
-    every = set(END_STATES) <= wanted
-    for state in END_STATES:
-        if state not in wanted:
-            continue
-        for job_id in ids_in(root, state):
-            row = rows.get(job_id)
-            if row is None or row[0] != state:
-                row = read_row(root, job_id)
-                if row is None:
-                    continue
-            found[job_id] = row
-    if every and len(names) > MERGE_SEGMENTS:
-        merge_segments(root, names, found)
+    markers = dict((state, set(ids_in(root, state))) for state in END_STATES if state in wanted)
+    found = [
+        (job_id, line)
+        for job_id, (state, line) in rows.items()
+        if state in markers and job_id in markers[state]
+    ]
+    listed = set(job_id for job_id, _ in found)
+    fixed = []
+    for ids in markers.values():
+        for job_id in ids - listed:
+            line = read_line(root, job_id)
+            if line is not None:
+                fixed.append(line + "\n")
+                if line.split("\t", 4)[2] in markers:
+                    found.append((job_id, line))
+    if fixed:
+        names.append(write_segment(root, fixed))
+    if len(markers) == len(END_STATES) and len(names) > MERGE_SEGMENTS:
+        merge_segments(root, names, sorted(line for _, line in found))
     return found
 
 
-def read_row(root, job_id):
-    """The row of an ended job from its folder (its marker moved if it must be); None if active."""
-    record = sync(root, job_id)
+def read_line(root, job_id):
+    """The segment line of an ended job, from its folder (its marker moved if it must be,
+    its row written); None if it is active."""
+    record = sync(root, job_id, with_row=False)
     if state_of(record) not in END_STATES:
         return None
-    job_id, state, rev, submitted, row = row_line(job_id, record).rstrip("\n").split("\t", 4)
-    return state, int(rev), submitted, row
+    return row_line(job_id, record).rstrip("\n")
 
 
-def batches(rows):
-    """The rows in replies' batches: JSON texts of lists of rows."""
-    for start in range(0, len(rows), BATCH_ROWS):
-        yield "[%s]" % ",".join(row for _, _, row in rows[start : start + BATCH_ROWS])
+def batches(lines):
+    """The rows of segment lines in replies' batches: JSON texts of lists of rows."""
+    for start in range(0, len(lines), BATCH_ROWS):
+        yield "[%s]" % ",".join(line_row(line) for line in lines[start : start + BATCH_ROWS])

@@ -6,7 +6,7 @@ import time
 
 from ..protocol import END_STATES
 from .files import make_private_dir, parse_iso, randrange
-from .index import LIST_FIELDS, Intent, crash_point, forget, state_of
+from .index import LIST_FIELDS, Intent, crash_point, forget, line_row, state_of
 from .layout import JOBS_DIR, TRASH_DIR
 from .records import read_status_record
 
@@ -30,15 +30,13 @@ def to_trash(queue, job_id):
 
 def prunable(queue, states, older_than):
     """The ids of the ended jobs in states, ended more than older_than seconds ago (if given)."""
-    from .listing import ended_rows
+    from .listing import ended_lines
 
     cutoff = None if older_than is None else time.time() - older_than
     chosen = []
-    for job_id, (state, _, _, row) in ended_rows(queue.root, states).items():
-        if state not in states:
-            continue
+    for job_id, line in ended_lines(queue.root, states):
         if cutoff is not None:
-            ended_at = json.loads(row)[ENDED_AT]
+            ended_at = json.loads(line_row(line))[ENDED_AT]
             if not ended_at or parse_iso(ended_at) > cutoff:
                 continue
         chosen.append(job_id)
