@@ -60,8 +60,12 @@ def active_records(queue):
     index, or a supervisor of an older tej wrote it) is moved now.
     """
     jobs = []
+    seen = set()  # a job moving on while the folders are listed is seen in two
     for state in ACTIVE_STATES:
         for job_id in ids_in(queue.root, state):
+            if job_id in seen:
+                continue
+            seen.add(job_id)
             job_dir = queue.path("jobs", job_id)
             record = read_status_record(job_dir)
             if record is None or state_of(record) != state:
@@ -99,6 +103,7 @@ def ended_lines(root, wanted):
     fixed = []
     for ids in markers.values():
         for job_id in ids - listed:
+            listed.add(job_id)
             line = read_line(root, job_id)
             if line is not None:
                 fixed.append(line + "\n")

@@ -69,7 +69,7 @@ def list_jobs(connection, queue, states=None):
 
 def list_more(connection, queue, cursor, batch):
     """The batch number `batch` (from 1) of the listing `cursor` (see list)."""
-    texts = getattr(connection, "listings", {}).get(cursor)
+    texts = connection.listings.get(cursor) if isinstance(cursor, str) else None
     if texts is None or not isinstance(batch, int) or not 1 <= batch < len(texts):
         raise AgentError(ERR_INVALID, "No such listing %r, or batch %r" % (cursor, batch))
     text, texts[batch] = texts[batch], ""
