@@ -60,10 +60,17 @@ class Sizes:
     submits: int  # row 7
     list_jobs: int  # row 8
     rss_download: int  # row 9
+    queued: int  # row 11: the long queue (the short one has SHORT_QUEUE jobs)
+    list_many: int  # row 12
+    prune: int  # row 13
 
 
-FULL = Sizes(10_000, 10 * 1024, 100 * MiB, 200 * MiB, 1000, 10_000, 1024 * MiB)
-SMOKE = Sizes(50, 1024, 1 * MiB, 5 * MiB, 20, 200, 5 * MiB)
+FULL = Sizes(
+    10_000, 10 * 1024, 100 * MiB, 200 * MiB, 1000, 10_000, 1024 * MiB, 10_000, 100_000, 5000
+)
+SMOKE = Sizes(50, 1024, 1 * MiB, 5 * MiB, 20, 200, 5 * MiB, 40, 300, 100)
+SHORT_QUEUE = 10
+HEAD_JOBS = 6  # row 11: the jobs that start one after another (the next-start gaps)
 
 
 @dataclass
@@ -710,6 +717,7 @@ class Rows:
             remote.wait(template_id, timeout=60)
         progress(f"row 8: making {count} jobs")
         clone_jobs(queue / "jobs", template_id, count - 1, self.owner())
+        self.reindex(queue)
         listed: list[int] = []
 
         def tej_run() -> float:
@@ -744,6 +752,13 @@ class Rows:
             row.detail += f"; WARNING: tej list printed {sorted(set(listed))} jobs, not {count}"
         return [row]
 
+    def reindex(self, queue: Path) -> None:
+        """Have the index of a queue whose jobs were made directly built (untimed)."""
+        shutil.rmtree(queue / "index", ignore_errors=True)
+        progress("indexing the jobs made directly (one untimed `tej list`)")
+        with self.b.connection_scope() as control:
+            self.b.time_tej("list", queue=queue, control=control)
+
     def row9(self) -> list[Row]:
         size = self.b.sizes.rss_download
         queue = self.b.files_job()
@@ -769,6 +784,139 @@ class Rows:
                 met=verdict(peak < 100),
                 detail=f"peak RSS of the tej process (its ssh child included); took "
                 f"{fmt_time(elapsed)}",
+            )
+        ]
+
+    # rows 11-13: the queue's index
+
+    def queued_queue(self, name: str, fillers: int) -> tuple[Path, list[str], str]:
+        """A queue runner's queue (max_running=1): HEAD_JOBS short jobs that start one after
+        another, then fillers jobs that wait behind a long one; made directly in tej's
+        layout, then indexed. Returns the queue, the head's ids and the last filler's id."""
+        queue = self.b.remote_path(name)
+        with self.b.api(queue) as remote:
+            remote.setup(runner="queue", options={"max_running": "1"})
+        head = [f"head-{n}" for n in range(HEAD_JOBS)]
+        fill = [f"fill-{n:06d}" for n in range(fillers + 1)]
+        progress(f"{name}: making {fillers} queued jobs")
+        now = time.time()
+        for number, job_id in enumerate(head + fill):
+            script = "sleep 0.3" if number < HEAD_JOBS else "sleep 1000"
+            make_queued_job(queue / "jobs", job_id, script, now - 1000 + number, self.owner())
+        self.reindex(queue)  # starts the head
+        return queue, head, fill[-1]
+
+    def row11(self) -> list[Row]:
+        sizes = {"short": SHORT_QUEUE, "long": self.b.sizes.queued}
+        queues = {key: self.queued_queue(f"q-{key}", count) for key, count in sizes.items()}
+        try:
+            gaps = {key: self.next_start_gaps(*queues[key][:2]) for key in queues}
+            calls = {"status": 50, "submit": 20}
+            times: dict[tuple[str, str], list[float]] = {}
+            with self.b.api(queues["short"][0]) as short, self.b.api(queues["long"][0]) as long:
+                remotes = {"short": short, "long": long}
+                for op, count in calls.items():
+                    for run in range(self.runs):
+                        order = ["short", "long"] if run % 2 == 0 else ["long", "short"]
+                        for key in order:
+                            queue, _, last = queues[key]
+                            elapsed = time_calls(remotes[key], op, count, last, self.b.tiny)
+                            times.setdefault((op, key), []).append(elapsed / count)
+        finally:
+            for queue, _, _ in queues.values():
+                kill_and_remove(queue)
+        rows = []
+        for op in ("submit", "status"):
+            what = f"`{op}` with {sizes['long']} jobs queued vs {SHORT_QUEUE} (API session)"
+            rows.append(
+                ratio_row(f"11{'a' if op == 'submit' else 'b'}", what,
+                          times[(op, "long")], times[(op, "short")], 1.2,
+                          (f"{sizes['long']} queued", f"{SHORT_QUEUE} queued"))
+            )  # fmt: skip
+        what = f"next queued job's start after one ends, {sizes['long']} queued vs {SHORT_QUEUE}"
+        rows.append(ratio_row("11c", what, gaps["long"], gaps["short"], 1.2, ("long", "short")))
+        return rows
+
+    def next_start_gaps(self, queue: Path, head: list[str]) -> list[float]:
+        """The time from each head job's end to the next one's start (their own records)."""
+        records = []
+        for job_id in head:
+            path = queue / "jobs" / job_id / "status.json"
+            deadline = time.monotonic() + 120
+            while True:
+                record = json.loads(path.read_text())
+                if record.get("state") in ("finished", "killed", "lost", "cancelled"):
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{job_id} did not end: {record}")
+                time.sleep(0.05)
+            records.append(record)
+        return [
+            parse_time(after["started_at"]) - parse_time(before["ended_at"])
+            for before, after in zip(records, records[1:])
+        ]
+
+    def row12(self) -> list[Row]:
+        count = self.b.sizes.list_many
+        queue = self.b.remote_path("q-list-many")
+        with self.b.api(queue) as remote:
+            template_id = remote.submit(str(self.b.tiny), job_id="bench-00000")
+            remote.wait(template_id, timeout=60)
+        progress(f"row 12: making {count} jobs")
+        clone_jobs(queue / "jobs", template_id, count - 1, self.owner())
+        self.reindex(queue)
+        peaks: list[float] = []
+
+        def tej_run() -> float:
+            with self.b.connection_scope() as control:
+                argv = self.b.tej_argv("list", queue=queue)
+                peak, elapsed = peak_rss(argv, self.b.tej_env(control))
+            peaks.append(peak / 1024)
+            return elapsed
+
+        def base_run() -> float:
+            return self.b.time_cmd(self.b.server.ssh_argv("ls", str(queue / "jobs")))
+
+        try:
+            tej_t, base_t = side_by_side(self.runs, tej_run, base_run, "row 12")
+        finally:
+            remove_tree(queue)
+        row = ratio_row(
+            "12", f"`tej list` of {count} jobs vs `ssh ls QUEUE/jobs`", tej_t, base_t, 3.0,
+            ("tej list", "ssh ls"),
+        )  # fmt: skip
+        row.detail += f"; peak client RSS {max(peaks):.1f} MB (target < 100 MB)"
+        if max(peaks) >= 100:
+            row.met = verdict(False)
+        return [row]
+
+    def row13(self) -> list[Row]:
+        count = self.b.sizes.prune
+        queue = self.b.remote_path("q-prune")
+        with self.b.api(queue) as remote:
+            template_id = remote.submit(str(self.b.tiny), job_id="bench-00000")
+            remote.wait(template_id, timeout=60)
+        progress(f"row 13: making {count} jobs")
+        clone_jobs(queue / "jobs", template_id, count - 1, self.owner())
+        self.reindex(queue)
+        try:
+            with self.b.connection_scope() as control:
+                elapsed = self.b.time_tej("prune", queue=queue, control=control)
+            left = len(os.listdir(queue / "jobs"))
+        finally:
+            remove_tree(queue)
+        if left:
+            raise BenchError(f"tej prune left {left} jobs")
+        rate = count / elapsed
+        return [
+            Row(
+                "13",
+                f"`tej prune` of {count} finished jobs (cold command)",
+                tej=f"{rate:.0f} jobs/s",
+                baseline="-",
+                target=">= 1000 jobs/s",
+                met=verdict(rate >= 1000),
+                detail=f"{fmt_time(elapsed)} for {count} jobs",
             )
         ]
 
@@ -980,6 +1128,65 @@ def tree_digest(root: Path) -> dict[str, int]:
     }
 
 
+def make_queued_job(
+    jobs: Path, job_id: str, script: str, queued_at: float, owner: tuple[int, int] | None
+) -> None:
+    """A queued job of the queue runner, as tej lays it out (docs/queue-format.md)."""
+    target = jobs / job_id
+    work = target / "work"
+    work.mkdir(mode=0o700, parents=True)
+    job = {"args": [], "env": {}, "id": job_id, "kill_grace": 5.0, "script": "start.sh",
+           "secret_env": [], "stderr": "tej", "stdout": "tej"}  # fmt: skip
+    submitted = datetime.datetime.fromtimestamp(queued_at, datetime.timezone.utc)
+    record = {"id": job_id, "state": "queued", "after": [], "priority": 0,
+              "queued_at": queued_at,
+              "submitted_at": submitted.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}  # fmt: skip
+    (target / "job.json").write_text(json.dumps(job))
+    (target / "status.json").write_text(json.dumps(record))
+    (work / "start.sh").write_text(f"#!/bin/sh\n{script}\n")
+    (work / "start.sh").chmod(0o755)
+    if owner is not None:
+        for path in (target, work, target / "job.json", target / "status.json", work / "start.sh"):
+            os.chown(path, *owner)
+
+
+def parse_time(text: str) -> float:
+    """A time of a status record (ISO 8601, UTC) as POSIX time."""
+    when = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return when.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def time_calls(remote: Any, op: str, count: int, last: str, tiny: Path) -> float:
+    """count status calls (of the queue's last job) or tiny submits; their total time."""
+    start = time.perf_counter()
+    for _ in range(count):
+        if op == "status":
+            remote.status(last)
+        else:
+            remote.submit(str(tiny))
+    return time.perf_counter() - start
+
+
+def kill_and_remove(queue: Path) -> None:
+    """Kill what runs in a queue of the benchmark (jobs and supervisors), then remove it."""
+    root = str(queue)
+    for _ in range(5):
+        found = False
+        for path in Path("/proc").glob("[0-9]*"):
+            try:
+                places = [os.readlink(path / "cwd"), os.readlink(path / "fd" / "2")]
+            except OSError:
+                continue
+            if any(place.startswith(root + "/") for place in places):
+                with contextlib.suppress(OSError):
+                    os.kill(int(path.name), 9)
+                    found = True
+        if not found:
+            break
+        time.sleep(0.2)
+    remove_tree(queue)
+
+
 def clone_jobs(jobs: Path, template_id: str, count: int, owner: tuple[int, int] | None) -> None:
     """Make count copies of a finished job, with new ids, as tej lays them out."""
     template = jobs / template_id
@@ -1168,6 +1375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             (["9"], measure.row9),
             (["S1", "S2", "S3"], measure.rows_sync),
             (["R1"], measure.row_resubmit),
+            (["11"], measure.row11),
+            (["12"], measure.row12),
+            (["13"], measure.row13),
         ]
         wanted = set(args.rows.split(",")) if args.rows else None
         for keys, step in steps:
@@ -1243,8 +1453,8 @@ def render(
         "Loopback sshd started by the script (server defaults: compression allowed). "
         "tej and its baseline alternate run by run, each after a `sync`; each cell is the "
         "median. "
-        f"Runs: {runs} for rows 1, 2, 3, 8, 10a, 10b; {mid} for rows 4, 5, 6; {heavy} for "
-        "row 7; 1 for rows 9 and 10c. What each row measures: [README.md](README.md).",
+        f"Runs: {runs} for rows 1, 2, 3, 8, 10a, 10b, 12; {mid} for rows 4, 5, 6; {heavy} for "
+        "row 7; 1 for rows 9, 10c and 13. What each row measures: [README.md](README.md).",
         "",
         "## Machine",
         "",
@@ -1254,7 +1464,8 @@ def render(
         f"- sizes: {sizes.small_files} files of {fmt_size(sizes.small_size)} + "
         f"{fmt_size(sizes.big_file)} (row 4), {fmt_size(sizes.download)} (row 6), "
         f"{sizes.submits} submits (row 7), {sizes.list_jobs} jobs (row 8), "
-        f"{fmt_size(sizes.rss_download)} (row 9)",
+        f"{fmt_size(sizes.rss_download)} (row 9), {sizes.queued} vs {SHORT_QUEUE} queued "
+        f"(row 11), {sizes.list_many} jobs (row 12), {sizes.prune} jobs (row 13)",
         "",
         "## Results",
         "",

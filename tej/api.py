@@ -570,11 +570,61 @@ class RemoteQueue:
         """The status of a job; JobNotFound if there is none with that id."""
         return JobStatus.from_agent(self._call("status", job_id=check_job_id(job_id)))
 
-    def list(self) -> list[JobStatus]:
-        """The status of every job in the queue, oldest first."""
-        reply = self._call("list")
+    def list(self, states: Sequence[str] | None = None) -> list[JobStatus]:
+        """The status of every job in the queue (or of those in states), oldest first."""
+        return list(self.iter_list(states))
+
+    def iter_list(self, states: Sequence[str] | None = None) -> Iterator[JobStatus]:
+        """The statuses of list(), yielded as their batches arrive (the server sends
+        a few thousand at a time), so that a long queue is never all in memory."""
+        for row in self.iter_rows(states):
+            yield JobStatus.from_agent(row)
+
+    def iter_rows(self, states: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The jobs of iter_list() as the agent sends them: plain dicts (times as ISO 8601
+        text), cheaper than JobStatus for a long queue."""
+        for fields, rows in self._list_batches(states):
+            for row in rows:
+                yield dict(zip(fields, row))
+
+    def _list_batches(
+        self, states: Sequence[str] | None
+    ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]]:
+        """The listing's batches: (field names, rows), the next ones requested meanwhile."""
+        wanted = None if states is None else [_check_state(state) for state in states]
+        reply = self._call("list", **({} if wanted is None else {"states": wanted}))
         fields = reply["fields"]
-        return [JobStatus.from_agent(dict(zip(fields, row))) for row in json.loads(reply["rows"])]
+        yield fields, json.loads(reply["rows"])
+        cursor = reply.get("cursor")
+        if cursor is None:
+            return
+        requests = (
+            ("list_more", {"queue": self.queue, "cursor": cursor, "batch": batch})
+            for batch in range(1, reply["batches"])
+        )
+        for more in self.session().pipeline(requests, window=4):
+            yield fields, json.loads(more["rows"])
+
+    def prune(
+        self,
+        states: Sequence[str] | None = None,
+        older_than: float | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> Sequence[str]:
+        """Delete ended jobs in bulk: those in states (all ended ones by default) that
+        ended more than older_than seconds ago (if given); returns their ids.
+
+        As delete does: jobs waiting for a pruned job learn how it ended, and the
+        store's blobs only pruned jobs used are freed; an active job is never
+        pruned. dry_run: only say which would be.
+        """
+        args: dict[str, Any] = {"dry_run": dry_run}
+        if states is not None:
+            args["states"] = [_check_state(state) for state in states]
+        if older_than is not None:
+            args["older_than"] = older_than
+        return list(self._call("prune", **args)["ids"])
 
     def kill(self, job_id: str) -> KillResult:
         """Kill a job's whole process group (SIGTERM, then SIGKILL after a grace period)."""
@@ -777,6 +827,15 @@ def _prepare_job(
     if job_id is not None:
         check_job_id(job_id)
     return job, excludes
+
+
+def _check_state(state: str | JobState) -> str:
+    """A job state's name, checked (InvalidInput if it is none)."""
+    value = state.value if isinstance(state, JobState) else state
+    if value not in protocol.ACTIVE_STATES + protocol.END_STATES:
+        states = ", ".join(protocol.ACTIVE_STATES + protocol.END_STATES)
+        raise InvalidInput(f"Unknown job state {value!r} (one of {states})")
+    return value
 
 
 def _read_ahead(items: Iterator[T]) -> Iterator[T]:

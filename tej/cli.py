@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -29,6 +29,7 @@ EXIT_INTERRUPTED = 130
 EXIT_JOB_LOST = 7
 EXIT_JOB_TIMED_OUT = 124
 F = TypeVar("F", bound="Callable[..., Any]")
+T = TypeVar("T")
 
 
 def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
@@ -660,11 +661,23 @@ def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
         click.echo(describe_status(result))
 
 
+STATE_NAMES = [state.value for state in JobState]
+
+
 @queue_command("list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(STATE_NAMES),
+    help="Only the jobs in this state (repeatable).",
+)
 @click.option("--long", "-l", "long_form", is_flag=True, help="Add peak memory and CPU columns.")
 @click.option("--watch", "-w", is_flag=True, help="A live table, refreshed every 2 s (q: quit).")
-def list_jobs(remote: RemoteQueue, as_json: bool, long_form: bool, watch: bool) -> None:
-    """List the jobs in the queue."""
+def list_jobs(
+    remote: RemoteQueue, as_json: bool, states: tuple[str, ...], long_form: bool, watch: bool
+) -> None:
+    """List the jobs in the queue, oldest first (printed as they arrive)."""
     if watch:
         from tej import watch as live
 
@@ -673,12 +686,50 @@ def list_jobs(remote: RemoteQueue, as_json: bool, long_form: bool, watch: bool) 
         live.check_terminal()
         live.watch(remote)
         return
-    jobs = remote.list()
     if as_json:
-        emit_json([job.to_json() for job in jobs])
+        emit_json_list(job.to_json() for job in remote.iter_list(list(states) or None))
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    click.echo("\n".join(job_table(jobs, long_form, width)))
+    rows = remote.iter_rows(list(states) or None)
+    if long_form:  # the widths of the memory and CPU columns need every job
+        jobs = [JobStatus.from_agent(row) for row in rows]
+        click.echo("\n".join(job_table(jobs, long_form, width)))
+        return
+    print_rows(rows, width)
+
+
+def print_rows(rows: Iterator[dict[str, Any]], width: int | None) -> None:
+    """Print `tej list`'s table as the rows arrive: the columns' widths are the header's
+    and the first batch's, and a PROGRESS column if a job of the first batch has one."""
+    form, progress = "", False
+    out = sys.stdout
+    for batch in batched(rows, 1000):
+        cells = [
+            (job["id"], job["state"], format_elapsed(job["elapsed"]), exit_text(job["exit_code"]))
+            for job in batch
+        ]
+        if not form:  # the columns' widths: the header's and the first batch's
+            progress = any(job.get("progress") for job in batch)
+            cells.insert(0, ("ID", "STATE", "ELAPSED", "EXIT"))
+            batch.insert(0, {"progress": "PROGRESS"})
+            widths = [max(len(row[column]) for row in cells) for column in range(4)]
+            form = "  ".join("%%-%ds" % size for size in widths)
+        lines = [form % row for row in cells]
+        if progress:
+            lines = [
+                add_progress(line, job.get("progress"), width) for line, job in zip(lines, batch)
+            ]
+        out.write("".join(line.rstrip() + "\n" for line in lines))
+    if not form:
+        out.write("ID  STATE  ELAPSED  EXIT\n")
+    out.flush()
+
+
+def add_progress(line: str, progress: str | None, width: int | None) -> str:
+    """A row of `tej list` with its progress, cut to the terminal's width."""
+    text = line + "  "
+    room = None if width is None else width - 1 - len(text)
+    return text + (cut(progress or "", room) if room is None or room > 3 else "")
 
 
 def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list[str]:
@@ -715,6 +766,35 @@ def usage_cells(job: JobStatus) -> list[str]:
     ]
 
 
+def exit_text(code: int | None) -> str:
+    """The EXIT column of a job."""
+    return "" if code is None else str(code)
+
+
+def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to size items, in order."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def emit_json_list(items: Iterator[Any]) -> None:
+    """Print a JSON list as emit_json would, an item at a time (a long list never in memory)."""
+    import json
+
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, sort_keys=True).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
+
+
 @queue_command()
 @ID_OPTION
 def kill(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
@@ -743,7 +823,39 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
 
 
 @queue_command()
-@ID_OPTION
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([state for state in STATE_NAMES if state in protocol.END_STATES]),
+    help="Only the jobs that ended this way (repeatable) [default: every ended job].",
+)
+@click.option("--older-than", help="Only the jobs that ended longer ago than this (7d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Only list the jobs that would be deleted.")
+def prune(
+    remote: RemoteQueue,
+    as_json: bool,
+    states: tuple[str, ...],
+    older_than: str | None,
+    dry_run: bool,
+) -> None:
+    """Delete ended jobs in bulk, and their files, from the server."""
+    from tej import jobspec
+
+    seconds = jobspec.duration(older_than, "--older-than", allow_zero=True) if older_than else None
+    ids = remote.prune(list(states) or None, seconds, dry_run=dry_run)
+    if as_json:
+        emit_json({"ids": list(ids), "count": len(ids), "dry_run": dry_run})
+    elif dry_run:
+        for job_id in ids:
+            click.echo(job_id)
+        click.echo(f"{len(ids)} job{'' if len(ids) == 1 else 's'} would be deleted", err=True)
+    else:
+        click.echo(f"Deleted {len(ids)} job{'' if len(ids) == 1 else 's'}")
+
+
+@queue_command()
+@click.option("--id", "job_id", required=True, help="Identifier of the job.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
 def download(

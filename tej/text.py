@@ -13,7 +13,13 @@ if TYPE_CHECKING:
 def format_elapsed(seconds: float | None) -> str:
     """Elapsed time as H:MM:SS."""
     total = int(seconds or 0)
-    return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
+    text = _ELAPSED.get(total)
+    if text is None:  # `tej list` of many jobs formats the same few values again and again
+        text = _ELAPSED[total] = f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
+    return text
+
+
+_ELAPSED: dict[int, str] = {}
 
 
 def format_bytes(count: int) -> str:

@@ -532,3 +532,56 @@ def folder_manifest(**columns: Any) -> dict[str, Any]:
     }
     manifest.update(columns)
     return manifest
+
+
+def index_problems(queue: str | Path) -> list[str]:
+    """What the queue's index (QUEUE/index, docs/queue-format.md) says wrong of its job folders.
+
+    Each job has one marker, in the folder of the state its record says; no marker is
+    left of a job that is gone; no intent is left of a writer that died; the queue
+    runner's line holds each queued job once, at the ticket its record names.
+    """
+    root = Path(queue)
+    jobs = {path.name for path in (root / "jobs").iterdir()} if (root / "jobs").is_dir() else set()
+    index = root / "index"
+    states = [
+        "starting", "queued", "scheduled", "running",
+        "finished", "killed", "timed_out", "lost", "cancelled",
+    ]  # fmt: skip
+    markers = {state: set(os.listdir(index / state)) for state in states}
+    problems = []
+    for job_id in sorted(jobs):
+        try:
+            record = json.loads((root / "jobs" / job_id / "status.json").read_text())
+        except (OSError, ValueError):
+            record = {"state": "lost"}
+        state = record.get("state") if record.get("state") in states else "lost"
+        found = [name for name, ids in markers.items() if job_id in ids]
+        if found != [state]:
+            problems.append(f"{job_id} is {state} but its markers are in {found}")
+    for state, ids in markers.items():
+        problems += [f"{job_id} is gone but has a marker in {state}" for job_id in ids - jobs]
+    pending = os.listdir(index / "pending")
+    problems += [f"an intent is left: {name}" for name in pending]
+    return problems + line_problems(root, markers["queued"])
+
+
+def line_problems(root: Path, queued: set[str]) -> list[str]:
+    """What the queue runner's line (QUEUE/index/line) says wrong of the queued jobs."""
+    line = root / "index" / "line"
+    if not (line / "state.json").exists() or (line / "dirty").exists():
+        return [] if not queued else ["the line is missing or dirty (rebuilt when next used)"]
+    state = json.loads((line / "state.json").read_text())
+    holders: dict[str, str] = {}
+    for key, entry in state["priorities"].items():
+        for ticket in range(entry["head"], entry["next"]):
+            link = line / key / f"{ticket:012d}"
+            if os.path.lexists(link) and ticket not in entry["holes"]:
+                holders[os.readlink(link)] = f"{key}/{ticket}"
+    problems = [f"{job_id} is in the line but not queued" for job_id in set(holders) - queued]
+    for job_id in queued:
+        record = json.loads((root / "jobs" / job_id / "status.json").read_text())
+        where = f"{record.get('priority') or 0}/{record.get('ticket')}"
+        if holders.get(job_id) != where:
+            problems.append(f"{job_id} is queued at {where} but the line has {holders.get(job_id)}")
+    return problems

@@ -29,9 +29,10 @@ from helpers import folder_manifest
 
 import tej.bootstrap
 from tej import protocol, transfer
-from tej.server import errors, files, launch, layout, listcache, processes, store
+from tej.server import errors, files, launch, layout, listing, processes, store
 from tej.server.agentcopy import AgentCopy, queue_copy
 from tej.server.bundle import own_files, own_name
+from tej.server.index import LIST_FIELDS, write_status
 from tej.server.queue import open_queue
 from tej.server.service import Connection
 
@@ -155,10 +156,15 @@ class Harness:
 
     def jobs_listed(self, queue: str | None = None) -> list[dict[str, Any]]:
         """The `list` reply, as one dict per job."""
-        reply = self.ok("list", **({"queue": queue} if queue else {}))
-        fields = listcache.LIST_FIELDS
-        assert reply["fields"] == list(fields) or reply["fields"] == fields
-        return [dict(zip(reply["fields"], row)) for row in json.loads(reply["rows"])]
+        args = {"queue": queue} if queue else {}
+        reply = self.ok("list", **args)
+        assert list(reply["fields"]) == list(LIST_FIELDS)
+        rows = json.loads(reply["rows"])
+        for batch in range(1, reply["batches"]):
+            more = self.ok("list_more", cursor=reply["cursor"], batch=batch, **args)
+            rows += json.loads(more["rows"])
+        assert len(rows) == reply["count"]
+        return [dict(zip(reply["fields"], row)) for row in rows]
 
     def fail(self, error: str, op: str, **args: Any) -> str:
         """Send a request that must fail with the given error type; return its message."""
@@ -425,9 +431,9 @@ def test_queue_is_created_private_on_first_upload(harness: Harness) -> None:
     harness.ok("upload_begin")
     root = Path(harness.queue)
     config = json.loads((root / layout.QUEUE_CONFIG).read_text())
-    assert config["format"] == layout.QUEUE_FORMAT == 1
+    assert config["format"] == layout.QUEUE_FORMAT == 2
     assert config["runner"] == "default"
-    for folder in (root, *(root / name for name in ("jobs", "staging", "trash", "agent"))):
+    for folder in (root, *(root / name for name in ("jobs", "staging", "trash", "agent", "index"))):
         assert mode_of(folder) == 0o700, folder
 
 
@@ -510,7 +516,7 @@ def test_setup_creates_a_queue(harness: Harness) -> None:
         "batch_systems": batch_systems,
         "unchanged": False,
     }
-    assert json.loads((Path(harness.queue) / layout.QUEUE_CONFIG).read_text())["format"] == 1
+    assert json.loads((Path(harness.queue) / layout.QUEUE_CONFIG).read_text())["format"] == 2
 
 
 def test_setup_again_with_the_same_settings_leaves_the_queue_alone(harness: Harness) -> None:
@@ -1438,8 +1444,9 @@ def test_unused_blobs_are_collected_once_stale(
     monkeypatch.setattr(store, "STALE_UPLOAD", -1.0)
     monkeypatch.setattr(store, "STORE_GC_INTERVAL", 0.0)
     harness.ok("upload_begin")
-    start = blob_name(kept["start.sh"].data, 0o755)
-    assert set(blobs_of(harness)) == {blob_name(b"kept\n"), start}
+    # start.sh, small and shared with "kept", was copied for the aborted upload (the
+    # copy replacing it in the store, see Upload.plan): it went with the upload.
+    assert set(blobs_of(harness)) == {blob_name(b"kept\n")}
 
 
 def test_an_interrupted_upload_resumes_where_it_stopped(harness: Harness) -> None:
@@ -1728,42 +1735,41 @@ def test_agent_is_standard_library_only_and_python38() -> None:
     assert {path: text.encode() for path, text in shipped.sources.items()} == own_files()
 
 
-# -- the list cache --------------------------------------------------------------
+# -- the index's rows of ended jobs ------------------------------------------------
 
 
-def test_list_cache_follows_changes_deletes_and_survives_corruption(harness: Harness) -> None:
+def test_list_rows_follow_changes_deletes_and_survive_damage(harness: Harness) -> None:
     first = harness.run(script("exit 3\n"), job_id="first")
     harness.run(script("true\n"), job_id="second")
     assert first["exit_code"] == 3
     listed = {job["id"]: job for job in harness.jobs_listed()}
     assert (listed["first"]["exit_code"], listed["second"]["exit_code"]) == (3, 0)
-    cache_path = Path(harness.queue) / layout.LIST_CACHE
-    assert set(json.loads(cache_path.read_text())["jobs"]) == {"first", "second"}
-    # A status file replaced after caching (as when notifications are recorded) is read again.
-    path = harness.job_dir("first") / layout.STATUS_FILE
-    files.write_json_atomic(str(path), dict(harness.record("first"), reason="changed"))
+    rows = Path(harness.queue) / "index" / "rows"
+    assert len(os.listdir(rows)) >= 2  # a segment per ended job
+    # A record written again after the end (as when notifications are recorded) is listed so.
+    record = harness.record("first")
+    write_status(str(harness.job_dir("first")), dict(record, reason="changed"))
     assert {job["id"]: job["reason"] for job in harness.jobs_listed()}["first"] == "changed"
-    # A deleted job leaves the list and the cache.
+    # A deleted job leaves the list.
     harness.ok("delete", job_id="second")
     assert [job["id"] for job in harness.jobs_listed()] == ["first"]
-    assert set(json.loads(cache_path.read_text())["jobs"]) == {"first"}
-    # A damaged cache is only a cache.
-    good = json.loads(cache_path.read_text())
-    assert good["fields"] == list(listcache.LIST_FIELDS)
-    damages = [
-        "{not json",
-        json.dumps(dict(good, jobs={"first": [1, 2, 3]})),
-        json.dumps(dict(good, jobs={"first": [[1, 2], [3]]})),
-    ]
-    # Rows of another layout are not read as this one's (its stale reason would show).
-    key, row = good["jobs"]["first"]
-    stale = [*row[:4], "stale", *row[5:]]
-    damages.append(
-        json.dumps(dict(good, fields=["other", *good["fields"][1:]], jobs={"first": [key, stale]}))
-    )
-    for damage in damages:
-        cache_path.write_text(damage)
-        assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]
+    # Rows are only derived: damaged or lost, they are read again from the job folders.
+    for name in os.listdir(rows):
+        (rows / name).write_text("first\tfinished\tnot a number\n")
+    assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]
+    shutil.rmtree(rows)
+    assert [job["reason"] for job in harness.jobs_listed()] == ["changed"]
+
+
+def test_many_row_segments_are_merged(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listing, "MERGE_SEGMENTS", 2)
+    for name in ("a", "b", "c", "d"):
+        harness.run(script("true\n"), job_id=name)
+    rows = Path(harness.queue) / "index" / "rows"
+    assert len(os.listdir(rows)) > 2
+    assert [job["id"] for job in harness.jobs_listed()] == ["a", "b", "c", "d"]
+    assert len(os.listdir(rows)) == 1
+    assert [job["id"] for job in harness.jobs_listed()] == ["a", "b", "c", "d"]
 
 
 def test_list_never_caches_a_running_job(harness: Harness) -> None:

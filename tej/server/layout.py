@@ -5,18 +5,25 @@ import re
 from ..protocol import ERR_INVALID, ID_REGEX, job_id_problem
 from .errors import AgentError
 
-QUEUE_FORMAT = 1
+QUEUE_FORMAT = 2  # 2: the index (QUEUE/index); format 1 queues are upgraded in place
 LINK_FORMAT = 1
 
 QUEUE_CONFIG = "tej-queue.json"
 LOCK_FILE = "queue.lock"
-LIST_CACHE = "list-cache.json"
+LIST_CACHE = "list-cache.json"  # format 1 only: removed by the upgrade to 2
 JOBS_DIR = "jobs"
 STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 AGENT_DIR = "agent"
 STORE_DIR = "store"
 LEASES_DIR = "leases"
+
+# The index (QUEUE/index: see index.py).
+INDEX_DIR = "index"
+INDEX_COMPLETE = "complete"  # written once the index is whole
+INDEX_PENDING = "pending"  # intents: changes in progress
+INDEX_ROWS = "rows"  # the list rows of ended jobs
+LINE_DIR = "line"  # the queue runner's waiting line (runners/line.py)
 
 # In a job's folder.
 JOB_FILE = "job.json"

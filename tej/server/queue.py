@@ -20,6 +20,7 @@ from .files import (
     now_iso,
     randrange,
     read_json,
+    remove_quietly,
     remove_tree,
     write_json_atomic,
 )
@@ -28,6 +29,7 @@ from .layout import (
     ID_PATTERN,
     JOBS_DIR,
     LINK_FORMAT,
+    LIST_CACHE,
     QUEUE_CONFIG,
     QUEUE_FORMAT,
     STAGING_DIR,
@@ -147,6 +149,8 @@ def queue_config(runner, options):
 
 def create_queue(root, runner=DEFAULT_RUNNER, options=None):
     """Create a queue at root atomically (built aside, then renamed into place)."""
+    from .index import rebuild
+
     parent = os.path.dirname(root)
     if not os.path.isdir(parent):
         make_private_dirs(parent)
@@ -155,6 +159,7 @@ def create_queue(root, runner=DEFAULT_RUNNER, options=None):
     try:
         for name in (JOBS_DIR, STAGING_DIR, TRASH_DIR, AGENT_DIR):
             make_private_dir(os.path.join(building, name))
+        rebuild(building)  # an empty index, whole
         write_json_atomic(os.path.join(building, QUEUE_CONFIG), queue_config(runner, options or {}))
         try:
             os.rename(building, root)
@@ -166,13 +171,14 @@ def create_queue(root, runner=DEFAULT_RUNNER, options=None):
             remove_tree(building)
 
 
-def open_queue(path, create=False, with_runner=True):
+def open_queue(path, create=False, with_runner=True, with_index=True):
     """The queue the user's path leads to (following links), the one way to open a queue.
 
     create: make it, with default settings, if there is none. Without a queue
     there, the Queue is an empty stand-in (its .exists is false: it has no
     jobs). with_runner: give it its runner (queue.runner), for requests that
-    the runner has a say in (reading a job's files doesn't).
+    the runner has a say in (reading a job's files doesn't). with_index: upgrade
+    a queue of an older format, and build or repair its index if it must be.
     """
     if not isinstance(path, str) or not path:
         raise AgentError(ERR_INVALID, "The queue path can't be empty")
@@ -181,12 +187,28 @@ def open_queue(path, create=False, with_runner=True):
     if config is None and create:
         create_queue(root)
         config = read_queue_config(root)
+    if config is not None and with_index:
+        config = prepare_index(root, config)
     queue = Queue(root, config)
     if with_runner:
         from .runners import open_runner
 
         open_runner(queue)
     return queue
+
+
+def prepare_index(root, config):
+    """Upgrade a queue of format 1 in place (its index built); repair the index if need be."""
+    from .index import ensure_index, rebuild
+
+    if config["format"] >= QUEUE_FORMAT:
+        ensure_index(root)
+        return config
+    rebuild(root)  # format 1 -> 2: the index, built from the job folders
+    remove_quietly(os.path.join(root, LIST_CACHE))
+    config = dict(config, format=QUEUE_FORMAT, upgraded_at=now_iso())
+    write_json_atomic(os.path.join(root, QUEUE_CONFIG), config)
+    return config
 
 
 def link_location(link, root, force):

@@ -13,11 +13,12 @@ from .errors import AgentError, describe_os_error, internal_error
 
 
 class Connection(object):
-    """One client's connection: what its requests share (uploads in progress, sync listings)."""
+    """One client's connection: what its requests share (uploads, listings in progress)."""
 
     def __init__(self):
         self.uploads = {}  # token -> Upload, see handlers/upload.py
         self.sync_listings = {}  # token -> the last listing of a sync, see handlers/sync.py
+        self.listings = {}  # cursor -> the batches of a listing, see handlers/jobs.py
 
     def handle(self, request):
         """Answer one request with a reply dict; never raises."""

@@ -231,6 +231,8 @@ def collect_garbage(queue):
         pass
     os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT, 0o600))
     os.utime(stamp)
+    with store_lock(queue):
+        busy_inodes(queue, None)  # removes the leases of jobs that ended or are gone
     limit = time.time() - STALE_UPLOAD
     for folder in os.listdir(queue.path(STORE_DIR)):
         if not re.match(r"[0-9a-f]{2}\Z", folder):

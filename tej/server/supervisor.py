@@ -29,8 +29,8 @@ from .files import (
     make_private_dirs,
     now_iso,
     read_json,
-    write_json_atomic,
 )
+from .index import write_status
 from .jobs import (
     output_path,
     read_secrets,
@@ -311,7 +311,7 @@ class Supervisor(object):
     def save(self):
         """Write the status record atomically; durably once the job has ended."""
         durable = self.record.get("state") in END_STATES
-        write_json_atomic(os.path.join(self.job_dir, STATUS_FILE), self.record, durable)
+        write_status(self.job_dir, self.record, durable)
 
 
 def runner_of_job(job_dir):
@@ -462,7 +462,7 @@ def record_supervisor_failure(job_dir, exc):
         reason="the job's supervisor failed before starting it: %s" % exc,
     )
     try:
-        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+        write_status(job_dir, record)
     except OSError:
         return
     tick_after_end(job_dir)

@@ -101,6 +101,9 @@ class Partial(object):
         self.offset = offset
 
 
+SMALL_BLOB = 256 * 1024  # a shared blob this small is copied without reading the leases
+
+
 class Upload(object):
     """An upload of this connection: the tree it lays out, and the contents it still expects.
 
@@ -177,11 +180,20 @@ class Upload(object):
         content linked are filled in, and partial contents taken over.
         """
         linked = self.linked
-        with store_lock(self.queue):
-            busy = busy_inodes(self.queue, self.token)
-            for digest, info in list(linked.items()):
-                if info.st_ino in busy and not self.refresh(digest):
-                    del linked[digest]
+        # Only a blob with another link than the store's and this upload's may be
+        # shared with a live job. A small one is copied (the copy replaces it in the
+        # store) without asking: reading the leases costs more, in a queue with many
+        # jobs waiting.
+        shared = [digest for digest, info in linked.items() if info.st_nlink > 2]
+        if shared:
+            with store_lock(self.queue):
+                large = [digest for digest in shared if self.sizes[digest] > SMALL_BLOB]
+                busy = busy_inodes(self.queue, self.token) if large else set()
+                for digest in shared:
+                    small = self.sizes[digest] <= SMALL_BLOB
+                    copy = small or linked[digest].st_ino in busy
+                    if copy and not self.refresh(digest):
+                        del linked[digest]
         for digest in linked:
             files = self.files[digest]
             if len(files) > 1:

@@ -633,7 +633,7 @@ ROWS: list[Row] = [
     Row("queue-link-loop", "submit", ("{job}",), message=r"Links form a loop",
         setup=queue_dir(link_loop), snapshot=("{srv}",)),
     Row("queue-format-99", "submit", ("{job}",),
-        message=r"written by a newer tej \(format 99; this tej reads up to 1\): upgrade tej",
+        message=r"written by a newer tej \(format 99; this tej reads up to 2\): upgrade tej",
         setup=queue_dir(real_queue(QUEUE_CONFIG % 99)), snapshot=("{srv}",)),
     Row("queue-format-99-status", "status", (), ("--id", "any"),
         message=r"written by a newer tej", setup=queue_dir(real_queue(QUEUE_CONFIG % 99)),
@@ -642,7 +642,7 @@ ROWS: list[Row] = [
         setup=queue_dir(real_queue(b"{format")), snapshot=("{srv}",)),
     # root writes anywhere: these two need the unprivileged SSH user
     Row("queue-read-only", "submit", ("{job}",), where=("ssh",),
-        message=r"Permission denied: .*/q/staging", setup=queue_dir(read_only_queue),
+        message=r"Permission denied: .*/q/(staging|index)", setup=queue_dir(read_only_queue),
         snapshot=("{srv}",)),
     Row("queue-parent-read-only", "submit", ("{job}",), where=("ssh",),
         message=r"Permission denied: .*/ro/queue", setup=in_read_only_folder,
@@ -742,6 +742,9 @@ def check_success(
     after = snapshot(bench.queue)
     changes = differences(before[bench.queue], after)
     # The job, and its files' contents in the store (a lease, blobs, shared link counts).
-    expected = re.compile(rf"added jobs/{re.escape(job_id)}\b|(added|removed|changed) store/")
+    # The index follows the job (its marker, its row: derived state, docs/queue-format.md).
+    expected = re.compile(
+        rf"added jobs/{re.escape(job_id)}\b|(added|removed|changed) (store|index)/"
+    )
     unexpected = [line for line in changes if not expected.match(line)]
     assert not unexpected, "\n".join(unexpected)

@@ -1,11 +1,9 @@
-"""A queue's jobs: status, list, wait, kill, delete."""
-
-import json
-import os
+"""A queue's jobs: status, list, wait, kill, delete, prune."""
 
 from ...protocol import (
     ACTIVE_STATES,
     END_STATES,
+    ERR_INVALID,
     ERR_JOB_NOT_FOUND,
     ERR_JOB_RUNNING,
     KILL_GRACE,
@@ -15,21 +13,17 @@ from ...protocol import (
     STATE_QUEUED,
 )
 from ..errors import AgentError, number_arg
-from ..files import make_private_dir, randrange
-from ..layout import JOBS_DIR, LIST_CACHE, TRASH_DIR
-from ..listcache import LIST_FIELDS, ListCache
+from ..files import randrange
+from ..index import LIST_FIELDS
 from ..queue import open_queue
 from ..records import (
     job_metadata,
     job_status,
     live_status,
-    missing_status,
     public_status,
-    read_status_record,
     wait_for_state,
 )
 from ..runners import runner_tick
-from ..usage import ProcessScan
 
 
 def status(connection, queue, job_id):
@@ -47,47 +41,42 @@ def wait(connection, queue, job_id, timeout):
     return live_status(job_id, job_dir, record)
 
 
-def list_jobs(connection, queue):
-    """The status of every job, oldest first: {"fields": names, "rows": JSON of values}.
+def list_jobs(connection, queue, states=None):
+    """The first batch of the jobs' statuses, oldest first (all jobs, or those in states).
 
-    Without metadata (see status). Ended jobs come from the list cache
-    while their status file is unchanged; the others from their runner.
+    {"fields": names, "rows": JSON text of rows (lists of values), "count": how
+    many jobs, "batches": how many batches, "cursor": for list_more}. Without
+    metadata (see status). A listing of active states reads no ended job.
     """
+    from ..listing import batches, check_states, list_rows
+
+    states = check_states(states)
     queue = open_queue(queue)
     runner_tick(queue)
-    cache = ListCache(queue.path(LIST_CACHE))
-    rows, pending = [], []
-    jobs = queue.path(JOBS_DIR) + "/"  # ids are single path components
-    for name in queue.job_ids():
-        job_dir = jobs + name
-        key = cache.key(job_dir)
-        row = cache.get(name, key)
-        if row is not None:
-            rows.append(row)
-            continue
-        record = read_status_record(job_dir)
-        if record is not None or os.path.isdir(job_dir):
-            pending.append((name, job_dir, record or missing_status(), key))
-    scan = ProcessScan()  # one scan of /proc for every running job
-    for (name, job_dir, written, key), record in zip(pending, refresh_all(queue, pending)):
-        row = [live_status(name, job_dir, record, scan)[field] for field in LIST_FIELDS]
-        rows.append(row)
-        if key is not None and written.get("state") in END_STATES:
-            cache.put(name, key, row)
-    cache.save()
-    submitted, ident = LIST_FIELDS.index("submitted_at"), LIST_FIELDS.index("id")
-    rows.sort(key=lambda row: (row[submitted] or "", row[ident]))
-    # As JSON text: thousands of rows go faster as one string than as execnet objects.
-    return {"fields": LIST_FIELDS, "rows": json.dumps(rows)}
+    rows = list_rows(queue, states)
+    texts = list(batches(rows))
+    cursor = None
+    if len(texts) > 1:
+        cursor = "%08x" % randrange(1 << 32)
+        connection.listings = {cursor: texts}  # one listing at a time per connection
+    return {
+        "fields": LIST_FIELDS,
+        "rows": texts[0] if texts else "[]",
+        "count": len(rows),
+        "batches": max(len(texts), 1),
+        "cursor": cursor,
+    }
 
 
-def refresh_all(queue, jobs):
-    """The records of jobs [(id, dir, record, ...)], brought up to date by the runner."""
-    jobs = [job[:3] for job in jobs]
-    refresh_many = getattr(queue.runner, "refresh_many", None)
-    if refresh_many is not None:
-        return refresh_many(jobs)
-    return [queue.runner.refresh(*job) for job in jobs]
+def list_more(connection, queue, cursor, batch):
+    """The batch number `batch` (from 1) of the listing `cursor` (see list)."""
+    texts = connection.listings.get(cursor) if isinstance(cursor, str) else None
+    if texts is None or not isinstance(batch, int) or not 1 <= batch < len(texts):
+        raise AgentError(ERR_INVALID, "No such listing %r, or batch %r" % (cursor, batch))
+    text, texts[batch] = texts[batch], ""
+    if batch == len(texts) - 1:
+        connection.listings = {}
+    return {"rows": text}
 
 
 def kill(connection, queue, job_id):
@@ -125,12 +114,10 @@ def delete(connection, queue, job_id, force=False):
                 "ended" % job_id,
             )
     runner_tick(queue)  # first, so that jobs waiting for this one know how it ended
-    trash = queue.path(TRASH_DIR, "%s.%d" % (job_id, randrange(1 << 30)))
-    if not os.path.isdir(queue.path(TRASH_DIR)):
-        make_private_dir(queue.path(TRASH_DIR))
-    try:
-        os.rename(job_dir, trash)
-    except FileNotFoundError:  # deleted meanwhile by another client
+    from ..removal import to_trash
+
+    trash = to_trash(queue, job_id)
+    if trash is None:  # deleted meanwhile by another client
         raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
     from ..store import remove_job_tree
 
@@ -138,4 +125,31 @@ def delete(connection, queue, job_id, force=False):
     runner_tick(queue)
 
 
-HANDLERS = {"status": status, "list": list_jobs, "wait": wait, "kill": kill, "delete": delete}
+def prune(connection, queue, states=None, older_than=None, dry_run=False):
+    """Delete ended jobs in bulk (in states, ended more than older_than seconds ago).
+
+    The same guarantees as delete: the jobs waiting for one learn how it
+    ended first, and the store's blobs only they used are freed. Returns
+    {"ids": the jobs deleted (or that would be, with dry_run)}.
+    """
+    from ..listing import check_states
+    from ..removal import prune_jobs
+
+    states = check_states(states if states is not None else list(END_STATES))
+    if not states <= set(END_STATES):
+        raise AgentError(ERR_INVALID, "Only ended jobs can be pruned (%s)" % ", ".join(END_STATES))
+    if older_than is not None:
+        older_than = number_arg(older_than, "older_than", 0, MAX_DURATION)
+    queue = open_queue(queue)
+    return {"ids": prune_jobs(queue, states, older_than, dry_run)}
+
+
+HANDLERS = {
+    "status": status,
+    "list": list_jobs,
+    "list_more": list_more,
+    "wait": wait,
+    "kill": kill,
+    "delete": delete,
+    "prune": prune,
+}

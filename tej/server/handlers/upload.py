@@ -26,6 +26,7 @@ from ..files import (
     remove_tree,
     write_json_atomic,
 )
+from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
 from ..layout import (
     JOB_FILE,
@@ -249,21 +250,31 @@ def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets):
         check_runner_fields(queue.runner, job, secrets)
         finish_upload(connection, token)
         check_script(os.path.join(staging, WORK_DIR), job["script"])
-        job_id, job_dir = reserve_id(queue, staging, job_id, id_prefix, job)
+        job_id, job_dir, intent = reserve_id(queue, staging, job_id, id_prefix, job)
     except BaseException:
         drop_upload(connection, queue, token)
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
         raise
     try:
+        crash_point("job-renamed")
+        sync(queue.root, job_id, with_row=False)
         queue.runner.submit(job_id, job_dir, job, secrets)
     except BaseException:
         remove_tree(job_dir)
+        forget(queue.root, job_id)
+        intent.end()
         raise
+    intent.end()
     return job_id
 
 
 def reserve_id(queue, staging, job_id, id_prefix, job):
-    """Atomically move the staged job to jobs/ID (or ID_PREFIX_RANDOM); returns (id, job_dir)."""
+    """Atomically move the staged job to jobs/ID; returns (id, job_dir, intent).
+
+    The intent (index.Intent) is begun before the move: if this process dies
+    before the job is in the index and with its runner, the next command
+    repairs it. The caller ends it.
+    """
     candidates = [job_id]
     if job_id is None:
         candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
@@ -276,10 +287,12 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
         write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
         note_lease(queue, staging, candidate)
         job_dir = queue.path(JOBS_DIR, candidate)
+        intent = Intent(queue.root, candidate).begin()
         try:
             os.rename(staging, job_dir)
-            return candidate, job_dir
+            return candidate, job_dir, intent
         except OSError as exc:
+            intent.end()
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
     if job_id is not None:

@@ -36,6 +36,7 @@ from ..files import (
     write_file_atomic,
     write_json_atomic,
 )
+from ..index import ids_in, write_status
 from ..layout import (
     AGENT_DIR,
     ID_PATTERN,
@@ -43,7 +44,6 @@ from ..layout import (
     JOBS_DIR,
     LOCK_FILE,
     RUNNER_DATA,
-    STATUS_FILE,
 )
 from ..processes import (
     group_exists,
@@ -89,6 +89,10 @@ class RunnerHost(object):
         """The identifiers of the queue's jobs."""
         return self.queue.job_ids()
 
+    def job_ids_in(self, state):
+        """The identifiers of the jobs whose records say state, from the queue's index."""
+        return ids_in(self.root, state)
+
     def job_dir(self, job_id):
         """The directory of a job; JobNotFound if there is none."""
         return self.queue.job_dir(job_id)
@@ -124,9 +128,13 @@ class RunnerHost(object):
             found = retry_if_lost(self, job_dir, found)
         return found
 
-    def write_record(self, job_dir, record):
-        """Replace a job's status record (atomically)."""
-        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+    def write_record(self, job_dir, record, durable=True):
+        """Replace a job's status record (atomically), and move the job in the queue's index.
+
+        durable=False: without fsync, for a change a power cut may lose (readers still
+        see the old record or the new one).
+        """
+        write_status(job_dir, record, durable)
 
     def read_data(self, job_dir):
         """The runner's own record of a job (a dict; empty if none)."""
@@ -309,7 +317,7 @@ def check_runner_change(queue, runner):
         return
     waiting = sorted(
         job_id
-        for job_id in queue.job_ids()
+        for job_id in ids_in(queue.root, STATE_QUEUED)
         if (read_status_record(queue.path(JOBS_DIR, job_id)) or {}).get("state") == STATE_QUEUED
     )
     if waiting:
@@ -374,5 +382,5 @@ def kill_orphan(job_dir, record, grace):
         return False, record
     terminate_group(job["pid"], grace)
     record = dict(record, state=STATE_KILLED, ended_at=now_iso())
-    write_json_atomic(os.path.join(job_dir, STATUS_FILE), record)
+    write_status(job_dir, record)
     return True, record

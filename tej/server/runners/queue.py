@@ -24,6 +24,7 @@ supervisors never start more than ``max_running`` jobs.
 import time
 
 from ...protocol import job_id_problem
+from .line import Line, read_state
 
 #: The job fields this runner owns (tej.json's and the client's).
 JOB_FIELDS = ("priority", "after")
@@ -121,25 +122,41 @@ class Runner(object):
         return record
 
     def submit(self, job_id, job_dir, job, secrets):
-        """Start the supervisor of a scheduled job; move the queue on."""
+        """Put a new job in the line (or start a scheduled job's supervisor); move the queue on."""
         if (self.host.read_record(job_dir) or {}).get("state") == "starting":
             self.host.start_supervisor(job_dir)
         try:
-            self.tick()
-        except Exception:  # noqa: BLE001 - the job is queued: the next tick will start it
+            self.repair(job_id)
+        except Exception:  # noqa: BLE001 - the job is queued: the next command repairs it
             pass
+
+    def repair(self, job_id):
+        """Make sure a queued job is in the line (its submit may have died), and tick."""
+        with self.host.lock():
+            line = Line(self.host)
+            line.load()  # first: building it again may give the job its ticket
+            job_dir = self.host.job_path(job_id)
+            record = self.host.read_record(job_dir)
+            queued = record is not None and record.get("state") == "queued"
+            if queued and not line.holds(job_id, record):
+                line.join(job_id, record, bool(self.pending(record)))
+                # Not durable: a ticket lost in a power cut is found again (see dispatch).
+                self.host.write_record(job_dir, record, durable=False)
+            self.dispatch(line)
 
     def admit(self, job_id, job_dir, record):
         """Called by a scheduled job's supervisor at its start time: join the queue."""
         if record.get("state") != "scheduled":
             return record  # started by tick() already
         with self.host.lock():
+            line = Line(self.host)
             record = dict(self.host.read_record(job_dir) or record)
             if record.get("state") == "scheduled":
                 record.pop("supervisor", None)
                 record.update(state="queued", queued_at=record.get("start_time") or time.time())
+                line.join(job_id, record, bool(self.pending(record)))
                 self.host.write_record(job_dir, record)
-            self.dispatch()
+            self.dispatch(line)
         return record
 
     def refresh(self, job_id, job_dir, record):
@@ -149,13 +166,23 @@ class Runner(object):
     def refresh_many(self, jobs):
         """The records of several jobs, with the positions of the queued ones."""
         records = [self.host.supervised_record(job_dir, record) for _, job_dir, record in jobs]
-        if any(record.get("state") == "queued" for record in records):
-            order = self.waiting_order(self.load())
-            places = dict((job_id, place) for place, job_id in enumerate(order, 1))
-            for (job_id, _, _), record in zip(jobs, records):
-                if record.get("state") == "queued" and job_id in places:
-                    record["position"] = [places[job_id], len(order)]
+        line = Line(self.host)
+        for (_, job_dir, _), record in zip(jobs, records):
+            if record.get("state") == "queued":
+                if line.state is None:
+                    line.state = read_state(line.folder) or self.rebuilt_line()
+                if record.get("ticket") is None:  # given one as the line was built
+                    record.update(self.host.read_record(job_dir) or {})
+                record["position"] = line.position(record)
         return records
+
+    def rebuilt_line(self):
+        """The line's state after building it again (a queue just upgraded, or a crash)."""
+        with self.host.lock():
+            line = Line(self.host)
+            state = line.load()
+            line.save()
+            return state
 
     def kill(self, job_id, job_dir, record, grace):
         """Take a queued job out of the queue; kill a running one through its supervisor."""
@@ -163,12 +190,15 @@ class Runner(object):
             with self.host.lock():
                 current = self.host.read_record(job_dir) or record
                 if current.get("state") == "queued":
+                    line = Line(self.host)
                     current.update(
                         state="killed",
                         ended_at=self.host.now(),
                         reason="cancelled before it started",
                     )
+                    line.leave(job_id, current)
                     self.host.write_record(job_dir, current)
+                    line.save()
                     return True, current
             record = self.host.supervised_record(job_dir)  # it started meanwhile
         return self.host.kill_supervised(job_id, job_dir, record, grace)
@@ -176,78 +206,91 @@ class Runner(object):
     def tick(self):
         """Cancel jobs whose dependencies failed, and start jobs while there is room."""
         with self.host.lock():
-            self.dispatch()
+            self.dispatch(Line(self.host))
 
     # the queue's logic (called under the lock)
 
-    def load(self):
-        """Every job's current record, by id."""
-        records = {}
-        for job_id in self.host.job_ids():
-            job_dir = self.host.job_path(job_id)
-            record = self.host.read_record(job_dir)
-            if record is not None:
-                records[job_id] = self.host.supervised_record(job_dir, record)
-        return records
+    def dispatch(self, line):
+        """Cancel the jobs that can no longer run, then start the next ones in turn.
 
-    def dispatch(self):
-        """Cancel the jobs that can no longer run, then start the next ones in turn."""
-        records = self.load()
-        self.note_succeeded(records)
-        while self.cancel_doomed(records):
-            pass
-        running = sum(1 for record in records.values() if record.get("state") in OCCUPYING)
-        for job_id in self.waiting_order(records):
-            if running >= self.max_running:
-                break
-            if self.ready(records[job_id], records):
-                self.start(job_id, records)
+        It reads the jobs that occupy a place, those that wait for others, and the
+        line's head: not the whole queue.
+        """
+        try:
+            records = Records(self.host)
+            self.settle_dependencies(line, records)
+            running = self.occupied()
+            for _, ticket, job_id in line.walk():
+                if running >= self.max_running:
+                    break
+                record = records.get(job_id)
+                if not self.holds(job_id, record, ticket):
+                    line.give_back(place_of(record or {})[0], ticket, job_id)  # a stale ticket
+                    continue
+                if self.pending(record):
+                    continue  # still waiting for others
+                self.start(job_id, record, line)
                 running += 1
+        finally:
+            line.save()
 
-    def waiting_order(self, records):
-        """The queued jobs' ids, in the order they will start: priority, then arrival."""
-        queued = [
-            (-(record.get("priority") or 0), record.get("queued_at") or 0, job_id)
-            for job_id, record in records.items()
-            if record.get("state") == "queued"
-        ]
-        return [job_id for _, _, job_id in sorted(queued)]
+    def holds(self, job_id, record, ticket):
+        """Whether a job still holds a ticket of the line (one whose record lost its ticket,
+        in a power cut, is given it again)."""
+        if (record or {}).get("state") != "queued":
+            return False
+        if record.get("ticket") is None:
+            record["ticket"] = ticket
+            self.host.write_record(self.host.job_path(job_id), record, durable=False)
+        return record["ticket"] == ticket
 
-    def ready(self, record, records):
-        """Whether every job this one waits for has finished successfully."""
-        return all(succeeded(records.get(dependency)) for dependency in self.pending(record))
+    def occupied(self):
+        """How many jobs take a place: starting or running, and not lost."""
+        count = 0
+        for state in OCCUPYING:
+            for job_id in self.host.job_ids_in(state):
+                record = self.host.supervised_record(self.host.job_path(job_id))
+                count += record.get("state") in OCCUPYING
+        return count
+
+    def settle_dependencies(self, line, records):
+        """For the jobs that wait for others: note those that succeeded; cancel the doomed."""
+        changed = True
+        while changed:
+            changed = False
+            for job_id in line.waiting_for_others():
+                record = records.get(job_id)
+                if (record or {}).get("state") != "queued":
+                    line.leave(job_id, record or {})
+                    continue
+                changed |= self.settle(job_id, record, records, line)
+
+    def settle(self, job_id, record, records, line):
+        """Note the dependencies of a job that succeeded; cancel it if one failed.
+
+        A job that succeeded may be deleted before the jobs after it start: they
+        must still start, so each remembers it (in after_done). Returns whether
+        the job was cancelled.
+        """
+        job_dir = self.host.job_path(job_id)
+        done = [dep for dep in self.pending(record) if succeeded(records.get(dep))]
+        if done:
+            record["after_done"] = (record.get("after_done") or []) + done
+        reason = self.failed_dependency(record, records)
+        if reason:
+            record.update(state="cancelled", ended_at=self.host.now(), reason=reason)
+        if reason:
+            line.leave(job_id, record)
+        elif not self.pending(record):
+            line.settled(job_id)
+        if done or reason:
+            self.host.write_record(job_dir, record)
+        return bool(reason)
 
     def pending(self, record):
         """The jobs a job waits for that weren't seen succeed yet."""
         done = record.get("after_done") or []
         return [job_id for job_id in record.get("after") or [] if job_id not in done]
-
-    def note_succeeded(self, records):
-        """Record in each queued job the jobs it waits for that have succeeded.
-
-        A job that succeeded may be deleted before the jobs after it start:
-        they must still start, so each remembers it (in after_done).
-        """
-        for job_id, record in records.items():
-            if record.get("state") != "queued":
-                continue
-            done = [dep for dep in self.pending(record) if succeeded(records.get(dep))]
-            if done:
-                record["after_done"] = (record.get("after_done") or []) + done
-                self.host.write_record(self.host.job_path(job_id), record)
-
-    def cancel_doomed(self, records):
-        """Cancel the queued jobs that depend on a job that failed; whether any was."""
-        changed = False
-        for job_id, record in records.items():
-            if record.get("state") != "queued":
-                continue
-            reason = self.failed_dependency(record, records)
-            if reason:
-                record.update(state="cancelled", ended_at=self.host.now(), reason=reason)
-                self.host.write_record(self.host.job_path(job_id), record)
-                changed = True
-        return changed
 
     def failed_dependency(self, record, records):
         """Why a job can never start (a dependency failed), or None."""
@@ -262,12 +305,13 @@ class Runner(object):
                 return "job %s %s" % (dependency, ENDINGS[state])
         return None
 
-    def start(self, job_id, records):
+    def start(self, job_id, record, line):
         """Start a queued job under its supervisor; a failure to start is recorded."""
         job_dir = self.host.job_path(job_id)
-        record = records[job_id]
+        line.leave(job_id, record)
         record.update(state="starting", admitted_at=self.host.now())
         self.host.write_record(job_dir, record)
+        line.save()  # before the fork: a crash while the supervisor starts leaves the line whole
         try:
             self.host.start_supervisor(job_dir)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
@@ -275,6 +319,27 @@ class Runner(object):
             if current.get("state") == "starting" and not current.get("supervisor"):
                 current.update(state="lost", ended_at=self.host.now(), reason=str(exc))
                 self.host.write_record(job_dir, current)
+
+
+class Records(object):
+    """The records of the jobs dispatch reads, each read once (None: no such job)."""
+
+    def __init__(self, host):
+        self.host = host
+        self.known = {}  # type: dict[str, dict[str, object] | None]
+
+    def get(self, job_id):
+        """A job's current record (a dead supervisor's job lost), or None if it is gone."""
+        if job_id not in self.known:
+            job_dir = self.host.job_path(job_id)
+            record = self.host.read_record(job_dir) if self.host.has_job(job_id) else None
+            self.known[job_id] = record and self.host.supervised_record(job_dir, record)
+        return self.known[job_id]
+
+
+def place_of(record):
+    """A queued job's (priority, ticket) in the line."""
+    return record.get("priority") or 0, record.get("ticket")
 
 
 def succeeded(record):

@@ -1,0 +1,136 @@
+"""Listing a queue's jobs from its index: the rows of `list`, and the ended jobs `prune` takes.
+
+Active jobs are read from their records (their runner has a say: a queued
+job's position, a lost supervisor); ended jobs from the rows the index keeps
+(index.py), without reading their folders. Asking for active states only
+reads no ended job at all.
+"""
+
+from ..protocol import ACTIVE_STATES, END_STATES, ERR_INVALID, STATE_LOST
+from .errors import AgentError
+from .index import (
+    MERGE_SEGMENTS,
+    STATES,
+    ids_in,
+    line_row,
+    merge_segments,
+    read_rows,
+    row_line,
+    segment_names,
+    state_of,
+    sync,
+    write_segment,
+)
+from .records import live_status, read_status_record
+
+BATCH_ROWS = 5000  # rows per reply of a listing
+
+
+def check_states(states):
+    """The states a listing asks for (None: all), checked."""
+    if states is None:
+        return None
+    if not isinstance(states, list) or not all(state in STATES for state in states):
+        raise AgentError(
+            ERR_INVALID, "states must be a list of job states (%s)" % ", ".join(STATES)
+        )
+    return set(states)
+
+
+def list_rows(queue, states=None):
+    """The rows of the jobs in states (all if None), oldest first: segment lines (index.py)."""
+    wanted = set(STATES) if states is None else set(states)
+    lines = []
+    active = set()
+    if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
+        from .usage import ProcessScan
+
+        scan = ProcessScan()  # one scan of /proc for every running job
+        for job_id, job_dir, record in active_records(queue):
+            active.add(job_id)
+            if record.get("state") in wanted:
+                status = live_status(job_id, job_dir, record, scan)
+                lines.append(row_line(job_id, record, status).rstrip("\n"))
+    if wanted & set(END_STATES):
+        lines += [line for job_id, line in ended_lines(queue.root, wanted) if job_id not in active]
+    lines.sort()  # the ended jobs' come sorted already: this costs little
+    return lines
+
+
+def active_records(queue):
+    """[(id, dir, record)] of the jobs the index says are active, brought up to date by the
+    runner.
+
+    A job whose record says it has ended (a writer died before moving it in the
+    index, or a supervisor of an older tej wrote it) is moved now.
+    """
+    jobs = []
+    seen = set()  # a job moving on while the folders are listed is seen in two
+    for state in ACTIVE_STATES:
+        for job_id in ids_in(queue.root, state):
+            if job_id in seen:
+                continue
+            seen.add(job_id)
+            job_dir = queue.path("jobs", job_id)
+            record = read_status_record(job_dir)
+            if record is None or state_of(record) != state:
+                record = sync(queue.root, job_id)
+                if state_of(record) not in ACTIVE_STATES:
+                    continue
+            jobs.append((job_id, job_dir, record))
+    return [(job[0], job[1], record) for job, record in zip(jobs, refresh_all(queue, jobs))]
+
+
+def refresh_all(queue, jobs):
+    """The records of jobs [(id, dir, record)], brought up to date by the runner."""
+    refresh_many = getattr(queue.runner, "refresh_many", None)
+    if refresh_many is not None:
+        return refresh_many(jobs)
+    return [queue.runner.refresh(*job) for job in jobs]
+
+
+def ended_lines(root, wanted):
+    """[(id, segment line)] of the ended jobs in the wanted states, mostly in order.
+
+    A job whose row is missing or says another state is read from its folder
+    (and its row written). When every ended job was read, the segments are
+    merged if there are many.
+    """
+    names = segment_names(root)
+    rows = read_rows(root, names)
+    markers = dict((state, set(ids_in(root, state))) for state in END_STATES if state in wanted)
+    found = [
+        (job_id, line)
+        for job_id, (state, line) in rows.items()
+        if state in markers and job_id in markers[state]
+    ]
+    listed = set(job_id for job_id, _ in found)
+    fixed = []
+    for ids in markers.values():
+        for job_id in ids - listed:
+            listed.add(job_id)
+            line = read_line(root, job_id)
+            if line is not None:
+                fixed.append(line + "\n")
+                if line.split("\t", 4)[2] in markers:
+                    found.append((job_id, line))
+    if fixed:
+        names.append(write_segment(root, fixed))
+    if len(markers) == len(END_STATES) and len(names) > MERGE_SEGMENTS:
+        merge_segments(root, names, sorted(line for _, line in found))
+    return found
+
+
+def read_line(root, job_id):
+    """The segment line of an ended job, from its folder (its marker moved if it must be,
+    its row written); None if it is active."""
+    record = sync(root, job_id, with_row=False)
+    if state_of(record) not in END_STATES:
+        return None
+    return row_line(job_id, record).rstrip("\n")
+
+
+def batches(lines):
+    """The rows of segment lines in replies' batches: JSON texts of lists of rows."""
+    for start in range(0, len(lines), BATCH_ROWS):
+        yield "[%s]" % ",".join(line_row(line) for line in lines[start : start + BATCH_ROWS])
