@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, index_problems, target_fixture, wait_until  # noqa: F401
+from helpers import Target, index_problems, wait_until
 
 from tej.server import layout
 

@@ -32,7 +32,6 @@ from helpers import (
     index_problems,
     kill_processes_under,
     make_job,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 from hypothesis import HealthCheck, settings
