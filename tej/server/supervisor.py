@@ -112,8 +112,9 @@ class Supervisor(object):
             state = self.attempt()
             delay = next_retry(self.job, self.record["attempts"], state, self.record["exit_code"])
             if delay is None:
-                # Before end(): the queue's tick may fork (and reap) the next job's supervisor.
-                self.record["resources"] = job_resources(before)
+                if self.record.get("job"):  # it ran (a script that could not start didn't)
+                    # Before end(): the queue's tick may fork (and reap) the next job's supervisor.
+                    self.record["resources"] = job_resources(before)
                 self.end(state)
                 return 0
             self.record.update(state=STATE_RUNNING, retry_at=time.time() + delay)
