@@ -99,7 +99,7 @@ def test_doctor_text_has_one_line_per_check(target: Target) -> None:
     for line, name in zip(lines, CHECK_NAMES):
         assert line[:6] in ("[ ok ]", "[skip]"), line
         assert line[7:].startswith(name), line
-    assert "runner default" in done.stdout and "format 1" in done.stdout
+    assert "runner default" in done.stdout and "format 2" in done.stdout
 
 
 # ssh fails
