@@ -235,7 +235,7 @@ class Soak(RuleBasedStateMachine):
         if self.remote is None:
             return
         self.count("the_queue_is_whole")
-        jobs = wait_until(self.listed_whole, 10, "list to show every job folder")
+        jobs = wait_until(self.listed_whole, 10, "list to show every job folder")[0]
         ids = [job.id for job in jobs]
         expected = set(self.seen) - self.gone
         assert expected <= set(ids), f"jobs lost: {sorted(expected - set(ids))}"
@@ -250,13 +250,13 @@ class Soak(RuleBasedStateMachine):
         self.check_max_running()
         self.check_store()
 
-    def listed_whole(self) -> list[Any]:
+    def listed_whole(self) -> tuple[list[Any]] | None:
         """The jobs listed once they match the job folders (a submit whose client was
         SIGKILLed may still be finishing: its job is listed once it is in the index)."""
         jobs = self.api().list()
         ids = [job.id for job in jobs]
         assert len(ids) == len(set(ids)), "a job is listed twice"
-        return jobs if set(ids) == set(os.listdir(Path(self.queue) / "jobs")) else []
+        return (jobs,) if set(ids) == set(os.listdir(Path(self.queue) / "jobs")) else None
 
     def check_forward(self, job_id: str, state: str) -> None:
         old = self.seen.get(job_id)
