@@ -539,9 +539,18 @@ def index_problems(queue: str | Path) -> list[str]:
 
     Each job has one marker, in the folder of the state its record says; no marker is
     left of a job that is gone; no intent is left of a writer that died; the queue
-    runner's line holds each queued job once, at the ticket its record names.
+    runner's line holds each queued job once, at the ticket its record names. A queue
+    that moves while it is read (a job starts, a link goes) is a problem of the moment:
+    callers that watch a live queue poll until none is left.
     """
-    root = Path(queue)
+    try:
+        return _index_problems(Path(queue))
+    except FileNotFoundError as error:
+        return [f"the queue changed while it was read: {error}"]
+
+
+def _index_problems(root: Path) -> list[str]:
+    """index_problems, for a queue that stands still."""
     jobs = {path.name for path in (root / "jobs").iterdir()} if (root / "jobs").is_dir() else set()
     index = root / "index"
     states = [

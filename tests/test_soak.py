@@ -34,7 +34,6 @@ from helpers import (
     index_problems,
     kill_processes_under,
     make_job,
-    target_fixture,  # noqa: F401 - the `target` fixture
     wait_until,
 )
 from hypothesis import HealthCheck, settings
@@ -52,14 +51,14 @@ from hypothesis.stateful import (
 
 from tej import RemoteQueue
 from tej.errors import InvalidInput, JobNotFound, JobStillRunning, WaitTimeout
+from tej.protocol import ACTIVE_STATES as ACTIVE
+from tej.protocol import END_STATES as ENDED
 
 # Without TEJ_SOAK_SECONDS: EXAMPLES sequences of STEPS steps, derandomized (the same
 # every run, about a minute per destination); with it, random ones until the time is up.
 SECONDS = float(os.environ.get("TEJ_SOAK_SECONDS") or 0)
 EXAMPLES = int(os.environ.get("TEJ_SOAK_EXAMPLES") or 10)
 STEPS = 30
-ACTIVE = ("starting", "queued", "scheduled", "running")
-ENDED = ("finished", "killed", "timed_out", "lost", "cancelled")
 SCRIPT = "#!/bin/sh\ndate +%s.%N > t0\nsleep ${SOAK_SLEEP:-0}\ndate +%s.%N > t1\n"
 
 
