@@ -8,7 +8,9 @@ Slurm's own view is checked with `scontrol show job` where it matters.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -210,6 +212,44 @@ def test_kill_stops_the_retries_under_slurm(slurm: Target, slurm_cluster: SlurmC
     one_line_answer(slurm.cli("kill", "--id", job_id), 0)
     final = status_json(slurm, job_id)
     assert final["state"] == "killed" and len(final["attempts"]) == 1
+
+
+def kill_the_supervisor(target: Target, job_id: str) -> None:
+    """SIGKILL a running job's supervisor (its batch script) on the node."""
+
+    def running_record() -> dict[str, Any] | None:
+        record: dict[str, Any] = json.loads((target.job_dir(job_id) / "status.json").read_text())
+        return record if record.get("job") else None
+
+    record = wait_until(running_record, SLURM_WAIT, f"job {job_id} to run")
+    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+
+
+def test_a_lost_job_is_given_to_slurm_again_when_its_retries_say_so(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    # The first attempt hangs until its supervisor (the batch script) is SIGKILLed on the
+    # node: Slurm ends the batch, tej finds the job lost, and sbatch runs it again.
+    script = "#!/bin/sh\nif [ ! -e first ]; then touch first; sleep 300; fi\necho again\n"
+    job_file = {"retries": {"max": 1, "on": ["lost"]}}
+    job = slurm.make_job(script=script, files={"tej.json": json.dumps(job_file)})
+    job_id = slurm.submit(job)
+    slurm_id = scontrol(slurm_cluster, slurm, job_id)["JobId"]
+    kill_the_supervisor(slurm, job_id)
+    final = wait_for_state(slurm, job_id, "finished")
+    assert final["exit_code"] == 0
+    assert [item["state"] for item in final["attempts"]] == ["lost", "finished"]
+    assert "its supervisor died" in final["attempts"][0]["reason"]
+    assert scontrol(slurm_cluster, slurm, job_id)["JobId"] != slurm_id  # a second sbatch
+    assert slurm.cli("logs", "--id", job_id, check=0).stdout == "again\n"
+
+
+def test_a_lost_job_without_retries_stays_lost(slurm: Target) -> None:
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\nsleep 300\n"))
+    kill_the_supervisor(slurm, job_id)
+    final = wait_for_state(slurm, job_id, "lost")
+    assert "its supervisor died" in final["reason"]
+    assert one_line_answer(slurm.cli("status", "--id", job_id), 0).startswith("Job was lost")
 
 
 def test_max_runtime_times_out_and_becomes_slurms_time_limit(

@@ -259,7 +259,8 @@ class Runner(object):
         """Hand the job to Slurm; its batch script is the job's supervisor."""
         script = self.write_batch_script(job_dir)
         argv = self.sbatch_command(job_id, job_dir, job, script)
-        start_time = (self.host.read_record(job_dir) or {}).get("start_time")
+        record = self.host.read_record(job_dir) or {}
+        start_time = max(record.get("start_time") or 0, record.get("retry_at") or 0)
         if start_time:  # Slurm holds it until then, not the supervisor on a node
             argv.insert(1, "--begin=now+%d" % max(0, math.ceil(start_time - time.time())))
         proc = run_command(argv)
@@ -286,6 +287,8 @@ class Runner(object):
         latest = self.host.read_record(job_dir) or record
         if latest.get("state") not in END_STATES:
             latest = self.record_end(job_dir, slurm_id, latest)
+            if latest.get("state") == "lost":
+                latest = self.retry_lost(job_id, job_dir, slurm_id, latest)
         return (
             self.with_accounting(job_dir, latest) if latest.get("state") in END_STATES else latest
         )
@@ -346,16 +349,57 @@ class Runner(object):
         state = STATES.get(slurm_state, "lost")
         if state not in END_STATES:  # squeue missed it between two states
             return record
+        if state == "finished" and record.get("supervisor"):
+            state = "lost"  # the batch script ended, yet its supervisor never said how
         record = dict(record, state=state, ended_at=self.host.now())
         record.update(exit_fields(exit_code))
         if slurm_state == "UNKNOWN":
             record["reason"] = "Slurm no longer knows job %s" % slurm_id
+        elif state == "lost" and slurm_state in ("COMPLETED", "FAILED"):
+            record["reason"] = "its supervisor died (Slurm: %s, exit code %s)" % (
+                slurm_state,
+                exit_code or "?",
+            )
         elif state == "killed" and not record.get("started_at"):
             record["reason"] = "cancelled before it started"
         elif slurm_state not in ("COMPLETED", "FAILED"):
             record["reason"] = "Slurm: %s" % slurm_state
         self.host.write_record(job_dir, record)
         return record
+
+    def retry_lost(self, job_id, job_dir, slurm_id, record):
+        """A lost job's record, or, if its retries include "lost", that of its new attempt:
+        given to Slurm again with sbatch (its supervisor, which retries failures itself
+        inside the one Slurm job, is gone). Under the queue's lock, so one client does it."""
+        from ..retries import close_attempt, next_retry
+
+        job = self.host.read_job(job_dir)
+        attempts = record.get("attempts") or [{}]
+        delay = next_retry(job, attempts, "lost", None) if job else None
+        if delay is None:
+            return record
+        with self.host.lock():
+            current = self.host.read_record(job_dir) or record
+            if (
+                current.get("state") != "lost"
+                or self.host.read_data(job_dir).get("slurm_id") != slurm_id
+            ):
+                return current  # another client retried it
+            current = dict(current)
+            if (current.get("attempts") or [{}])[-1].get("ended_at") is None:
+                close_attempt(current, "lost", current.get("reason"))
+            for stale in ("supervisor", "ended_at", "exit_code", "signal"):
+                current.pop(stale, None)
+            current.update(state="queued", reason="retried after its attempt was lost")
+            if delay:
+                current["retry_at"] = time.time() + delay
+            self.host.write_record(job_dir, current)
+            try:
+                self.submit(job_id, job_dir, job, {})
+            except Exception as exc:  # noqa: BLE001 - recorded: the job is lost for good
+                current.update(state="lost", ended_at=self.host.now(), reason=str(exc))
+                self.host.write_record(job_dir, current)
+        return current
 
     def final_state(self, slurm_id):
         """(Slurm state, ExitCode) of an ended job; ("UNKNOWN", "") if Slurm forgot it.
@@ -423,7 +467,10 @@ class Runner(object):
         if re.search(r"\s", python) or len(python) > 120:
             raise self.host.failure("Python's path %r can't be a #! line" % python)
         text = "#!%s\nimport sys\nsys.argv[1:] = %r\n%s\n" % (python, arguments, code)
+        from ..files import remove_quietly
+
         path = os.path.join(job_dir, BATCH_SCRIPT)
+        remove_quietly(path)  # a retry's submit writes it again
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as stream:
             stream.write(text)
