@@ -234,9 +234,7 @@ class ArrayStatus(JobStatus):
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: a job's, with "array": counts, fields and tasks."""
-        tasks = [
-            {key: task.to_json()[key] for key in TASK_FIELDS} for task in self.tasks
-        ]
+        tasks = [{key: task.to_json()[key] for key in TASK_FIELDS} for task in self.tasks]
         array = {
             "size": self.size,
             "max_parallel": self.max_parallel,
@@ -593,9 +591,13 @@ class RemoteQueue:
         *,
         new_id: str | None = None,
         secrets: Mapping[str, str] | None = None,
+        failed: bool = False,
         **metadata: Any,
     ) -> str:
         """Start a new job from the files an existing one was uploaded with; its id.
+
+        Of an array, a new array; with failed, of only its tasks that didn't finish
+        with 0 (each keeps its index, and its params row).
 
         Nothing is uploaded: the server lays the new job out from its store. The
         new job has the old one's metadata, but for what metadata overrides
@@ -605,9 +607,12 @@ class RemoteQueue:
         """
         from tej import jobspec
 
-        old = self.status(job_id).metadata
+        old_status = self.status(job_id, tasks=failed)
+        old = old_status.metadata
         if old is None:
             raise InvalidInput(f"Job {job_id!r} has no readable metadata: submit it again")
+        if failed:
+            metadata = {**metadata, "array": _failed_tasks(old_status, metadata)}
         base = {key: value for key, value in old.items() if key not in ("id", "secret_env")}
         job = jobspec.build_job(base, metadata)
         secret_env = jobspec.secret_env(secrets or {})
@@ -713,7 +718,7 @@ class RemoteQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             block = interval if deadline is None else min(interval, deadline - time.monotonic())
-            status = JobStatus.from_agent(self._call("wait", job_id=job_id, timeout=max(block, 0)))
+            status = status_of(self._call("wait", job_id=job_id, timeout=max(block, 0)))
             if not status.state.is_active:
                 return status
             if deadline is not None and time.monotonic() >= deadline:
@@ -781,6 +786,24 @@ class RemoteQueue:
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
         transfer.download_tree(self.session(), self.queue, job_id, path, entries, local, progress)
         return local
+
+    def download_tasks(
+        self, array_id: str, path: str, folder: str, progress: transfer.Progress | None = None
+    ) -> Sequence[str]:
+        """Download a file or folder of every task of an array that started, each into
+        folder/ARRAYID.N/ (under its base name); returns the local paths written."""
+        status = self.status(array_id, tasks=True)
+        if not isinstance(status, ArrayStatus):
+            raise InvalidInput(f"{array_id!r} is not an array")
+        written = []
+        name = os.path.basename(path.rstrip("/")) or status.id
+        for task in status.tasks:
+            if task.started_at is None:
+                continue  # never ran: it has no files
+            local = os.path.join(folder, task.id, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            written.append(self.download(task.id, path, local, progress))
+        return written
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:
         """Yield the content of a job's file, chunk by chunk."""
@@ -867,6 +890,24 @@ class RemoteQueue:
         )
         sync.prepare_destination(to, job_id, delete, force, dry_run)
         return syncer
+
+
+def _failed_tasks(status: JobStatus, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The array field of a re-run of an array's failed tasks (resubmit --failed)."""
+    if not isinstance(status, ArrayStatus):
+        raise InvalidInput(f"{status.id!r} is not an array: --failed re-runs an array's tasks")
+    if status.state.is_active:
+        raise InvalidInput(f"Array {status.id!r} is still {status.state.value}: wait for it first")
+    if metadata.get("array") is not None:
+        raise InvalidInput("--failed chooses the tasks: leave out --array")
+    failed = [
+        int(task.id.rpartition(".")[2])
+        for task in status.tasks
+        if task.state is not JobState.FINISHED or task.exit_code != 0
+    ]
+    if not failed:
+        raise InvalidInput(f"Every task of array {status.id!r} finished with exit code 0")
+    return {"indexes": protocol.format_indexes(sorted(failed)), "max_parallel": status.max_parallel}
 
 
 def _array_params(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:

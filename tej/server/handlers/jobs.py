@@ -51,7 +51,10 @@ def wait(connection, queue, job_id, timeout):
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
     record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
-    return live_status(job_id, job_dir, record)
+    found = live_status(job_id, job_dir, record)
+    if is_array(job_dir):
+        found["array"] = array_info(queue, job_id, job_dir, found, False)
+    return found
 
 
 def list_jobs(connection, queue, states=None):
