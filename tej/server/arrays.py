@@ -221,11 +221,17 @@ def read_params(array_dir):
 def lay_out_task(queue, array_dir, task_dir):
     """Lay a started task's work/ out from its array's manifest and the store.
 
-    As resubmit lays a new job out (the same checks, leases and copies): tasks
-    that write to their inputs don't see each other's writes. AgentError if the
-    store no longer holds a content.
+    As resubmit lays a new job out (the same checks, and the same code), then
+    every file the store gave is replaced with a checked private copy: the
+    task holds none of the store's inodes, so a task that writes to its input
+    changes neither the store nor another task's files (a resubmitted job may
+    hold the store's inode: the next one would find its content gone, which
+    would fail every later task of an array). AgentError if the store no
+    longer holds a content.
     """
-    from .store import lease_path
+    from .files import remove_quietly
+    from .layout import BLOBS_FILE
+    from .store import copy_verified, lease_path
     from .upload import Upload, lay_out_kept, new_token
 
     token = new_token()
@@ -236,9 +242,17 @@ def lay_out_task(queue, array_dir, task_dir):
     upload = Upload(queue, token, task_dir)
     try:
         lay_out_kept(upload, os.path.join(array_dir, MANIFEST_FILE), None)
+        for digest in upload.linked:
+            path, mode = upload.files[digest][0]
+            private = path + b".tej-copy"
+            if not copy_verified(path, private, digest, mode):
+                raise AgentError(ERR_INVALID, "A stored file changed while it was copied: retry")
+            os.rename(private, path)
         upload.finish()
     finally:
         upload.discard_files()
+        remove_quietly(os.path.join(task_dir, BLOBS_FILE))
+        remove_quietly(lease)
 
 
 def counts(array_dir, size, array_state):
