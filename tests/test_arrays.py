@@ -125,7 +125,7 @@ def test_kill_a_task_then_the_array_then_delete(target: Target) -> None:
     array = target.submit(job, "--array", "0-9%2", "--id", "long")
     for index in (0, 1):
         out = task_path(target, array, index, "stdout")
-        wait_until(lambda: out.exists() and "started" in out.read_text(), 30, f"task {index}")
+        wait_until(lambda out=out: out.exists() and "started" in out.read_text(), 30, "a start")
     killed = target.cli("kill", "--id", "long.0", check=0)
     assert "killed" in killed.stdout.lower(), killed.stdout
     assert target.status("long.0")["state"] == "killed"
