@@ -675,6 +675,56 @@ class Rows:
             )
         ]
 
+    def rows_arrays(self) -> list[Row]:
+        """A1-A4: array submits vs a tiny submit, status of an array vs a job, task start rate."""
+        queue = self.b.remote_path("q-arrays")
+        tiny = str(self.b.tiny)
+
+        def submit(*args: str) -> Callable[[], float]:
+            def run() -> float:
+                with self.b.connection_scope() as control:
+                    return self.b.time_tej("submit", *args, tiny, queue=queue, control=control)
+
+            return run
+
+        rows = []
+        for key, size, limit in (("A1", 1000, 1.5), ("A2", 10000, 3.0)):
+            spec = f"0-{size - 1}%1"  # %1: the array's tasks cost the measure little
+            tej_t, base_t = side_by_side(self.runs, submit("--array", spec), submit(), key)
+            what = f"cold submit of a tiny {size:,}-task array vs of a tiny job"
+            rows.append(ratio_row(key, what, tej_t, base_t, limit, ("array", "tiny submit")))
+        with self.b.api(queue) as remote:
+            remote.submit(tiny, job_id="a-job")
+            remote.submit(tiny, job_id="a-10k", array="0-9999%1")
+
+        def status(job_id: str) -> Callable[[], float]:
+            def run() -> float:
+                with self.b.connection_scope() as control:
+                    return self.b.time_tej("status", "--id", job_id, queue=queue, control=control)
+
+            return run
+
+        tej_t, base_t = side_by_side(self.runs, status("a-10k"), status("a-job"), "A3")
+        what = "cold `tej status` of a 10,000-task array vs of a job"
+        rows.append(ratio_row("A3", what, tej_t, base_t, 1.3, ("array", "job")))
+        with self.b.api(queue) as remote:
+            for job_id in ("a-10k",):
+                remote.kill(job_id)
+            remote.submit(tiny, job_id="a-rate", array="0-999%256")
+            done = remote.wait("a-rate", timeout=600)
+        rate = 1000 / max(done.elapsed or 0.0, 1e-6)
+        rows.append(
+            Row(
+                "A4",
+                "default runner: tasks started and ended per second (1,000 `true` tasks, %256)",
+                tej=f"{rate:.0f}/s",
+                target=">= 300/s",
+                met=verdict(rate >= 300),
+                detail=f"{done.elapsed:.2f} s for 1,000 tasks",
+            )
+        )
+        return rows
+
     def owner(self) -> tuple[int, int] | None:
         return (self.b.server.uid, self.b.server.gid) if sshd.is_root() else None
 
@@ -1375,6 +1425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (["9"], measure.row9),
             (["S1", "S2", "S3"], measure.rows_sync),
             (["R1"], measure.row_resubmit),
+            (["A1", "A2", "A3", "A4"], measure.rows_arrays),
             (["11"], measure.row11),
             (["12"], measure.row12),
             (["13"], measure.row13),

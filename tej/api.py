@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from queue import SimpleQueue
@@ -200,6 +200,57 @@ class JobStatus:
             "max_attempts": self.max_attempts,
             "retry_at": _format_time(self.retry_at),
         }
+
+
+@dataclass(frozen=True)
+class ArrayStatus(JobStatus):
+    """An array's status: its own (state: running while any task may still run; exit_code:
+    0 if every task finished with 0, else the first failed task's, by index), its tasks'
+    counts per state, and with status(..., tasks=True), each task's status."""
+
+    #: How many tasks it has, at most how many run at once (None: the server's CPUs).
+    size: int = 0
+    max_parallel: int | None = None
+    #: Its task indexes, as an array spec ("0-99", "1,3,5-9").
+    indexes: str = ""
+    #: How many tasks are in each state (states with none left out).
+    counts: Mapping[str, int] = field(default_factory=dict)
+    #: Each task's status (id ARRAYID.N, state, exit code, times), if asked for.
+    tasks: tuple[JobStatus, ...] = ()
+
+    @classmethod
+    def from_agent(cls, data: dict[str, Any]) -> ArrayStatus:
+        """Build an array's status from the agent's plain-dict form."""
+        status = super().from_agent(data)
+        array = data["array"]
+        status.__dict__.update(
+            size=array["size"],
+            max_parallel=array.get("max_parallel"),
+            indexes=array["indexes"],
+            counts=dict(array.get("counts") or {}),
+            tasks=tuple(JobStatus.from_agent(task) for task in array.get("tasks") or ()),
+        )
+        return status  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict: a job's, with "array": counts, fields and tasks."""
+        tasks = [{key: task.to_json()[key] for key in TASK_FIELDS} for task in self.tasks]
+        array = {
+            "size": self.size,
+            "max_parallel": self.max_parallel,
+            "indexes": self.indexes,
+            "counts": dict(self.counts),
+            **({"tasks": tasks} if self.tasks else {}),
+        }
+        return {**super().to_json(), "array": array}
+
+
+TASK_FIELDS = ("id", "state", "exit_code", "submitted_at", "started_at", "ended_at", "elapsed")
+
+
+def status_of(data: dict[str, Any]) -> JobStatus:
+    """A job's status, or an array's (ArrayStatus), from the agent's reply."""
+    return ArrayStatus.from_agent(data) if "array" in data else JobStatus.from_agent(data)
 
 
 @dataclass(frozen=True)
@@ -451,10 +502,13 @@ class RemoteQueue:
         from tej import jobspec, transfer
 
         secret_env = jobspec.secret_env(secrets or {})
-        job, excludes = _prepare_job(directory, job_id, defaults, metadata)
+        metadata, params = _array_params(metadata)
+        job, excludes = _prepare_job(directory, job_id, defaults, metadata, params is not None)
         # The server names a job without an id after the directory and the user it runs as.
         name = os.path.basename(os.path.abspath(directory))
         request = {"job_id": job_id, "id_name": name, "job": job, "secrets": secret_env}
+        if params is not None:
+            request["params"] = params
         if self._session is not None and self._session.is_open:
             session = self.session()
             parts = transfer.scan_tree(directory, excludes=excludes)  # read as they are sent
@@ -498,7 +552,8 @@ class RemoteQueue:
         """
         from tej import transfer
 
-        _, excludes = _prepare_job(directory, job_id, defaults, metadata)
+        metadata, params = _array_params(metadata)
+        _, excludes = _prepare_job(directory, job_id, defaults, metadata, params is not None)
         parts = transfer.scan_tree(directory, excludes=excludes)
         entries = [entry for part in parts for entry in part.entries]
         files = [entry for entry in entries if entry.kind == "f"]
@@ -536,9 +591,13 @@ class RemoteQueue:
         *,
         new_id: str | None = None,
         secrets: Mapping[str, str] | None = None,
+        failed: bool = False,
         **metadata: Any,
     ) -> str:
         """Start a new job from the files an existing one was uploaded with; its id.
+
+        Of an array, a new array; with failed, of only its tasks that didn't finish
+        with 0 (each keeps its index, and its params row).
 
         Nothing is uploaded: the server lays the new job out from its store. The
         new job has the old one's metadata, but for what metadata overrides
@@ -548,9 +607,12 @@ class RemoteQueue:
         """
         from tej import jobspec
 
-        old = self.status(job_id).metadata
+        old_status = self.status(job_id, tasks=failed)
+        old = old_status.metadata
         if old is None:
             raise InvalidInput(f"Job {job_id!r} has no readable metadata: submit it again")
+        if failed:
+            metadata = {**metadata, "array": _failed_tasks(old_status, metadata)}
         base = {key: value for key, value in old.items() if key not in ("id", "secret_env")}
         job = jobspec.build_job(base, metadata)
         secret_env = jobspec.secret_env(secrets or {})
@@ -566,9 +628,14 @@ class RemoteQueue:
         with contextlib.suppress(TejError):
             self._call("upload_abort", token=token)
 
-    def status(self, job_id: str) -> JobStatus:
-        """The status of a job; JobNotFound if there is none with that id."""
-        return JobStatus.from_agent(self._call("status", job_id=check_job_id(job_id)))
+    def status(self, job_id: str, *, tasks: bool = False) -> JobStatus:
+        """The status of a job; JobNotFound if there is none with that id.
+
+        An array's is an ArrayStatus (with tasks: each task's status too); task N of
+        an array is ARRAYID.N.
+        """
+        args = {"tasks": True} if tasks else {}
+        return status_of(self._call("status", job_id=check_job_id(job_id), **args))
 
     def list(self, states: Sequence[str] | None = None) -> list[JobStatus]:
         """The status of every job in the queue (or of those in states), oldest first."""
@@ -651,7 +718,7 @@ class RemoteQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             block = interval if deadline is None else min(interval, deadline - time.monotonic())
-            status = JobStatus.from_agent(self._call("wait", job_id=job_id, timeout=max(block, 0)))
+            status = status_of(self._call("wait", job_id=job_id, timeout=max(block, 0)))
             if not status.state.is_active:
                 return status
             if deadline is not None and time.monotonic() >= deadline:
@@ -719,6 +786,24 @@ class RemoteQueue:
         entries = transfer.list_remote(self.session(), self.queue, check_job_id(job_id), path)
         transfer.download_tree(self.session(), self.queue, job_id, path, entries, local, progress)
         return local
+
+    def download_tasks(
+        self, array_id: str, path: str, folder: str, progress: transfer.Progress | None = None
+    ) -> Sequence[str]:
+        """Download a file or folder of every task of an array that started, each into
+        folder/ARRAYID.N/ (under its base name); returns the local paths written."""
+        status = self.status(array_id, tasks=True)
+        if not isinstance(status, ArrayStatus):
+            raise InvalidInput(f"{array_id!r} is not an array")
+        written = []
+        name = os.path.basename(path.rstrip("/")) or status.id
+        for task in status.tasks:
+            if task.started_at is None:
+                continue  # never ran: it has no files
+            local = os.path.join(folder, task.id, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            written.append(self.download(task.id, path, local, progress))
+        return written
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:
         """Yield the content of a job's file, chunk by chunk."""
@@ -807,17 +892,56 @@ class RemoteQueue:
         return syncer
 
 
+def _failed_tasks(status: JobStatus, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The array field of a re-run of an array's failed tasks (resubmit --failed)."""
+    if not isinstance(status, ArrayStatus):
+        raise InvalidInput(f"{status.id!r} is not an array: --failed re-runs an array's tasks")
+    if status.state.is_active:
+        raise InvalidInput(f"Array {status.id!r} is still {status.state.value}: wait for it first")
+    if metadata.get("array") is not None:
+        raise InvalidInput("--failed chooses the tasks: leave out --array")
+    failed = [
+        int(task.id.rpartition(".")[2])
+        for task in status.tasks
+        if task.state is not JobState.FINISHED or task.exit_code != 0
+    ]
+    if not failed:
+        raise InvalidInput(f"Every task of array {status.id!r} finished with exit code 0")
+    return {"indexes": protocol.format_indexes(sorted(failed)), "max_parallel": status.max_parallel}
+
+
+def _array_params(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """submit's metadata without params (rows, one per task), and the rows as JSON lines.
+
+    With params, the job is an array of one task per row (indexes 0 to rows - 1).
+    """
+    from tej import jobspec
+
+    metadata = dict(metadata)
+    rows = metadata.pop("params", None)
+    if rows is None:
+        return metadata, None
+    if metadata.get("array") is not None:
+        raise InvalidInput("--params and --array can't be combined: a task per row of params")
+    text = jobspec.check_params(rows)
+    metadata["array"] = f"0-{len(rows) - 1}"
+    return metadata, text
+
+
 def _prepare_job(
     directory: str,
     job_id: str | None,
     defaults: Mapping[str, Any] | None,
     metadata: Mapping[str, Any],
+    with_params: bool = False,
 ) -> tuple[dict[str, Any], Excludes | None]:
     """Check a job before anything is sent; its metadata, and what leaves files out."""
     from tej import jobspec, transfer
     from tej.excludes import load_excludes
 
     from_file = jobspec.load_job_file(directory)
+    if with_params and from_file.get("array") is not None:
+        raise InvalidInput("--params can't be combined with tej.json's array: a task per row")
     job = jobspec.build_job(from_file, dict(metadata), defaults)
     transfer.check_directory(directory)
     excludes = load_excludes(directory, jobspec.exclude_patterns(from_file, dict(metadata)))
@@ -825,7 +949,9 @@ def _prepare_job(
     if excludes is not None and excludes.excludes_file(job["script"]):
         raise InvalidInput(f"The script {job['script']!r} is excluded by {excludes.origin}")
     if job_id is not None:
-        check_job_id(job_id)
+        problem = protocol.new_job_id_problem(job_id)
+        if problem is not None:
+            raise InvalidInput(problem)
     return job, excludes
 
 

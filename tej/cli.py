@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from click.shell_completion import CompletionItem
 
 from tej import __version__, config, protocol
-from tej.api import DryRun, JobState, JobStatus, RemoteQueue
+from tej.api import ArrayStatus, DryRun, JobState, JobStatus, RemoteQueue
 from tej.config import DEFAULT_QUEUE
 from tej.destination import SHARED_CONNECTION_SECONDS
 from tej.errors import InvalidInput, JobNotFound, TejError
@@ -348,6 +348,17 @@ JOB_OPTIONS = [
         help="Run the script again, up to N times, when it fails (tej.json: retries).",
     ),
     click.option(
+        "--array",
+        metavar="SPEC",
+        help="An array: a task per index (0-99, 1,3,5-9, 0-999:10; %N: at most N at once).",
+    ),
+    click.option(
+        "--max-parallel",
+        type=click.IntRange(1),
+        metavar="N",
+        help="An array's tasks: at most N at once [default: the server's CPUs].",
+    ),
+    click.option(
         "--wait", "then_wait", is_flag=True, help="Wait for the job to end (see tej wait)."
     ),
     click.option("--exit-code", is_flag=True, help="With --wait: exit with the job's exit code."),
@@ -389,6 +400,12 @@ def job_overrides(
 @queue_command(with_settings=True)
 @click.option("--id", "job_id", help="Identifier of the job [default: <dirname>_<user>_<random>].")
 @job_options
+@click.option(
+    "--params",
+    "params_file",
+    metavar="FILE",
+    help="An array: a task per row of FILE (CSV with a header, or JSON lines).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option(
     "--dry-run",
@@ -413,14 +430,22 @@ def submit(
     exit_code: bool,
     quiet: bool,
     dry_run: bool,
+    params_file: str | None,
     **metadata: str | None,
 ) -> None:
     """Upload DIRECTORY and start its script (tej.json in it adds metadata).
 
     The queue's runner decides when: at once (default), in turn (queue), or
-    through a batch system (slurm).
+    through a batch system (slurm). With --array or --params, an array of
+    tasks, each ARRAYID.N, from one upload.
     """
     overrides = job_overrides(metadata, env, webhook, email, priority, after, retries)
+    if params_file is not None:
+        from tej import jobspec
+
+        if overrides.get("array") is not None:
+            raise InvalidInput("--params and --array can't be combined: a task per row of params")
+        overrides["params"] = jobspec.read_params_file(params_file)
     defaults = settings.submit_defaults()
     if dry_run:
         if then_wait:
@@ -444,12 +469,16 @@ def submit(
 @queue_command()
 @ID_OPTION
 @click.option("--as", "new_id", help="Identifier of the new job [default: like submit's].")
+@click.option(
+    "--failed", is_flag=True, help="Of an array: only its tasks that didn't finish with 0."
+)
 @job_options
 def resubmit(
     remote: RemoteQueue,
     as_json: bool,
     job_id: str,
     new_id: str | None,
+    failed: bool,
     env: tuple[str, ...],
     secrets: tuple[str, ...],
     webhook: tuple[str, ...],
@@ -467,7 +496,9 @@ def resubmit(
     """
     overrides = job_overrides(metadata, env, webhook, email, priority, after, retries)
     secret_values = {name: read_secret(name) for name in secrets}
-    created = remote.resubmit(job_id, new_id=new_id, secrets=secret_values, **overrides)
+    created = remote.resubmit(
+        job_id, new_id=new_id, secrets=secret_values, failed=failed, **overrides
+    )
     report_submitted(remote, created, as_json, then_wait, exit_code)
 
 
@@ -652,7 +683,7 @@ def logs(
 def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     """Show the state of a job."""
     try:
-        result = remote.status(job_id)
+        result = remote.status(job_id, tasks=as_json)
     except JobNotFound:
         raise JobNotFound("No job with that identifier") from None
     if as_json:
@@ -861,10 +892,17 @@ def prune(
 def download(
     remote: RemoteQueue, as_json: bool, job_id: str, quiet: bool, specs: tuple[str, ...]
 ) -> None:
-    """Download files of a job: `path` to ./<basename>, `path:` to stdout, `path:dest`."""
+    """Download files of a job: `path` to ./<basename>, `path:` to stdout, `path:dest`.
+
+    Of an array: from every task, each into ARRAYID.N/ under the destination
+    (`path` to ./ARRAYID.N/<basename>, `path:folder` to folder/ARRAYID.N/<basename>).
+    """
     plan = [parse_download_spec(spec) for spec in specs]
     if as_json and any(local is None for _, local in plan):
         raise InvalidInput("--json can't be combined with printing a file (path:)")
+    if protocol.task_id_parts(job_id) is None and isinstance(remote.status(job_id), ArrayStatus):
+        download_array(remote, as_json, job_id, quiet, specs)
+        return
     saved = []
     for path, local in plan:
         if local is None:
@@ -878,6 +916,22 @@ def download(
             saved.append({"path": path, "local": written})
     if as_json:
         emit_json({"id": job_id, "files": saved})
+
+
+def download_array(
+    remote: RemoteQueue, as_json: bool, array_id: str, quiet: bool, specs: tuple[str, ...]
+) -> None:
+    """tej download of an array: every task's files into ARRAYID.N/ under the destination."""
+    saved = []
+    for spec in specs:
+        path, _, folder = spec.partition(":")
+        if ":" in spec and not folder:
+            raise InvalidInput("An array's files can't be printed (path:): give a folder")
+        with ProgressBar(f"Downloading {path}", quiet) as progress:
+            for local in remote.download_tasks(array_id, path, folder or ".", progress):
+                saved.append({"path": path, "local": local})
+    if as_json:
+        emit_json({"id": array_id, "files": saved})
 
 
 @queue_command("sync")

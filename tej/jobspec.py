@@ -38,6 +38,7 @@ FIELDS = (
     "notify",
     "exclude",
     "retries",
+    "array",
 )
 NOTIFY_FIELDS = ("webhook", "email", "on", "smtp", "from")
 _ENV_NAME = re.compile(protocol.ENV_NAME_REGEX)
@@ -124,6 +125,10 @@ def _validated(data: Mapping[str, Any]) -> dict[str, Any]:
         job["notify"] = _notify(data["notify"])
     if data.get("retries") is not None:
         job["retries"] = retries(data["retries"])
+    if data.get("array") is not None:
+        job["array"] = array_field(data["array"], data.get("max_parallel"))
+    elif data.get("max_parallel") is not None:
+        raise InvalidInput("--max-parallel is for an array (--array or --params)")
     job.update(_runner_fields(data))
     return job
 
@@ -275,3 +280,113 @@ def _smtp(value: Any) -> str:
     if not host.strip() or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"Invalid notify.smtp {value!r}: use host:port, such as localhost:25")
     return text
+
+
+def array_field(value: Any, max_parallel: Any = None) -> dict[str, Any]:
+    """tej.json's "array" (a spec such as "0-99%8"; or the stored form, {"indexes": SPEC,
+    "max_parallel": N}) with --max-parallel: {"indexes": SPEC without %N, "max_parallel": N}."""
+    stored = None
+    if isinstance(value, Mapping):
+        stored, value = value.get("max_parallel"), value.get("indexes")
+    try:
+        _, percent = protocol.parse_array_spec(value)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    if max_parallel is not None:
+        if percent is not None:
+            raise InvalidInput("Give %N in the array spec or --max-parallel, not both")
+        if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
+            raise InvalidInput("--max-parallel must be a whole number of 1 or more")
+        percent = max_parallel
+    spec = str(value).strip().partition("%")[0].strip()
+    return {"indexes": spec, "max_parallel": percent if percent is not None else stored}
+
+
+def read_params_file(path: str) -> list[dict[str, str]]:
+    """The rows of a --params file: CSV with a header, or JSON lines of flat objects."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(64 << 20)
+    except OSError as exc:
+        raise InvalidInput(f"Can't read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise InvalidInput(f"{path} is empty: give a header and one row per task")
+    if "\0" in text:
+        raise InvalidInput(f"{path} holds a NUL character")
+    rows = _json_rows(text, path) if text.lstrip().startswith("{") else _csv_rows(text, path)
+    check_params(rows, path)
+    return rows
+
+
+def _csv_rows(text: str, path: str) -> list[dict[str, str]]:
+    import csv
+    import io
+
+    lines = [row for row in csv.reader(io.StringIO(text)) if row]
+    header = lines[0]
+    _check_columns(header, path)
+    rows = []
+    for number, values in enumerate(lines[1:], 2):
+        if len(values) != len(header):
+            raise InvalidInput(
+                f"{path}, line {number}: {len(values)} values for {len(header)} columns"
+            )
+        rows.append(dict(zip(header, values)))
+        if len(rows) > protocol.MAX_ARRAY_TASKS:
+            break
+    return rows
+
+
+def _json_rows(text: str, path: str) -> list[dict[str, str]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pairs = json.loads(line, object_pairs_hook=lambda items: items)
+        except ValueError as exc:
+            raise InvalidInput(f"{path}, line {number}: not JSON ({exc})") from None
+        if not isinstance(pairs, list):
+            raise InvalidInput(f"{path}, line {number}: not a JSON object")
+        _check_columns([key for key, _ in pairs], f"{path}, line {number}")
+        row = {}
+        for key, value in pairs:
+            if isinstance(value, (dict, list)) or value is None:
+                raise InvalidInput(f"{path}, line {number}: {key} must be a string or a number")
+            row[key] = value if isinstance(value, str) else json.dumps(value)
+        rows.append(row)
+        if len(rows) > protocol.MAX_ARRAY_TASKS:
+            break
+    return rows
+
+
+def _check_columns(names: list[str], where: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if not _ENV_NAME.match(name):
+            raise InvalidInput(f"{where}: invalid column name {name!r} (use letters, digits, _)")
+        if name in seen:
+            raise InvalidInput(f"{where}: the column {name!r} is given twice")
+        seen.add(name)
+
+
+def check_params(rows: Any, where: str = "params") -> str:
+    """Check params rows (a list of flat dicts of names to strings); their JSON lines text."""
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput(f"{where} has no rows: give one row per task")
+    if len(rows) > protocol.MAX_ARRAY_TASKS:
+        raise InvalidInput(f"{where} has more than {protocol.MAX_ARRAY_TASKS} rows (the limit)")
+    lines = []
+    for number, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise InvalidInput(f"{where}: row {number} is not a mapping")
+        _check_columns(list(row), f"{where}, row {number}")
+        for key, value in row.items():
+            if not isinstance(value, str) or "\0" in value:
+                raise InvalidInput(f"{where}, row {number}: {key} must be a string without NUL")
+        lines.append(json.dumps(dict(row), separators=(",", ":")))
+    return "\n".join(lines)

@@ -90,6 +90,8 @@ MAX_CHUNK = 1 << 20
 MAX_ID_LENGTH = 128
 MAX_RETRIES = 100  # retries.max: more attempts than this is a loop, not a retry
 MAX_BACKOFF = 100.0  # retries.backoff: the factor the delay grows by at each retry
+MAX_ARRAY_TASKS = 100000  # tasks in one array (--array, --params rows)
+MAX_ARRAY_INDEX = 10**9  # the largest task index (Slurm's own limit is lower)
 
 # Retries: what "on" may name besides exit codes.
 RETRY_ON_FAILURE = "failure"  # a non-zero exit code, or a timeout
@@ -114,6 +116,90 @@ def job_id_problem(job_id: object) -> "str | None":
             MAX_ID_LENGTH,
         )
     return None
+
+
+def task_id_parts(job_id: str) -> "tuple[str, int] | None":
+    """(array id, index) if job_id names a task (ARRAYID.N), else None."""
+    head, dot, tail = job_id.rpartition(".")
+    if not dot or not head or not tail.isdigit() or not tail.isascii():
+        return None
+    return head, int(tail)
+
+
+def new_job_id_problem(job_id: object) -> "str | None":
+    """Why job_id can't be given to a new job (or array), or None if it can.
+
+    One that ends in "." and digits is a task's (ARRAYID.N), never a job's.
+    """
+    problem = job_id_problem(job_id)
+    if problem is None and task_id_parts(job_id) is not None:  # type: ignore[arg-type]
+        return (
+            "Invalid job identifier %r: one that ends in '.' and digits names an array's task"
+            % (job_id,)
+        )
+    return problem
+
+
+def parse_array_spec(text: object) -> "tuple[list[int], int | None]":
+    """The task indexes of an array spec (Slurm's: "0-99", "1,3,5-9", "0-999:10", then an
+    optional "%N") and its N (None without); ValueError, saying why, if it is not one."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("The array spec is empty: use a range such as 0-99")
+    spec, percent, limit = text.strip().partition("%")
+    parallel = None
+    if percent:
+        if not limit.isdigit() or not limit.isascii() or int(limit) < 1:
+            raise ValueError(
+                "Invalid array spec %r: %%N must be a whole number of 1 or more" % text
+            )
+        parallel = int(limit)
+    indexes = set()  # type: set[int]
+    for part in spec.split(","):
+        indexes.update(array_range(part.strip(), text))
+        if len(indexes) > MAX_ARRAY_TASKS:
+            break
+    if len(indexes) > MAX_ARRAY_TASKS:
+        raise ValueError(
+            "Invalid array spec %r: more than %d tasks (the limit)" % (text, MAX_ARRAY_TASKS)
+        )
+    return sorted(indexes), parallel
+
+
+def array_range(part: str, text: str) -> range:
+    """The indexes of one part of an array spec: N, A-B or A-B:STEP."""
+    bounds, colon, step_text = part.partition(":")
+    first, dash, last = bounds.partition("-")
+    numbers = [first, last if dash else first, step_text if colon else "1"]
+    if not all(number.isdigit() and number.isascii() for number in numbers):
+        raise ValueError(
+            "Invalid array spec %r: use indexes and ranges such as 0-99, 1,3,5-9 or 0-999:10" % text
+        )
+    start, end, step = (int(number) for number in numbers)
+    if end < start:
+        raise ValueError("Invalid array spec %r: the range %s ends before it starts" % (text, part))
+    if step < 1 or end > MAX_ARRAY_INDEX:
+        raise ValueError(
+            "Invalid array spec %r: a step of 1 or more, indexes up to %d" % (text, MAX_ARRAY_INDEX)
+        )
+    if (end - start) // step >= MAX_ARRAY_TASKS:
+        raise ValueError(
+            "Invalid array spec %r: more than %d tasks (the limit)" % (text, MAX_ARRAY_TASKS)
+        )
+    return range(start, end + 1, step)
+
+
+def format_indexes(indexes: "list[int]") -> str:
+    """A compact array spec (no %N) of sorted, distinct indexes: "0-99", "1,3,5-9"."""
+    parts = []
+    start = previous = -2
+    for index in [*list(indexes), -2]:
+        if index == previous + 1 and index >= 0:
+            previous = index
+            continue
+        if start >= 0:
+            parts.append(str(start) if start == previous else "%d-%d" % (start, previous))
+        start = previous = index
+    return ",".join(parts)
 
 
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tej.api import JobState, JobStatus
+from tej.api import ArrayStatus, JobState, JobStatus
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -47,8 +47,34 @@ def describe_usage(status: JobStatus) -> str:
     return "; " + ", ".join(parts) if parts else ""
 
 
+# The order an array's counts are given in: ended tasks first, then those still to end.
+COUNT_ORDER = (
+    *("finished", "killed", "timed_out", "lost", "cancelled"),
+    *("running", "starting", "scheduled", "queued"),
+)
+
+
+def describe_array(status: ArrayStatus) -> str:
+    """`Array is running: 40 finished, 8 running, 52 queued (0:12:31)`; an ended one's
+    exit code (0: every task finished with 0; else the first failed task's, by index)."""
+    counts = ", ".join(
+        f"{status.counts[state]} {state.replace('_', ' ')}"
+        for state in COUNT_ORDER
+        if status.counts.get(state)
+    )
+    text = f"Array is {status.state.value.replace('_', ' ')}: {counts} "
+    text += f"({format_elapsed(status.elapsed)})"
+    if status.state is JobState.LOST:
+        return f"{text} ({status.reason or 'unknown reason'})"
+    if not status.state.is_active and status.exit_code is not None:
+        return f"{text} with exit code {status.exit_code}"
+    return text
+
+
 def describe_status(status: JobStatus, width: int | None = None) -> str:
     """The one-line text of `tej status`; width cuts the job's progress to fit a terminal."""
+    if isinstance(status, ArrayStatus):
+        return describe_array(status)
     state, usage = describe_state(status), describe_usage(status)
     if status.state is not JobState.RUNNING or not status.progress:
         return state + usage

@@ -36,11 +36,35 @@ STDOUT_FILE = "stdout"
 STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
 PROGRESS_FILE = "progress"  # the job writes its progress here ($TEJ_PROGRESS)
+PARAMS_FILE = "params.jsonl"  # an array's --params rows, one JSON object a line (row N: index N)
 
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 
 ID_PATTERN = re.compile(ID_REGEX)
+
+
+def queue_root_of(job_dir):
+    """The root of the queue a job's folder is in (a task's: its array's queue)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(job_dir))
+    if os.path.isfile(os.path.join(root, JOB_FILE)):  # root is an array's folder
+        root = os.path.dirname(os.path.dirname(root))
+    return root
+
+
+def job_path(root, job_id):
+    """The folder of a job, or of a task (ARRAYID.N), whether or not it exists."""
+    import os
+
+    from ..protocol import task_id_parts
+
+    path = os.path.join(root, JOBS_DIR, job_id)
+    task = task_id_parts(job_id)
+    if task is None or os.path.isdir(path):
+        return path
+    return os.path.join(root, JOBS_DIR, task[0], JOBS_DIR, str(task[1]))
 
 
 def validate_job_id(job_id):

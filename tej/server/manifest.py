@@ -20,7 +20,7 @@ from .files import (
 MANIFEST_FIELDS = ("paths", "kinds", "modes", "sizes", "digests", "targets")
 
 
-SUBMIT_FIELDS = frozenset(("job_id", "id_name", "job", "secrets"))
+SUBMIT_FIELDS = frozenset(("job_id", "id_name", "job", "secrets", "params"))
 
 
 def parse_manifest(manifest):

@@ -10,6 +10,7 @@ from ..protocol import (
     ERR_INVALID,
     ERR_JOB_NOT_FOUND,
     ERR_QUEUE,
+    task_id_parts,
 )
 from .errors import (
     AgentError,
@@ -93,9 +94,14 @@ class Queue(object):
         """The directory of an existing job; JobNotFound otherwise."""
         validate_job_id(job_id)
         path = self.path(JOBS_DIR, job_id)
-        if not os.path.isdir(path):
-            raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
-        return path
+        if os.path.isdir(path):
+            return path
+        task = task_id_parts(job_id)
+        if task is not None:
+            from .arrays import task_dir
+
+            return task_dir(self, task[0], task[1])
+        raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
 
     def job_ids(self):
         """The identifiers of the jobs in the queue, in no particular order."""
@@ -109,6 +115,10 @@ class Queue(object):
         """A job's status record, brought up to date by the queue's runner."""
         record = read_status_record(job_dir)
         if record is None:
+            if not os.path.isdir(job_dir):  # an array's task not started yet
+                from .arrays import unstarted_record
+
+                return unstarted_record(job_dir) or missing_status()
             return missing_status()
         return self.runner.refresh(job_id, job_dir, record)  # type: ignore[union-attr]
 

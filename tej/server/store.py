@@ -30,6 +30,7 @@ from .layout import (
     STAGING_DIR,
     STALE_UPLOAD,
     STORE_DIR,
+    job_path,
 )
 from .records import (
     rebooted,
@@ -160,7 +161,7 @@ def busy_inodes(queue, own_token):
         except (OSError, ValueError):
             continue
         if ID_PATTERN.match(job_id) and job_id not in (".", ".."):
-            job_dir = queue.path(JOBS_DIR, job_id)
+            job_dir = job_path(queue.root, job_id)
             if may_run(job_dir) and read_inodes(os.path.join(job_dir, BLOBS_FILE), busy):
                 continue
         remove_quietly(os.path.join(folder, token))  # ended, deleted, or abandoned
@@ -204,13 +205,25 @@ def note_lease(queue, staging, job_id):
         os.close(fd)
 
 
-def remove_job_tree(queue, path):
-    """Remove a job's folder (moved to trash), then the blobs only it used."""
+def blob_keys(job_dir):
+    """The blobs a job's BLOBS_FILE lists (DIGEST-MODE)."""
     try:
-        with open(os.path.join(path, BLOBS_FILE), "rb") as stream:
-            keys = [line.split()[0].decode("ascii") for line in stream if line.strip()]
+        with open(os.path.join(job_dir, BLOBS_FILE), "rb") as stream:
+            return [line.split()[0].decode("ascii") for line in stream if line.strip()]
     except (OSError, ValueError, IndexError):
-        keys = []
+        return []
+
+
+def remove_job_tree(queue, path):
+    """Remove a job's folder (moved to trash), then the blobs only it used (an array's:
+    those its tasks used too)."""
+    keys = blob_keys(path)
+    try:
+        tasks = os.listdir(os.path.join(path, JOBS_DIR))
+    except OSError:
+        tasks = []
+    for task in tasks:
+        keys += blob_keys(os.path.join(path, JOBS_DIR, task))
     remove_tree(path)
     for key in keys:
         blob = queue.path(STORE_DIR, key[:2], key)

@@ -37,9 +37,11 @@ from .jobs import (
 )
 from .layout import (
     JOB_FILE,
+    JOBS_DIR,
     STATUS_FILE,
     STDERR_FILE,
     WORK_DIR,
+    queue_root_of,
 )
 from .notify import (
     send_notifications,
@@ -317,7 +319,7 @@ class Supervisor(object):
 
 def runner_of_job(job_dir):
     """The runner of the queue a job is in (for a supervisor); None for the default one."""
-    queue = open_queue(os.path.dirname(os.path.dirname(job_dir)), with_runner=False)
+    queue = open_queue(queue_root_of(job_dir), with_runner=False)
     if not queue.exists or queue.config.get("runner", DEFAULT_RUNNER) == DEFAULT_RUNNER:
         return None
     return open_runner(queue)
@@ -437,6 +439,11 @@ def script_interpreter(script):
 def supervise(job_dir, secrets=None):
     """Entry point of the supervisor process (secrets: read from stdin if None)."""
     try:
+        if os.path.isdir(os.path.join(job_dir, JOBS_DIR)):  # an array: one supervisor for all
+            from .arraysup import ArraySupervisor
+
+            secrets = read_secrets(sys.stdin) if secrets is None else secrets
+            return ArraySupervisor(job_dir, secrets).run()
         return Supervisor(job_dir, secrets).run()
     except Exception as exc:  # noqa: BLE001 - logged in supervisor.log, and recorded
         sys.stderr.write("%s tej supervisor: %s\n" % (now_iso(), exc))

@@ -101,6 +101,39 @@ class Partial(object):
         self.offset = offset
 
 
+def new_token():
+    """A new upload token: the time, then a random part (hex)."""
+    import time
+
+    from .files import randrange
+
+    return "%x%08x" % (int(time.time()), randrange(1 << 32))
+
+
+def lay_out_kept(upload, manifest_path, keep_to):
+    """Lay an upload out from a kept manifest (resubmit, an array's task): nothing is sent.
+
+    keep_to: where to keep a copy of the manifest (the new job's), or None.
+    The upload is planned; AgentError (invalid) naming the first file whose
+    content the store no longer holds, if one is missing. OSError if there
+    is no manifest.
+    """
+    from .manifest import keep_part, parse_manifest, read_parts
+
+    for part in read_parts(manifest_path):
+        if keep_to is not None:
+            keep_part(keep_to, part)
+        upload.add(parse_manifest(part))
+    missing = upload.plan()
+    if missing:
+        path = upload.rows[missing[0][0]][1].decode("utf-8", "replace")
+        raise AgentError(
+            ERR_INVALID,
+            "The queue's store no longer holds the uploaded content of %s: submit the "
+            "directory again" % path,
+        )
+
+
 SMALL_BLOB = 256 * 1024  # a shared blob this small is copied without reading the leases
 
 

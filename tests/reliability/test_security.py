@@ -539,6 +539,7 @@ class Fuzzer:
                     "id_name": "fuzz",
                     "job": {"script": "start.sh", "args": ["a"], "env": {"A": "1"}},
                     "secrets": {"S": "s"},
+                    "params": None,
                 },
             }[op]
         return {
@@ -553,7 +554,7 @@ class Fuzzer:
                 "options": {},
             },
             "install_runner": {"queue": queue, "runner": "echo", "source": "#"},
-            "status": {"queue": queue, "job_id": "target"},
+            "status": {"queue": queue, "job_id": "target", "tasks": False},
             "list": {"queue": queue, "states": ["finished", "running"]},
             "list_more": {"queue": queue, "cursor": "0123abcd", "batch": 1},
             "prune": {"queue": queue, "states": ["killed"], "older_than": 3600, "dry_run": True},

@@ -1,5 +1,7 @@
 """A queue's jobs: status, list, wait, kill, delete, prune."""
 
+import os
+
 from ...protocol import (
     ACTIVE_STATES,
     END_STATES,
@@ -11,10 +13,13 @@ from ...protocol import (
     MAX_DURATION,
     STATE_LOST,
     STATE_QUEUED,
+    task_id_parts,
 )
+from ..arrays import array_info, is_array
 from ..errors import AgentError, number_arg
 from ..files import randrange
 from ..index import LIST_FIELDS
+from ..layout import JOBS_DIR
 from ..queue import open_queue
 from ..records import (
     job_metadata,
@@ -26,10 +31,18 @@ from ..records import (
 from ..runners import runner_tick
 
 
-def status(connection, queue, job_id):
-    """The status of one job, with the metadata it was submitted with."""
+def status(connection, queue, job_id, tasks=False):
+    """The status of one job, with the metadata it was submitted with.
+
+    An array's has "array": its fields, the counts of its tasks per state, and
+    with tasks, every task's id, state, exit code and times.
+    """
     queue = open_queue(queue)
-    return job_status(queue, job_id, queue.job_dir(job_id))
+    job_dir = queue.job_dir(job_id)
+    found = job_status(queue, job_id, job_dir)
+    if is_array(job_dir):
+        found["array"] = array_info(queue, job_id, job_dir, found, tasks)
+    return found
 
 
 def wait(connection, queue, job_id, timeout):
@@ -38,7 +51,10 @@ def wait(connection, queue, job_id, timeout):
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
     record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
-    return live_status(job_id, job_dir, record)
+    found = live_status(job_id, job_dir, record)
+    if is_array(job_dir):
+        found["array"] = array_info(queue, job_id, job_dir, found, False)
+    return found
 
 
 def list_jobs(connection, queue, states=None):
@@ -88,6 +104,12 @@ def kill(connection, queue, job_id):
 def kill_job(queue, job_id):
     """Kill a job of an open queue: {"killed": whether this call killed it, "status": ...}."""
     job_dir = queue.job_dir(job_id)
+    if not os.path.isdir(job_dir):  # a task not started yet: it never will be
+        from ..arrays import cancel_unstarted
+
+        record = cancel_unstarted(queue, job_dir)
+        if record is not None:
+            return {"killed": True, "status": public_status(job_id, record)}
     grace = float(job_metadata(job_dir, job_id).get("kill_grace", KILL_GRACE))
     killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
     runner_tick(queue)
@@ -98,6 +120,10 @@ def delete(connection, queue, job_id, force=False):
     """Delete a job's directory; a running job only with force (killed first)."""
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
+    if task_id_parts(job_id) is not None and not os.path.isdir(queue.path(JOBS_DIR, job_id)):
+        raise AgentError(
+            ERR_INVALID, "A task can't be deleted on its own: delete its array (or kill the task)"
+        )
     state = queue.record(job_id, job_dir).get("state")
     if state in ACTIVE_STATES and not force:
         raise AgentError(

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import struct
-import time
 
 from ...protocol import (
     ERR_BAD_REQUEST,
@@ -14,6 +13,7 @@ from ...protocol import (
     ERR_RUNNER_MISSING,
     ID_CHARACTERS,
     MAX_ID_LENGTH,
+    new_job_id_problem,
 )
 from ..errors import AgentError, checked_rows
 from ..files import (
@@ -42,7 +42,7 @@ from ..layout import (
     WORK_DIR,
     validate_job_id,
 )
-from ..manifest import keep_part, parse_manifest, parse_part, read_parts
+from ..manifest import keep_part, parse_part
 from ..processes import login_user
 from ..queue import open_queue
 from ..runners import check_runner_fields
@@ -54,7 +54,7 @@ from ..store import (
     note_lease,
     store_mode,
 )
-from ..upload import Upload
+from ..upload import Upload, lay_out_kept, new_token
 
 
 def upload_begin(connection, queue, manifest, contents=None, submit=None, token=None, more=False):
@@ -84,7 +84,7 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
 def open_upload(connection, queue, token):
     """A new upload of this connection: its staging area (token: the client's, or None)."""
     if token is None:
-        token = "%x%08x" % (int(time.time()), randrange(1 << 32))
+        token = new_token()
     elif not isinstance(token, str) or not re.match(r"[0-9a-f]{16,32}\Z", token):
         raise AgentError(ERR_BAD_REQUEST, "Invalid upload token %r" % (token,))
     remove_stale(queue.path(STAGING_DIR), STALE_UPLOAD)
@@ -226,7 +226,9 @@ def finish_upload(connection, token):
     upload.finish()
 
 
-def submit(connection, queue, token, job_id=None, id_name=None, job=None, secrets=None):
+def submit(
+    connection, queue, token, job_id=None, id_name=None, job=None, secrets=None, params=None
+):
     """Turn a completed upload into a job and hand it to the queue's runner.
 
     Without job_id, the job's id is NAME_USER_RANDOM: id_name (the job
@@ -235,21 +237,27 @@ def submit(connection, queue, token, job_id=None, id_name=None, job=None, secret
     secrets are environment variables for the job that are never written
     to disk: they reach the supervisor through a pipe (job.json keeps
     their names only).
+
+    A job with "array" is an array (see server/arrays.py); params, its rows as
+    JSON lines text (row N for task N), if it has some.
     """
     id_prefix = None if job_id is not None else default_id_prefix(id_name)
-    return submit_upload(connection, queue, token, job_id, id_prefix, job, secrets)
+    return submit_upload(connection, queue, token, job_id, id_prefix, job, secrets, params)
 
 
-def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets):
+def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets, params=None):
     """Submit a completed upload as job_id, or as ID_PREFIX_RANDOM (see submit)."""
     secrets = validate_secrets(secrets or {})
     queue = open_queue(queue, create=True)
     staging = staging_dir(queue, token)
     try:
-        job = dict(validate_job(job or {}), secret_env=sorted(secrets))
-        check_runner_fields(queue.runner, job, secrets)
+        job, params = checked_job(queue, job_id, job, secrets, params)
         finish_upload(connection, token)
         check_script(os.path.join(staging, WORK_DIR), job["script"])
+        if job.get("array") is not None:
+            from ..arrays import make_array_folder
+
+            make_array_folder(staging, params)
         job_id, job_dir, intent = reserve_id(queue, staging, job_id, id_prefix, job)
     except BaseException:
         drop_upload(connection, queue, token)
@@ -266,6 +274,27 @@ def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets):
         raise
     intent.end()
     return job_id
+
+
+def checked_job(queue, job_id, job, secrets, params):
+    """A submitted job's metadata, checked (with its runner), and its params' rows."""
+    if job_id is not None:
+        problem = new_job_id_problem(job_id)
+        if problem is not None:
+            raise AgentError(ERR_INVALID, problem)
+    job = dict(validate_job(job or {}), secret_env=sorted(secrets))
+    check_runner_fields(queue.runner, job, secrets)
+    if job.get("array") is None:
+        if params is not None:
+            raise AgentError(ERR_INVALID, "params are for an array")
+        return job, None
+    if not getattr(queue.runner, "supports_arrays", False):
+        raise AgentError(
+            ERR_INVALID, "The %s runner can't run arrays" % getattr(queue.runner, "name", "?")
+        )
+    from ..arrays import check_array
+
+    return check_array(job, params)
 
 
 def reserve_id(queue, staging, job_id, id_prefix, job):
@@ -356,9 +385,8 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
     """
     text, queue = queue, open_queue(queue, with_runner=False)
     old_dir = queue.job_dir(job_id)
-    try:
-        parts = read_parts(os.path.join(old_dir, MANIFEST_FILE))
-    except OSError:
+    manifest = os.path.join(old_dir, MANIFEST_FILE)
+    if not os.path.isfile(manifest):
         raise AgentError(
             ERR_INVALID,
             "Job %r has no record of the files it was uploaded with (submitted by an older "
@@ -366,24 +394,28 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
         )
     upload = open_upload(connection, queue, None)
     try:
-        for part in parts:
-            keep_part(os.path.join(upload.staging, MANIFEST_FILE), part)
-            upload.add(parse_manifest(part))
-        missing = upload.plan()
-        if missing:
-            path = upload.rows[missing[0][0]][1].decode("utf-8", "replace")
-            raise AgentError(
-                ERR_INVALID,
-                "The queue's store no longer holds the uploaded content of %s, a file of job "
-                "%r: submit its directory again" % (path, job_id),
-            )
+        lay_out_kept(upload, manifest, os.path.join(upload.staging, MANIFEST_FILE))
     except BaseException:
         connection.uploads.pop(upload.token, None)
         upload.discard()
         remove_tree(upload.staging)
         raise
     id_prefix = None if new_id is not None else re.sub(r"_\d{6}\Z", "", job_id)[: MAX_ID_LENGTH - 7]
-    return submit_upload(connection, text, upload.token, new_id, id_prefix, job, secrets)
+    params = None
+    if isinstance(job, dict) and job.get("array") is not None:
+        params = kept_params(old_dir)  # an array's tasks keep their rows (resubmit --failed)
+    return submit_upload(connection, text, upload.token, new_id, id_prefix, job, secrets, params)
+
+
+def kept_params(array_dir):
+    """An array's params rows, as submitted (JSON lines text), or None if it has none."""
+    from ..layout import PARAMS_FILE
+
+    try:
+        with open(os.path.join(array_dir, PARAMS_FILE), encoding="utf-8") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
 
 
 HANDLERS = {

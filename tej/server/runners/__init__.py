@@ -201,6 +201,7 @@ class DefaultRunner(object):
     job_fields = ()
     initial_state = STATE_STARTING
     takes_secrets = True
+    supports_arrays = True  # one supervisor per array (server/arraysup.py)
 
     def __init__(self, host):
         self.host = host

@@ -1,0 +1,331 @@
+"""Arrays: a job whose folder is a queue of tasks (docs/queue-format.md, "Arrays").
+
+An array's folder ``jobs/ARRAYID/`` is a job folder (job.json with an "array"
+field, status.json: the array's own, aggregate record, the manifest and
+blobs, ``work/``: the uploaded files, a template never run in) that also
+holds, like a queue's root, ``jobs/N/`` (task N's folder, made only when the
+task starts, or is cancelled before it starts), ``staging/`` (task folders
+being made, renamed into ``jobs/N``: the rename reserves the task) and
+``index/`` (the tasks' own index, the queue's format and code). Task N is
+``ARRAYID.N`` wherever a job id is taken.
+"""
+
+import errno
+import json
+import os
+import re
+
+from ..protocol import (
+    END_STATES,
+    ENV_NAME_REGEX,
+    ERR_INVALID,
+    ERR_JOB_NOT_FOUND,
+    MAX_ARRAY_TASKS,
+    STATE_CANCELLED,
+    STATE_KILLED,
+    STATE_QUEUED,
+    STATE_STARTING,
+    parse_array_spec,
+)
+from .errors import AgentError
+from .files import make_private_dir, now_iso, randrange, read_json, remove_tree, write_json_atomic
+from .layout import JOB_FILE, JOBS_DIR, MANIFEST_FILE, PARAMS_FILE, STAGING_DIR, STATUS_FILE
+
+# Fields of an array's job.json that its tasks don't take.
+ARRAY_ONLY_FIELDS = ("array", "notify", "id", "secret_env")
+
+
+def is_array(job_dir):
+    """Whether a job's folder is an array's (it holds its tasks' jobs/)."""
+    return os.path.isdir(os.path.join(job_dir, JOBS_DIR))
+
+
+def check_array(job, params):
+    """Check a submitted array's "array" field and its params (JSON lines text, or None).
+
+    Returns (job normalized, the params' rows as lines of text, or None).
+    """
+    spec = job.get("array")
+    if not isinstance(spec, dict) or not isinstance(spec.get("indexes"), str):
+        raise AgentError(ERR_INVALID, 'array must be {"indexes": SPEC, "max_parallel": N}')
+    try:
+        indexes, _ = parse_array_spec(spec["indexes"])
+    except ValueError as exc:
+        raise AgentError(ERR_INVALID, str(exc))
+    parallel = spec.get("max_parallel")
+    if parallel is not None and (
+        isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1
+    ):
+        raise AgentError(ERR_INVALID, "max_parallel must be a whole number of 1 or more")
+    lines = None
+    if params is not None:
+        lines = check_params(params, indexes)
+    if job.get("start_at") is not None or job.get("delay") is not None:
+        raise AgentError(ERR_INVALID, "An array can't have start_at or delay (yet)")
+    array = {"indexes": spec["indexes"], "size": len(indexes), "max_parallel": parallel}
+    return dict(job, array=array), lines
+
+
+def check_params(params, indexes):
+    """The rows of a params text (JSON lines of flat objects), one per index: checked."""
+    if not isinstance(params, str):
+        raise AgentError(ERR_INVALID, "params must be text: JSON lines")
+    lines = params.splitlines()
+    if not lines or len(lines) > MAX_ARRAY_TASKS:
+        raise AgentError(ERR_INVALID, "params must have 1 to %d rows" % MAX_ARRAY_TASKS)
+    if indexes[-1] >= len(lines):
+        raise AgentError(ERR_INVALID, "params has no row %d" % indexes[-1])
+    name = re.compile(ENV_NAME_REGEX)
+    for number, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not all(
+            isinstance(key, str)
+            and name.match(key)
+            and isinstance(value, str)
+            and "\0" not in value
+            for key, value in row.items()
+        ):
+            raise AgentError(ERR_INVALID, "params row %d is not a flat object of names" % number)
+    return lines
+
+
+def make_array_folder(staging, params_lines):
+    """Give a staged job the folders of an array (its tasks, their staging, their index)."""
+    from .index import rebuild
+
+    for name in (JOBS_DIR, STAGING_DIR):
+        make_private_dir(os.path.join(staging, name))
+    rebuild(staging)
+    if params_lines is not None:
+        data = ("\n".join(params_lines) + "\n").encode("utf-8")
+        from .files import write_file_atomic
+
+        write_file_atomic(os.path.join(staging, PARAMS_FILE), data, durable=False)
+
+
+def array_indexes(job):
+    """The task indexes of an array's metadata, in order."""
+    return parse_array_spec(job["array"]["indexes"])[0]
+
+
+def task_dir(queue, array_id, index):
+    """The folder of task index of array_id (whether or not it exists); JobNotFound if the
+    array or the index isn't there."""
+    array_dir = queue.path(JOBS_DIR, array_id)
+    missing = AgentError(ERR_JOB_NOT_FOUND, "No job %r" % ("%s.%d" % (array_id, index)))
+    if not is_array(array_dir):
+        raise missing
+    path = os.path.join(array_dir, JOBS_DIR, str(index))
+    if os.path.isdir(path):
+        return path
+    try:
+        job = read_json(os.path.join(array_dir, JOB_FILE))
+    except (OSError, AgentError):
+        raise missing
+    if index not in set(array_indexes(job)):
+        raise missing
+    return path
+
+
+def array_of_task(task_dir):
+    """The folder of the array a task's folder is (or would be) in."""
+    return os.path.dirname(os.path.dirname(task_dir))
+
+
+def unstarted_record(path):
+    """The record of a task with no folder yet: queued, or cancelled if its array ended.
+
+    None if path is not a task's.
+    """
+    array_dir = array_of_task(path)
+    if not os.path.isfile(os.path.join(array_dir, JOB_FILE)):
+        return None
+    from .records import read_status_record
+
+    array = read_status_record(array_dir) or {}
+    if array.get("state") in END_STATES:
+        return {"state": STATE_CANCELLED, "reason": "its array ended before it started"}
+    return {"state": STATE_QUEUED, "submitted_at": array.get("submitted_at")}
+
+
+def task_job(array_job, array_id, index, params_row):
+    """A task's metadata: its array's, minus the array's own fields, plus its place."""
+    job = dict((key, value) for key, value in array_job.items() if key not in ARRAY_ONLY_FIELDS)
+    env = dict(job.get("env") or {})
+    env.update(
+        TEJ_ARRAY_ID=array_id,
+        TEJ_ARRAY_INDEX=str(index),
+        TEJ_ARRAY_SIZE=str(array_job["array"]["size"]),
+    )
+    for name, value in (params_row or {}).items():
+        env["TEJ_PARAM_" + name] = value
+    job.update(id="%s.%d" % (array_id, index), array_id=array_id, index=index, env=env)
+    return job
+
+
+def reserve_task(array_dir, job, record):
+    """Make a task's folder (job.json, status.json) aside, then rename it into jobs/N.
+
+    Returns its path, or None if the task has a folder already (it was cancelled,
+    or started by someone else): the rename decides, no lock is needed.
+    """
+    from .index import Intent, sync
+
+    name = str(job["index"])
+    staging = os.path.join(array_dir, STAGING_DIR, "%s-%08x" % (name, randrange(1 << 32)))
+    make_private_dir(staging)
+    write_json_atomic(os.path.join(staging, JOB_FILE), job, durable=False)
+    record = dict(record, id=job["id"], submitted_at=record.get("submitted_at") or now_iso())
+    write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
+    target = os.path.join(array_dir, JOBS_DIR, name)
+    with Intent(array_dir, name):
+        try:
+            os.rename(staging, target)
+        except OSError as exc:
+            remove_tree(staging)
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return None
+            raise
+        sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
+    return target
+
+
+def cancel_unstarted(queue, job_dir):
+    """Kill a task that has no folder yet: its folder is made, cancelled (None if it started)."""
+    array_dir = array_of_task(job_dir)
+    array_job = read_json(os.path.join(array_dir, JOB_FILE))
+    index = int(os.path.basename(job_dir))
+    job = task_job(array_job, os.path.basename(array_dir), index, None)
+    record = {
+        "state": STATE_KILLED,
+        "reason": "cancelled before it started",
+        "ended_at": now_iso(),
+    }
+    if reserve_task(array_dir, job, record) is None:
+        return None
+    return record
+
+
+def read_params(array_dir):
+    """An array's params rows (dicts), or None if it has none."""
+    try:
+        with open(os.path.join(array_dir, PARAMS_FILE), encoding="utf-8") as stream:
+            return [json.loads(line) for line in stream if line.strip()]
+    except FileNotFoundError:
+        return None
+
+
+def lay_out_task(queue, array_dir, task_dir):
+    """Lay a started task's work/ out from its array's manifest and the store.
+
+    As resubmit lays a new job out (the same checks, and the same code), then
+    every file the store gave is replaced with a checked private copy: the
+    task holds none of the store's inodes, so a task that writes to its input
+    changes neither the store nor another task's files (a resubmitted job may
+    hold the store's inode: the next one would find its content gone, which
+    would fail every later task of an array). AgentError if the store no
+    longer holds a content.
+    """
+    from .files import remove_quietly
+    from .layout import BLOBS_FILE
+    from .store import copy_verified, lease_path
+    from .upload import Upload, lay_out_kept, new_token
+
+    token = new_token()
+    make_private_dir(os.path.join(task_dir, "work"))
+    lease = lease_path(queue, token)
+    with open(lease, "w") as stream:  # whose it is, before any blob is linked
+        stream.write("%s.%s" % (os.path.basename(array_dir), os.path.basename(task_dir)))
+    upload = Upload(queue, token, task_dir)
+    try:
+        lay_out_kept(upload, os.path.join(array_dir, MANIFEST_FILE), None)
+        for digest in upload.linked:
+            path, mode = upload.files[digest][0]
+            private = path + b".tej-copy"
+            if not copy_verified(path, private, digest, mode):
+                raise AgentError(ERR_INVALID, "A stored file changed while it was copied: retry")
+            os.rename(private, path)
+        upload.finish()
+    finally:
+        upload.discard_files()
+        remove_quietly(os.path.join(task_dir, BLOBS_FILE))
+        remove_quietly(lease)
+
+
+def counts(array_dir, size, array_state):
+    """How many tasks are in each state, from the array's index (a listdir per state).
+
+    Tasks with no folder are queued, or cancelled once the array has ended.
+    """
+    from .index import STATES, ids_in
+
+    found = dict((state, len(ids_in(array_dir, state))) for state in STATES)
+    unstarted = max(size - sum(found.values()), 0)
+    if array_state in END_STATES:
+        found[STATE_CANCELLED] += unstarted
+    else:
+        found[STATE_QUEUED] += unstarted
+    return dict((state, count) for state, count in found.items() if count)
+
+
+def array_info(queue, array_id, array_dir, status, with_tasks):
+    """What status says of an array besides its own record: counts, fields, tasks."""
+    job = read_json(os.path.join(array_dir, JOB_FILE))
+    spec = job["array"]
+    info = dict(spec, counts=counts(array_dir, spec["size"], status.get("state")))
+    if with_tasks:
+        info["tasks"] = task_rows(queue, array_id, array_dir, array_indexes(job), status)
+    return info
+
+
+def task_rows(queue, array_id, array_dir, indexes, array_status):
+    """Every task's id, state, exit code and times: rows of ended ones from the index."""
+    from .index import read_rows, segment_names
+    from .records import public_status, read_status_record
+
+    ended = read_rows(array_dir, segment_names(array_dir))
+    unstarted = unstarted_record(os.path.join(array_dir, JOBS_DIR, "0"))
+    fields = ("id", "state", "exit_code", "submitted_at", "started_at", "ended_at", "elapsed")
+    rows = []
+    for index in indexes:
+        name = str(index)
+        task_id = "%s.%d" % (array_id, index)
+        line = ended.get(name)
+        if line is not None:
+            values = json.loads(line[1][line[1].index("\t[") + 1 :])
+            from .index import LIST_FIELDS
+
+            row = dict(zip(LIST_FIELDS, values))
+        else:
+            path = os.path.join(array_dir, JOBS_DIR, name)
+            record = read_status_record(path)
+            if record is None:
+                record = unstarted
+            elif record.get("state") not in END_STATES:
+                record = queue.record(task_id, path)
+            row = public_status(task_id, record)
+        row["id"] = task_id
+        rows.append(dict((field, row.get(field)) for field in fields))
+    return rows
+
+
+def first_failure(array_dir, indexes):
+    """The exit code of the first task (by index) that didn't finish with 0; 0 if none."""
+    from .records import read_status_record
+
+    for index in indexes:
+        record = read_status_record(os.path.join(array_dir, JOBS_DIR, str(index)))
+        if record is None:
+            continue
+        code = record.get("exit_code")
+        if record.get("state") != "finished" or code != 0:
+            return code if code else 1
+    return 0
+
+
+def new_task_record():
+    """The first record of a task being started."""
+    return {"state": STATE_STARTING, "submitted_at": now_iso()}
