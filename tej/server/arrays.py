@@ -16,14 +16,17 @@ import os
 import re
 
 from ..protocol import (
+    ACTIVE_STATES,
     END_STATES,
     ENV_NAME_REGEX,
     ERR_INVALID,
     ERR_JOB_NOT_FOUND,
     MAX_ARRAY_TASKS,
     STATE_CANCELLED,
+    STATE_FINISHED,
     STATE_KILLED,
     STATE_QUEUED,
+    STATE_RUNNING,
     STATE_STARTING,
     parse_array_spec,
 )
@@ -204,8 +207,10 @@ def cancel_unstarted(queue, job_dir):
         "reason": "cancelled before it started",
         "ended_at": now_iso(),
     }
-    if reserve_task(array_dir, job, record) is None:
+    task = reserve_task(array_dir, job, record)
+    if task is None:
         return None
+    note_task_change(task, record)  # it may have been the array's last task
     return record
 
 
@@ -324,6 +329,103 @@ def first_failure(array_dir, indexes):
         if record.get("state") != "finished" or code != 0:
             return code if code else 1
     return 0
+
+
+def end_record(array_dir, record, killed):
+    """An array's record updated with its end: finished, or killed (cancelled if no task
+    started), and the exit code of its first failed task. Shared by the default runner's
+    ArraySupervisor and the hook that keeps the record under the other runners."""
+    job = read_json(os.path.join(array_dir, JOB_FILE))
+    if killed:
+        state = STATE_KILLED if os.listdir(os.path.join(array_dir, JOBS_DIR)) else STATE_CANCELLED
+    else:
+        state = STATE_FINISHED
+    record.update(
+        state=state, ended_at=now_iso(), exit_code=first_failure(array_dir, array_indexes(job))
+    )
+    record.setdefault("started_at", record["ended_at"])
+    return record
+
+
+def note_task_change(task_dir, task_record):
+    """After a task's record was written (and its marker moved): keep its array's record.
+
+    Only for an array whose record says its tasks keep it (``kept_by_tasks``: the queue and
+    Slurm runners; under the default runner its ArraySupervisor does). It becomes running
+    when a task starts; once a task ends, the array's end is recorded if every task ended.
+    """
+    from .index import write_status
+    from .records import read_status_record
+
+    array_dir = array_of_task(task_dir)
+    record = read_status_record(array_dir)
+    if not record or not record.get("kept_by_tasks") or record.get("state") in END_STATES:
+        return
+    state = task_record.get("state")
+    if state in END_STATES:
+        settle_array(array_dir, record)
+    elif state in (STATE_STARTING, STATE_RUNNING) and record.get("state") != STATE_RUNNING:
+        record.update(state=STATE_RUNNING, started_at=record.get("started_at") or now_iso())
+        write_status(array_dir, record, False)
+
+
+def settle_array(array_dir, record):
+    """Record an array's end (and send its notifications) if every task has ended.
+
+    Each ender moves its task's marker first, then looks: the last one sees every
+    end. Cheap unless it may be the end: the folders of every task are listed only
+    once no task is active. Returns the array's record.
+    """
+    from .index import write_status
+
+    if not tasks_all_ended(array_dir, record):
+        return record
+    record = end_record(array_dir, record, bool(record.get("kill_requested")))
+    write_status(array_dir, record)
+    job = read_json(os.path.join(array_dir, JOB_FILE))
+    if job.get("notify"):
+        from .notify import send_notifications
+
+        results = send_notifications(job, record, array_dir)
+        if results:
+            record["notifications"] = results
+            write_status(array_dir, record)
+    return record
+
+
+def tasks_all_ended(array_dir, record):
+    """Whether no task of an array is active or will start (or its kill left none to run).
+
+    The folders are listed before the active markers and intents are looked at again:
+    a task seen with a folder has its intent, or its active marker, in place by then.
+    """
+    from .index import count_in, ids_in
+    from .layout import INDEX_PENDING
+
+    active = ACTIVE_STATES
+
+    def busy():
+        return bool(ids_in(array_dir, INDEX_PENDING)) or bool(count_in(array_dir, active))
+
+    if busy():
+        return False
+    if not record.get("kill_requested"):
+        size = read_json(os.path.join(array_dir, JOB_FILE))["array"]["size"]
+        if len(os.listdir(os.path.join(array_dir, JOBS_DIR))) < size:
+            return False
+    return not busy()
+
+
+def settle_on_read(array_dir):
+    """Repair an array whose tasks all ended but whose record says it is active (a task's
+    writer died between its end and the array's): for status."""
+    from .index import repair_pending
+    from .records import read_status_record
+
+    record = read_status_record(array_dir)
+    if record and record.get("kept_by_tasks") and record.get("state") not in END_STATES:
+        repair_pending(array_dir)
+        settle_array(array_dir, record)
 
 
 def new_task_record():

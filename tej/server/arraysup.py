@@ -15,14 +15,11 @@ import sys
 
 from ..protocol import (
     END_STATES,
-    STATE_CANCELLED,
-    STATE_FINISHED,
-    STATE_KILLED,
     STATE_RUNNING,
 )
 from .arrays import (
     array_indexes,
-    first_failure,
+    end_record,
     lay_out_task,
     new_task_record,
     read_params,
@@ -122,16 +119,7 @@ class ArraySupervisor(object):
         """Record the array's end: its state, and the exit code of its first failure."""
         from .supervisor import tick_after_end
 
-        if self.kill_requested:
-            state = STATE_KILLED if self.started_tasks() else STATE_CANCELLED
-        else:
-            state = STATE_FINISHED
-        self.record.update(
-            state=state,
-            ended_at=now_iso(),
-            exit_code=first_failure(self.array_dir, self.indexes),
-        )
-        self.record.setdefault("started_at", self.record["ended_at"])
+        end_record(self.array_dir, self.record, self.kill_requested)
         self.save()
         tick_after_end(self.array_dir)
         from .notify import send_notifications
@@ -140,10 +128,6 @@ class ArraySupervisor(object):
         if results:
             self.record["notifications"] = results
             self.save()
-
-    def started_tasks(self):
-        """Whether any task got a folder (ran, or was cancelled on its own)."""
-        return bool(os.listdir(os.path.join(self.array_dir, "jobs")))
 
     def save(self):
         """Write the array's record (durably once it has ended)."""

@@ -101,6 +101,23 @@ def write_status(job_dir, record, durable=True):
         crash_point("status-written", record.get("state"))
         sync(root, job_id, record)
         crash_point("marker-moved", record.get("state"))
+    if is_task_dir(job_dir):  # after its marker moved: see arrays.note_task_change
+        from .arrays import note_task_change
+
+        note_task_change(job_dir, record)
+
+
+def is_task_dir(job_dir):
+    """Whether a job folder is an array's task's: QUEUE/jobs/ARRAYID/jobs/N (a stat only
+    when the path has that shape)."""
+    from .layout import JOB_FILE
+
+    parent = os.path.dirname(job_dir)
+    array_dir = os.path.dirname(parent)
+    above = os.path.basename(os.path.dirname(array_dir))
+    if os.path.basename(parent) != JOBS_DIR or above != JOBS_DIR:
+        return False
+    return os.path.isfile(os.path.join(array_dir, JOB_FILE))
 
 
 class Intent(object):

@@ -120,6 +120,8 @@ def supervised_record(job_dir, record=None):
         return missing_status()
     if record.get("state") not in ACTIVE_STATES or record.get("state") == STATE_QUEUED:
         return record
+    if record.get("kept_by_tasks"):  # an array whose tasks keep its record: no supervisor
+        return record
     if is_same_process(record.get("supervisor")):
         return record
     if is_starting_in_time(record):

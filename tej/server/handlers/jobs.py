@@ -15,7 +15,7 @@ from ...protocol import (
     STATE_QUEUED,
     task_id_parts,
 )
-from ..arrays import array_info, is_array
+from ..arrays import array_info, is_array, settle_on_read
 from ..errors import AgentError, number_arg
 from ..files import randrange
 from ..index import LIST_FIELDS
@@ -39,8 +39,11 @@ def status(connection, queue, job_id, tasks=False):
     """
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
+    array = is_array(job_dir)
+    if array:
+        settle_on_read(job_dir)
     found = job_status(queue, job_id, job_dir)
-    if is_array(job_dir):
+    if array:
         found["array"] = array_info(queue, job_id, job_dir, found, tasks)
     return found
 
@@ -50,6 +53,8 @@ def wait(connection, queue, job_id, timeout):
     timeout = number_arg(timeout, "timeout", 0, MAX_DURATION)
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
+    if is_array(job_dir):
+        settle_on_read(job_dir)
     record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
     found = live_status(job_id, job_dir, record)
     if is_array(job_dir):
