@@ -209,3 +209,122 @@ def test_json_array_in_tej_json(target: Target) -> None:
     status = target.status(array)
     assert [task["id"] for task in status["array"]["tasks"]] == [f"{array}.0", f"{array}.500"]
     assert target.ok("logs", "--id", f"{array}.500") == "500\n"
+
+
+# the queue runner: every task is a queued unit under max_running and the array's %N
+
+#: A task that notes its start and end times, and exits with $CODE if its index is 1.
+TIMED = """#!/bin/sh
+start=$(date +%s.%N)
+sleep 0.3
+echo "$start $(date +%s.%N)" > times
+[ "$TEJ_ARRAY_INDEX" = 1 ] && exit ${CODE:-0}
+exit 0
+"""
+
+
+def setup_queue_runner(target: Target, max_running: int) -> None:
+    """Make the target's queue a queue-runner queue running at most max_running jobs."""
+    target.cli("setup", "--plugin", "queue", "--option", f"max_running={max_running}", check=0)
+
+
+def spans_of(folders: list[Path]) -> list[tuple[float, float]]:
+    """(start, end) of each task or job, from the `times` file its script wrote."""
+    spans = []
+    for folder in folders:
+        start, end = (folder / "work" / "times").read_text().split()
+        spans.append((float(start), float(end)))
+    return spans
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The largest number of spans running at one moment."""
+    return max(sum(1 for other, end in spans if other <= start < end) for start, _ in spans)
+
+
+def test_queue_runner_holds_max_running_and_the_arrays_n(target: Target) -> None:
+    setup_queue_runner(target, 3)
+    job = make_array_job(target, "qsweep", TIMED)
+    array = target.submit(job, "--array", "0-5%2", "--id", "qa", "--env", "CODE=5")
+    other = target.submit(make_array_job(target, "qother", TIMED), "--array", "0-3", "--id", "qb")
+    done = target.cli("wait", "--id", array, "--exit-code", check=5)
+    assert "Array is finished: 6 finished" in done.stdout, done.stdout
+    target.cli("wait", "--id", other, "--exit-code", check=0)
+    status = target.status(array)
+    assert status["state"] == "finished" and status["exit_code"] == 5
+    assert status["array"]["counts"] == {"finished": 6}
+    assert [task["exit_code"] for task in status["array"]["tasks"]] == [0, 5, 0, 0, 0, 0]
+    mine = spans_of([task_path(target, array, index) for index in range(6)])
+    theirs = spans_of([task_path(target, other, index) for index in range(4)])
+    assert most_at_once(mine) <= 2, mine  # the array's %2
+    assert most_at_once(mine + theirs) <= 3, mine + theirs  # the queue's max_running
+    assert most_at_once(mine + theirs) == 3  # qb's tasks used the third place meanwhile
+    assert target.status(other)["array"]["counts"] == {"finished": 4}
+
+
+def test_queue_runner_priority_and_after_naming_an_array(target: Target) -> None:
+    setup_queue_runner(target, 1)
+    blocker = make_array_job(
+        target, "block", "#!/bin/sh\nwhile [ ! -e release ]; do sleep 0.05; done\n"
+    )
+    first = target.submit(blocker, "--id", "first")
+    low = target.submit(make_array_job(target, "low", TIMED), "--array", "0-1", "--id", "low")
+    high = target.submit(
+        make_array_job(target, "high", TIMED), "--array", "0-2", "--id", "high", "--priority", "5"
+    )
+    after = target.submit(make_array_job(target, "after", MARK), "--id", "after", "--after", high)
+    failing = target.submit(
+        make_array_job(target, "failing", TIMED),
+        "--array",
+        "0-2",
+        "--id",
+        "failing",
+        "--env",
+        "CODE=4",
+    )
+    doomed = target.submit(make_array_job(target, "dep", MARK), "--id", "dep", "--after", failing)
+    status = target.status(high)
+    assert status["state"] == "queued" and status["array"]["counts"] == {"queued": 3}
+    assert status["position"] == [1, 5]  # an array is one place in the line, by priority
+    (target.job_dir(first) / "work" / "release").write_text("")
+    target.cli("wait", "--id", doomed, check=0)
+    high_spans = spans_of([task_path(target, high, index) for index in range(3)])
+    low_spans = spans_of([task_path(target, low, index) for index in range(2)])
+    assert max(end for _, end in high_spans) <= min(start for start, _ in low_spans)
+    assert most_at_once(high_spans + low_spans) == 1
+    # after names an array: it ran once every task finished with 0...
+    assert target.status(after)["state"] == "finished"
+    assert (target.work(after, "ran")).exists()
+    # ...and a failed task cancels the job after its array.
+    assert target.status(failing)["exit_code"] == 4
+    found = target.status(doomed)
+    assert found["state"] == "cancelled" and "failing failed" in found["reason"], found
+    assert not target.work(doomed, "ran").exists()
+
+
+MARK = "#!/bin/sh\ntouch ran\n"
+
+
+def test_queue_runner_kill_a_task_and_the_array(target: Target) -> None:
+    setup_queue_runner(target, 2)
+    job = make_array_job(target, "qlong", "#!/bin/sh\necho started\nsleep 60\n")
+    array = target.submit(job, "--array", "0-5", "--id", "ql")
+    for index in (0, 1):
+        out = task_path(target, array, index, "stdout")
+        wait_until(lambda out=out: out.exists() and "started" in out.read_text(), 30, "a start")
+    assert target.status(array)["array"]["counts"] == {"running": 2, "queued": 4}
+    target.cli("kill", "--id", "ql.5", check=0)  # not started: cancelled, never starts
+    target.cli("kill", "--id", "ql.0", check=0)  # its place goes to ql.2
+    out = task_path(target, array, 2, "stdout")
+    wait_until(lambda: out.exists() and "started" in out.read_text(), 30, "ql.2's start")
+    assert target.status("ql.0")["state"] == "killed"
+    target.cli("kill", "--id", array, check=0)
+    status = wait_until(
+        lambda: (found := target.status(array))["state"] not in ("running", "queued") and found
+    )
+    assert status["state"] == "killed", status
+    counts = status["array"]["counts"]
+    assert counts == {"killed": 4, "cancelled": 2}, counts  # 0, 1, 2, 5 killed; 3, 4 never ran
+    assert target.status("ql.4")["state"] == "cancelled"
+    target.cli("delete", "--id", array, check=0)
+    assert array not in job_ids(target)

@@ -378,7 +378,7 @@ def settle_array(array_dir, record):
     """
     from .index import write_status
 
-    if not tasks_all_ended(array_dir, record):
+    if record.get("state") in END_STATES or not tasks_all_ended(array_dir, record):
         return record
     record = end_record(array_dir, record, bool(record.get("kill_requested")))
     write_status(array_dir, record)

@@ -200,10 +200,11 @@ class Line(object):
         self.state = {"format": LINE_FORMAT, "priorities": {}, "after": []}
         self.dirty = False
         queued = []
-        for job_id in ids_in(root, "queued"):
+        for job_id in ids_in(root, "queued") + ids_in(root, "running"):
             job_dir = self.host.job_path(job_id)
-            record = self.host.read_record(job_dir)
-            if record is not None and record.get("state") == "queued":
+            record = self.host.read_record(job_dir) or {}
+            state = record.get("state")
+            if state == "queued" or (state == "running" and record.get("in_line")):
                 queued.append((record.get("queued_at") or 0, job_id, record))
         for _, job_id, record in sorted(queued, key=lambda item: item[:2]):
             ticket = record.get("ticket")

@@ -14,6 +14,9 @@ docs/runners.md): standard library only, Python 3.8 and newer.
   still start).
 * A job with a start time waits for it under its supervisor (``scheduled``),
   then joins the queue.
+* An array holds one place in the line; at its turn its next tasks start, each
+  taking a place, up to its own %N; the array leaves the line when its last
+  task has started. Its record is kept by its tasks (arrays.note_task_change).
 
 There is no daemon: the queue moves on whenever a job ends (its supervisor
 "ticks"), and whenever a client submits, kills, deletes or lists. Every
@@ -21,9 +24,11 @@ decision is taken under the queue's lock, so concurrent clients and
 supervisors never start more than ``max_running`` jobs.
 """
 
+import os
 import time
 
 from ...protocol import job_id_problem
+from ..layout import JOBS_DIR
 from .line import Line, read_state
 
 #: The job fields this runner owns (tej.json's and the client's).
@@ -91,6 +96,7 @@ class Runner(object):
     job_fields = JOB_FIELDS
     initial_state = "queued"
     takes_secrets = False
+    supports_arrays = True  # one place in the line, its tasks started at its turn
 
     def __init__(self, host):
         self.host = host
@@ -116,6 +122,8 @@ class Runner(object):
             after=job.get("after") or [],
             queued_at=time.time(),
         )
+        if job.get("array") is not None:  # its tasks keep its record; it waits in the line
+            record.update(kept_by_tasks=True, in_line=True)
         if (record.get("start_time") or 0) > time.time():
             # Scheduled: its supervisor waits for the time, then calls admit().
             record.update(state="starting", admitted_at=self.host.now())
@@ -137,8 +145,7 @@ class Runner(object):
             line.load()  # first: building it again may give the job its ticket
             job_dir = self.host.job_path(job_id)
             record = self.host.read_record(job_dir)
-            queued = record is not None and record.get("state") == "queued"
-            if queued and not line.holds(job_id, record):
+            if waiting(record) and not line.holds(job_id, record):
                 line.join(job_id, record, bool(self.pending(record)))
                 # Not durable: a ticket lost in a power cut is found again (see dispatch).
                 self.host.write_record(job_dir, record, durable=False)
@@ -186,6 +193,8 @@ class Runner(object):
 
     def kill(self, job_id, job_dir, record, grace):
         """Take a queued job out of the queue; kill a running one through its supervisor."""
+        if record.get("kept_by_tasks"):
+            return self.kill_array(job_id, job_dir, grace)
         if record.get("state") == "queued":
             with self.host.lock():
                 current = self.host.read_record(job_dir) or record
@@ -229,6 +238,9 @@ class Runner(object):
                     continue
                 if self.pending(record):
                     continue  # still waiting for others
+                if record.get("kept_by_tasks"):
+                    running = self.start_tasks(job_id, record, line, running)
+                    continue
                 self.start(job_id, record, line)
                 running += 1
         finally:
@@ -237,7 +249,7 @@ class Runner(object):
     def holds(self, job_id, record, ticket):
         """Whether a job still holds a ticket of the line (one whose record lost its ticket,
         in a power cut, is given it again)."""
-        if (record or {}).get("state") != "queued":
+        if not waiting(record):
             return False
         if record.get("ticket") is None:
             record["ticket"] = ticket
@@ -245,12 +257,28 @@ class Runner(object):
         return record["ticket"] == ticket
 
     def occupied(self):
-        """How many jobs take a place: starting or running, and not lost."""
+        """How many jobs take a place: starting or running, and not lost (an array's:
+        its tasks that are)."""
         count = 0
         for state in OCCUPYING:
             for job_id in self.host.job_ids_in(state):
-                record = self.host.supervised_record(self.host.job_path(job_id))
-                count += record.get("state") in OCCUPYING
+                job_dir = self.host.job_path(job_id)
+                record = self.host.supervised_record(job_dir)
+                if record.get("kept_by_tasks"):
+                    count += self.running_tasks(job_dir)
+                else:
+                    count += record.get("state") in OCCUPYING
+        return count
+
+    def running_tasks(self, array_dir):
+        """How many of an array's tasks take a place (from the array's own index)."""
+        from ..index import ids_in
+
+        count = 0
+        for state in OCCUPYING:
+            for name in ids_in(array_dir, state):
+                task_dir = os.path.join(array_dir, JOBS_DIR, name)
+                count += self.host.supervised_record(task_dir).get("state") in OCCUPYING
         return count
 
     def settle_dependencies(self, line, records):
@@ -312,13 +340,96 @@ class Runner(object):
         record.update(state="starting", admitted_at=self.host.now())
         self.host.write_record(job_dir, record)
         line.save()  # before the fork: a crash while the supervisor starts leaves the line whole
+        self.start_supervisor(job_dir)
+
+    def start_supervisor(self, job_dir, prepare=None):
+        """Start a job's supervisor (after prepare(), if given); a failure is recorded."""
         try:
+            if prepare is not None:
+                prepare()
             self.host.start_supervisor(job_dir)
         except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
             current = self.host.read_record(job_dir) or {}
             if current.get("state") == "starting" and not current.get("supervisor"):
                 current.update(state="lost", ended_at=self.host.now(), reason=str(exc))
                 self.host.write_record(job_dir, current)
+
+    # arrays (called under the lock, but kill_array)
+
+    def start_tasks(self, array_id, record, line, running):
+        """Start an array's next tasks while there are places and it is under its %N;
+        returns how many places are taken then. It leaves the line with its last task.
+
+        The tasks are reserved (their folders made, starting) and the array's record
+        written before any supervisor starts: a task that ends at once can't see the
+        array's record change under it.
+        """
+        from ..arrays import array_indexes, new_task_record, read_params, reserve_task, task_job
+
+        array_dir = self.host.job_path(array_id)
+        job = self.host.read_job(array_dir)
+        if job is None:
+            line.leave(array_id, record)
+            return running
+        limit = job["array"].get("max_parallel") or self.max_running
+        indexes = array_indexes(job)
+        position, room = record.get("next_task") or 0, limit - self.running_tasks(array_dir)
+        params, reserved = None, []
+        while position < len(indexes) and running < self.max_running and room > 0:
+            if params is None:
+                params = read_params(array_dir) or []
+            index = indexes[position]
+            position += 1
+            task = task_job(job, array_id, index, params[index] if params else None)
+            first = dict(new_task_record(), admitted_at=self.host.now())
+            task_dir = reserve_task(array_dir, task, first)
+            if task_dir is not None:  # else cancelled on its own before it started
+                reserved.append(task_dir)
+                running, room = running + 1, room - 1
+        if position == (record.get("next_task") or 0):
+            return running  # at its %N: the next in line goes first
+        record["next_task"] = position
+        if position >= len(indexes):
+            line.leave(array_id, record)
+            record["in_line"] = False
+        if reserved and record.get("state") != "running":
+            record.update(state="running", started_at=self.host.now())
+        self.host.write_record(array_dir, record, durable=False)
+        line.save()
+        for task_dir in reserved:
+            self.start_supervisor(task_dir, lambda task_dir=task_dir: self.lay_out(task_dir))
+        return running
+
+    def lay_out(self, task_dir):
+        """Lay a reserved task's work/ out from its array's manifest."""
+        from ..arrays import array_of_task, lay_out_task
+
+        lay_out_task(self.host.queue, array_of_task(task_dir), task_dir)
+
+    def kill_array(self, array_id, array_dir, grace):
+        """Kill an array: it leaves the line (its unstarted tasks are cancelled), then its
+        running tasks are killed through their supervisors; the last one's end is the array's."""
+        from ..arrays import settle_array
+        from ..index import ids_in
+
+        with self.host.lock():
+            record = self.host.read_record(array_dir) or {}
+            if record.get("state") in self.host.END_STATES:
+                return False, record
+            line = Line(self.host)
+            if waiting(record):
+                line.leave(array_id, record)
+            record.update(in_line=False, kill_requested=True)
+            self.host.write_record(array_dir, record)
+            line.save()
+        for state in OCCUPYING:
+            for name in ids_in(array_dir, state):
+                task_dir = os.path.join(array_dir, JOBS_DIR, name)
+                task_id = "%s.%s" % (array_id, name)
+                found = self.host.supervised_record(task_dir)
+                self.host.kill_supervised(task_id, task_dir, found, grace)
+        record = settle_array(array_dir, self.host.read_record(array_dir) or record)
+        return True, record
 
 
 class Records(object):
@@ -335,6 +446,13 @@ class Records(object):
             record = self.host.read_record(job_dir) if self.host.has_job(job_id) else None
             self.known[job_id] = record and self.host.supervised_record(job_dir, record)
         return self.known[job_id]
+
+
+def waiting(record):
+    """Whether a job's record says it holds a place in the line: queued, or an array
+    some of whose tasks are still to start."""
+    state = (record or {}).get("state")
+    return state == "queued" or (state == "running" and bool(record.get("in_line")))
 
 
 def place_of(record):
