@@ -8,8 +8,9 @@ standard library only, Python 3.8+. It has two roles:
   cache and calls ``serve(channel)``: it answers the client's requests
   (tej/server/service.py) until the client closes the connection.
 * Run from the agent's copy in a queue (tej/server/agentcopy.py), ``main``
-  runs a job's supervisor (``supervise JOBDIR``) or the fork server that
-  forks supervisors (``fork-server``).
+  runs a job's supervisor (``supervise JOBDIR``), an array's task's
+  (``supervise-task ARRAYDIR INDEX``: a batch system's array job) or the fork
+  server that forks supervisors (``fork-server``).
 """
 
 import sys
@@ -31,9 +32,19 @@ def main(argv):
 
         set_process_title(supervisor_title(argv[1]))
         return supervise(argv[1])
+    if len(argv) == 3 and argv[0] == "supervise-task" and argv[2].isdigit():
+        from .server.arraysup import supervise_task
+        from .server.processes import set_process_title
+
+        set_process_title(
+            "tej-supervisor %s.%s" % (argv[1].rstrip("/").rsplit("/", 1)[-1], argv[2])
+        )
+        return supervise_task(argv[1], int(argv[2]))
     if argv[:1] == ["fork-server"]:
         from .server.launch import serve_forks
 
         return serve_forks(sys.stdin.buffer, sys.stdout.buffer)
-    sys.stderr.write("usage: tej-agent supervise JOBDIR | fork-server\n")
+    sys.stderr.write(
+        "usage: tej-agent supervise JOBDIR | supervise-task ARRAYDIR INDEX | fork-server\n"
+    )
     return 2

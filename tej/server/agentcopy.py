@@ -64,6 +64,11 @@ class AgentCopy(object):
         """The command that supervises a job in the foreground (for a batch system)."""
         return self.command("supervise", job_dir)
 
+    def task_supervisor_command(self, array_dir):
+        """The command that supervises an array's task in the foreground, its index the
+        last argument, to be added (for a batch system's array job)."""
+        return self.command("supervise-task", array_dir)
+
 
 INSTALLED = set()  # type: set[str]  # the copies this process has seen in place
 

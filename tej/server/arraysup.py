@@ -173,3 +173,24 @@ def run_task(queue, array_dir, job, secrets):
     holder.append(supervisor)
     supervisor.kill_requested = bool(killed)
     return supervisor.run()
+
+
+def supervise_task(array_dir, index):
+    """Entry point of a task's supervisor started by a batch system (a Slurm array job's
+    task): reserve the task, lay it out, supervise it; an exit code (0 for a task cancelled
+    before it started: it never runs)."""
+    from .queue import open_queue
+
+    try:
+        job = read_json(os.path.join(array_dir, JOB_FILE))
+        if index not in set(array_indexes(job)):
+            sys.stderr.write("%s tej: the array has no task %d\n" % (now_iso(), index))
+            return 2
+        params = read_params(array_dir)
+        task = task_job(job, os.path.basename(array_dir), index, params and params[index])
+        queue = open_queue(queue_root_of(array_dir), with_runner=False)
+    except Exception as exc:  # noqa: BLE001 - logged in the batch job's output
+        sys.stderr.write("%s tej task %d: %s\n" % (now_iso(), index, exc))
+        return 1
+    code = run_task(queue, array_dir, task, {})
+    return 0 if code == TASK_TAKEN else code

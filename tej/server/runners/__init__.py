@@ -164,6 +164,14 @@ class RunnerHost(object):
 
         return queue_copy(self.queue).supervisor_command(job_dir)
 
+    def task_supervisor_command(self, array_dir):
+        """The command that reserves, lays out and supervises an array's task, for a batch
+        system's array job: as supervisor_command, the task's index to be appended to
+        .arguments."""
+        from ..agentcopy import queue_copy
+
+        return queue_copy(self.queue).task_supervisor_command(array_dir)
+
     def kill_supervised(self, job_id, job_dir, record, grace):
         """Kill a job through its supervisor on this machine; returns (killed, record)."""
         return kill_supervised(self.queue, job_id, job_dir, record, grace)

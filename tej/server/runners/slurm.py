@@ -30,6 +30,7 @@ import signal
 import time
 
 from ...protocol import END_STATES, parse_duration
+from .slurmarrays import SlurmArrays
 
 # subprocess is imported where Slurm's commands are run: the client and the agent
 # load this module to check a job's fields.
@@ -232,7 +233,7 @@ def retries_time(job, per_attempt):
     return tries * per_attempt + sum(delay * backoff**retry for retry in range(tries - 1))
 
 
-class Runner(object):
+class Runner(SlurmArrays):
     """Submits jobs with sbatch and follows them with squeue and scontrol."""
 
     name = "slurm"
@@ -240,6 +241,7 @@ class Runner(object):
     initial_state = "queued"
     takes_secrets = False
     poll_interval = 0.25
+    supports_arrays = True  # one sbatch --array for the whole array
 
     def __init__(self, host):
         self.host = host
@@ -256,9 +258,16 @@ class Runner(object):
             raise self.host.invalid(str(exc))
 
     def submit(self, job_id, job_dir, job, secrets):
-        """Hand the job to Slurm; its batch script is the job's supervisor."""
-        script = self.write_batch_script(job_dir)
+        """Hand the job to Slurm; its batch script is the job's supervisor.
+
+        An array is one sbatch --array=SPEC%N, whose task N's batch script reserves,
+        lays out and supervises task N.
+        """
+        script = self.write_batch_script(job_dir, job.get("array") is not None)
         argv = self.sbatch_command(job_id, job_dir, job, script)
+        if job.get("array") is not None:
+            spec, parallel = job["array"]["indexes"], job["array"].get("max_parallel")
+            argv.insert(1, "--array=%s%s" % (spec, "%%%d" % parallel if parallel else ""))
         record = self.host.read_record(job_dir) or {}
         start_time = max(record.get("start_time") or 0, record.get("retry_at") or 0)
         if start_time:  # Slurm holds it until then, not the supervisor on a node
@@ -273,9 +282,11 @@ class Runner(object):
 
     def refresh(self, job_id, job_dir, record):
         """The job's record, from its supervisor's reports and from Slurm."""
+        if record.get("kept_by_tasks"):
+            return self.refresh_array(job_dir, record)
         if record.get("state") in END_STATES:
             return self.with_accounting(job_dir, record)
-        slurm_id = self.host.read_data(job_dir).get("slurm_id")
+        slurm_id = self.slurm_id(job_dir)
         if not slurm_id:
             return record  # being submitted
         active = self.query()
@@ -287,7 +298,7 @@ class Runner(object):
         latest = self.host.read_record(job_dir) or record
         if latest.get("state") not in END_STATES:
             latest = self.record_end(job_dir, slurm_id, latest)
-            if latest.get("state") == "lost":
+            if latest.get("state") == "lost" and "_" not in slurm_id:  # not a task
                 latest = self.retry_lost(job_id, job_dir, slurm_id, latest)
         return (
             self.with_accounting(job_dir, latest) if latest.get("state") in END_STATES else latest
@@ -300,7 +311,9 @@ class Runner(object):
 
     def kill(self, job_id, job_dir, record, grace):
         """Cancel a pending job; ask a running job's supervisor to kill it (kill_grace)."""
-        slurm_id = self.host.read_data(job_dir).get("slurm_id")
+        if record.get("kept_by_tasks"):
+            return self.kill_array(job_dir, record, grace)
+        slurm_id = self.slurm_id(job_dir)
         record = self.refresh(job_id, job_dir, record)
         if not slurm_id or record.get("state") in END_STATES:
             return False, record
@@ -424,7 +437,7 @@ class Runner(object):
         if (record.get("resources") or {}).get("source") == "slurm":
             return record
         data = self.host.read_data(job_dir)
-        slurm_id = data.get("slurm_id")
+        slurm_id = self.slurm_id(job_dir, data)
         if not slurm_id or data.get("accounting"):
             return record
         active = self.query()
@@ -460,13 +473,20 @@ class Runner(object):
 
     # sbatch
 
-    def write_batch_script(self, job_dir):
-        """Write the job's batch script: Python that runs tej's supervisor for the job."""
-        command = self.host.supervisor_command(job_dir)
+    def write_batch_script(self, job_dir, array=False):
+        """Write the job's batch script: Python that runs tej's supervisor for the job
+        (for an array: for its task $SLURM_ARRAY_TASK_ID)."""
+        if array:
+            command = self.host.task_supervisor_command(job_dir)
+        else:
+            command = self.host.supervisor_command(job_dir)
         python, code, arguments = command.python, command.code, command.arguments
         if re.search(r"\s", python) or len(python) > 120:
             raise self.host.failure("Python's path %r can't be a #! line" % python)
-        text = "#!%s\nimport sys\nsys.argv[1:] = %r\n%s\n" % (python, arguments, code)
+        argv = repr(arguments)
+        if array:
+            argv = "%s + [__import__('os').environ['SLURM_ARRAY_TASK_ID']]" % argv
+        text = "#!%s\nimport sys\nsys.argv[1:] = %s\n%s\n" % (python, argv, code)
         from ..files import remove_quietly
 
         path = os.path.join(job_dir, BATCH_SCRIPT)

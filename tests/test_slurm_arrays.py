@@ -1,0 +1,89 @@
+"""Arrays on the slurm runner, against the real one-node Slurm over the real loopback sshd:
+one sbatch --array for the whole array, each task supervised on the node, kills of one
+task and of the array, %N held (from the tasks' own timestamps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import Target, wait_until
+from slurm import SlurmCluster
+from test_arrays import make_array_job, most_at_once, spans_of, task_path
+from test_slurm_runner import SLURM_WAIT, slurm, status_json
+
+pytestmark = [pytest.mark.ssh, pytest.mark.slurm, pytest.mark.timeout(180)]
+__all__ = ["slurm"]  # the fixture, used by name
+
+TIMED = """#!/bin/sh
+start=$(date +%s.%N)
+sleep 1
+echo "$start $(date +%s.%N)" > times
+echo "task $TEJ_ARRAY_INDEX of $TEJ_ARRAY_SIZE in $SLURM_ARRAY_JOB_ID"
+[ "$TEJ_ARRAY_INDEX" = 4 ] && exit 7
+exit 0
+"""
+
+
+def slurm_id(target: Target, array_id: str) -> str:
+    """The array's Slurm job id, as tej kept it."""
+    data = json.loads((target.job_dir(array_id) / "runner.json").read_text())
+    return str(data["slurm_id"])
+
+
+def ended(target: Target, job_id: str) -> dict:
+    """Poll `tej status --json` until the job or array has ended."""
+    return wait_until(
+        lambda: (
+            (found := status_json(target, job_id))["state"] not in ("queued", "running", "starting")
+            and found
+        ),
+        SLURM_WAIT * 2,
+        f"{job_id} to end",
+    )
+
+
+def test_an_array_is_one_sbatch_and_holds_its_n(slurm: Target, slurm_cluster: SlurmCluster) -> None:
+    job = make_array_job(slurm, "sweep", TIMED)
+    array = slurm.submit(job, "--array", "0-5%2", "--id", "sweep")
+    first = status_json(slurm, array)
+    assert first["state"] in ("queued", "running"), first
+    status = ended(slurm, array)
+    assert status["state"] == "finished" and status["exit_code"] == 7, status
+    assert status["array"]["counts"] == {"finished": 6}
+    assert [task["exit_code"] for task in status["array"]["tasks"]] == [0, 0, 0, 0, 7, 0]
+    # One Slurm job: every task's ArrayJobId is the one sbatch's id.
+    job_id = slurm_id(slurm, array)
+    done = slurm_cluster.run("scontrol", "show", "job", "-o", job_id)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    fields = [dict(item.split("=", 1) for item in line.split() if "=" in item) for line in lines]
+    assert len(fields) == 6 and {found["ArrayJobId"] for found in fields} == {job_id}, fields
+    assert sorted(int(found["ArrayTaskId"]) for found in fields) == list(range(6))
+    out = slurm.cli("logs", "--id", f"{array}.4", check=0).stdout
+    assert out == f"task 4 of 6 in {job_id}\n"
+    assert slurm.status(f"{array}.4")["exit_code"] == 7
+    spans = spans_of([task_path(slurm, array, index) for index in range(6)])
+    assert most_at_once(spans) <= 2, spans
+
+
+def test_kill_a_task_then_the_array(slurm: Target) -> None:
+    job = make_array_job(slurm, "long", "#!/bin/sh\necho started\nsleep 120\n")
+    array = slurm.submit(job, "--array", "0-5%2", "--id", "long")
+    for index in (0, 1):
+        out: Path = task_path(slurm, array, index, "stdout")
+        wait_until(
+            lambda out=out: out.exists() and "started" in out.read_text(), SLURM_WAIT, "a start"
+        )
+    slurm.cli("kill", "--id", f"{array}.0", check=0)
+    task = ended(slurm, f"{array}.0")
+    assert task["state"] == "killed", task
+    out = task_path(slurm, array, 2, "stdout")  # its place goes to the next task
+    wait_until(lambda: out.exists() and "started" in out.read_text(), SLURM_WAIT, "long.2")
+    slurm.cli("kill", "--id", array, check=0)
+    status = ended(slurm, array)
+    assert status["state"] == "killed", status
+    counts = status["array"]["counts"]
+    assert counts == {"killed": 3, "cancelled": 3}, counts
+    assert slurm.status(f"{array}.5")["state"] == "cancelled"
