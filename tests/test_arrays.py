@@ -328,3 +328,25 @@ def test_queue_runner_kill_a_task_and_the_array(target: Target) -> None:
     assert target.status("ql.4")["state"] == "cancelled"
     target.cli("delete", "--id", array, check=0)
     assert array not in job_ids(target)
+
+
+def test_an_array_whose_end_was_not_recorded_is_repaired_on_status(target: Target) -> None:
+    setup_queue_runner(target, 2)
+    job = make_array_job(target, "repair", "#!/bin/sh\nexit 0\n")
+    array = target.submit(job, "--array", "0-2", "--id", "rep")
+    target.cli("wait", "--id", array, "--exit-code", check=0)
+    path = target.job_dir(array) / "status.json"
+    record = json.loads(path.read_text())
+    assert record["state"] == "finished" and record["kept_by_tasks"], record
+    # As if the last task's writer died between its end and the array's.
+    for key in ("ended_at", "exit_code"):
+        record.pop(key)
+    path.write_text(json.dumps(dict(record, state="running")))
+    os.replace(
+        target.server_path("index", "finished", array),
+        target.server_path("index", "running", array),
+    )
+    status = target.status(array)
+    assert status["state"] == "finished" and status["exit_code"] == 0, status
+    assert json.loads(path.read_text())["state"] == "finished"
+    assert os.path.exists(target.server_path("index", "finished", array))
