@@ -350,3 +350,24 @@ def test_an_array_whose_end_was_not_recorded_is_repaired_on_status(target: Targe
     assert status["state"] == "finished" and status["exit_code"] == 0, status
     assert json.loads(path.read_text())["state"] == "finished"
     assert os.path.exists(target.server_path("index", "finished", array))
+
+
+def test_a_running_array_keeps_its_place_when_the_line_is_built_again(target: Target) -> None:
+    setup_queue_runner(target, 1)
+    release = target.server_path("release")
+    script = '#!/bin/sh\nwhile [ ! -e "$REL" ]; do sleep 0.05; done\ntouch ran\n'
+    job = make_array_job(target, "inline", script)
+    array = target.submit(job, "--array", "0-2", "--id", "inl", "--env", f"REL={release}")
+    later = target.submit(make_array_job(target, "later", MARK), "--id", "later")
+    wait_until(lambda: task_path(target, array, 0).is_dir(), 30, "the first task's start")
+    record = json.loads((target.job_dir(array) / "status.json").read_text())
+    assert record["state"] == "running" and record["in_line"] and record["next_task"] == 1
+    # The line is lost (as after a crash in the middle of a change): it is built again,
+    # the running array keeping its place ahead of the job submitted after it.
+    target.server_path("index", "line", "state.json").unlink()
+    assert target.status(later)["position"] == [2, 2]
+    release.write_text("")
+    target.cli("wait", "--id", later, check=0)
+    assert target.status(array)["array"]["counts"] == {"finished": 3}
+    ends = [task_path(target, array, index, "work", "ran").stat().st_mtime for index in range(3)]
+    assert max(ends) <= target.work(later, "ran").stat().st_mtime
