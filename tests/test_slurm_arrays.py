@@ -5,6 +5,8 @@ task and of the array, %N held (from the tasks' own timestamps)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,25 @@ def test_kill_a_task_then_the_array(slurm: Target) -> None:
     counts = status["array"]["counts"]
     assert counts == {"killed": 3, "cancelled": 3}, counts
     assert slurm.status(f"{array}.5")["state"] == "cancelled"
+
+
+def test_a_task_whose_supervisor_died_gets_its_end_from_slurm(slurm: Target) -> None:
+    script = '#!/bin/sh\n[ "$TEJ_ARRAY_INDEX" = 0 ] && sleep 300\nexit 0\n'
+    array = slurm.submit(make_array_job(slurm, "lost", script), "--array", "0-1", "--id", "lost")
+    status_file = task_path(slurm, array, 0, "status.json")
+
+    def running() -> dict | None:
+        try:
+            record = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if record.get("job") else None
+
+    record = wait_until(running, SLURM_WAIT, "task 0 to run")
+    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    status = ended(slurm, array)
+    assert status["array"]["counts"] == {"finished": 1, "lost": 1}, status
+    task = slurm.status(f"{array}.0")
+    assert task["state"] == "lost" and "its supervisor died" in task["reason"], task
+    # The array's exit code is its first failed task's (Slurm's, for a lost one).
+    assert status["state"] == "finished" and status["exit_code"] == task["exit_code"] != 0
