@@ -70,7 +70,14 @@ def test_an_array_is_one_sbatch_and_holds_its_n(slurm: Target, slurm_cluster: Sl
     assert most_at_once(spans) <= 2, spans
 
 
-def test_kill_a_task_then_the_array(slurm: Target) -> None:
+def pending_tasks(cluster: SlurmCluster, job_id: str) -> list[str]:
+    """The ids of an array job's pending tasks, one by one (squeue -r)."""
+    done = cluster.run("squeue", "-r", "-h", "-t", "PENDING", "-j", job_id, "-o", "%i")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_kill_a_task_then_the_array(slurm: Target, slurm_cluster: SlurmCluster) -> None:
     job = make_array_job(slurm, "long", "#!/bin/sh\necho started\nsleep 120\n")
     array = slurm.submit(job, "--array", "0-5%2", "--id", "long")
     for index in (0, 1):
@@ -83,12 +90,17 @@ def test_kill_a_task_then_the_array(slurm: Target) -> None:
     assert task["state"] == "killed", task
     out = task_path(slurm, array, 2, "stdout")  # its place goes to the next task
     wait_until(lambda: out.exists() and "started" in out.read_text(), SLURM_WAIT, "long.2")
+    job_id = slurm_id(slurm, array)
+    assert f"{job_id}_5" in pending_tasks(slurm_cluster, job_id)
+    slurm.cli("kill", "--id", f"{array}.5", check=0)  # pending: Slurm's task is cancelled
+    assert slurm.status(f"{array}.5")["state"] == "killed"
+    assert f"{job_id}_5" not in pending_tasks(slurm_cluster, job_id)
     slurm.cli("kill", "--id", array, check=0)
     status = ended(slurm, array)
     assert status["state"] == "killed", status
     counts = status["array"]["counts"]
-    assert counts == {"killed": 3, "cancelled": 3}, counts
-    assert slurm.status(f"{array}.5")["state"] == "cancelled"
+    assert counts == {"killed": 4, "cancelled": 2}, counts  # 0, 1, 2, 5 killed
+    assert slurm.status(f"{array}.4")["state"] == "cancelled"
 
 
 def test_a_task_whose_supervisor_died_gets_its_end_from_slurm(slurm: Target) -> None:

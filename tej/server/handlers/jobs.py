@@ -114,6 +114,9 @@ def kill_job(queue, job_id):
 
         record = cancel_unstarted(queue, job_dir)
         if record is not None:
+            cancelled = getattr(queue.runner, "task_cancelled", None)
+            if cancelled is not None:  # a batch system's own pending task (Slurm's ID_N)
+                cancelled(job_dir)
             return {"killed": True, "status": public_status(job_id, record)}
     grace = float(job_metadata(job_dir, job_id).get("kill_grace", KILL_GRACE))
     killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)

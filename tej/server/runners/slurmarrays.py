@@ -47,6 +47,15 @@ class SlurmArrays(object):
         array_id = self.host.read_data(os.path.dirname(os.path.dirname(job_dir))).get("slurm_id")
         return array_id and "%s_%s" % (array_id, os.path.basename(job_dir))
 
+    def task_cancelled(self, task_dir):
+        """A task killed before it started: its Slurm task is cancelled too (else, when it
+        runs, it finds the task taken and exits at once)."""
+        from .slurm import run_command
+
+        slurm_id = self.slurm_id(task_dir)
+        if slurm_id:
+            run_command(["scancel", slurm_id])
+
     def array_in_slurm(self, slurm_id):
         """The states of an array's tasks squeue lists (pending ranges as ID_[0-9%2]),
         or None if squeue fails."""
