@@ -28,11 +28,14 @@ from .arrays import (
     read_params,
     reserve_task,
     task_job,
+    template_rows,
 )
+from .errors import AgentError
 from .files import now_iso, read_json
 from .index import write_status
 from .layout import JOB_FILE, STATUS_FILE, queue_root_of
 from .processes import identify_process
+from .supervisor import Supervisor
 
 TASK_TAKEN = 3  # a task child's exit code: the task had a folder already (cancelled)
 
@@ -51,6 +54,7 @@ class ArraySupervisor(object):
         self.params = read_params(array_dir)
         self.running = {}  # type: dict[int, int]  # child pid -> task index
         self.kill_requested = False
+        self.rows = None  # the array's manifest, read once for every task (see run)
 
     def run(self):
         """Start every task (or until killed), wait for them all, record the end."""
@@ -64,6 +68,11 @@ class ArraySupervisor(object):
         self.record["supervisor"] = identify_process(os.getpid())
         self.save()
         prepare_fork()
+        prepare_tasks()
+        try:
+            self.rows = template_rows(self.array_dir)
+        except (OSError, AgentError) as exc:  # each task lays out from the store, and says why
+            sys.stderr.write("%s tej array: its manifest: %s\n" % (now_iso(), exc))
         for index in self.indexes:
             while len(self.running) >= self.limit and not self.kill_requested:
                 self.reap(0)
@@ -88,7 +97,7 @@ class ArraySupervisor(object):
         if pid == 0:
             code = 1
             try:
-                code = run_task(self.queue, self.array_dir, job, self.secrets)
+                code = run_task(self.queue, self.array_dir, job, self.secrets, self.rows)
             except BaseException as exc:  # noqa: BLE001 - the child must never return
                 try:
                     os.write(2, ("%s tej task %d: %s\n" % (now_iso(), index, exc)).encode())
@@ -132,6 +141,7 @@ class ArraySupervisor(object):
             exit_code=first_failure(self.array_dir, self.indexes),
         )
         self.record.setdefault("started_at", self.record["ended_at"])
+        flush_file_system(self.array_dir)  # the tasks' ends, written without fsync
         self.save()
         tick_after_end(self.array_dir)
         from .notify import send_notifications
@@ -163,11 +173,34 @@ def signal_task(pid):
         pass
 
 
-def run_task(queue, array_dir, job, secrets):
-    """In a task's child: reserve its folder, lay it out, supervise it; an exit code."""
-    from .supervisor import Supervisor, record_supervisor_failure
+def prepare_tasks():
+    """Load, before forking tasks, what each task's child needs (they inherit it)."""
+    from . import records, retries, supervisor, usage  # noqa: F401
+    from .store import finish_file  # noqa: F401
 
-    holder = []  # type: list[Supervisor]  # the task's supervisor, once made
+
+def flush_file_system(path):
+    """Make what was written to path's file system durable (syncfs; sync where it's missing)."""
+    from .processes import c_library
+
+    libc = c_library()
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    os.sync()
+
+
+def run_task(queue, array_dir, job, secrets, rows):
+    """In a task's child: reserve its folder, lay it out (rows: its array's manifest, see
+    lay_out_task), supervise it; an exit code."""
+    from .supervisor import record_supervisor_failure
+
+    holder = []  # type: list[TaskSupervisor]  # the task's supervisor, once made
     killed = []  # type: list[bool]
 
     def on_kill(_signum, _frame):
@@ -180,8 +213,8 @@ def run_task(queue, array_dir, job, secrets):
     if task_dir is None:
         return TASK_TAKEN
     try:
-        lay_out_task(queue, array_dir, task_dir)
-        supervisor = Supervisor(task_dir, secrets)
+        lay_out_task(queue, array_dir, task_dir, rows)
+        supervisor = TaskSupervisor(task_dir, secrets)
     except Exception as exc:  # noqa: BLE001 - recorded as the task's failure
         sys.stderr.write("%s tej task %s: %s\n" % (now_iso(), job["id"], exc))
         record_supervisor_failure(task_dir, exc)
@@ -189,3 +222,17 @@ def run_task(queue, array_dir, job, secrets):
     holder.append(supervisor)
     supervisor.kill_requested = bool(killed)
     return supervisor.run()
+
+
+class TaskSupervisor(Supervisor):
+    """A task's supervisor: a job's, whose records are all written without fsync.
+
+    Its array's supervisor makes them durable before it records the array's end
+    (flush_file_system): a power cut while the array runs may lose the ends of
+    tasks that had just ended, and they are then reported lost, as the tasks
+    that were running are (docs/queue-format.md, Arrays).
+    """
+
+    def save(self):
+        """Write the task's status record atomically (never durably: see the class)."""
+        write_status(self.job_dir, self.record, False)
