@@ -102,12 +102,13 @@ def check_params(params, indexes):
 
 
 def make_array_folder(staging, params_lines):
-    """Give a staged job the folders of an array (its tasks, their staging, their index)."""
-    from .index import rebuild
+    """Give a staged job the folders of an array (its tasks, their staging).
 
+    Its tasks' index is made by the first task that gets a folder (ensure_task_index),
+    after the submit's reply: a submit pays for no more than a job's.
+    """
     for name in (JOBS_DIR, STAGING_DIR):
         make_private_dir(os.path.join(staging, name))
-    rebuild(staging)
     if params_lines is not None:
         data = ("\n".join(params_lines) + "\n").encode("utf-8")
         from .files import write_file_atomic
@@ -183,6 +184,7 @@ def reserve_task(array_dir, job, record):
     """
     from .index import Intent, sync
 
+    ensure_task_index(array_dir)
     name = str(job["index"])
     staging = os.path.join(array_dir, STAGING_DIR, "%s-%08x" % (name, randrange(1 << 32)))
     make_private_dir(staging)
@@ -200,6 +202,19 @@ def reserve_task(array_dir, job, record):
             raise
         sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
     return target
+
+
+def ensure_task_index(array_dir):
+    """Build an array's index of its tasks if it has none yet (no task has a folder).
+
+    A task with a folder is always in it: reserve_task calls this first. Until then
+    every task is reported queued (cancelled once the array ended) without one.
+    """
+    from .index import index_path, rebuild
+    from .layout import INDEX_COMPLETE
+
+    if not os.path.exists(index_path(array_dir, INDEX_COMPLETE)):
+        rebuild(array_dir)
 
 
 def cancel_unstarted(queue, job_dir):

@@ -22,6 +22,7 @@ from ..protocol import (
 )
 from .arrays import (
     array_indexes,
+    ensure_task_index,
     first_failure,
     lay_out_task,
     new_task_record,
@@ -69,6 +70,7 @@ class ArraySupervisor(object):
         self.save()
         prepare_fork()
         prepare_tasks()
+        ensure_task_index(self.array_dir)  # once, before the first task (not at submit)
         try:
             self.rows = template_rows(self.array_dir)
         except (OSError, AgentError) as exc:  # each task lays out from the store, and says why
