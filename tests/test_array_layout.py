@@ -90,3 +90,29 @@ def test_a_template_file_not_as_uploaded_is_never_copied(target: Target, how: st
         assert "no longer holds the uploaded content of data/input" in task["reason"]
         stdout = target.server_path("jobs", array, "jobs", "1", "stdout")
         assert not stdout.exists() or "TAMPERED" not in stdout.read_text()
+
+
+@pytest.mark.parametrize("old_template", ["as uploaded", "replaced"])
+def test_resubmit_failed_links_the_old_template(target: Target, old_template: str) -> None:
+    job = target.src_dir / "rerun"
+    (job / "data").mkdir(parents=True)
+    (job / "data" / "input").write_text("the input\n")
+    (job / "start.sh").write_text('#!/bin/sh\ncat data/input\nexit "$TEJ_ARRAY_INDEX"\n')
+    (job / "start.sh").chmod(0o755)
+    array = target.submit(job, "--array", "0-2", "--id", "rerun", "--wait")
+    old = target.work(array)
+    if old_template == "replaced":  # not as uploaded: the new one is laid out from the store
+        other = old / "data" / "other"
+        other.write_text("tampered\n")
+        other.replace(old / "data" / "input")
+    again = target.cli("resubmit", "--id", array, "--failed", "--as", "rerun2", "--wait")
+    assert again.returncode == 0, again
+    new = target.work("rerun2")
+    assert tree(new) == {**tree(old), "data/input": ("f", 0o644, b"the input\n")}
+    for name in ("data/input", "start.sh"):  # all linked, or all from the store
+        linked = (new / name).stat().st_ino == (old / name).stat().st_ino
+        assert linked is (old_template == "as uploaded"), name
+    status = target.status("rerun2")
+    assert [task["id"] for task in status["array"]["tasks"]] == ["rerun2.1", "rerun2.2"]
+    assert [task["exit_code"] for task in status["array"]["tasks"]] == [1, 2]
+    assert target.ok("logs", "--id", "rerun2.2") == "the input\n"

@@ -29,7 +29,6 @@ from .arrays import (
     read_params,
     reserve_task,
     task_job,
-    template_rows,
 )
 from .errors import AgentError
 from .files import now_iso, read_json
@@ -37,6 +36,7 @@ from .index import write_status
 from .layout import JOB_FILE, STATUS_FILE, queue_root_of
 from .processes import identify_process
 from .supervisor import Supervisor
+from .template import template_rows
 
 TASK_TAKEN = 3  # a task child's exit code: the task had a folder already (cancelled)
 
