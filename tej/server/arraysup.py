@@ -176,9 +176,9 @@ def signal_task(pid):
 
 
 def prepare_tasks():
-    """Load, before forking tasks, what each task's child needs (they inherit it)."""
-    from . import records, retries, supervisor, usage  # noqa: F401
-    from .store import finish_file  # noqa: F401
+    """Load, before forking tasks, what each task's child needs besides the supervisor
+    (imported above): the children inherit it instead of each importing it."""
+    from . import store  # noqa: F401 - the checks and modes of a task's copies
 
 
 def flush_file_system(path):
