@@ -32,7 +32,14 @@ from ..protocol import (
 )
 from .errors import AgentError
 from .files import make_private_dir, now_iso, randrange, read_json, remove_tree, write_json_atomic
-from .layout import JOB_FILE, JOBS_DIR, MANIFEST_FILE, PARAMS_FILE, STAGING_DIR, STATUS_FILE
+from .layout import (
+    JOB_FILE,
+    JOBS_DIR,
+    PARAMS_FILE,
+    STAGING_DIR,
+    STATUS_FILE,
+    WORK_DIR,
+)
 
 # Fields of an array's job.json that its tasks don't take.
 ARRAY_ONLY_FIELDS = ("array", "notify", "id", "secret_env")
@@ -96,12 +103,13 @@ def check_params(params, indexes):
 
 
 def make_array_folder(staging, params_lines):
-    """Give a staged job the folders of an array (its tasks, their staging, their index)."""
-    from .index import rebuild
+    """Give a staged job the folders of an array (its tasks, their staging).
 
+    Its tasks' index is made by the first task that gets a folder (ensure_task_index),
+    after the submit's reply: a submit pays for no more than a job's.
+    """
     for name in (JOBS_DIR, STAGING_DIR):
         make_private_dir(os.path.join(staging, name))
-    rebuild(staging)
     if params_lines is not None:
         data = ("\n".join(params_lines) + "\n").encode("utf-8")
         from .files import write_file_atomic
@@ -177,6 +185,7 @@ def reserve_task(array_dir, job, record):
     """
     from .index import Intent, sync
 
+    ensure_task_index(array_dir)
     name = str(job["index"])
     staging = os.path.join(array_dir, STAGING_DIR, "%s-%08x" % (name, randrange(1 << 32)))
     make_private_dir(staging)
@@ -194,6 +203,19 @@ def reserve_task(array_dir, job, record):
             raise
         sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
     return target
+
+
+def ensure_task_index(array_dir):
+    """Build an array's index of its tasks if it has none yet (no task has a folder).
+
+    A task with a folder is always in it: reserve_task calls this first. Until then
+    every task is reported queued (cancelled once the array ended) without one.
+    """
+    from .index import index_path, rebuild
+    from .layout import INDEX_COMPLETE
+
+    if not os.path.exists(index_path(array_dir, INDEX_COMPLETE)):
+        rebuild(array_dir)
 
 
 def cancel_unstarted(queue, job_dir):
@@ -223,41 +245,28 @@ def read_params(array_dir):
         return None
 
 
-def lay_out_task(queue, array_dir, task_dir):
-    """Lay a started task's work/ out from its array's manifest and the store.
+def lay_out_task(queue, array_dir, task_dir, rows=None):
+    """Lay a started task's work/ out: private copies of its array's template, checked.
 
-    As resubmit lays a new job out (the same checks, and the same code), then
-    every file the store gave is replaced with a checked private copy: the
-    task holds none of the store's inodes, so a task that writes to its input
-    changes neither the store nor another task's files (a resubmitted job may
-    hold the store's inode: the next one would find its content gone, which
-    would fail every later task of an array). AgentError if the store no
-    longer holds a content.
+    rows: the array's manifest (template_rows), read once by its supervisor (read here
+    if None). Each
+    file is copied from the template (work/ of the array, never run in) and
+    checked as the store checks a blob: as uploaded before the copy (its size,
+    and STORE_MTIME), unchanged during it (the same fstat after). The task holds
+    none of the store's inodes, so a task that writes to its input changes
+    neither the store nor another task's files. Without rows, or if a template
+    file is not as uploaded, the task is laid out from the store instead (as
+    resubmit lays a job out): AgentError if the store no longer holds a content.
     """
-    from .files import remove_quietly
-    from .layout import BLOBS_FILE
-    from .store import copy_verified, lease_path
-    from .upload import Upload, lay_out_kept, new_token
+    from .template import copy_template, lay_out_from_store, template_rows
 
-    token = new_token()
-    make_private_dir(os.path.join(task_dir, "work"))
-    lease = lease_path(queue, token)
-    with open(lease, "w") as stream:  # whose it is, before any blob is linked
-        stream.write("%s.%s" % (os.path.basename(array_dir), os.path.basename(task_dir)))
-    upload = Upload(queue, token, task_dir)
-    try:
-        lay_out_kept(upload, os.path.join(array_dir, MANIFEST_FILE), None)
-        for digest in upload.linked:
-            path, mode = upload.files[digest][0]
-            private = path + b".tej-copy"
-            if not copy_verified(path, private, digest, mode):
-                raise AgentError(ERR_INVALID, "A stored file changed while it was copied: retry")
-            os.rename(private, path)
-        upload.finish()
-    finally:
-        upload.discard_files()
-        remove_quietly(os.path.join(task_dir, BLOBS_FILE))
-        remove_quietly(lease)
+    if rows is None:
+        rows = template_rows(array_dir)
+    if rows is not None:
+        if copy_template(array_dir, task_dir, rows):
+            return
+        remove_tree(os.path.join(task_dir, WORK_DIR))
+    lay_out_from_store(queue, array_dir, task_dir)
 
 
 def counts(array_dir, size, array_state):
@@ -335,6 +344,9 @@ def end_record(array_dir, record, killed):
     """An array's record updated with its end: finished, or killed (cancelled if no task
     started), and the exit code of its first failed task. Shared by the default runner's
     ArraySupervisor and the hook that keeps the record under the other runners."""
+    from .files import flush_file_system
+
+    flush_file_system(array_dir)  # the tasks' records, written without fsync (TaskSupervisor)
     job = read_json(os.path.join(array_dir, JOB_FILE))
     if killed:
         state = STATE_KILLED if os.listdir(os.path.join(array_dir, JOBS_DIR)) else STATE_CANCELLED

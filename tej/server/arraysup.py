@@ -20,16 +20,20 @@ from ..protocol import (
 from .arrays import (
     array_indexes,
     end_record,
+    ensure_task_index,
     lay_out_task,
     new_task_record,
     read_params,
     reserve_task,
     task_job,
 )
+from .errors import AgentError
 from .files import now_iso, read_json
 from .index import write_status
 from .layout import JOB_FILE, STATUS_FILE, queue_root_of
 from .processes import identify_process
+from .supervisor import Supervisor
+from .template import template_rows
 
 TASK_TAKEN = 3  # a task child's exit code: the task had a folder already (cancelled)
 
@@ -48,6 +52,7 @@ class ArraySupervisor(object):
         self.params = read_params(array_dir)
         self.running = {}  # type: dict[int, int]  # child pid -> task index
         self.kill_requested = False
+        self.rows = None  # the array's manifest, read once for every task (see run)
 
     def run(self):
         """Start every task (or until killed), wait for them all, record the end."""
@@ -61,6 +66,12 @@ class ArraySupervisor(object):
         self.record["supervisor"] = identify_process(os.getpid())
         self.save()
         prepare_fork()
+        prepare_tasks()
+        ensure_task_index(self.array_dir)  # once, before the first task (not at submit)
+        try:
+            self.rows = template_rows(self.array_dir)
+        except (OSError, AgentError) as exc:  # each task lays out from the store, and says why
+            sys.stderr.write("%s tej array: its manifest: %s\n" % (now_iso(), exc))
         for index in self.indexes:
             while len(self.running) >= self.limit and not self.kill_requested:
                 self.reap(0)
@@ -85,7 +96,7 @@ class ArraySupervisor(object):
         if pid == 0:
             code = 1
             try:
-                code = run_task(self.queue, self.array_dir, job, self.secrets)
+                code = run_task(self.queue, self.array_dir, job, self.secrets, self.rows)
             except BaseException as exc:  # noqa: BLE001 - the child must never return
                 try:
                     os.write(2, ("%s tej task %d: %s\n" % (now_iso(), index, exc)).encode())
@@ -147,11 +158,19 @@ def signal_task(pid):
         pass
 
 
-def run_task(queue, array_dir, job, secrets):
-    """In a task's child: reserve its folder, lay it out, supervise it; an exit code."""
-    from .supervisor import Supervisor, record_supervisor_failure
+def prepare_tasks():
+    """Load, before forking tasks, what each task's child needs besides the supervisor
+    (imported above): the children inherit it instead of each importing it."""
+    from . import store  # noqa: F401 - the checks and modes of a task's copies
 
-    holder = []  # type: list[Supervisor]  # the task's supervisor, once made
+
+
+def run_task(queue, array_dir, job, secrets, rows):
+    """In a task's child: reserve its folder, lay it out (rows: its array's manifest, see
+    lay_out_task), supervise it; an exit code."""
+    from .supervisor import record_supervisor_failure
+
+    holder = []  # type: list[TaskSupervisor]  # the task's supervisor, once made
     killed = []  # type: list[bool]
 
     def on_kill(_signum, _frame):
@@ -164,8 +183,8 @@ def run_task(queue, array_dir, job, secrets):
     if task_dir is None:
         return TASK_TAKEN
     try:
-        lay_out_task(queue, array_dir, task_dir)
-        supervisor = Supervisor(task_dir, secrets)
+        lay_out_task(queue, array_dir, task_dir, rows)
+        supervisor = TaskSupervisor(task_dir, secrets)
     except Exception as exc:  # noqa: BLE001 - recorded as the task's failure
         sys.stderr.write("%s tej task %s: %s\n" % (now_iso(), job["id"], exc))
         record_supervisor_failure(task_dir, exc)
@@ -192,5 +211,19 @@ def supervise_task(array_dir, index):
     except Exception as exc:  # noqa: BLE001 - logged in the batch job's output
         sys.stderr.write("%s tej task %d: %s\n" % (now_iso(), index, exc))
         return 1
-    code = run_task(queue, array_dir, task, {})
+    code = run_task(queue, array_dir, task, {}, None)
     return 0 if code == TASK_TAKEN else code
+
+
+class TaskSupervisor(Supervisor):
+    """A task's supervisor: a job's, whose records are all written without fsync.
+
+    They are made durable before the array's end is recorded (arrays.end_record
+    flushes the file system): a power cut while the array runs may lose the ends of
+    tasks that had just ended, and they are then reported lost, as the tasks
+    that were running are (docs/queue-format.md, Arrays).
+    """
+
+    def save(self):
+        """Write the task's status record atomically (never durably: see the class)."""
+        write_status(self.job_dir, self.record, False)

@@ -188,3 +188,19 @@ def read_line_with_timeout(stream, timeout):
             break
         data += chunk
     return data
+
+
+def flush_file_system(path):
+    """Make what was written to path's file system durable (syncfs; sync where it's missing)."""
+    from .processes import c_library
+
+    libc = c_library()
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    os.sync()

@@ -394,7 +394,7 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
         )
     upload = open_upload(connection, queue, None)
     try:
-        lay_out_kept(upload, manifest, os.path.join(upload.staging, MANIFEST_FILE))
+        lay_out_resubmitted(upload, old_dir, job)
     except BaseException:
         connection.uploads.pop(upload.token, None)
         upload.discard()
@@ -405,6 +405,24 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
     if isinstance(job, dict) and job.get("array") is not None:
         params = kept_params(old_dir)  # an array's tasks keep their rows (resubmit --failed)
     return submit_upload(connection, text, upload.token, new_id, id_prefix, job, secrets, params)
+
+
+def lay_out_resubmitted(upload, old_dir, job):
+    """Lay a resubmitted job out: an array's from an old array's template (hard links, one
+    pass), else (or if the template is not as uploaded) from the store."""
+    manifest = os.path.join(old_dir, MANIFEST_FILE)
+    keep_to = os.path.join(upload.staging, MANIFEST_FILE)
+    if isinstance(job, dict) and job.get("array") is not None:
+        from ..arrays import is_array
+        from ..template import copy_small_file, link_template
+
+        if is_array(old_dir):
+            if link_template(upload, old_dir):
+                copy_small_file(manifest, keep_to)
+                return
+            remove_tree(upload.work)
+            make_private_dir(upload.work)
+    lay_out_kept(upload, manifest, keep_to)
 
 
 def kept_params(array_dir):
