@@ -164,7 +164,6 @@ def prepare_tasks():
     from . import store  # noqa: F401 - the checks and modes of a task's copies
 
 
-
 def run_task(queue, array_dir, job, secrets, rows):
     """In a task's child: reserve its folder, lay it out (rows: its array's manifest, see
     lay_out_task), supervise it; an exit code."""
