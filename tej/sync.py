@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import itertools
 import json
+import operator
 import os
+import re
 import shutil
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
@@ -138,33 +141,36 @@ class Local(NamedTuple):
 
 
 def decode_listing(columns: dict[str, Any]) -> list[Remote]:
-    """The rows of sync_list's columns (see tej/server/handlers/sync.py encode_rows)."""
+    """The rows of sync_list's columns (see tej/server/handlers/sync.py encode_rows).
+
+    Every path is checked at once, on the columns: none may leave the local folder.
+    """
     kinds = columns["kinds"]
     count = len(kinds)
     if not count:
         return []
-    paths = columns["paths"].split(b"\0")
+    blob = columns["paths"]
+    paths = blob.split(b"\0")
+    if len(paths) != count:
+        raise ProtocolError("The agent's listing is malformed")
+    # Each path between slashes: an empty, absolute or "/"-ended path, or an empty, "." or ".."
+    # part, shows as "//", "/./" or "/../".
+    parts = b"/" + blob.replace(b"\0", b"/") + b"/"
+    if b"//" in parts or b"/./" in parts or b"/../" in parts:
+        raise ProtocolError("The agent listed an invalid path (empty, absolute, or with . or ..)")
     modes = struct.unpack(f"<{count}H", columns["modes"])
     sizes = struct.unpack(f"<{count}Q", columns["sizes"])
     mtimes = struct.unpack(f"<{count}q", columns["mtimes"])
     inodes = struct.unpack(f"<{count}Q", columns["inodes"])
-    targets = iter(columns["targets"].split(b"\0"))
-    rows = []
-    for path, kind, mode, size, mtime, inode in zip(paths, kinds, modes, sizes, mtimes, inodes):
-        target = next(targets) if kind == "l" else b""
-        rows.append(Remote(path, kind, mode, size, mtime, inode, target))
-    if len(paths) != count:
-        raise ProtocolError("The agent's listing is malformed")
-    return rows
+    if "l" in kinds:
+        found = iter(columns["targets"].split(b"\0"))
+        targets: Iterable[bytes] = [next(found) if kind == "l" else b"" for kind in kinds]
+    else:
+        targets = itertools.repeat(b"")
+    return list(map(Remote._make, zip(paths, kinds, modes, sizes, mtimes, inodes, targets)))
 
 
-def check_relpath(relpath: bytes) -> bytes:
-    """Refuse a path from the server that would leave the local folder."""
-    parts = relpath.split(b"/")
-    bad = not relpath or relpath.startswith(b"/") or b"\0" in relpath
-    if bad or any(part in (b"", b".", b"..") for part in parts):
-        raise ProtocolError(f"The agent listed an invalid path {relpath!r}")
-    return relpath
+_PRIVATE_PATH = re.compile(re.escape(PRIVATE.encode()) + rb"(?:/|\Z)")
 
 
 def check_job_path(path: str) -> bytes:
@@ -242,6 +248,7 @@ class _LocalScan:
         import threading
 
         self.found: dict[bytes, Local] = {}
+        self.keys: set[tuple[bytes, str, int, int, int]] = set()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(root,), daemon=True)
         self.thread.start()
@@ -249,6 +256,7 @@ class _LocalScan:
     def _run(self, root: bytes) -> None:
         try:
             self.found = scan_local(root)
+            self.keys = file_keys(self.found)
         except BaseException as exc:  # noqa: BLE001 - raised again by result()
             self.error = exc
 
@@ -258,6 +266,27 @@ class _LocalScan:
         if self.error is not None:
             raise self.error
         return self.found
+
+
+def file_keys(local: dict[bytes, Local]) -> set[tuple[bytes, str, int, int, int]]:
+    """The local files as (path, "f", size, mtime, mode): what _same_files compares."""
+    return {
+        (path, "f", have.size, have.mtime, have.mode)
+        for path, have in local.items()
+        if have.kind == "f"
+    }
+
+
+def _same_files(
+    listing: dict[bytes, Remote], keys: set[tuple[bytes, str, int, int, int]]
+) -> set[bytes]:
+    """The listed files the local folder has (keys: file_keys) with the same size, time and
+    mode, found in bulk."""
+    return set(map(_PATH, keys.intersection(map(_REMOTE_KEY, listing.values()))))
+
+
+_REMOTE_KEY = operator.itemgetter(0, 1, 3, 4, 2)  # path, kind, size, mtime, mode
+_PATH = operator.itemgetter(0)
 
 
 def _local_of(item: os.DirEntry[bytes], info: os.stat_result) -> Local:
@@ -354,10 +383,10 @@ class Syncer:
         removed = [path for path in reply["removed"].split(b"\0") if path]
         for path in removed:
             self.listing.pop(path, None)
-        private = PRIVATE.encode()
-        for row in changed:  # a job's own .tej-sync (a sync into a job) can't be mirrored
-            if check_relpath(row.relpath).split(b"/")[0] != private:
-                self.listing[row.relpath] = row
+        self.listing.update(zip((row.relpath for row in changed), changed))
+        # A job's own .tej-sync (a sync into a job) can't be mirrored.
+        for path in [p for p in filter(_PRIVATE_PATH.match, self.listing)]:
+            del self.listing[path]
         self.token = reply["token"]
         return bool(reply["full"] or changed or removed), reply["state"], int(reply["now"])
 
@@ -395,8 +424,10 @@ class Syncer:
                 files = sum(1 for row in self.listing.values() if row.kind == "f")
                 return SyncSummary(files_unchanged=files, state=state, requests=1)
             try:
-                found = local.result() if local is not None else scan_local(self.root)
-                summary, changing = self.apply(self.plan(now, found), state)
+                if local is None:
+                    local = _LocalScan(self.root)
+                found = local.result()
+                summary, changing = self.apply(self.plan(now, found, local.keys), state)
             except OSError as exc:
                 where = os.fsdecode(exc.filename) if exc.filename else self.to
                 raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
@@ -408,16 +439,20 @@ class Syncer:
         end = SyncSummary(files_changing=len(changing), requests=self.requests - start)
         return totals + end
 
-    def plan(self, now: int, local: dict[bytes, Local]) -> Plan:
-        """Compare the listing with the local folder (as scan_local found it)."""
+    def plan(self, now: int, local: dict[bytes, Local], keys: set[Any] | None = None) -> Plan:
+        """Compare the listing with the local folder (as scan_local found it; keys: its
+        file_keys, if known)."""
         self._safe = set()
         plan = Plan()
-        for relpath, row in sorted(self.listing.items()):
-            if excluded(relpath, self.exclude) or self._under_excluded(relpath):
-                continue
-            have = local.get(relpath)
+        skipped = self._excluded(self.listing)
+        keys = file_keys(local) if keys is None else keys
+        same = _same_files(self.listing, keys) - self.recent - skipped
+        plan.same = len(same)
+        for relpath in sorted(self.listing.keys() - same - skipped):
+            row, have = self.listing[relpath], local.get(relpath)
             if row.kind == "d":
-                plan.folders.append(row)
+                if have is None or have.kind != "d" or have.mode != (row.mode | 0o700):
+                    plan.folders.append(row)
             elif row.kind == "l":
                 if have is None or have.kind != "l" or have.target != row.target:
                     plan.links.append(row)
@@ -439,6 +474,12 @@ class Syncer:
         self._find_copies(plan, local)
         return plan
 
+    def _excluded(self, paths: Iterable[bytes]) -> set[bytes]:
+        """The paths --exclude leaves alone (matched, or in a folder matched)."""
+        if not self.exclude:
+            return set()
+        return {path for path in paths if self._under_excluded(path + b"/x")}
+
     def _under_excluded(self, relpath: bytes) -> bool:
         parts = relpath.split(b"/")
         return any(excluded(b"/".join(parts[:n]), self.exclude) for n in range(1, len(parts)))
@@ -447,10 +488,9 @@ class Syncer:
         """Local paths the job doesn't have (within the paths synced), deepest first."""
         scopes = [path for path in self.paths if path] or [b""]
         gone = []
-        for relpath in local:
-            inside = any(not s or relpath == s or relpath.startswith(s + b"/") for s in scopes)
-            kept = relpath in self.listing or excluded(relpath, self.exclude)
-            if inside and not kept and not self._under_excluded(relpath):
+        candidates = local.keys() - self.listing.keys()
+        for relpath in candidates - self._excluded(candidates):
+            if any(not s or relpath == s or relpath.startswith(s + b"/") for s in scopes):
                 gone.append(relpath)
         return sorted(gone, key=lambda path: (-path.count(b"/"), path))
 
