@@ -29,7 +29,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Tuple
 
 from tej import protocol
 from tej.errors import InvalidInput, ProtocolError
@@ -129,6 +129,10 @@ class Remote(NamedTuple):
     target: bytes
 
 
+#: A row of the listing as kept: Remote's fields in a plain tuple.
+Listed = Tuple[bytes, str, int, int, int, int, bytes]
+
+
 class Local(NamedTuple):
     """A file, folder, symlink (or other thing) of the local folder."""
 
@@ -140,8 +144,9 @@ class Local(NamedTuple):
     stamp: tuple[int, ...]  # as tej.transfer.Entry's: for the hash cache
 
 
-def decode_listing(columns: dict[str, Any]) -> list[Remote]:
-    """The rows of sync_list's columns (see tej/server/handlers/sync.py encode_rows).
+def decode_listing(columns: dict[str, Any]) -> list[Listed]:
+    """The rows of sync_list's columns (see tej/server/handlers/sync.py encode_rows), as
+    plain tuples (Remote's fields: ten times faster to make than Remote rows).
 
     Every path is checked at once, on the columns: none may leave the local folder.
     """
@@ -167,7 +172,7 @@ def decode_listing(columns: dict[str, Any]) -> list[Remote]:
         targets: Iterable[bytes] = [next(found) if kind == "l" else b"" for kind in kinds]
     else:
         targets = itertools.repeat(b"")
-    return list(map(Remote._make, zip(paths, kinds, modes, sizes, mtimes, inodes, targets)))
+    return list(zip(paths, kinds, modes, sizes, mtimes, inodes, targets))
 
 
 _PRIVATE_PATH = re.compile(re.escape(PRIVATE.encode()) + rb"(?:/|\Z)")
@@ -278,7 +283,7 @@ def file_keys(local: dict[bytes, Local]) -> set[tuple[bytes, str, int, int, int]
 
 
 def _same_files(
-    listing: dict[bytes, Remote], keys: set[tuple[bytes, str, int, int, int]]
+    listing: dict[bytes, Listed], keys: set[tuple[bytes, str, int, int, int]]
 ) -> set[bytes]:
     """The listed files the local folder has (keys: file_keys) with the same size, time and
     mode, found in bulk."""
@@ -348,7 +353,7 @@ class Syncer:
         self.progress = progress
         self.destination = destination
         self.token: str | None = None
-        self.listing: dict[bytes, Remote] = {}
+        self.listing: dict[bytes, Listed] = {}  # the job's files, as last listed
         self.requests = 0
         self.cache: HashCache | None = None
         self._lock: BinaryIO | None = None
@@ -383,10 +388,11 @@ class Syncer:
         removed = [path for path in reply["removed"].split(b"\0") if path]
         for path in removed:
             self.listing.pop(path, None)
-        self.listing.update(zip((row.relpath for row in changed), changed))
-        # A job's own .tej-sync (a sync into a job) can't be mirrored.
-        for path in [p for p in filter(_PRIVATE_PATH.match, self.listing)]:
-            del self.listing[path]
+        self.listing.update(zip(map(_PATH, changed), changed))
+        if PRIVATE.encode() in reply["entries"]["paths"]:
+            # A job's own .tej-sync (a sync into a job) can't be mirrored.
+            for path in list(filter(_PRIVATE_PATH.match, self.listing)):
+                del self.listing[path]
         self.token = reply["token"]
         return bool(reply["full"] or changed or removed), reply["state"], int(reply["now"])
 
@@ -421,7 +427,7 @@ class Syncer:
             changed, state, now = self.refresh(missing_ok)
             self.lock()  # the folder is made once the job's files are known
             if local is None and not changed:
-                files = sum(1 for row in self.listing.values() if row.kind == "f")
+                files = sum(1 for row in self.listing.values() if row[1] == "f")
                 return SyncSummary(files_unchanged=files, state=state, requests=1)
             try:
                 if local is None:
@@ -449,7 +455,7 @@ class Syncer:
         same = _same_files(self.listing, keys) - self.recent - skipped
         plan.same = len(same)
         for relpath in sorted(self.listing.keys() - same - skipped):
-            row, have = self.listing[relpath], local.get(relpath)
+            row, have = Remote._make(self.listing[relpath]), local.get(relpath)
             if row.kind == "d":
                 if have is None or have.kind != "d" or have.mode != (row.mode | 0o700):
                     plan.folders.append(row)
@@ -466,11 +472,8 @@ class Syncer:
                 plan.same += 1
         if self.delete:
             plan.delete = self._to_delete(local)
-        self.recent = {
-            row.relpath
-            for row in self.listing.values()
-            if row.kind == "f" and now - row.mtime < RECENT
-        }
+        since = now - RECENT
+        self.recent = {row[0] for row in self.listing.values() if row[4] > since and row[1] == "f"}
         self._find_copies(plan, local)
         return plan
 
@@ -501,6 +504,8 @@ class Syncer:
         hashed on the server; local files are hashed (or found in the hash
         cache) for at most as many bytes as sending would cost.
         """
+        if not any(row.size >= COPY_MIN for row in plan.send):
+            return
         by_size: dict[int, list[bytes]] = {}
         for relpath, have in local.items():
             if have.kind == "f" and have.size >= COPY_MIN:

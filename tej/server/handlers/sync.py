@@ -16,11 +16,12 @@ import struct
 import sys
 import time
 
-from ...protocol import ERR_BAD_REQUEST, ERR_INVALID, MAX_READ
+from ...protocol import END_STATES, ERR_BAD_REQUEST, ERR_INVALID, MAX_READ, STATE_LOST
 from ..errors import AgentError, checked_rows
 from ..files import relative_parts, show
 from ..layout import WORK_DIR
 from ..queue import open_queue
+from ..records import read_status_record
 
 LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
 CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
@@ -36,9 +37,9 @@ def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
     The state is read before the files, so that a listing made once the job
     has ended holds its last files.
     """
-    opened = open_queue(queue)
+    opened = open_queue(queue, with_runner=False)
     job_dir = opened.job_dir(job_id)
-    state = opened.record(job_id, job_dir).get("state")
+    state = job_state(opened, job_id, job_dir)
     work = os.fsencode(os.path.realpath(os.path.join(job_dir, WORK_DIR)))
     rows = {}  # type: dict[bytes, tuple[object, ...]]
     for path in checked_paths(paths):
@@ -133,6 +134,19 @@ def checked_answer(data, same, digest, whole):
         if hashlib.sha256(data).hexdigest() == digest:
             return SAME
     return data
+
+
+def job_state(opened, job_id, job_dir):
+    """A job's state. Its runner is asked (and loaded) only while the job's record says it
+    is active or lost: an end state is final."""
+    record = read_status_record(job_dir)
+    state = record.get("state") if isinstance(record, dict) else None
+    if state in END_STATES and state != STATE_LOST:
+        return state
+    from ..runners import open_runner
+
+    open_runner(opened)
+    return opened.record(job_id, job_dir).get("state")
 
 
 def work_dir(queue, job_id):
