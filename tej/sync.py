@@ -16,7 +16,6 @@ read is read again.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import itertools
 import json
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Tuple
 
 from tej import protocol
 from tej.errors import InvalidInput, ProtocolError
+from tej.excludes import sync_excludes
 from tej.transfer import BATCH_SIZE, CHUNK_SIZE, WINDOW, HashCache, _make_entry
 
 if TYPE_CHECKING:
@@ -213,15 +213,6 @@ def read_marker(to: str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else None
 
 
-def excluded(relpath: bytes, patterns: Sequence[str]) -> bool:
-    """Whether a path matches an --exclude glob: its name, or (with a /) its whole path."""
-    if not patterns:
-        return False
-    text = os.fsdecode(relpath)
-    name = text.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(text if "/" in p else name, p.strip("/")) for p in patterns)
-
-
 def scan_local(root: bytes) -> dict[bytes, Local]:
     """Every entry of the local folder (but .tej-sync), by relative path; symlinks not followed."""
     found: dict[bytes, Local] = {}
@@ -348,7 +339,7 @@ class Syncer:
         self.root = os.fsencode(self.to)
         self.paths = [check_job_path(path) for path in paths]
         self.delete = delete
-        self.exclude = list(exclude)
+        self.excludes = sync_excludes(exclude)
         self.dry_run = dry_run
         self.progress = progress
         self.destination = destination
@@ -450,7 +441,7 @@ class Syncer:
         file_keys, if known)."""
         self._safe = set()
         plan = Plan()
-        skipped = self._excluded(self.listing)
+        skipped = self._excluded((path, row[1] == "d") for path, row in self.listing.items())
         keys = file_keys(local) if keys is None else keys
         same = _same_files(self.listing, keys) - self.recent - skipped
         plan.same = len(same)
@@ -477,22 +468,33 @@ class Syncer:
         self._find_copies(plan, local)
         return plan
 
-    def _excluded(self, paths: Iterable[bytes]) -> set[bytes]:
-        """The paths --exclude leaves alone (matched, or in a folder matched)."""
-        if not self.exclude:
+    def _excluded(self, entries: Iterable[tuple[bytes, bool]]) -> set[bytes]:
+        """The paths of entries (path, is_folder) that --exclude leaves alone: matched, or
+        in a folder matched."""
+        excludes = self.excludes
+        if excludes is None:
             return set()
-        return {path for path in paths if self._under_excluded(path + b"/x")}
+        folders = {b"": False}  # whether a folder is left alone, itself or by a parent
 
-    def _under_excluded(self, relpath: bytes) -> bool:
-        parts = relpath.split(b"/")
-        return any(excluded(b"/".join(parts[:n]), self.exclude) for n in range(1, len(parts)))
+        def in_excluded(folder: bytes) -> bool:
+            if folder not in folders:
+                parent = folder.rpartition(b"/")[0]
+                folders[folder] = in_excluded(parent) or excludes(folder, True)
+            return folders[folder]
+
+        return {
+            path
+            for path, is_folder in entries
+            if in_excluded(path.rpartition(b"/")[0]) or excludes(path, is_folder)
+        }
 
     def _to_delete(self, local: dict[bytes, Local]) -> list[bytes]:
         """Local paths the job doesn't have (within the paths synced), deepest first."""
         scopes = [path for path in self.paths if path] or [b""]
         gone = []
         candidates = local.keys() - self.listing.keys()
-        for relpath in candidates - self._excluded(candidates):
+        folders = ((path, local[path].kind == "d") for path in candidates)
+        for relpath in candidates - self._excluded(folders):
             if any(not s or relpath == s or relpath.startswith(s + b"/") for s in scopes):
                 gone.append(relpath)
         return sorted(gone, key=lambda path: (-path.count(b"/"), path))

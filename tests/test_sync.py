@@ -123,6 +123,31 @@ def test_paths_exclude_and_dry_run(target: Target) -> None:
     assert (to / "out" / "deep" / "er" / "file.txt").read_text() == "deep\n"
 
 
+def test_exclude_patterns_are_gitignore_patterns(target: Target) -> None:
+    job = target.make_job(
+        "patterns",
+        files={
+            "data/a.csv": "a\n",
+            "out/data/b.csv": "b\n",
+            "out/log.txt": "log\n",
+            "out/keep.log": "keep\n",
+            "out/drop.log": "drop\n",
+            "cache/x.bin": "x\n",
+            "notes/cache": "a file named cache\n",
+        },
+    )
+    job_id = target.submit(job)
+    target.wait_for(job_id)
+    to = target.src_dir / "patterns-mirror"
+    excludes = ["/data", "cache/", "*.log", "!keep.log"]
+    summary = sync_json(target, job_id, "--to", str(to), *[f"--exclude={p}" for p in excludes])
+    found = sorted(str(path.relative_to(to)) for path in to.rglob("*") if path.is_file())
+    found = [path for path in found if not path.startswith(".tej-sync")]
+    # /data: only the top folder; cache/: only folders; *.log, but keep.log taken back.
+    assert found == ["notes/cache", "out/data/b.csv", "out/keep.log", "out/log.txt", "start.sh"]
+    assert summary["files_sent"] == 5
+
+
 def test_delete_removes_what_the_job_no_longer_has_and_nothing_else(target: Target) -> None:
     job_id = results_job(target)
     to = target.src_dir / "mirror"
@@ -162,6 +187,7 @@ def test_bad_input_is_one_line_and_writes_nothing(target: Target) -> None:
         (["/etc"], "leaves the job"),
         (["outside"], "leaves the job"),
         (["no-such-file"], "No file"),
+        (["--exclude", "!"], "Invalid exclude pattern '!' (--exclude)"),
     ]
     for args, message in cases:
         done = target.cli("sync", "--id", job_id, *args)
