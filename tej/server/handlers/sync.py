@@ -8,6 +8,11 @@ the client may already have; sync_read reads chunks of files that must still
 be the file listed (same size, modification time and inode, before and after
 the read), so a file that changes while it is read is reported changed, never
 sent torn.
+
+Nothing is kept between connections: a file changed in place keeps its
+folder's modification time, so each listing looks at every file (fstatat in
+each open folder); reading the folders' names is a tenth of a listing's time,
+not worth a cache that could miss a change.
 """
 
 import os
