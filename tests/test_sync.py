@@ -19,6 +19,7 @@ from helpers import (
 )
 
 from tej import rawstream
+from tej.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(120)
 BINARY = bytes(range(256)) * 40
@@ -47,6 +48,37 @@ def tree(root: Path) -> dict[str, object]:
                 info = path.stat()
                 found[relpath] = (path.read_bytes(), info.st_mode & 0o777, info.st_mtime_ns)
     return found
+
+
+@pytest.mark.parametrize(
+    ("path", "valid"),
+    [
+        (b"a/b.txt", True),
+        (b".a/..b/c.", True),
+        (b"...", True),
+        (b"..\n", True),
+        (b"", False),
+        (b"/etc/passwd", False),
+        (b"a//b", False),
+        (b"a/", False),
+        (b".", False),
+        (b"..", False),
+        (b"../up", False),
+        (b"a/../../up", False),
+        (b"a/./b", False),
+    ],
+)
+def test_a_listed_path_that_would_leave_the_folder_is_refused(path: bytes, valid: bool) -> None:
+    """The agent's listing is checked on its columns, before anything is written."""
+    from tej.server.handlers.sync import encode_rows
+    from tej.sync import decode_listing
+
+    rows = [(b"first", "f", 0o644, 1, 2, 3, b""), (path, "f", 0o644, 1, 2, 3, b"")]
+    if valid:
+        assert [row[0] for row in decode_listing(encode_rows(rows))] == [b"first", path]
+    else:
+        with pytest.raises(ProtocolError, match="invalid path"):
+            decode_listing(encode_rows(rows))
 
 
 def results_job(target: Target) -> str:
