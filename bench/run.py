@@ -46,6 +46,7 @@ STATUS_JOB = "bench-status"
 FILES_JOB = "bench-files"
 RESUBMIT_JOB = "bench-resubmit"
 SYNC_JOB = "bench-sync"
+IDLE_PASSES = 8  # row S3: the idle passes of `sync --follow` measured
 SSH_NAMES = ("tej", "ssh true")
 
 
@@ -1114,7 +1115,10 @@ class Rows:
             )
             if tree_digest(tej_dest) != tree_digest(rsync_dest):
                 raise BenchError("tej sync and rsync ended with different folders")
-            idle = self.follow_idle(queue, work)
+            try:
+                idle = self.follow_idle(queue, work)
+            except BenchError as exc:  # S1 and S2 stand without it
+                idle = Row("S3", "row S3", met="error", detail=str(exc))
         finally:
             remove_tree(queue)
             remove_tree(copy)
@@ -1130,7 +1134,11 @@ class Rows:
     def follow_idle(self, queue: Path, work: Path) -> Row:
         """Row S3: the requests and time of `sync --follow`'s passes where nothing changed."""
         job = self.b.make_tiny_job(self.b.work / "sleeper")
-        (job / "start.sh").write_text("#!/bin/sh\nsleep 12\n")
+        # It runs until told to stop (or 10 minutes): after the first pass, however long
+        # that pass took on a busy machine, and a few idle ones.
+        (job / "start.sh").write_text(
+            "#!/bin/sh\nfor _ in $(seq 6000); do [ -e stop ] && exit 0; sleep 0.1; done\n"
+        )
         dest = self.b.work / "sync-follow"
         from tej import sync
 
@@ -1147,7 +1155,11 @@ class Rows:
             running = queue / "jobs" / job_id / "work"
             subprocess.run(["cp", "-a", f"{work}/.", str(running)], check=True, timeout=600)
             syncer = sync.Syncer(remote.session, str(queue), job_id, str(dest))
-            summaries = list(sync.follow(syncer, 0.5, sleep=nap))
+            summaries = []
+            for summary in sync.follow(syncer, 0.5, sleep=nap):
+                summaries.append(summary)
+                if len(summaries) == IDLE_PASSES + 1:
+                    (running / "stop").touch()
         # A pass shorter than the interval is followed by a nap of the rest of the interval.
         passes = [(0.5 - slept, summary) for summary, slept in zip(summaries, naps)]
         passes.append((0.0, summaries[-1]))

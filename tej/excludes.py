@@ -1,15 +1,17 @@
-"""What a job directory leaves out of its upload: `.tejignore` and tej.json's "exclude".
+"""What a job directory leaves out of its upload (`.tejignore` and tej.json's "exclude"),
+and what `tej sync --exclude` leaves alone.
 
-Both use gitignore's syntax, matched with the pathspec library: `.tejignore`'s
+All use gitignore's syntax, matched with the pathspec library: `.tejignore`'s
 patterns first, then tej.json's, so a later `!pattern` can take a file back.
 An excluded folder is not read at all (git's rule: nothing inside it can be
 taken back). tej.json is always sent; `.tejignore` too, unless it excludes
-itself. pathspec is imported only for a directory that has patterns.
+itself. pathspec is imported only when there are patterns.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tej.errors import InvalidInput
@@ -26,17 +28,18 @@ _ALWAYS_SENT = os.fsencode(JOB_FILE)
 class Excludes:
     """The paths of a job directory left out of its upload."""
 
-    def __init__(self, spec: GitIgnoreSpec, origin: str) -> None:
+    def __init__(self, spec: GitIgnoreSpec, origin: str, kept: bytes | None = _ALWAYS_SENT) -> None:
         self.spec = spec
         #: What the patterns came from, for messages: ".tejignore", tej.json's "exclude".
         self.origin = origin
+        self.kept = kept  # a path never left out, whatever the patterns say
 
     def __call__(self, relpath: bytes, is_folder: bool) -> bool:
         """Whether the entry at relpath (relative to the root, as bytes) is left out.
 
         Only for an entry whose folders are not left out (the scan doesn't enter those).
         """
-        if relpath == _ALWAYS_SENT:
+        if relpath == self.kept:
             return False
         text = os.fsdecode(relpath)
         return bool(self.spec.match_file(text + "/" if is_folder else text))
@@ -68,6 +71,17 @@ def load_excludes(directory: str, patterns: list[str]) -> Excludes | None:
 
     spec = pathspec.GitIgnoreSpec.from_lines([*lines, *patterns])
     return Excludes(spec, " and ".join(name for name, _ in sources))
+
+
+def sync_excludes(patterns: Sequence[str]) -> Excludes | None:
+    """What `tej sync --exclude PATTERN...` leaves alone (None without patterns);
+    InvalidInput for an invalid pattern."""
+    if not any(map(_is_pattern, patterns)):
+        return None
+    _check(list(patterns), "--exclude")
+    import pathspec
+
+    return Excludes(pathspec.GitIgnoreSpec.from_lines(patterns), "--exclude", kept=None)
 
 
 def _read_ignore_file(path: str) -> list[str]:

@@ -16,7 +16,18 @@ from __future__ import annotations
 import os
 import sys
 
-QUEUE_COMMANDS = ("setup", "submit", "wait", "logs", "status", "list", "kill", "delete", "download")
+QUEUE_COMMANDS = (
+    "setup",
+    "submit",
+    "wait",
+    "logs",
+    "status",
+    "list",
+    "kill",
+    "delete",
+    "download",
+    "sync",
+)
 #: The options that decide how the agent is started, and their environment variables.
 CONNECTION_OPTIONS = {
     "--python": "TEJ_PYTHON",

@@ -41,6 +41,7 @@ def no_tej_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         (["status", "h", "--python=py3 -u", "--ssh-config", "cfg"], {"--python": "py3 -u"}),
         (["list", "h", "--connect-timeout", "5", "--no-reuse"], {"--connect-timeout": "5"}),
         (["list", "h", "--persist=600", "--reuse"], {"--persist": "600"}),
+        (["sync", "h", "--id", "x", "--to", "out", "--delete"], {}),
     ],
 )
 def test_the_connection_options_are_found(args: list[str], expected: dict[str, str]) -> None:

@@ -19,6 +19,7 @@ from helpers import (
 )
 
 from tej import rawstream
+from tej.errors import ProtocolError
 
 pytestmark = pytest.mark.timeout(120)
 BINARY = bytes(range(256)) * 40
@@ -47,6 +48,37 @@ def tree(root: Path) -> dict[str, object]:
                 info = path.stat()
                 found[relpath] = (path.read_bytes(), info.st_mode & 0o777, info.st_mtime_ns)
     return found
+
+
+@pytest.mark.parametrize(
+    ("path", "valid"),
+    [
+        (b"a/b.txt", True),
+        (b".a/..b/c.", True),
+        (b"...", True),
+        (b"..\n", True),
+        (b"", False),
+        (b"/etc/passwd", False),
+        (b"a//b", False),
+        (b"a/", False),
+        (b".", False),
+        (b"..", False),
+        (b"../up", False),
+        (b"a/../../up", False),
+        (b"a/./b", False),
+    ],
+)
+def test_a_listed_path_that_would_leave_the_folder_is_refused(path: bytes, valid: bool) -> None:
+    """The agent's listing is checked on its columns, before anything is written."""
+    from tej.server.handlers.sync import encode_rows
+    from tej.sync import decode_listing
+
+    rows = [(b"first", "f", 0o644, 1, 2, 3, b""), (path, "f", 0o644, 1, 2, 3, b"")]
+    if valid:
+        assert [row[0] for row in decode_listing(encode_rows(rows))] == [b"first", path]
+    else:
+        with pytest.raises(ProtocolError, match="invalid path"):
+            decode_listing(encode_rows(rows))
 
 
 def results_job(target: Target) -> str:
@@ -123,6 +155,31 @@ def test_paths_exclude_and_dry_run(target: Target) -> None:
     assert (to / "out" / "deep" / "er" / "file.txt").read_text() == "deep\n"
 
 
+def test_exclude_patterns_are_gitignore_patterns(target: Target) -> None:
+    job = target.make_job(
+        "patterns",
+        files={
+            "data/a.csv": "a\n",
+            "out/data/b.csv": "b\n",
+            "out/log.txt": "log\n",
+            "out/keep.log": "keep\n",
+            "out/drop.log": "drop\n",
+            "cache/x.bin": "x\n",
+            "notes/cache": "a file named cache\n",
+        },
+    )
+    job_id = target.submit(job)
+    target.wait_for(job_id)
+    to = target.src_dir / "patterns-mirror"
+    excludes = ["/data", "cache/", "*.log", "!keep.log"]
+    summary = sync_json(target, job_id, "--to", str(to), *[f"--exclude={p}" for p in excludes])
+    found = sorted(str(path.relative_to(to)) for path in to.rglob("*") if path.is_file())
+    found = [path for path in found if not path.startswith(".tej-sync")]
+    # /data: only the top folder; cache/: only folders; *.log, but keep.log taken back.
+    assert found == ["notes/cache", "out/data/b.csv", "out/keep.log", "out/log.txt", "start.sh"]
+    assert summary["files_sent"] == 5
+
+
 def test_delete_removes_what_the_job_no_longer_has_and_nothing_else(target: Target) -> None:
     job_id = results_job(target)
     to = target.src_dir / "mirror"
@@ -162,6 +219,7 @@ def test_bad_input_is_one_line_and_writes_nothing(target: Target) -> None:
         (["/etc"], "leaves the job"),
         (["outside"], "leaves the job"),
         (["no-such-file"], "No file"),
+        (["--exclude", "!"], "Invalid exclude pattern '!' (--exclude)"),
     ]
     for args, message in cases:
         done = target.cli("sync", "--id", job_id, *args)

@@ -8,22 +8,30 @@ the client may already have; sync_read reads chunks of files that must still
 be the file listed (same size, modification time and inode, before and after
 the read), so a file that changes while it is read is reported changed, never
 sent torn.
+
+Nothing is kept between connections: a file changed in place keeps its
+folder's modification time, so each listing looks at every file (fstatat in
+each open folder); reading the folders' names is a tenth of a listing's time,
+not worth a cache that could miss a change.
 """
 
 import os
 import stat
 import struct
+import sys
 import time
 
-from ...protocol import ERR_BAD_REQUEST, ERR_INVALID, MAX_READ
+from ...protocol import END_STATES, ERR_BAD_REQUEST, ERR_INVALID, MAX_READ, STATE_LOST
 from ..errors import AgentError, checked_rows
 from ..files import relative_parts, show
 from ..layout import WORK_DIR
 from ..queue import open_queue
+from ..records import read_status_record
 
 LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
 CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
 SAME = True  # sync_read's answer for a file whose digest is the one the client has
+FS_ENCODING = sys.getfilesystemencoding()
 READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
 
 
@@ -34,9 +42,9 @@ def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
     The state is read before the files, so that a listing made once the job
     has ended holds its last files.
     """
-    opened = open_queue(queue)
+    opened = open_queue(queue, with_runner=False)
     job_dir = opened.job_dir(job_id)
-    state = opened.record(job_id, job_dir).get("state")
+    state = job_state(opened, job_id, job_dir)
     work = os.fsencode(os.path.realpath(os.path.join(job_dir, WORK_DIR)))
     rows = {}  # type: dict[bytes, tuple[object, ...]]
     for path in checked_paths(paths):
@@ -133,6 +141,19 @@ def checked_answer(data, same, digest, whole):
     return data
 
 
+def job_state(opened, job_id, job_dir):
+    """A job's state. Its runner is asked (and loaded) only while the job's record says it
+    is active or lost: an end state is final."""
+    record = read_status_record(job_dir)
+    state = record.get("state") if isinstance(record, dict) else None
+    if state in END_STATES and state != STATE_LOST:
+        return state
+    from ..runners import open_runner
+
+    open_runner(opened)
+    return opened.record(job_id, job_dir).get("state")
+
+
 def work_dir(queue, job_id):
     """The real path of a job's directory (bytes)."""
     job_dir = open_queue(queue, with_runner=False).job_dir(job_id)
@@ -170,27 +191,54 @@ def list_path(work, path, rows, missing_ok):
 def walk(folder, prefix, rows):
     """Add a folder's entries to rows, recursively, never following a symlink."""
     try:
-        items = list(os.scandir(folder))
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return  # gone, or unreadable: listed as empty
+    try:
+        walk_open(fd, prefix, rows)
+    finally:
+        os.close(fd)
+
+
+def walk_open(fd, prefix, rows):
+    """walk() in an open folder: its entries are looked up in it (fstatat), not by path."""
+    try:
+        items = list(os.scandir(fd))
+    except OSError:
+        return
     for item in items:
-        relpath = prefix + item.name
+        relpath = prefix + item.name.encode(FS_ENCODING, "surrogateescape")  # as os.fsencode
         try:
             info = item.stat(follow_symlinks=False)
         except OSError:
             continue
         kind = stat.S_IFMT(info.st_mode)
         if kind == stat.S_IFREG:
-            rows[relpath] = row_of(relpath, "f", info)
+            rows[relpath] = (
+                relpath,
+                "f",
+                info.st_mode & 0o7777,
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ino,
+                b"",
+            )
         elif kind == stat.S_IFDIR:
             rows[relpath] = row_of(relpath, "d", info)
-            walk(item.path, relpath + b"/", rows)
-        elif kind == stat.S_IFLNK:
             try:
-                target = os.readlink(item.path)
+                inner = os.open(item.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError:
                 continue
-            rows[relpath] = (relpath, "l", 0o777, 0, 0, 0, target)
+            try:
+                walk_open(inner, relpath + b"/", rows)
+            finally:
+                os.close(inner)
+        elif kind == stat.S_IFLNK:
+            try:
+                target = os.readlink(item.name, dir_fd=fd)
+            except OSError:
+                continue
+            rows[relpath] = (relpath, "l", 0o777, 0, 0, 0, os.fsencode(target))
 
 
 def row_of(relpath, kind, info):
@@ -202,14 +250,17 @@ def row_of(relpath, kind, info):
 def encode_rows(rows):
     """Rows as columns (fast to send): see tej.sync.decode_listing."""
     count = len(rows)
+    paths, kind_column, modes, sizes, mtimes, inodes, targets = list(zip(*rows)) or [()] * 7
+    kinds = "".join(kind_column)
+    links = [target for kind, target in zip(kinds, targets) if kind == "l"] if "l" in kinds else []
     return {
-        "paths": b"\0".join(row[0] for row in rows),
-        "kinds": "".join(row[1] for row in rows),
-        "modes": struct.pack("<%dH" % count, *(row[2] for row in rows)),
-        "sizes": struct.pack("<%dQ" % count, *(row[3] for row in rows)),
-        "mtimes": struct.pack("<%dq" % count, *(row[4] for row in rows)),
-        "inodes": struct.pack("<%dQ" % count, *(row[5] for row in rows)),
-        "targets": b"\0".join(row[6] for row in rows if row[1] == "l"),
+        "paths": b"\0".join(paths),
+        "kinds": kinds,
+        "modes": struct.pack("<%dH" % count, *modes),
+        "sizes": struct.pack("<%dQ" % count, *sizes),
+        "mtimes": struct.pack("<%dq" % count, *mtimes),
+        "inodes": struct.pack("<%dQ" % count, *inodes),
+        "targets": b"\0".join(links),
     }
 
 
