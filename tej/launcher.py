@@ -27,6 +27,8 @@ QUEUE_COMMANDS = (
     "delete",
     "download",
     "sync",
+    "resubmit",
+    "prune",
 )
 #: The options that decide how the agent is started, and their environment variables.
 CONNECTION_OPTIONS = {
