@@ -250,7 +250,7 @@ TASK_FIELDS = ("id", "state", "exit_code", "submitted_at", "started_at", "ended_
 
 def status_of(data: dict[str, Any]) -> JobStatus:
     """A job's status, or an array's (ArrayStatus), from the agent's reply."""
-    return ArrayStatus.from_agent(data) if "array" in data else JobStatus.from_agent(data)
+    return ArrayStatus.from_agent(data) if data.get("array") else JobStatus.from_agent(data)
 
 
 @dataclass(frozen=True)
@@ -637,29 +637,41 @@ class RemoteQueue:
         args = {"tasks": True} if tasks else {}
         return status_of(self._call("status", job_id=check_job_id(job_id), **args))
 
-    def list(self, states: Sequence[str] | None = None) -> list[JobStatus]:
-        """The status of every job in the queue (or of those in states), oldest first."""
-        return list(self.iter_list(states))
+    def list(self, states: Sequence[str] | None = None, *, tasks: bool = False) -> list[JobStatus]:
+        """The status of every job in the queue (or of those in states), oldest first.
 
-    def iter_list(self, states: Sequence[str] | None = None) -> Iterator[JobStatus]:
+        An array is an ArrayStatus (its counts, no tasks); with tasks, its tasks (in
+        states too) follow it, by index, each a JobStatus of id ARRAYID.N.
+        """
+        return list(self.iter_list(states, tasks=tasks))
+
+    def iter_list(
+        self, states: Sequence[str] | None = None, *, tasks: bool = False
+    ) -> Iterator[JobStatus]:
         """The statuses of list(), yielded as their batches arrive (the server sends
         a few thousand at a time), so that a long queue is never all in memory."""
-        for row in self.iter_rows(states):
-            yield JobStatus.from_agent(row)
+        for row in self.iter_rows(states, tasks=tasks):
+            yield status_of(row)
 
-    def iter_rows(self, states: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    def iter_rows(
+        self, states: Sequence[str] | None = None, *, tasks: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """The jobs of iter_list() as the agent sends them: plain dicts (times as ISO 8601
-        text), cheaper than JobStatus for a long queue."""
-        for fields, rows in self._list_batches(states):
+        text; "array": an array's size and counts, else None), cheaper than JobStatus
+        for a long queue."""
+        for fields, rows in self._list_batches(states, tasks):
             for row in rows:
                 yield dict(zip(fields, row))
 
     def _list_batches(
-        self, states: Sequence[str] | None
+        self, states: Sequence[str] | None, tasks: bool = False
     ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]]:
         """The listing's batches: (field names, rows), the next ones requested meanwhile."""
         wanted = None if states is None else [_check_state(state) for state in states]
-        reply = self._call("list", **({} if wanted is None else {"states": wanted}))
+        args: dict[str, Any] = {} if wanted is None else {"states": wanted}
+        if tasks:
+            args["tasks"] = True
+        reply = self._call("list", **args)
         fields = reply["fields"]
         yield fields, json.loads(reply["rows"])
         cursor = reply.get("cursor")
