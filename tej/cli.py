@@ -692,6 +692,8 @@ def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     try:
         result = remote.status(job_id, tasks=as_json)
     except JobNotFound:
+        if protocol.task_id_parts(job_id) is not None:
+            raise  # the server's words: no such task, or it was deleted
         raise JobNotFound("No job with that identifier") from None
     if as_json:
         emit_json(result.to_json())
@@ -868,6 +870,8 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
     remote.delete(job_id, force=force)
     if as_json:
         emit_json({"id": job_id, "deleted": True})
+    elif protocol.task_id_parts(job_id) is not None:
+        click.echo(f"Deleted task {job_id!r} (its array still counts how it ended)")
     else:
         click.echo(f"Deleted job {job_id!r}")
 
@@ -980,7 +984,11 @@ def sync_job(
     quiet: bool,
     paths: tuple[str, ...],
 ) -> None:
-    """Mirror a job's files (or the PATHs in it) into a local folder, sending what changed."""
+    """Mirror a job's files (or the PATHs in it) into a local folder, sending what changed.
+
+    Of an array: every task that started, each into ARRAYID.N/ under the folder
+    [default: ./ARRAYID]; with --follow, until the array has ended.
+    """
     from tej import jobspec
 
     if interval is not None and not follow:
@@ -989,30 +997,20 @@ def sync_job(
         raise InvalidInput("--dry-run can't be combined with --follow")
     seconds = jobspec.duration(interval, "--interval") if interval is not None else 5.0
     folder = to if to is not None else os.path.join(".", job_id)
+    # One request more, to know an array (a task, ARRAYID.N, is never one).
+    array = protocol.task_id_parts(job_id) is None and isinstance(
+        remote.status(job_id), ArrayStatus
+    )
+    options: dict[str, Any] = {"exclude": exclude, "force": force}
     with ProgressBar("Syncing", quiet or as_json) as progress:
+        options["progress"] = progress
         if not follow:
-            summary = remote.sync(
-                job_id,
-                folder,
-                paths,
-                delete,
-                exclude=exclude,
-                force=force,
-                dry_run=dry_run,
-                progress=progress,
-            )
+            once = remote.sync_tasks if array else remote.sync
+            summary = once(job_id, folder, paths, delete, dry_run=dry_run, **options)
             report_sync(summary, folder, as_json)
             return
-        passes = remote.sync_follow(
-            job_id,
-            folder,
-            paths,
-            delete,
-            interval=seconds,
-            exclude=exclude,
-            force=force,
-            progress=progress,
-        )
+        again = remote.sync_tasks_follow if array else remote.sync_follow
+        passes = again(job_id, folder, paths, delete, interval=seconds, **options)
         total = None
         for summary in passes:
             total = summary if total is None else total + summary
