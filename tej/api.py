@@ -822,8 +822,9 @@ class RemoteQueue:
             os.makedirs(os.path.dirname(local), exist_ok=True)
             try:
                 written.append(self.download(task.id, path, local, progress))
-            except JobNotFound:
-                continue  # the task was deleted (tej delete --id ARRAYID.N)
+            except JobNotFound:  # the task was deleted (tej delete --id ARRAYID.N)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(local))
         return written
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:

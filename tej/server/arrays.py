@@ -155,9 +155,11 @@ def unstarted_record(path):
     array_dir = array_of_task(path)
     if not os.path.isfile(os.path.join(array_dir, JOB_FILE)):
         return None
-    from .records import read_status_record
+    from .records import read_status_record, supervised_record
 
     array = read_status_record(array_dir) or {}
+    if array.get("state") not in END_STATES and array.get("supervisor"):
+        array = supervised_record(array_dir, array)  # its supervisor died: lost, ended
     if array.get("state") in END_STATES:
         return {"state": STATE_CANCELLED, "reason": "its array ended before it started"}
     return {"state": STATE_QUEUED, "submitted_at": array.get("submitted_at")}
