@@ -381,16 +381,25 @@ def task_lines(queue, array_id, array_state, wanted, scan=None):
         indexes = array_indexes(read_json(os.path.join(array_dir, JOB_FILE)))
     except (OSError, AgentError):
         return []  # deleted meanwhile
-    markers = {}
-    for state in STATES:
-        for name in ids_in(array_dir, state):
-            markers[name] = state
+    markers = {}  # type: dict[str, str]
+    for folder in STATES:
+        for name in ids_in(array_dir, folder):
+            markers[name] = folder
     ended = read_rows(array_dir, segment_names(array_dir))
-    unstarted_state = STATE_CANCELLED if array_state in END_STATES else STATE_QUEUED
+    unstarted = {"state": STATE_CANCELLED if array_state in END_STATES else STATE_QUEUED}
+    if array_state in END_STATES:
+        unstarted["reason"] = "its array ended before it started"
+    # Tasks not started have one row but for their ids: made once (most of a big array's).
+    same = row_line("", unstarted)
+    same = same[same.index("\t[") + 5 :].rstrip("\n")  # what follows ["",
     lines = []
     for index in indexes:
         name = str(index)
-        state = markers.get(name, unstarted_state)
+        state = markers.get(name)
+        if state is None:
+            if unstarted["state"] in wanted:
+                lines.append('\t\t\t\t["%s.%s",%s' % (array_id, name, same))
+            continue
         if state not in wanted:
             continue
         row = ended.get(name)
@@ -400,11 +409,9 @@ def task_lines(queue, array_id, array_state, wanted, scan=None):
             lines.append("\t%s\t%s\t0\t%s" % (task, state, '["%s.' % array_id + text[2:]))
             continue
         path = os.path.join(array_dir, JOBS_DIR, name)
-        record = read_status_record(path) if name in markers else None
-        if record is None:
-            record = {"state": unstarted_state}
-            if state == STATE_CANCELLED:
-                record["reason"] = "its array ended before it started"
+        record = read_status_record(path)
+        if record is None:  # gone meanwhile: a record of its own stands in
+            record = {"state": state}
         elif record.get("state") not in END_STATES:
             record = queue.record(task, path)
         status = live_status(task, path, record, scan)
