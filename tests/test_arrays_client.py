@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Target, assert_one_line_error, process_alive, wait_until
+from test_costs import Terminal, tej_command
 
 from tej.api import ArrayStatus, JobState
 
@@ -286,3 +290,29 @@ def test_resubmit_failed_with_no_failed_task(target: Target) -> None:
     message = assert_one_line_error(target.cli("resubmit", "--id", array, "--failed"))
     assert message == "Error: Every task of array 'ok' finished with exit code 0", message
     assert sorted(os.listdir(target.server_path("jobs"))) == before
+
+
+@pytest.fixture
+def terminal(target: Target, tmp_path: Path) -> Iterator[Terminal]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = Terminal(tmp_path / "tmux.sock", target.client_env, target.client_dir)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def test_list_watch_shows_an_array_and_its_tasks(target: Target, terminal: Terminal) -> None:
+    job = target.make_job("held", held_script(target))
+    target.submit(job, "--array", "0-2%1", "--id", "wa")
+    wait_until(lambda: task_started(target, "wa.0"), 30, "wa.0 to start")
+    terminal.run(tej_command(target, "list", "--watch", "--tasks"))
+    screen = terminal.wait_for(lambda s: "array of 3" in s, "the live table")
+    rows = {line.split()[0]: line for line in screen.splitlines() if line.startswith("wa")}
+    assert re.fullmatch(r"wa +running +\S+ +array of 3: 1 running, 2 queued", rows["wa"]), screen
+    assert rows["wa.0"].split()[1] == "running" and rows["wa.2"].split()[1] == "queued", screen
+    release(target)
+    terminal.wait_for(lambda s: "array of 3: 3 finished" in s, "the array's end", 60)
+    terminal.keys("q")
+    terminal.wait_for(lambda s: "array of 3" not in s, "the shell's screen back", 10)
