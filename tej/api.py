@@ -21,6 +21,7 @@ from tej.destination import SHARED_CONNECTION_SECONDS, ConnectOptions, parse_des
 from tej.errors import (
     ConnectionFailed,
     InvalidInput,
+    JobNotFound,
     ProtocolError,
     QueueError,
     RunnerMissing,
@@ -250,7 +251,7 @@ TASK_FIELDS = ("id", "state", "exit_code", "submitted_at", "started_at", "ended_
 
 def status_of(data: dict[str, Any]) -> JobStatus:
     """A job's status, or an array's (ArrayStatus), from the agent's reply."""
-    return ArrayStatus.from_agent(data) if "array" in data else JobStatus.from_agent(data)
+    return ArrayStatus.from_agent(data) if data.get("array") else JobStatus.from_agent(data)
 
 
 @dataclass(frozen=True)
@@ -637,29 +638,41 @@ class RemoteQueue:
         args = {"tasks": True} if tasks else {}
         return status_of(self._call("status", job_id=check_job_id(job_id), **args))
 
-    def list(self, states: Sequence[str] | None = None) -> list[JobStatus]:
-        """The status of every job in the queue (or of those in states), oldest first."""
-        return list(self.iter_list(states))
+    def list(self, states: Sequence[str] | None = None, *, tasks: bool = False) -> list[JobStatus]:
+        """The status of every job in the queue (or of those in states), oldest first.
 
-    def iter_list(self, states: Sequence[str] | None = None) -> Iterator[JobStatus]:
+        An array is an ArrayStatus (its counts, no tasks); with tasks, its tasks (in
+        states too) follow it, by index, each a JobStatus of id ARRAYID.N.
+        """
+        return list(self.iter_list(states, tasks=tasks))
+
+    def iter_list(
+        self, states: Sequence[str] | None = None, *, tasks: bool = False
+    ) -> Iterator[JobStatus]:
         """The statuses of list(), yielded as their batches arrive (the server sends
         a few thousand at a time), so that a long queue is never all in memory."""
-        for row in self.iter_rows(states):
-            yield JobStatus.from_agent(row)
+        for row in self.iter_rows(states, tasks=tasks):
+            yield status_of(row)
 
-    def iter_rows(self, states: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    def iter_rows(
+        self, states: Sequence[str] | None = None, *, tasks: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """The jobs of iter_list() as the agent sends them: plain dicts (times as ISO 8601
-        text), cheaper than JobStatus for a long queue."""
-        for fields, rows in self._list_batches(states):
+        text; "array": an array's size and counts, else None), cheaper than JobStatus
+        for a long queue."""
+        for fields, rows in self._list_batches(states, tasks):
             for row in rows:
                 yield dict(zip(fields, row))
 
     def _list_batches(
-        self, states: Sequence[str] | None
+        self, states: Sequence[str] | None, tasks: bool = False
     ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]]:
         """The listing's batches: (field names, rows), the next ones requested meanwhile."""
         wanted = None if states is None else [_check_state(state) for state in states]
-        reply = self._call("list", **({} if wanted is None else {"states": wanted}))
+        args: dict[str, Any] = {} if wanted is None else {"states": wanted}
+        if tasks:
+            args["tasks"] = True
+        reply = self._call("list", **args)
         fields = reply["fields"]
         yield fields, json.loads(reply["rows"])
         cursor = reply.get("cursor")
@@ -699,7 +712,12 @@ class RemoteQueue:
         return KillResult(result["killed"], JobStatus.from_agent(result["status"]))
 
     def delete(self, job_id: str, *, force: bool = False) -> None:
-        """Delete a job and its files; a running job only with force (killed first)."""
+        """Delete a job and its files; a running job only with force (killed first).
+
+        An array's task (ARRAYID.N): its files are deleted, and its id is then not
+        found, but its array keeps its record (counted in the state it ended in);
+        a task that never started (its array ended) has none: InvalidInput.
+        """
         self._call("delete", job_id=check_job_id(job_id), force=force)
 
     def wait(
@@ -802,7 +820,11 @@ class RemoteQueue:
                 continue  # never ran: it has no files
             local = os.path.join(folder, task.id, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)
-            written.append(self.download(task.id, path, local, progress))
+            try:
+                written.append(self.download(task.id, path, local, progress))
+            except JobNotFound:  # the task was deleted (tej delete --id ARRAYID.N)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(local))
         return written
 
     def read(self, job_id: str, path: str) -> Iterator[bytes]:
@@ -860,6 +882,103 @@ class RemoteQueue:
             raise InvalidInput(f"The interval must be a positive number of seconds, not {interval}")
         syncer = self._syncer(job_id, to, paths, delete, exclude, force, False, progress)
         return sync.follow(syncer, interval)
+
+    def sync_tasks(
+        self,
+        array_id: str,
+        to: str,
+        paths: Sequence[str] = (),
+        delete: bool = False,
+        *,
+        exclude: Sequence[str] = (),
+        force: bool = False,
+        dry_run: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> SyncSummary:
+        """sync() of every task of an array that started, each into to/ARRAYID.N/, over
+        this one connection; the summary is their sum (its state: the array's). A
+        path a task doesn't have (yet) is left out of its sync, not an error."""
+        passes = self._array_passes(
+            array_id, to, paths, delete, exclude, force, dry_run, progress, follow=False
+        )
+        return next(passes)
+
+    def sync_tasks_follow(
+        self,
+        array_id: str,
+        to: str,
+        paths: Sequence[str] = (),
+        delete: bool = False,
+        *,
+        interval: float = 5.0,
+        exclude: Sequence[str] = (),
+        force: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> Iterator[SyncSummary]:
+        """sync_tasks again every interval seconds until the array has ended; yields each
+        pass's summary. A task is synced once more after it ended, then left alone."""
+        if not interval > 0:
+            raise InvalidInput(f"The interval must be a positive number of seconds, not {interval}")
+        return self._array_passes(
+            array_id, to, paths, delete, exclude, force, False, progress, interval=interval
+        )
+
+    def _array_passes(
+        self,
+        array_id: str,
+        to: str,
+        paths: Sequence[str],
+        delete: bool,
+        exclude: Sequence[str],
+        force: bool,
+        dry_run: bool,
+        progress: transfer.Progress | None,
+        follow: bool = True,
+        interval: float = 5.0,
+    ) -> Iterator[SyncSummary]:
+        """The passes of sync_tasks(_follow): each syncs the tasks that started and had
+        not ended at their last pass (each task keeps its Syncer: an idle pass of a
+        task costs one request); the last one is made once the array has ended."""
+        from tej import sync
+
+        check_job_id(array_id)
+        if os.path.lexists(to) and not os.path.isdir(to):
+            raise InvalidInput(f"--to {to} is not a folder")
+        syncers: dict[str, Syncer] = {}
+        done: set[str] = set()
+        while True:
+            started = time.monotonic()
+            status = self.status(array_id, tasks=True)
+            if not isinstance(status, ArrayStatus):
+                raise InvalidInput(f"{array_id!r} is not an array")
+            if not dry_run:
+                os.makedirs(to, exist_ok=True)
+            total = sync.SyncSummary(dry_run=dry_run, requests=1)
+            for task in status.tasks:
+                if task.started_at is None or task.id in done:
+                    continue  # never ran (no files yet), or synced since it ended
+                syncer = syncers.get(task.id)
+                if syncer is None:
+                    local = os.path.join(to, task.id)
+                    syncer = self._syncer(
+                        task.id, local, paths, delete, exclude, force, dry_run, progress
+                    )
+                    syncers[task.id] = syncer
+                    first = True
+                else:
+                    first = False
+                try:
+                    summary = syncer.run(missing_ok=True, idle_ok=not first)
+                except JobNotFound:  # deleted meanwhile (tej delete --id ARRAYID.N)
+                    done.add(task.id)
+                    continue
+                if summary.state not in protocol.ACTIVE_STATES:
+                    done.add(task.id)
+                total = total + summary
+            yield total + sync.SyncSummary(state=status.state.value)
+            if not follow or not status.state.is_active:
+                return
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     def _syncer(
         self,

@@ -16,11 +16,18 @@ from click.core import ParameterSource
 from click.shell_completion import CompletionItem
 
 from tej import __version__, config, protocol
-from tej.api import ArrayStatus, DryRun, JobState, JobStatus, RemoteQueue
+from tej.api import ArrayStatus, DryRun, JobState, JobStatus, RemoteQueue, status_of
 from tej.config import DEFAULT_QUEUE
 from tej.destination import SHARED_CONNECTION_SECONDS
 from tej.errors import InvalidInput, JobNotFound, TejError
-from tej.text import cut, describe_status, format_bytes, format_elapsed
+from tej.text import (
+    array_cell,
+    cut,
+    describe_status,
+    format_bytes,
+    format_elapsed,
+    progress_cell,
+)
 
 if TYPE_CHECKING:
     pass
@@ -685,6 +692,8 @@ def status(remote: RemoteQueue, as_json: bool, job_id: str) -> None:
     try:
         result = remote.status(job_id, tasks=as_json)
     except JobNotFound:
+        if protocol.task_id_parts(job_id) is not None:
+            raise  # the server's words: no such task, or it was deleted
         raise JobNotFound("No job with that identifier") from None
     if as_json:
         emit_json(result.to_json())
@@ -705,25 +714,36 @@ STATE_NAMES = [state.value for state in JobState]
 )
 @click.option("--long", "-l", "long_form", is_flag=True, help="Add peak memory and CPU columns.")
 @click.option("--watch", "-w", is_flag=True, help="A live table, refreshed every 2 s (q: quit).")
+@click.option("--tasks", "-t", is_flag=True, help="List each array's tasks (ARRAYID.N) after it.")
 def list_jobs(
-    remote: RemoteQueue, as_json: bool, states: tuple[str, ...], long_form: bool, watch: bool
+    remote: RemoteQueue,
+    as_json: bool,
+    states: tuple[str, ...],
+    long_form: bool,
+    watch: bool,
+    tasks: bool,
 ) -> None:
-    """List the jobs in the queue, oldest first (printed as they arrive)."""
+    """List the jobs in the queue, oldest first (printed as they arrive).
+
+    An array is one row, with its tasks' counts; --state picks arrays by their own
+    state (and, with --tasks, tasks by theirs).
+    """
     if watch:
         from tej import watch as live
 
         if as_json:
             raise InvalidInput("--watch shows a live table: it can't be combined with --json")
         live.check_terminal()
-        live.watch(remote)
+        live.watch(remote, tasks=tasks)
         return
+    wanted = list(states) or None
     if as_json:
-        emit_json_list(job.to_json() for job in remote.iter_list(list(states) or None))
+        emit_json_list(job.to_json() for job in remote.iter_list(wanted, tasks=tasks))
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    rows = remote.iter_rows(list(states) or None)
+    rows = remote.iter_rows(wanted, tasks=tasks)
     if long_form:  # the widths of the memory and CPU columns need every job
-        jobs = [JobStatus.from_agent(row) for row in rows]
+        jobs = [status_of(row) for row in rows]
         click.echo("\n".join(job_table(jobs, long_form, width)))
         return
     print_rows(rows, width)
@@ -740,7 +760,7 @@ def print_rows(rows: Iterator[dict[str, Any]], width: int | None) -> None:
             for job in batch
         ]
         if not form:  # the columns' widths: the header's and the first batch's
-            progress = any(job.get("progress") for job in batch)
+            progress = any(job.get("progress") or job.get("array") for job in batch)
             cells.insert(0, ("ID", "STATE", "ELAPSED", "EXIT"))
             batch.insert(0, {"progress": "PROGRESS"})
             widths = [max(len(row[column]) for row in cells) for column in range(4)]
@@ -748,7 +768,8 @@ def print_rows(rows: Iterator[dict[str, Any]], width: int | None) -> None:
         lines = [form % row for row in cells]
         if progress:
             lines = [
-                add_progress(line, job.get("progress"), width) for line, job in zip(lines, batch)
+                add_progress(line, job.get("progress") or array_cell(job.get("array")), width)
+                for line, job in zip(lines, batch)
             ]
         out.write("".join(line.rstrip() + "\n" for line in lines))
     if not form:
@@ -772,8 +793,8 @@ def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list
         cells = [job.id, job.state.value, format_elapsed(job.elapsed), code]
         if long_form:
             cells += usage_cells(job)
-        rows.append((*cells, job.progress or ""))
-    if not any(job.progress for job in jobs):  # no PROGRESS column when nobody wrote one
+        rows.append((*cells, progress_cell(job)))
+    if not any(row[-1] for row in rows[1:]):  # no PROGRESS column when nobody wrote one
         rows = [(*row[:-1], "") for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     lines = []
@@ -849,6 +870,8 @@ def delete(remote: RemoteQueue, as_json: bool, job_id: str, force: bool) -> None
     remote.delete(job_id, force=force)
     if as_json:
         emit_json({"id": job_id, "deleted": True})
+    elif protocol.task_id_parts(job_id) is not None:
+        click.echo(f"Deleted task {job_id!r} (its array still counts how it ended)")
     else:
         click.echo(f"Deleted job {job_id!r}")
 
@@ -961,7 +984,11 @@ def sync_job(
     quiet: bool,
     paths: tuple[str, ...],
 ) -> None:
-    """Mirror a job's files (or the PATHs in it) into a local folder, sending what changed."""
+    """Mirror a job's files (or the PATHs in it) into a local folder, sending what changed.
+
+    Of an array: every task that started, each into ARRAYID.N/ under the folder
+    [default: ./ARRAYID]; with --follow, until the array has ended.
+    """
     from tej import jobspec
 
     if interval is not None and not follow:
@@ -970,30 +997,17 @@ def sync_job(
         raise InvalidInput("--dry-run can't be combined with --follow")
     seconds = jobspec.duration(interval, "--interval") if interval is not None else 5.0
     folder = to if to is not None else os.path.join(".", job_id)
+    array = is_array_sync(remote, job_id, folder)
+    options: dict[str, Any] = {"exclude": exclude, "force": force}
     with ProgressBar("Syncing", quiet or as_json) as progress:
+        options["progress"] = progress
         if not follow:
-            summary = remote.sync(
-                job_id,
-                folder,
-                paths,
-                delete,
-                exclude=exclude,
-                force=force,
-                dry_run=dry_run,
-                progress=progress,
-            )
+            once = remote.sync_tasks if array else remote.sync
+            summary = once(job_id, folder, paths, delete, dry_run=dry_run, **options)
             report_sync(summary, folder, as_json)
             return
-        passes = remote.sync_follow(
-            job_id,
-            folder,
-            paths,
-            delete,
-            interval=seconds,
-            exclude=exclude,
-            force=force,
-            progress=progress,
-        )
+        again = remote.sync_tasks_follow if array else remote.sync_follow
+        passes = again(job_id, folder, paths, delete, interval=seconds, **options)
         total = None
         for summary in passes:
             total = summary if total is None else total + summary
@@ -1003,6 +1017,20 @@ def sync_job(
                 click.echo(f"{time.strftime('%H:%M:%S')} {describe_sync(summary)}")
     assert total is not None
     report_sync(total, folder, as_json)
+
+
+def is_array_sync(remote: RemoteQueue, job_id: str, folder: str) -> bool:
+    """Whether `tej sync --id job_id` syncs an array's tasks: one request more, unless the
+    id is a task's (ARRAYID.N) or the folder holds a previous sync of this very job (a
+    re-sync, as fast as before)."""
+    from tej import sync
+
+    if protocol.task_id_parts(job_id) is not None:
+        return False
+    marker = sync.read_marker(folder) if os.path.isdir(folder) else None
+    if marker is not None and marker.get("job_id") == job_id:
+        return False
+    return isinstance(remote.status(job_id), ArrayStatus)
 
 
 def describe_sync(summary: Any) -> str:

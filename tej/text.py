@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from tej.api import ArrayStatus, JobState, JobStatus
 
@@ -57,11 +58,7 @@ COUNT_ORDER = (
 def describe_array(status: ArrayStatus) -> str:
     """`Array is running: 40 finished, 8 running, 52 queued (0:12:31)`; an ended one's
     exit code (0: every task finished with 0; else the first failed task's, by index)."""
-    counts = ", ".join(
-        f"{status.counts[state]} {state.replace('_', ' ')}"
-        for state in COUNT_ORDER
-        if status.counts.get(state)
-    )
+    counts = describe_counts(status.counts)
     text = f"Array is {status.state.value.replace('_', ' ')}: {counts} "
     text += f"({format_elapsed(status.elapsed)})"
     if status.state is JobState.LOST:
@@ -69,6 +66,27 @@ def describe_array(status: ArrayStatus) -> str:
     if not status.state.is_active and status.exit_code is not None:
         return f"{text} with exit code {status.exit_code}"
     return text
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """`40 finished, 8 running, 52 queued`: an array's tasks per state."""
+    return ", ".join(
+        f"{counts[state]} {state.replace('_', ' ')}" for state in COUNT_ORDER if counts.get(state)
+    )
+
+
+def array_cell(array: Mapping[str, Any] | None) -> str:
+    """What `tej list` shows of an array in its PROGRESS column (a job: "")."""
+    if not array:
+        return ""
+    return f"array of {array['size']}: {describe_counts(array.get('counts') or {})}"
+
+
+def progress_cell(job: JobStatus) -> str:
+    """A job's PROGRESS cell in `tej list`: its progress; an array's size and counts."""
+    if isinstance(job, ArrayStatus):
+        return array_cell({"size": job.size, "counts": job.counts})
+    return job.progress or ""
 
 
 def describe_status(status: JobStatus, width: int | None = None) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from tej.api import JobState, JobStatus
 from tej.errors import InvalidInput
-from tej.text import cut, format_bytes, format_elapsed
+from tej.text import cut, format_bytes, format_elapsed, progress_cell
 
 if TYPE_CHECKING:
     from tej.api import RemoteQueue
@@ -41,8 +41,9 @@ def check_terminal() -> None:
         )
 
 
-def watch(remote: RemoteQueue, interval: float = REFRESH) -> None:
-    """Show the queue's jobs, refreshed every interval seconds, until q or Ctrl-C."""
+def watch(remote: RemoteQueue, interval: float = REFRESH, tasks: bool = False) -> None:
+    """Show the queue's jobs, refreshed every interval seconds, until q or Ctrl-C (with
+    tasks, each array's tasks after it)."""
     import termios
     import tty
 
@@ -60,7 +61,7 @@ def watch(remote: RemoteQueue, interval: float = REFRESH) -> None:
         out.write(ENTER)
         title = f"tej list --watch: {remote.destination} {remote.queue}"
         while True:
-            jobs = remote.list()
+            jobs = remote.list(tasks=tasks)
             next_look = time.monotonic() + interval
             draw(out, title, jobs)
             while time.monotonic() < next_look:
@@ -140,7 +141,7 @@ def table(jobs: list[JobStatus]) -> list[str]:
                 format_elapsed(job.elapsed) if job.elapsed is not None else "",
                 "" if memory is None else format_bytes(memory),
                 "" if cpu is None else format_elapsed(round(cpu)),
-                job.progress or "",
+                progress_cell(job),
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER) - 1)]

@@ -38,6 +38,7 @@ from .layout import (
     PARAMS_FILE,
     STAGING_DIR,
     STATUS_FILE,
+    TASK_DELETED,
     WORK_DIR,
 )
 
@@ -131,6 +132,10 @@ def task_dir(queue, array_id, index):
         raise missing
     path = os.path.join(array_dir, JOBS_DIR, str(index))
     if os.path.isdir(path):
+        if os.path.lexists(os.path.join(path, TASK_DELETED)):  # a tombstone (delete_task)
+            raise AgentError(
+                ERR_JOB_NOT_FOUND, "No job %r: it was deleted" % task_id_of(array_id, index)
+            )
         return path
     try:
         job = read_json(os.path.join(array_dir, JOB_FILE))
@@ -154,9 +159,11 @@ def unstarted_record(path):
     array_dir = array_of_task(path)
     if not os.path.isfile(os.path.join(array_dir, JOB_FILE)):
         return None
-    from .records import read_status_record
+    from .records import read_status_record, supervised_record
 
     array = read_status_record(array_dir) or {}
+    if array.get("state") not in END_STATES and array.get("supervisor"):
+        array = supervised_record(array_dir, array)  # its supervisor died: lost, ended
     if array.get("state") in END_STATES:
         return {"state": STATE_CANCELLED, "reason": "its array ended before it started"}
     return {"state": STATE_QUEUED, "submitted_at": array.get("submitted_at")}
@@ -443,3 +450,106 @@ def settle_on_read(array_dir):
 def new_task_record():
     """The first record of a task being started."""
     return {"state": STATE_STARTING, "submitted_at": now_iso()}
+
+
+def task_id_of(array_id, index):
+    """The id of task index of array_id: ARRAYID.N."""
+    return "%s.%d" % (array_id, index)
+
+
+def list_summary(job_dir, record):
+    """An array's "array" field in `list`: its size, spec and counts (None: not an array).
+
+    The counts are listdirs of its index, as status's (see counts).
+    """
+    if not is_array(job_dir):
+        return None
+    try:
+        spec = read_json(os.path.join(job_dir, JOB_FILE))["array"]
+    except (OSError, AgentError, KeyError, TypeError):
+        return None
+    return {
+        "size": spec["size"],
+        "max_parallel": spec.get("max_parallel"),
+        "indexes": spec["indexes"],
+        "counts": counts(job_dir, spec["size"], record.get("state")),
+    }
+
+
+def task_lines(queue, array_id, array_state, wanted, scan=None):
+    """The list rows (segment lines, see index.row_line) of an array's tasks in the wanted
+    states, by index: ended ones from the array's index rows, active ones from their
+    records (live), unstarted ones queued (cancelled once the array has ended)."""
+    from .index import STATES, ids_in, read_rows, row_line, segment_names
+    from .records import live_status, read_status_record
+
+    array_dir = queue.path(JOBS_DIR, array_id)
+    try:
+        indexes = array_indexes(read_json(os.path.join(array_dir, JOB_FILE)))
+    except (OSError, AgentError):
+        return []  # deleted meanwhile
+    markers = {}  # type: dict[str, str]
+    for folder in STATES:
+        for name in ids_in(array_dir, folder):
+            markers[name] = folder
+    ended = read_rows(array_dir, segment_names(array_dir))
+    unstarted = {"state": STATE_CANCELLED if array_state in END_STATES else STATE_QUEUED}
+    if array_state in END_STATES:
+        unstarted["reason"] = "its array ended before it started"
+    # Tasks not started have one row but for their ids: made once (most of a big array's).
+    same = row_line("", unstarted)
+    same = same[same.index("\t[") + 5 :].rstrip("\n")  # what follows ["",
+    lines = []
+    for index in indexes:
+        name = str(index)
+        state = markers.get(name)
+        if state is None:
+            if unstarted["state"] in wanted:
+                lines.append('\t\t\t\t["%s.%s",%s' % (array_id, name, same))
+            continue
+        if state not in wanted:
+            continue
+        row = ended.get(name)
+        task = task_id_of(array_id, index)
+        if row is not None and row[0] == state:  # its id in the row is N: made ARRAYID.N
+            text = row[1][row[1].index("\t[") + 1 :]
+            lines.append("\t%s\t%s\t0\t%s" % (task, state, '["%s.' % array_id + text[2:]))
+            continue
+        path = os.path.join(array_dir, JOBS_DIR, name)
+        record = read_status_record(path)
+        if record is None:  # gone meanwhile: a record of its own stands in
+            record = {"state": state}
+        elif record.get("state") not in END_STATES:
+            record = queue.record(task, path)
+        status = live_status(task, path, record, scan)
+        lines.append(row_line(task, record, status).rstrip("\n"))
+    return lines
+
+
+def delete_task(queue, array_id, task_dir):
+    """Delete an ended task's files, keeping its folder as a tombstone: job.json, status.json
+    and TASK_DELETED (when), so its array still counts it as it ended (its marker stays
+    in the array's index) and it never looks queued again; its id is then not found.
+    """
+    from .files import make_private_dir as make_dir
+    from .layout import TRASH_DIR
+
+    task = task_id_of(array_id, int(os.path.basename(task_dir)))
+    try:
+        fd = os.open(
+            os.path.join(task_dir, TASK_DELETED), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+        )
+    except FileExistsError:
+        raise AgentError(ERR_JOB_NOT_FOUND, "No job %r: it was deleted" % task)
+    try:
+        os.write(fd, (now_iso() + "\n").encode())
+    finally:
+        os.close(fd)
+    if not os.path.isdir(queue.path(TRASH_DIR)):
+        make_dir(queue.path(TRASH_DIR))
+    trash = queue.path(TRASH_DIR, "%s.%d" % (task, randrange(1 << 30)))
+    make_dir(trash)
+    for name in os.listdir(task_dir):  # gone at once (renamed), then removed
+        if name not in (JOB_FILE, STATUS_FILE, TASK_DELETED):
+            os.rename(os.path.join(task_dir, name), os.path.join(trash, name))
+    remove_tree(trash)

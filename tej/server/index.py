@@ -56,6 +56,7 @@ LIST_FIELDS = (
     "notifications",
     "resources",
     "progress",
+    "array",
 )
 # Tests only: a process SIGKILLs itself at this point of an update ("POINT" or
 # "POINT:STATE", see crash_point), so that tests can check what a crash leaves.
@@ -233,18 +234,24 @@ def forget(root, job_id):
 
 
 def row_of(status):
-    """A job's list row: the values of LIST_FIELDS of its public status."""
-    return [status[field] for field in LIST_FIELDS]
+    """A job's list row: the values of LIST_FIELDS of its public status ("array": an
+    array's size and counts, None for a job)."""
+    return [status.get(field) for field in LIST_FIELDS]
 
 
-def row_line(job_id, record, status=None):
+def row_line(job_id, record, status=None, root=None):
     """A row as a segment holds it: SUBMITTED_AT, ID, STATE, REV, then the row in JSON.
 
     Tab-separated (no field holds a tab), so that lines sort by submit time, then id.
     status: the job's public status, if not the one its record makes (a running
-    job's live figures).
+    job's live figures). root: the queue's, to give an array's row its counts.
     """
-    status = public_status(job_id, record) if status is None else status
+    if status is None:
+        status = public_status(job_id, record)
+        if root is not None:
+            from .arrays import list_summary
+
+            status["array"] = list_summary(os.path.join(root, JOBS_DIR, job_id), record)
     row = json.dumps(row_of(status), separators=(",", ":"))
     fields = (record.get("submitted_at") or "", job_id, record.get("state"))
     return "%s\t%s\t%s\t%d\t%s\n" % (fields + (int(record.get("rev") or 0), row))
@@ -257,7 +264,7 @@ def line_row(line):
 
 def note_row(root, job_id, record):
     """Write the row of a job that has ended, in a segment of its own."""
-    write_segment(root, [row_line(job_id, record)])
+    write_segment(root, [row_line(job_id, record, root=root)])
 
 
 def write_segment(root, lines, name=None):
@@ -401,7 +408,7 @@ def rebuild(root):
             crash_point("rebuilding")
         record = sync(root, job_id, with_row=False)
         if state_of(record) in END_STATES:
-            lines.append(row_line(job_id, record))
+            lines.append(row_line(job_id, record, root=root))
     present = set(ids)
     for state in STATES:
         for job_id in ids_in(root, state):

@@ -37,6 +37,7 @@ STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
 PROGRESS_FILE = "progress"  # the job writes its progress here ($TEJ_PROGRESS)
 PARAMS_FILE = "params.jsonl"  # an array's --params rows, one JSON object a line (row N: index N)
+TASK_DELETED = "deleted"  # in a task's folder: its files were deleted (a tombstone), and when
 
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago

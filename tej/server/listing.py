@@ -37,24 +37,48 @@ def check_states(states):
     return set(states)
 
 
-def list_rows(queue, states=None):
-    """The rows of the jobs in states (all if None), oldest first: segment lines (index.py)."""
+def list_rows(queue, states=None, tasks=False):
+    """The rows of the jobs in states (all if None), oldest first: segment lines (index.py).
+
+    An array is one row, with its counts ("array"); with tasks, its tasks' rows in the
+    wanted states follow it, by index.
+    """
+    from .arrays import list_summary
+
     wanted = set(STATES) if states is None else set(states)
     lines = []
     active = set()
-    if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
+    scan = None
+    if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted or tasks:
         from .usage import ProcessScan
 
         scan = ProcessScan()  # one scan of /proc for every running job
+    if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
         for job_id, job_dir, record in active_records(queue):
             active.add(job_id)
             if record.get("state") in wanted:
                 status = live_status(job_id, job_dir, record, scan)
+                status["array"] = list_summary(job_dir, record)  # its live counts
                 lines.append(row_line(job_id, record, status).rstrip("\n"))
     if wanted & set(END_STATES):
         lines += [line for job_id, line in ended_lines(queue.root, wanted) if job_id not in active]
     lines.sort()  # the ended jobs' come sorted already: this costs little
+    if tasks:
+        lines = with_tasks(queue, lines, wanted, scan)
     return lines
+
+
+def with_tasks(queue, lines, wanted, scan):
+    """The lines of a listing, each array's followed by its tasks' in the wanted states."""
+    from .arrays import task_lines
+
+    found = []
+    for line in lines:
+        found.append(line)
+        if line.endswith("}]"):  # "array", the last field, is set: an array's row
+            parts = line.split("\t", 3)
+            found += task_lines(queue, parts[1], parts[2], wanted, scan)
+    return found
 
 
 def active_records(queue):
@@ -127,7 +151,7 @@ def read_line(root, job_id):
     record = sync(root, job_id, with_row=False)
     if state_of(record) not in END_STATES:
         return None
-    return row_line(job_id, record).rstrip("\n")
+    return row_line(job_id, record, root=root).rstrip("\n")
 
 
 def batches(lines):

@@ -62,19 +62,23 @@ def wait(connection, queue, job_id, timeout):
     return found
 
 
-def list_jobs(connection, queue, states=None):
+def list_jobs(connection, queue, states=None, tasks=False):
     """The first batch of the jobs' statuses, oldest first (all jobs, or those in states).
 
     {"fields": names, "rows": JSON text of rows (lists of values), "count": how
     many jobs, "batches": how many batches, "cursor": for list_more}. Without
-    metadata (see status). A listing of active states reads no ended job.
+    metadata (see status). A listing of active states reads no ended job. An
+    array is one row (its "array": size, counts); with tasks, its tasks' rows
+    (ARRAYID.N, in the states asked for too) follow it.
     """
     from ..listing import batches, check_states, list_rows
 
     states = check_states(states)
+    if not isinstance(tasks, bool):
+        raise AgentError(ERR_INVALID, "tasks must be true or false")
     queue = open_queue(queue)
     runner_tick(queue)
-    rows = list_rows(queue, states)
+    rows = list_rows(queue, states, tasks)
     texts = list(batches(rows))
     cursor = None
     if len(texts) > 1:
@@ -112,6 +116,9 @@ def kill_job(queue, job_id):
     if not os.path.isdir(job_dir):  # a task not started yet: it never will be
         from ..arrays import cancel_unstarted
 
+        record = queue.record(job_id, job_dir)
+        if record.get("state") in END_STATES:  # its array ended: cancelled already
+            return {"killed": False, "status": public_status(job_id, record)}
         record = cancel_unstarted(queue, job_dir)
         if record is not None:
             cancelled = getattr(queue.runner, "task_cancelled", None)
@@ -128,11 +135,12 @@ def delete(connection, queue, job_id, force=False):
     """Delete a job's directory; a running job only with force (killed first)."""
     queue = open_queue(queue)
     job_dir = queue.job_dir(job_id)
-    if task_id_parts(job_id) is not None and not os.path.isdir(queue.path(JOBS_DIR, job_id)):
-        raise AgentError(
-            ERR_INVALID, "A task can't be deleted on its own: delete its array (or kill the task)"
-        )
+    task = task_id_parts(job_id)
+    if task is not None and os.path.isdir(queue.path(JOBS_DIR, job_id)):
+        task = None  # a job's own folder (made by an older tej): deleted as a job
     state = queue.record(job_id, job_dir).get("state")
+    if task is not None and state in END_STATES and not os.path.isdir(job_dir):
+        raise AgentError(ERR_INVALID, "Task %r never started: it has no files to delete" % job_id)
     if state in ACTIVE_STATES and not force:
         raise AgentError(
             ERR_JOB_RUNNING,
@@ -147,6 +155,11 @@ def delete(connection, queue, job_id, force=False):
                 "Job %r is being killed (its grace period is long): delete it once it has "
                 "ended" % job_id,
             )
+    if task is not None:
+        from ..arrays import delete_task
+
+        delete_task(queue, task[0], job_dir)
+        return
     runner_tick(queue)  # first, so that jobs waiting for this one know how it ended
     from ..removal import to_trash
 
