@@ -282,8 +282,9 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
     start_time = start_time_of(job)
     for candidate in candidates:
         record = first_record(queue, dict(job, id=candidate), start_time)
-        write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
-        # Not durable: after a power cut, a job that was starting is lost anyway.
+        # Not durable: after a power cut, a job that was starting is lost anyway (see
+        # docs/queue-format.md, How files are written).
+        write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate), durable=False)
         write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
         note_lease(queue, staging, candidate)
         job_dir = queue.path(JOBS_DIR, candidate)
