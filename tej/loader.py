@@ -232,9 +232,71 @@ def tej_gateway_from_source(cache, name, source):
     return tej_run_source(name, source)
 
 
+#: In a bundle's folder: what its files were (inode, size, times) when last found intact.
+STAMP_FILE = ".tej-intact"
+
+
+def tej_file_stamp(path, digest):
+    """A line naming the file at path as it is now, with its digest; None if it isn't ours.
+
+    The change time can't be set back by anyone (utime moves it too), so a file
+    whose line is the same has not been written to since.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    fields = (digest, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_mode)
+    return "%s %d %d %d %d %o" % fields
+
+
+def tej_stamp_lines(folder, digests):
+    """The stamp of the bundle's files in folder, one line each (None if one isn't ours)."""
+    lines = []
+    for path in sorted(digests):
+        line = tej_file_stamp(os.path.join(folder, path), digests[path])
+        if line is None:
+            return None
+        lines.append("%s %s\n" % (path, line))
+    return "".join(lines)
+
+
 def tej_bundle_intact(folder, digests):
-    """Whether every file of the bundle is in folder, ours and intact."""
-    return all(tej_intact(os.path.join(folder, path), digest) for path, digest in digests.items())
+    """Whether every file of the bundle is in folder, ours and intact.
+
+    Hashing the bundle's files costs a connection milliseconds: once they are
+    found intact, their stamp (STAMP_FILE) is kept, and while every file is
+    as stamped (a stat each), they are not read again.
+    """
+    stamp_path = os.path.join(folder, STAMP_FILE)
+    now = tej_stamp_lines(folder, digests)
+    if now is None:
+        return False
+    try:
+        fd = os.open(stamp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+            if mine and not info.st_mode & 0o022 and stream.read() == now.encode("utf-8"):
+                return True
+    except OSError:
+        pass
+    if not all(tej_intact(os.path.join(folder, path), digests[path]) for path in digests):
+        return False
+    tej_stamp(folder, digests)
+    return True
+
+
+def tej_stamp(folder, digests):
+    """Write the stamp of the bundle's files in folder, as they are now (best effort)."""
+    lines = tej_stamp_lines(folder, digests)
+    try:
+        if lines is not None:
+            tej_write_file(os.path.join(folder, STAMP_FILE), lines.encode("utf-8"))
+    except Exception:  # a read-only cache: the files are hashed on every connection
+        pass
 
 
 def tej_write_bundle(cache, name, sources):
@@ -364,6 +426,7 @@ def tej_boot(gateway, bundle):
         if folder is None and cache is not None:
             try:
                 folder = tej_write_bundle(cache, bundle_name, sources[bundle_name])
+                tej_stamp(folder, digests)
             except Exception:  # a read-only or full disk: run it from memory
                 folder = None
         if cache is not None:

@@ -21,7 +21,7 @@ from sshd import SshServer, is_root
 
 import tej
 from tej import bootstrap
-from tej.loader import CACHE_MAX_AGE
+from tej.loader import CACHE_MAX_AGE, STAMP_FILE
 
 NOBODY = 65534
 
@@ -182,6 +182,29 @@ def test_a_damaged_copy_is_detected_by_its_digest(
     assert connect(remote) == (bundle_name(),)
     assert agent.read_bytes() == good
     assert connect(remote) == ()
+
+
+def test_an_intact_bundle_is_stamped_and_a_stale_stamp_is_not_trusted(
+    local_cache: Path, remote: tej.RemoteQueue
+) -> None:
+    """Once found intact, the bundle's files are known by their stat (a stamp), not hashed."""
+    assert set(connect(remote)) == names()
+    stamp = local_cache / bundle_name() / STAMP_FILE
+    stamped = stamp.read_text()
+    assert sorted(line.split()[0] for line in stamped.splitlines()) == sorted(
+        bootstrap.agent_bundle().digests
+    )
+    assert stat.S_IMODE(stamp.stat().st_mode) == 0o600
+    assert connect(remote) == ()
+    assert stamp.read_text() == stamped, "an intact bundle's stamp is kept as it is"
+    stamp.write_text("garbage\n")
+    assert connect(remote) == (), "a stale stamp: the files are hashed, and found intact"
+    assert stamp.read_text() == stamped, "then stamped again"
+    agent = agent_copy(local_cache)
+    good = agent.read_bytes()
+    agent.write_bytes(good.replace(b"def serve", b"def SERVE"))
+    assert connect(remote) == (bundle_name(),), "a file changed since its stamp is hashed"
+    assert agent.read_bytes() == good
 
 
 def test_a_damaged_compiled_copy_is_replaced(local_cache: Path, remote: tej.RemoteQueue) -> None:
