@@ -28,6 +28,7 @@ from ..files import (
 )
 from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
+from ..launch import warm_fork_server
 from ..layout import (
     JOB_FILE,
     JOBS_DIR,
@@ -76,6 +77,7 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
     """
     rows, contents = parse_part(manifest, contents, submit, more)
     text, queue = queue, open_queue(queue, create=True, with_runner=False)
+    warm_fork_server(queue)  # an upload is a submit on its way
     upload = open_upload(connection, queue, token)
     keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
     return take_manifest(connection, text, upload, rows, contents, submit, more)
