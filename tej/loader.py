@@ -364,20 +364,25 @@ class TejBundleFinder(object):
         return None
 
     def spec(self, fullname, file, package, path):
-        """A module's spec: from its file at path, or from memory (path None)."""
+        """A module's spec: from its file at path, or from memory (path None).
+
+        Made by hand, as importlib.util's spec_from_file_location would make it:
+        importlib.util (and contextlib, which it loads) would cost every connection
+        a millisecond.
+        """
         from importlib.machinery import ModuleSpec
-        from importlib.util import spec_from_file_location
 
         if path is None:
             spec = ModuleSpec(fullname, self, origin=file, is_package=package)  # type: ignore
             if package:
                 spec.submodule_search_locations = []
             return spec
-        search = [os.path.dirname(path)] if package else None
         loader = tej_source_loader(fullname, path)
-        return spec_from_file_location(
-            fullname, path, loader=loader, submodule_search_locations=search
-        )
+        spec = ModuleSpec(fullname, loader, origin=path, is_package=package)
+        spec.has_location = True  # so __file__ and __cached__ are set from it
+        if package:
+            spec.submodule_search_locations = [os.path.dirname(path)]
+        return spec
 
     def create_module(self, spec):
         """The default module object."""
