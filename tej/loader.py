@@ -18,10 +18,62 @@ import os
 import stat
 import sys
 
+# -- stage two ------------------------------------------------------------------------
+# The part of this file that is compiled on every connection (tej.bootstrap sends it,
+# then a call of tej_stage_two): it runs the whole file from the server's cache, where
+# Python keeps it compiled, else from the source sent with it (and caches it).
+
 #: Where the server keeps its cache of tej's code, under $XDG_CACHE_HOME or ~/.cache.
 CACHE_DIR_NAME = "tej"
 #: Cache entries not rewritten for this long are removed (when the cache is written to).
 CACHE_MAX_AGE = 30 * 86400
+#: This file's name in the server's cache (tej_loader_DIGEST), once stage two has run it.
+LOADER_NAME = None
+
+
+def tej_stage_two(source, name, call):
+    """Run this whole file (source) as the module name, compiled from the cache if it is
+    there, and boot: tej_boot(*call)."""
+    cache = tej_cache_dir()
+    module = None
+    if cache is not None:
+        module = tej_cached_loader(os.path.join(cache, name + ".py"), name, source)
+    if module is None:
+        module = type(sys)(name)
+        exec(compile(source, name, "exec"), module.__dict__)
+        if cache is not None:
+            try:
+                module.tej_write_file(os.path.join(cache, name + ".py"), source.encode("utf-8"))
+            except Exception:  # a read-only or full cache: compiled from the source each time
+                pass
+    module.__dict__["LOADER_NAME"] = name  # kept when the cache is pruned
+    module.tej_boot(*call)
+
+
+def tej_cached_loader(path, name, source):
+    """This file from the cache at path, if it is ours, private and the same as source."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                return None
+            if info.st_mode & 0o022 or stream.read() != source.encode("utf-8"):
+                return None
+        from importlib.machinery import SourceFileLoader
+
+        module = type(sys)(name)
+        module.__file__ = path
+        SourceFileLoader(name, path).exec_module(module)
+        return module
+    except Exception:  # damaged (its compiled copy too): compiled from the source instead
+        try:
+            from importlib.util import cache_from_source
+
+            os.unlink(cache_from_source(path))  # a damaged compiled copy, written again
+        except Exception:  # none
+            pass
+        return None
 
 
 def tej_cache_dir():
@@ -48,6 +100,9 @@ def tej_cache_dir():
         return None if info.st_mode & 0o077 else path
     except Exception:  # no cache, whatever the reason: the source is sent instead
         return None
+
+
+# -- end of stage two -------------------------------------------------------------------
 
 
 def tej_sha256(data):
@@ -435,7 +490,7 @@ def tej_boot(gateway, bundle):
             except Exception:  # a read-only or full disk: run it from memory
                 folder = None
         if cache is not None:
-            tej_prune(cache, [gateway_name, bundle_name])
+            tej_prune(cache, [gateway_name, bundle_name, LOADER_NAME])
     tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
     __import__(bundle_name + ".remote_agent")
     assert base is not None  # from the cache, or from its source

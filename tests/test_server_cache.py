@@ -207,6 +207,23 @@ def test_an_intact_bundle_is_stamped_and_a_stale_stamp_is_not_trusted(
     assert agent.read_bytes() == good
 
 
+def test_the_loader_runs_compiled_from_the_cache_and_only_as_sent(
+    local_cache: Path, remote: tej.RemoteQueue, tmp_path: Path
+) -> None:
+    """The loader's bulk is compiled once: later connections compile its stage two only."""
+    loader = bootstrap.loader_code()
+    cached = local_cache / f"{loader.name}.py"
+    assert set(connect(remote)) == names()
+    assert cached.read_text() == loader.source, "the loader caches itself"
+    assert connect(remote) == ()
+    assert list((local_cache / "__pycache__").glob(f"{loader.name}.*.pyc")), "run compiled"
+    marker = tmp_path / "tampered"
+    cached.write_text(f"open({str(marker)!r}, 'w').close()\n" + loader.source)
+    assert connect(remote) == ()
+    assert not marker.exists(), "a cached loader unlike the one sent was run"
+    assert cached.read_text() == loader.source, "and it is written again"
+
+
 def test_a_damaged_compiled_copy_is_replaced(local_cache: Path, remote: tej.RemoteQueue) -> None:
     """Python trusts a compiled copy by its header: the loader replaces a damaged one itself."""
     assert set(connect(remote)) == names()
@@ -299,7 +316,8 @@ def test_a_fresh_cache_over_ssh(ssh_server: SshServer, server_tmp: str) -> None:
     cache = cache_home / "tej"
     info = cache.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (ssh_server.uid, 0o700)
-    assert {path.stem for path in cache.glob("*.py")} | {bundle_name()} == names()
+    loader = bootstrap.loader_code().name  # the loader caches itself
+    assert {path.stem for path in cache.glob("*.py")} | {bundle_name()} == names() | {loader}
     assert (cache / bundle_name() / "remote_agent.py").is_file()
 
 
