@@ -220,10 +220,29 @@ def boot_line(value: object) -> bytes:
     return (ascii(value) + "\n").encode("ascii")
 
 
+#: The part of the loader compiled on every connection (see tej/loader.py, stage two).
+STAGE_TWO_START = "# -- stage two --"
+STAGE_TWO_END = "# -- end of stage two --"
+
+
+def loader_code() -> Code:
+    """The loader (tej/loader.py), as the server's cache names it."""
+    with open(LOADER_PATH, encoding="utf-8") as stream:
+        return Code("tej_loader_", stream.read())
+
+
 def loader_source() -> str:
-    """The loader's source (tej/loader.py), with the call that boots this client's code."""
+    """The bootstrap's second line: the loader's stage two (a few functions of
+    tej/loader.py) and its call, which runs the whole loader (its source sent along, in
+    case the server's cache lacks it) and boots this client's code."""
     with open(LOADER_PATH, encoding="utf-8") as stream:
         source = stream.read()
+    _, found, rest = source.partition(STAGE_TWO_START)
+    stage_two = rest.partition(STAGE_TWO_END)[0]
+    if not found or not stage_two:
+        raise RuntimeError(f"{LOADER_PATH} has no stage two")  # a broken installation
+    name = loader_code().name
     gateway, bundle = gateway_code(), agent_bundle()
     call = (gateway.name, gateway.digest), (bundle.name, bundle.digests)
-    return f"{source}\ntej_boot{call!r}\n"
+    imports = "import os\nimport stat\nimport sys\n"
+    return f"{imports}#{stage_two}\ntej_stage_two({source!r}, {name!r}, {call!r})\n"

@@ -18,10 +18,62 @@ import os
 import stat
 import sys
 
+# -- stage two ------------------------------------------------------------------------
+# The part of this file that is compiled on every connection (tej.bootstrap sends it,
+# then a call of tej_stage_two): it runs the whole file from the server's cache, where
+# Python keeps it compiled, else from the source sent with it (and caches it).
+
 #: Where the server keeps its cache of tej's code, under $XDG_CACHE_HOME or ~/.cache.
 CACHE_DIR_NAME = "tej"
 #: Cache entries not rewritten for this long are removed (when the cache is written to).
 CACHE_MAX_AGE = 30 * 86400
+#: This file's name in the server's cache (tej_loader_DIGEST), once stage two has run it.
+LOADER_NAME = None
+
+
+def tej_stage_two(source, name, call):
+    """Run this whole file (source) as the module name, compiled from the cache if it is
+    there, and boot: tej_boot(*call)."""
+    cache = tej_cache_dir()
+    module = None
+    if cache is not None:
+        module = tej_cached_loader(os.path.join(cache, name + ".py"), name, source)
+    if module is None:
+        module = type(sys)(name)
+        exec(compile(source, name, "exec"), module.__dict__)
+        if cache is not None:
+            try:
+                module.tej_write_file(os.path.join(cache, name + ".py"), source.encode("utf-8"))
+            except Exception:  # a read-only or full cache: compiled from the source each time
+                pass
+    module.__dict__["LOADER_NAME"] = name  # kept when the cache is pruned
+    module.tej_boot(*call)
+
+
+def tej_cached_loader(path, name, source):
+    """This file from the cache at path, if it is ours, private and the same as source."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                return None
+            if info.st_mode & 0o022 or stream.read() != source.encode("utf-8"):
+                return None
+        from importlib.machinery import SourceFileLoader
+
+        module = type(sys)(name)
+        module.__file__ = path
+        SourceFileLoader(name, path).exec_module(module)
+        return module
+    except Exception:  # damaged (its compiled copy too): compiled from the source instead
+        try:
+            from importlib.util import cache_from_source
+
+            os.unlink(cache_from_source(path))  # a damaged compiled copy, written again
+        except Exception:  # none
+            pass
+        return None
 
 
 def tej_cache_dir():
@@ -48,6 +100,9 @@ def tej_cache_dir():
         return None if info.st_mode & 0o077 else path
     except Exception:  # no cache, whatever the reason: the source is sent instead
         return None
+
+
+# -- end of stage two -------------------------------------------------------------------
 
 
 def tej_sha256(data):
@@ -232,9 +287,71 @@ def tej_gateway_from_source(cache, name, source):
     return tej_run_source(name, source)
 
 
+#: In a bundle's folder: what its files were (inode, size, times) when last found intact.
+STAMP_FILE = ".tej-intact"
+
+
+def tej_file_stamp(path, digest):
+    """A line naming the file at path as it is now, with its digest; None if it isn't ours.
+
+    The change time can't be set back by anyone (utime moves it too), so a file
+    whose line is the same has not been written to since.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    fields = (digest, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_mode)
+    return "%s %d %d %d %d %o" % fields
+
+
+def tej_stamp_lines(folder, digests):
+    """The stamp of the bundle's files in folder, one line each (None if one isn't ours)."""
+    lines = []
+    for path in sorted(digests):
+        line = tej_file_stamp(os.path.join(folder, path), digests[path])
+        if line is None:
+            return None
+        lines.append("%s %s\n" % (path, line))
+    return "".join(lines)
+
+
 def tej_bundle_intact(folder, digests):
-    """Whether every file of the bundle is in folder, ours and intact."""
-    return all(tej_intact(os.path.join(folder, path), digest) for path, digest in digests.items())
+    """Whether every file of the bundle is in folder, ours and intact.
+
+    Hashing the bundle's files costs a connection milliseconds: once they are
+    found intact, their stamp (STAMP_FILE) is kept, and while every file is
+    as stamped (a stat each), they are not read again.
+    """
+    stamp_path = os.path.join(folder, STAMP_FILE)
+    now = tej_stamp_lines(folder, digests)
+    if now is None:
+        return False
+    try:
+        fd = os.open(stamp_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as stream:
+            info = os.fstat(stream.fileno())
+            mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+            if mine and not info.st_mode & 0o022 and stream.read() == now.encode("utf-8"):
+                return True
+    except OSError:
+        pass
+    if not all(tej_intact(os.path.join(folder, path), digests[path]) for path in digests):
+        return False
+    tej_stamp(folder, digests)
+    return True
+
+
+def tej_stamp(folder, digests):
+    """Write the stamp of the bundle's files in folder, as they are now (best effort)."""
+    lines = tej_stamp_lines(folder, digests)
+    try:
+        if lines is not None:
+            tej_write_file(os.path.join(folder, STAMP_FILE), lines.encode("utf-8"))
+    except Exception:  # a read-only cache: the files are hashed on every connection
+        pass
 
 
 def tej_write_bundle(cache, name, sources):
@@ -302,20 +419,25 @@ class TejBundleFinder(object):
         return None
 
     def spec(self, fullname, file, package, path):
-        """A module's spec: from its file at path, or from memory (path None)."""
+        """A module's spec: from its file at path, or from memory (path None).
+
+        Made by hand, as importlib.util's spec_from_file_location would make it:
+        importlib.util (and contextlib, which it loads) would cost every connection
+        a millisecond.
+        """
         from importlib.machinery import ModuleSpec
-        from importlib.util import spec_from_file_location
 
         if path is None:
             spec = ModuleSpec(fullname, self, origin=file, is_package=package)  # type: ignore
             if package:
                 spec.submodule_search_locations = []
             return spec
-        search = [os.path.dirname(path)] if package else None
         loader = tej_source_loader(fullname, path)
-        return spec_from_file_location(
-            fullname, path, loader=loader, submodule_search_locations=search
-        )
+        spec = ModuleSpec(fullname, loader, origin=path, is_package=package)
+        spec.has_location = True  # so __file__ and __cached__ are set from it
+        if package:
+            spec.submodule_search_locations = [os.path.dirname(path)]
+        return spec
 
     def create_module(self, spec):
         """The default module object."""
@@ -364,10 +486,11 @@ def tej_boot(gateway, bundle):
         if folder is None and cache is not None:
             try:
                 folder = tej_write_bundle(cache, bundle_name, sources[bundle_name])
+                tej_stamp(folder, digests)
             except Exception:  # a read-only or full disk: run it from memory
                 folder = None
         if cache is not None:
-            tej_prune(cache, [gateway_name, bundle_name])
+            tej_prune(cache, [gateway_name, bundle_name, LOADER_NAME])
     tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
     __import__(bundle_name + ".remote_agent")
     assert base is not None  # from the cache, or from its source

@@ -21,7 +21,7 @@ from sshd import SshServer, is_root
 
 import tej
 from tej import bootstrap
-from tej.loader import CACHE_MAX_AGE
+from tej.loader import CACHE_MAX_AGE, STAMP_FILE
 
 NOBODY = 65534
 
@@ -184,6 +184,46 @@ def test_a_damaged_copy_is_detected_by_its_digest(
     assert connect(remote) == ()
 
 
+def test_an_intact_bundle_is_stamped_and_a_stale_stamp_is_not_trusted(
+    local_cache: Path, remote: tej.RemoteQueue
+) -> None:
+    """Once found intact, the bundle's files are known by their stat (a stamp), not hashed."""
+    assert set(connect(remote)) == names()
+    stamp = local_cache / bundle_name() / STAMP_FILE
+    stamped = stamp.read_text()
+    assert sorted(line.split()[0] for line in stamped.splitlines()) == sorted(
+        bootstrap.agent_bundle().digests
+    )
+    assert stat.S_IMODE(stamp.stat().st_mode) == 0o600
+    assert connect(remote) == ()
+    assert stamp.read_text() == stamped, "an intact bundle's stamp is kept as it is"
+    stamp.write_text("garbage\n")
+    assert connect(remote) == (), "a stale stamp: the files are hashed, and found intact"
+    assert stamp.read_text() == stamped, "then stamped again"
+    agent = agent_copy(local_cache)
+    good = agent.read_bytes()
+    agent.write_bytes(good.replace(b"def serve", b"def SERVE"))
+    assert connect(remote) == (bundle_name(),), "a file changed since its stamp is hashed"
+    assert agent.read_bytes() == good
+
+
+def test_the_loader_runs_compiled_from_the_cache_and_only_as_sent(
+    local_cache: Path, remote: tej.RemoteQueue, tmp_path: Path
+) -> None:
+    """The loader's bulk is compiled once: later connections compile its stage two only."""
+    loader = bootstrap.loader_code()
+    cached = local_cache / f"{loader.name}.py"
+    assert set(connect(remote)) == names()
+    assert cached.read_text() == loader.source, "the loader caches itself"
+    assert connect(remote) == ()
+    assert list((local_cache / "__pycache__").glob(f"{loader.name}.*.pyc")), "run compiled"
+    marker = tmp_path / "tampered"
+    cached.write_text(f"open({str(marker)!r}, 'w').close()\n" + loader.source)
+    assert connect(remote) == ()
+    assert not marker.exists(), "a cached loader unlike the one sent was run"
+    assert cached.read_text() == loader.source, "and it is written again"
+
+
 def test_a_damaged_compiled_copy_is_replaced(local_cache: Path, remote: tej.RemoteQueue) -> None:
     """Python trusts a compiled copy by its header: the loader replaces a damaged one itself."""
     assert set(connect(remote)) == names()
@@ -276,7 +316,8 @@ def test_a_fresh_cache_over_ssh(ssh_server: SshServer, server_tmp: str) -> None:
     cache = cache_home / "tej"
     info = cache.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (ssh_server.uid, 0o700)
-    assert {path.stem for path in cache.glob("*.py")} | {bundle_name()} == names()
+    loader = bootstrap.loader_code().name  # the loader caches itself
+    assert {path.stem for path in cache.glob("*.py")} | {bundle_name()} == names() | {loader}
     assert (cache / bundle_name() / "remote_agent.py").is_file()
 
 

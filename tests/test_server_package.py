@@ -125,3 +125,38 @@ def test_a_job_left_to_the_single_file_agent_of_an_earlier_tej_still_starts(
         assert (status.state.value, status.exit_code) == ("finished", 0)
         assert remote.status(first).exit_code == 0  # this tej's own jobs are untouched
     assert (queue / "jobs" / "pending" / "stdout").read_text() == "started by the old copy\n"
+
+
+STARTS_THE_FORK_SERVER = """
+import json, sys, threading, time
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # threads, as under execnet
+from tej import transfer
+from tej.server import launch
+from tej.server.service import Connection
+part = list(transfer.scan_tree(sys.argv[2]))[-1]
+args = {"queue": sys.argv[1], "token": "0123456789abcdef", "manifest": part.manifest}
+reply = Connection().handle({"v": %d, "op": "upload_begin", "args": args})
+servers = list(launch.FORK_SERVERS.values())
+print(json.dumps({"reply": repr(reply), "argv": [s.proc.args for s in servers if s.alive()]}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_starts_the_fork_server_before_its_submit(tmp_path: Path) -> None:
+    """So that its interpreter (python -S, as the agent) starts while the upload is laid out."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "start.sh").write_text("#!/bin/sh\nexit 0\n")
+    code = STARTS_THE_FORK_SERVER % protocol.PROTOCOL_VERSION
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "queue"), str(job)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    found = json.loads(done.stdout)
+    assert "'ok': True" in found["reply"] and "missing" in found["reply"], found
+    assert len(found["argv"]) == 1, "one fork server, running, though nothing was submitted"
+    argv = found["argv"][0]
+    assert argv[1:3] == ["-S", "-c"] and "fork-server" in argv, argv

@@ -68,24 +68,40 @@ def write_file_atomic(path, data, durable=True):
     tmp = "%s.tmp-%d-%d" % (path, os.getpid(), randrange(1 << 30))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
+        try:  # os calls, not a file object: a record is written at every submit and state
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             if durable:
-                os.fsync(stream.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
         raise
 
 
+def read_file(path):
+    """A whole (small) file's bytes, in as few system calls as can be: open, read, close."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []  # type: list[bytes]
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def read_json(path):
     """Read a JSON document; AgentError if it is not valid JSON."""
-    with open(path) as stream:
-        text = stream.read()
+    data = read_file(path)
     try:
-        return json.loads(text)
-    except ValueError:
+        return json.loads(data.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError too
         raise AgentError(ERR_QUEUE, "%s is not valid JSON" % path)
 
 
@@ -113,8 +129,21 @@ def remove_tree(path):
     shutil.rmtree(path, onerror=retry_writable)
 
 
+#: When this process last looked for stale entries in a folder (see remove_stale).
+_STALE_LOOKS = {}  # type: dict[str, float]
+STALE_LOOK_INTERVAL = 60.0
+
+
 def remove_stale(folder, age):
-    """Remove what was left in folder by interrupted work, untouched for age seconds."""
+    """Remove what was left in folder by interrupted work, untouched for age seconds.
+
+    A process looks at a folder at most once a minute: what is stale is hours old,
+    and a connection submitting many jobs would list it at each.
+    """
+    now = time.time()
+    if now - _STALE_LOOKS.get(folder, 0.0) < STALE_LOOK_INTERVAL:
+        return
+    _STALE_LOOKS[folder] = now
     try:
         names = os.listdir(folder)
     except OSError:

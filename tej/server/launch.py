@@ -6,6 +6,7 @@ import signal
 import sys
 
 from ..protocol import (
+    DEFAULT_RUNNER,
     ERR_SERVER,
 )
 from .errors import (
@@ -46,6 +47,25 @@ def start_supervisor(copy, job_dir, secrets):
             "Could not start the job's supervisor: %s"
             % (detail[len("failed ") :] if detail.startswith("failed ") else "no answer"),
         )
+
+
+def warm_fork_server(queue):
+    """Start the queue's fork server now, for a submit on its way; best effort.
+
+    Its interpreter then starts while the upload is laid out, rather than
+    after: a connection's first submit waits less for its supervisor to be
+    forked. Only under execnet (threads), for the default runner (which
+    starts every job at once); nothing here fails the upload.
+    """
+    config = queue.config if isinstance(queue.config, dict) else {}
+    if threading_count() <= 1 or config.get("runner", DEFAULT_RUNNER) != DEFAULT_RUNNER:
+        return
+    try:
+        from .agentcopy import queue_copy
+
+        fork_server(queue_copy(queue))
+    except Exception:  # noqa: BLE001 - the submit starts it, or says why it can't
+        pass
 
 
 def threading_count():

@@ -16,14 +16,19 @@ def boot_id():
         return None
 
 
+_LOGIN_USER = []  # type: list[str]  # found once: it reads the password database
+
+
 def login_user():
     """The name this agent runs as (the user tej logged in as), or "user" if it has none."""
-    try:
-        import pwd
+    if not _LOGIN_USER:
+        try:
+            import pwd
 
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return os.environ.get("USER") or "user"
+            _LOGIN_USER.append(pwd.getpwuid(os.getuid()).pw_name)
+        except (ImportError, KeyError):
+            _LOGIN_USER.append(os.environ.get("USER") or "user")
+    return _LOGIN_USER[0]
 
 
 def process_start(pid):

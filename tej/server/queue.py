@@ -126,8 +126,12 @@ class Queue(object):
 def read_queue_config(root):
     """A queue's configuration; None if root holds no queue (QueueError if something else)."""
     config_path = os.path.join(root, QUEUE_CONFIG)
-    if os.path.isdir(root) and os.path.isfile(config_path):
+    try:  # read at once (every request opens its queue): the checks below when it isn't there
         config = read_json(config_path)
+        found = True
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        found = False
+    if found:
         version = config.get("format") if isinstance(config, dict) else None
         if not isinstance(version, int):
             raise AgentError(ERR_QUEUE, "%s is not a valid tej queue configuration" % config_path)

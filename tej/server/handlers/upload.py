@@ -28,6 +28,7 @@ from ..files import (
 )
 from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
+from ..launch import warm_fork_server
 from ..layout import (
     JOB_FILE,
     JOBS_DIR,
@@ -76,6 +77,7 @@ def upload_begin(connection, queue, manifest, contents=None, submit=None, token=
     """
     rows, contents = parse_part(manifest, contents, submit, more)
     text, queue = queue, open_queue(queue, create=True, with_runner=False)
+    warm_fork_server(queue)  # an upload is a submit on its way
     upload = open_upload(connection, queue, token)
     keep_part(os.path.join(upload.staging, MANIFEST_FILE), manifest)
     return take_manifest(connection, text, upload, rows, contents, submit, more)
@@ -311,8 +313,9 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
     start_time = start_time_of(job)
     for candidate in candidates:
         record = first_record(queue, dict(job, id=candidate), start_time)
-        write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate))
-        # Not durable: after a power cut, a job that was starting is lost anyway.
+        # Not durable: after a power cut, a job that was starting is lost anyway (see
+        # docs/queue-format.md, How files are written).
+        write_json_atomic(os.path.join(staging, JOB_FILE), dict(job, id=candidate), durable=False)
         write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
         note_lease(queue, staging, candidate)
         job_dir = queue.path(JOBS_DIR, candidate)
