@@ -168,6 +168,14 @@ def busy_inodes(queue, own_token):
     return busy
 
 
+def lease_count(queue):
+    """How many leases the store holds (uploads, and jobs not yet found ended)."""
+    try:
+        return len(os.listdir(queue.path(STORE_DIR, LEASES_DIR)))
+    except OSError:
+        return 0
+
+
 def read_inodes(path, inodes):
     """Add the inodes listed in a BLOBS_FILE to a set; False if there is no such file."""
     try:

@@ -35,6 +35,7 @@ from .store import (
     copy_verified,
     evict,
     finish_file,
+    lease_count,
     lease_path,
     new_sha256,
     store_lock,
@@ -134,7 +135,8 @@ def lay_out_kept(upload, manifest_path, keep_to):
         )
 
 
-SMALL_BLOB = 256 * 1024  # a shared blob this small is copied without reading the leases
+SMALL_BLOB = 256 * 1024  # a shared blob this small is copied without reading many leases
+FEW_LEASES = 32  # other leases this many or fewer are read, whatever the blobs' sizes
 
 
 class Upload(object):
@@ -214,16 +216,17 @@ class Upload(object):
         """
         linked = self.linked
         # Only a blob with another link than the store's and this upload's may be
-        # shared with a live job. A small one is copied (the copy replaces it in the
-        # store) without asking: reading the leases costs more, in a queue with many
-        # jobs waiting.
+        # shared with a live job: the leases say which. With many leases (a queue
+        # with many jobs waiting), reading them costs more than copying a small blob
+        # (the copy replaces it in the store): a small one is copied without asking.
         shared = [digest for digest, info in linked.items() if info.st_nlink > 2]
         if shared:
             with store_lock(self.queue):
+                few = lease_count(self.queue) <= FEW_LEASES
                 large = [digest for digest in shared if self.sizes[digest] > SMALL_BLOB]
-                busy = busy_inodes(self.queue, self.token) if large else set()
+                busy = busy_inodes(self.queue, self.token) if few or large else set()
                 for digest in shared:
-                    small = self.sizes[digest] <= SMALL_BLOB
+                    small = self.sizes[digest] <= SMALL_BLOB and not few
                     copy = small or linked[digest].st_ino in busy
                     if copy and not self.refresh(digest):
                         del linked[digest]
