@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,8 +44,25 @@ def source_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+_loaded: list[ModuleType] = []  # gateway_base, once wholly loaded
+_loading = threading.Lock()  # clients in several threads load it once
+
+
 def gateway_base() -> ModuleType:
-    """execnet's gateway_base, loaded once, on its own (its compiled form cached as usual)."""
+    """execnet's gateway_base, loaded once, on its own (its compiled form cached as usual).
+
+    Its module is in sys.modules while it runs: another thread must not take it
+    before it has run to its end, so loading holds a lock.
+    """
+    if not _loaded:
+        with _loading:
+            if not _loaded:
+                _loaded.append(_load_gateway_base())
+    return _loaded[0]
+
+
+def _load_gateway_base() -> ModuleType:
+    """Load gateway_base (see gateway_base)."""
     loaded = sys.modules.get(MODULE_NAME)
     if loaded is not None:
         return loaded

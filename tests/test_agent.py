@@ -1444,9 +1444,9 @@ def test_unused_blobs_are_collected_once_stale(
     monkeypatch.setattr(store, "STALE_UPLOAD", -1.0)
     monkeypatch.setattr(store, "STORE_GC_INTERVAL", 0.0)
     harness.ok("upload_begin")
-    # start.sh, small and shared with "kept", was copied for the aborted upload (the
-    # copy replacing it in the store, see Upload.plan): it went with the upload.
-    assert set(blobs_of(harness)) == {blob_name(b"kept\n")}
+    # start.sh, shared with "kept" (which ended: no job that may run holds it), was
+    # linked for the aborted upload, not copied: it stays, with "kept"; dropped.txt went.
+    assert set(blobs_of(harness)) == {blob_name(b"kept\n"), blob_name(b"#!/bin/sh\ntrue\n", 0o755)}
 
 
 def test_an_interrupted_upload_resumes_where_it_stopped(harness: Harness) -> None:

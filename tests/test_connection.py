@@ -331,3 +331,36 @@ def test_a_session_uses_execnets_gateway_base_alone(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
+
+
+RACE = """
+import sys, threading
+sys.setswitchinterval(1e-6)  # threads switch often: a race shows
+from tej import gateway
+barrier = threading.Barrier(16)
+broken = []
+def load():
+    barrier.wait()
+    try:
+        gateway.gateway_base()._Serializer  # defined near the end of gateway_base
+    except Exception as exc:
+        broken.append(repr(exc))
+threads = [threading.Thread(target=load) for _ in range(16)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(broken), broken[:1])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_clients_in_many_threads_load_gateway_base_once_and_whole() -> None:
+    # Sixteen threads ask for gateway_base at once, in new interpreters: none may take
+    # the module while another thread is still running it.
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-c", RACE], env=tej_env(), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("0 "), done.stdout
