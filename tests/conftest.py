@@ -13,6 +13,7 @@ import pytest
 from helpers import SilentServer, Target, local_target, ssh_target
 from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
+from terminal import Terminal
 
 
 @pytest.fixture(scope="session")
@@ -147,3 +148,15 @@ def default_link_fixture(target: Target) -> Target:
 
     target.extra_cleanup.append(restore)
     return target
+
+
+@pytest.fixture
+def terminal(target: Target, tmp_path: Path) -> Iterator[Terminal]:
+    """A real terminal (tmux) whose shell runs where the target's client does."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    session = Terminal(tmp_path / "tmux.sock", target.client_env, target.client_dir)
+    try:
+        yield session
+    finally:
+        session.close()

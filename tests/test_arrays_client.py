@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Target, assert_one_line_error, process_alive, wait_until
-from test_costs import Terminal, tej_command
+from terminal import Terminal
+from test_costs import tej_command
 
 from tej.api import ArrayStatus, JobState
 
@@ -290,17 +288,6 @@ def test_resubmit_failed_with_no_failed_task(target: Target) -> None:
     message = assert_one_line_error(target.cli("resubmit", "--id", array, "--failed"))
     assert message == "Error: Every task of array 'ok' finished with exit code 0", message
     assert sorted(os.listdir(target.server_path("jobs"))) == before
-
-
-@pytest.fixture
-def terminal(target: Target, tmp_path: Path) -> Iterator[Terminal]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    session = Terminal(tmp_path / "tmux.sock", target.client_env, target.client_dir)
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 def test_list_watch_shows_an_array_and_its_tasks(target: Target, terminal: Terminal) -> None:
