@@ -95,6 +95,21 @@ def test_a_job_runs_through_slurm_and_finishes_with_its_exit_code(
     assert (slurm.client_dir / "out.txt").read_text() == "result\n"
 
 
+def slurm_view(cluster: SlurmCluster, target: Target, job_id: str) -> str:
+    """What Slurm and tej say of a job, for a failure's message."""
+    runner = (target.job_dir(job_id) / "runner.json").read_text()
+    slurm_id = json.loads(runner)["slurm_id"]
+    queue = cluster.run("squeue", "-a", "-o", "%i %T %r").stdout
+    job = cluster.run("scontrol", "show", "job", "-o", slurm_id).stdout
+    nodes = cluster.run("sinfo", "-N", "-o", "%N %T %E").stdout
+    status = target.cli("status", "--id", job_id, "--json", check=None).stdout
+    return (
+        f"runner.json: {runner}\nsqueue: {queue}\nscontrol: {job}\nsinfo: {nodes}\n"
+        f"status: {status}\n{cluster.logs()}"
+    )
+
+
+@pytest.mark.timeout(240)
 def test_a_slurm_job_has_its_supervisors_figures_without_accounting(
     slurm: Target, slurm_cluster: SlurmCluster
 ) -> None:
@@ -105,14 +120,17 @@ def test_a_slurm_job_has_its_supervisors_figures_without_accounting(
     script += 'echo "all done" > "$TEJ_PROGRESS"\n'
     job_id = slurm.submit(slurm.make_job(script=script))
     wait_for_state(slurm, job_id, "finished")
-    resources = wait_until(
-        lambda: (
-            json.loads((slurm.job_dir(job_id) / "runner.json").read_text()).get("accounting")
-            and status_json(slurm, job_id)["resources"]
-        ),
-        SLURM_WAIT,
-        "the job to leave squeue",
-    )
+    try:
+        resources = wait_until(
+            lambda: (
+                json.loads((slurm.job_dir(job_id) / "runner.json").read_text()).get("accounting")
+                and status_json(slurm, job_id)["resources"]
+            ),
+            2 * SLURM_WAIT,
+            "the job to leave squeue",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{slurm_view(slurm_cluster, slurm, job_id)}") from None
     assert resources["source"] == "tej", resources
     assert resources["max_rss"] >= 80 << 20, resources
     data = json.loads((slurm.job_dir(job_id) / "runner.json").read_text())
