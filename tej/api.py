@@ -651,23 +651,17 @@ class RemoteQueue:
     ) -> Iterator[JobStatus]:
         """The statuses of list(), yielded as their batches arrive (the server sends
         a few thousand at a time), so that a long queue is never all in memory."""
-        for row in self.iter_rows(states, tasks=tasks):
-            yield status_of(row)
-
-    def iter_rows(
-        self, states: Sequence[str] | None = None, *, tasks: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """The jobs of iter_list() as the agent sends them: plain dicts (times as ISO 8601
-        text; "array": an array's size and counts, else None), cheaper than JobStatus
-        for a long queue."""
-        for fields, rows in self._list_batches(states, tasks):
+        for fields, rows in self.iter_row_batches(states, tasks=tasks):
             for row in rows:
-                yield dict(zip(fields, row))
+                yield status_of(dict(zip(fields, row)))
 
-    def _list_batches(
-        self, states: Sequence[str] | None, tasks: bool = False
+    def iter_row_batches(
+        self, states: Sequence[str] | None = None, *, tasks: bool = False
     ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]]:
-        """The listing's batches: (field names, rows), the next ones requested meanwhile."""
+        """The jobs of iter_list() as the agent sends them, a batch at a time: (field
+        names, rows), each row a list of values in the fields' order (times as ISO 8601
+        text; "array": an array's size and counts, else None). Cheaper than JobStatus
+        for a long queue; the next batches are requested while one is read."""
         wanted = None if states is None else [_check_state(state) for state in states]
         args: dict[str, Any] = {} if wanted is None else {"states": wanted}
         if tasks:

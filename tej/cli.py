@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -36,7 +36,6 @@ EXIT_INTERRUPTED = 130
 EXIT_JOB_LOST = 7
 EXIT_JOB_TIMED_OUT = 124
 F = TypeVar("F", bound="Callable[..., Any]")
-T = TypeVar("T")
 
 
 def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
@@ -741,40 +740,48 @@ def list_jobs(
         emit_json_list(job.to_json() for job in remote.iter_list(wanted, tasks=tasks))
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    rows = remote.iter_rows(wanted, tasks=tasks)
+    batches = remote.iter_row_batches(wanted, tasks=tasks)
     if long_form:  # the widths of the memory and CPU columns need every job
-        jobs = [status_of(row) for row in rows]
+        jobs = [status_of(dict(zip(fields, row))) for fields, rows in batches for row in rows]
         click.echo("\n".join(job_table(jobs, long_form, width)))
         return
-    print_rows(rows, width)
+    print_rows(batches, width)
 
 
-def print_rows(rows: Iterator[dict[str, Any]], width: int | None) -> None:
-    """Print `tej list`'s table as the rows arrive: the columns' widths are the header's
-    and the first batch's, and a PROGRESS column if a job of the first batch has one."""
+def print_rows(
+    batches: Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]], width: int | None
+) -> None:
+    """Print `tej list`'s table as the batches of rows arrive: the columns' widths are the
+    header's and the first batch's, and a PROGRESS column if a job of the first batch has
+    one."""
     form, progress = "", False
     out = sys.stdout
-    for batch in batched(rows, 1000):
+    for fields, rows in batches:
+        if not rows:
+            continue
+        at = dict((name, fields.index(name)) for name in LISTED)
+        ident, state, elapsed, code = at["id"], at["state"], at["elapsed"], at["exit_code"]
         cells = [
-            (job["id"], job["state"], format_elapsed(job["elapsed"]), exit_text(job["exit_code"]))
-            for job in batch
+            (row[ident], row[state], format_elapsed(row[elapsed]), exit_text(row[code]))
+            for row in rows
         ]
+        notes = [row[at["progress"]] or array_cell(row[at["array"]]) for row in rows]
         if not form:  # the columns' widths: the header's and the first batch's
-            progress = any(job.get("progress") or job.get("array") for job in batch)
+            progress = any(notes)
             cells.insert(0, ("ID", "STATE", "ELAPSED", "EXIT"))
-            batch.insert(0, {"progress": "PROGRESS"})
+            notes.insert(0, "PROGRESS")
             widths = [max(len(row[column]) for row in cells) for column in range(4)]
             form = "  ".join("%%-%ds" % size for size in widths)
         lines = [form % row for row in cells]
         if progress:
-            lines = [
-                add_progress(line, job.get("progress") or array_cell(job.get("array")), width)
-                for line, job in zip(lines, batch)
-            ]
+            lines = [add_progress(line, note, width) for line, note in zip(lines, notes)]
         out.write("".join(line.rstrip() + "\n" for line in lines))
     if not form:
         out.write("ID  STATE  ELAPSED  EXIT\n")
     out.flush()
+
+
+LISTED = ("id", "state", "elapsed", "exit_code", "progress", "array")  # what print_rows shows
 
 
 def add_progress(line: str, progress: str | None, width: int | None) -> str:
@@ -821,18 +828,6 @@ def usage_cells(job: JobStatus) -> list[str]:
 def exit_text(code: int | None) -> str:
     """The EXIT column of a job."""
     return "" if code is None else str(code)
-
-
-def batched(items: Iterator[T], size: int) -> Iterator[list[T]]:
-    """Lists of up to size items, in order."""
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def emit_json_list(items: Iterator[Any]) -> None:
