@@ -154,7 +154,7 @@ def read_line(root, job_id):
     return row_line(job_id, record, root=root).rstrip("\n")
 
 
-def batches(lines):
-    """The rows of segment lines in replies' batches: JSON texts of lists of rows."""
-    for start in range(0, len(lines), BATCH_ROWS):
-        yield "[%s]" % ",".join(line_row(line) for line in lines[start : start + BATCH_ROWS])
+def batch_text(lines, number):
+    """The rows of a batch of segment lines (the number-th, from 0) as one JSON text."""
+    start = number * BATCH_ROWS
+    return "[%s]" % ",".join(line_row(line) for line in lines[start : start + BATCH_ROWS])

@@ -71,7 +71,7 @@ def list_jobs(connection, queue, states=None, tasks=False):
     array is one row (its "array": size, counts); with tasks, its tasks' rows
     (ARRAYID.N, in the states asked for too) follow it.
     """
-    from ..listing import batches, check_states, list_rows
+    from ..listing import BATCH_ROWS, batch_text, check_states, list_rows
 
     states = check_states(states)
     if not isinstance(tasks, bool):
@@ -79,29 +79,31 @@ def list_jobs(connection, queue, states=None, tasks=False):
     queue = open_queue(queue)
     runner_tick(queue)
     rows = list_rows(queue, states, tasks)
-    texts = list(batches(rows))
+    count = -(-len(rows) // BATCH_ROWS)  # the later batches are made as they are asked for
     cursor = None
-    if len(texts) > 1:
+    if count > 1:
         cursor = "%08x" % randrange(1 << 32)
-        connection.listings = {cursor: texts}  # one listing at a time per connection
+        connection.listings = {cursor: rows}  # one listing at a time per connection
     return {
         "fields": LIST_FIELDS,
-        "rows": texts[0] if texts else "[]",
+        "rows": batch_text(rows, 0),
         "count": len(rows),
-        "batches": max(len(texts), 1),
+        "batches": max(count, 1),
         "cursor": cursor,
     }
 
 
 def list_more(connection, queue, cursor, batch):
     """The batch number `batch` (from 1) of the listing `cursor` (see list)."""
-    texts = connection.listings.get(cursor) if isinstance(cursor, str) else None
-    if texts is None or not isinstance(batch, int) or not 1 <= batch < len(texts):
+    from ..listing import BATCH_ROWS, batch_text
+
+    rows = connection.listings.get(cursor) if isinstance(cursor, str) else None
+    count = 0 if rows is None else -(-len(rows) // BATCH_ROWS)
+    if rows is None or not isinstance(batch, int) or not 1 <= batch < count:
         raise AgentError(ERR_INVALID, "No such listing %r, or batch %r" % (cursor, batch))
-    text, texts[batch] = texts[batch], ""
-    if batch == len(texts) - 1:
+    if batch == count - 1:
         connection.listings = {}
-    return {"rows": text}
+    return {"rows": batch_text(rows, batch)}
 
 
 def kill(connection, queue, job_id):
