@@ -29,7 +29,7 @@ from helpers import folder_manifest
 
 import tej.bootstrap
 from tej import protocol, transfer
-from tej.server import errors, files, launch, layout, listing, processes, store
+from tej.server import errors, files, launch, layout, listing, processes, records, store
 from tej.server.agentcopy import AgentCopy, queue_copy
 from tej.server.bundle import own_files, own_name
 from tej.server.index import LIST_FIELDS, write_status
@@ -345,6 +345,21 @@ def test_hello_describes_the_server(harness: Harness) -> None:
     assert info["protocol"] == protocol.PROTOCOL_VERSION
     assert info["pid"] == os.getpid()
     assert info["python"] == "%d.%d.%d" % sys.version_info[:3]
+
+
+@pytest.mark.timeout(30)
+def test_a_job_deleted_while_it_is_read_is_not_reported_lost(tmp_path: Path) -> None:
+    """A reader that saw a job running, then found its supervisor gone, reads its record
+    again; a job deleted meanwhile (it ended) is not lost: it is as last seen."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    supervisor = {"pid": ended.pid, "start": 1, "boot": None}
+    seen = {"state": "running", "supervisor": supervisor, "submitted_at": "2026-01-01T00:00:00Z"}
+    gone = tmp_path / "jobs" / "deleted"
+    assert records.supervised_record(str(gone), dict(seen))["state"] == "running"
+    kept = tmp_path / "jobs" / "kept"
+    kept.mkdir(parents=True)
+    assert records.supervised_record(str(kept), dict(seen))["state"] == "lost"
 
 
 def test_the_agent_needs_no_install_step(tmp_path: Path) -> None:

@@ -127,7 +127,10 @@ def supervised_record(job_dir, record=None):
     if is_starting_in_time(record):
         return record
     # The supervisor is gone: it may have just written the final status.
-    record = read_status_record(job_dir) or record
+    latest = read_status_record(job_dir)
+    if latest is None and not os.path.isdir(job_dir):
+        return record  # it ended and was deleted meanwhile: as last seen, not lost
+    record = latest or record
     if record.get("state") in ACTIVE_STATES:
         record = dict(record)
         reason = "the server restarted" if rebooted(record) else "the job's supervisor died"
