@@ -740,7 +740,7 @@ def list_jobs(
         emit_json_list(job.to_json() for job in remote.iter_list(wanted, tasks=tasks))
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    batches = remote.iter_row_batches(wanted, tasks=tasks)
+    batches = remote.iter_row_batches(wanted, tasks=tasks, short=not long_form)
     if long_form:  # the widths of the memory and CPU columns need every job
         jobs = [status_of(dict(zip(fields, row))) for fields, rows in batches for row in rows]
         click.echo("\n".join(job_table(jobs, long_form, width)))
@@ -759,7 +759,7 @@ def print_rows(
     for fields, rows in batches:
         if not rows:
             continue
-        at = dict((name, fields.index(name)) for name in LISTED)
+        at = dict((name, fields.index(name)) for name in protocol.LIST_HEAD)
         ident, state, elapsed, code = at["id"], at["state"], at["elapsed"], at["exit_code"]
         cells = [
             (row[ident], row[state], format_elapsed(row[elapsed]), exit_text(row[code]))
@@ -779,9 +779,6 @@ def print_rows(
     if not form:
         out.write("ID  STATE  ELAPSED  EXIT\n")
     out.flush()
-
-
-LISTED = ("id", "state", "elapsed", "exit_code", "progress", "array")  # what print_rows shows
 
 
 def add_progress(line: str, progress: str | None, width: int | None) -> str:

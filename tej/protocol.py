@@ -92,6 +92,8 @@ MAX_RETRIES = 100  # retries.max: more attempts than this is a loop, not a retry
 MAX_BACKOFF = 100.0  # retries.backoff: the factor the delay grows by at each retry
 MAX_ARRAY_TASKS = 100000  # tasks in one array (--array, --params rows)
 MAX_ARRAY_INDEX = 10**9  # the largest task index (Slurm's own limit is lower)
+# The fields of a plain `tej list` (its short listing: see the agent's list).
+LIST_HEAD = ("id", "state", "elapsed", "exit_code", "progress", "array")
 
 # Retries: what "on" may name besides exit codes.
 RETRY_ON_FAILURE = "failure"  # a non-zero exit code, or a timeout

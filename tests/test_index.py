@@ -183,6 +183,33 @@ def test_a_long_list_comes_in_batches(target: Target) -> None:
     assert index_problems(target.queue) == []
 
 
+def test_rows_an_older_tej_wrote_list_the_same_and_get_their_heads(target: Target) -> None:
+    """A segment line starts with its submit time and its head (a plain list's columns);
+    an older tej wrote none: such rows list the same, and a full listing rewrites them."""
+    if target.kind != "local":
+        pytest.skip("the segments are rewritten on the server: one destination is enough")
+    scripts = {
+        "ok": "#!/bin/sh\ntrue\n",
+        "failed": "#!/bin/sh\nexit 3\n",
+        "noted": '#!/bin/sh\necho "epoch 3/10, loss 0.41" > "$TEJ_PROGRESS"\n',
+    }
+    for name, script in scripts.items():
+        target.wait_for(target.submit(target.make_job(name, script), "--id", name))
+    plain, full = target.cli("list", check=0).stdout, listed(target)
+    rows = Path(target.queue) / "index" / "rows"
+    for segment in rows.iterdir():
+        lines = segment.read_text().splitlines(keepends=True)
+        segment.write_text(
+            "".join(line.split(" ", 1)[0] + line[line.index("\t") :] for line in lines)
+        )
+    assert target.cli("list", check=0).stdout == plain
+    assert "epoch 3/10, loss 0.41" in plain and listed(target) == full
+    heads = [line.split("\t", 1)[0] for segment in rows.iterdir() for line in segment.open()]
+    assert len(heads) == 3 and all(" [" in head for head in heads), heads
+    assert target.cli("list", check=0).stdout == plain
+    assert index_problems(target.queue) == []
+
+
 def clone_finished_jobs(
     queue: Path, model: str, count: int, owner: tuple[int, int] | None = None
 ) -> None:

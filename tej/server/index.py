@@ -25,7 +25,7 @@ import json
 import os
 import time
 
-from ..protocol import ACTIVE_STATES, END_STATES, STATE_LOST
+from ..protocol import ACTIVE_STATES, END_STATES, LIST_HEAD, STATE_LOST
 from .files import make_private_dir, randrange, remove_quietly, write_file_atomic
 from .layout import (
     ID_PATTERN,
@@ -36,7 +36,7 @@ from .layout import (
     JOBS_DIR,
     QUEUE_FORMAT,
 )
-from .records import public_status, read_status_record
+from .records import live_status, public_status, read_status_record
 
 STATES = ACTIVE_STATES + END_STATES
 STALE_INTENT = 60.0  # an intent of another machine this old is a crashed writer's
@@ -240,26 +240,65 @@ def row_of(status):
 
 
 def row_line(job_id, record, status=None, root=None):
-    """A row as a segment holds it: SUBMITTED_AT, ID, STATE, REV, then the row in JSON.
+    """A row as a segment holds it: SUBMITTED_AT HEAD, ID, STATE, REV, then the row in JSON.
 
     Tab-separated (no field holds a tab), so that lines sort by submit time, then id.
+    HEAD, after a space, is the JSON of the row's LIST_HEAD values: what a plain `tej
+    list` shows, read without decoding the row (a line of an older tej has none).
     status: the job's public status, if not the one its record makes (a running
-    job's live figures). root: the queue's, to give an array's row its counts.
+    job's live figures). root: the queue's, to give the row the job's last progress
+    and an array's counts.
     """
-    if status is None:
+    if status is None and root is None:
         status = public_status(job_id, record)
-        if root is not None:
-            from .arrays import list_summary
+    elif status is None:
+        from .arrays import list_summary
 
-            status["array"] = list_summary(os.path.join(root, JOBS_DIR, job_id), record)
+        job_dir = os.path.join(root, JOBS_DIR, job_id)
+        status = live_status(job_id, job_dir, record)  # its last progress too
+        status["array"] = list_summary(job_dir, record)
     row = json.dumps(row_of(status), separators=(",", ":"))
-    fields = (record.get("submitted_at") or "", job_id, record.get("state"))
+    head = json.dumps([status.get(field) for field in LIST_HEAD], separators=(",", ":"))
+    fields = ("%s %s" % (record.get("submitted_at") or "", head), job_id, record.get("state"))
     return "%s\t%s\t%s\t%d\t%s\n" % (fields + (int(record.get("rev") or 0), row))
 
 
 def line_row(line):
     """The row (JSON text) of a segment's line."""
     return line[line.index("\t[") + 1 :]
+
+
+def line_head(line):
+    """The JSON text of the LIST_HEAD values of a segment's line (see row_line)."""
+    tab = line.index("\t")
+    space = line.find(" ", 0, tab)
+    if space >= 0:
+        return line[space + 1 : tab]
+    values = dict(zip(LIST_FIELDS, json.loads(line_row(line))))  # an older tej's line
+    return json.dumps([values.get(field) for field in LIST_HEAD], separators=(",", ":"))
+
+
+def with_head(line):
+    """A segment's line with its head (an older tej's line has none: it is added)."""
+    tab = line.index("\t")
+    if line.find(" ", 0, tab) >= 0:
+        return line
+    return "%s %s%s" % (line[:tab], line_head(line), line[tab:])
+
+
+def headless_segments(root, names):
+    """The segments an older tej wrote, whose lines have no head (a segment's lines are
+    written at once, by one tej: its first line tells)."""
+    found = []
+    for name in names:
+        try:
+            with open(index_path(root, INDEX_ROWS, name)) as stream:
+                first = stream.readline()
+        except OSError:
+            continue
+        if "\t" in first and " " not in first[: first.index("\t")]:
+            found.append(name)
+    return found
 
 
 def note_row(root, job_id, record):

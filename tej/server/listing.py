@@ -11,7 +11,9 @@ from .errors import AgentError
 from .index import (
     MERGE_SEGMENTS,
     STATES,
+    headless_segments,
     ids_in,
+    line_head,
     line_row,
     merge_segments,
     read_rows,
@@ -19,6 +21,7 @@ from .index import (
     segment_names,
     state_of,
     sync,
+    with_head,
     write_segment,
 )
 from .records import live_status, read_status_record
@@ -140,7 +143,10 @@ def ended_lines(root, wanted):
                     found.append((job_id, line))
     if fixed:
         names.append(write_segment(root, fixed))
-    if len(markers) == len(END_STATES) and len(names) > MERGE_SEGMENTS:
+    stale = headless_segments(root, names)
+    if stale:  # written by an older tej: given their heads, once
+        found = [(job_id, with_head(line)) for job_id, line in found]
+    if len(markers) == len(END_STATES) and (len(names) > MERGE_SEGMENTS or stale):
         merge_segments(root, names, sorted(line for _, line in found))
     return found
 
@@ -154,7 +160,9 @@ def read_line(root, job_id):
     return row_line(job_id, record, root=root).rstrip("\n")
 
 
-def batch_text(lines, number):
-    """The rows of a batch of segment lines (the number-th, from 0) as one JSON text."""
+def batch_text(lines, number, short=False):
+    """The rows of a batch of segment lines (the number-th, from 0) as one JSON text;
+    short: only their LIST_HEAD values (index.py)."""
     start = number * BATCH_ROWS
-    return "[%s]" % ",".join(line_row(line) for line in lines[start : start + BATCH_ROWS])
+    pick = line_head if short else line_row
+    return "[%s]" % ",".join(pick(line) for line in lines[start : start + BATCH_ROWS])

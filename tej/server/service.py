@@ -18,7 +18,7 @@ class Connection(object):
     def __init__(self):
         self.uploads = {}  # token -> Upload, see handlers/upload.py
         self.sync_listings = {}  # token -> the last listing of a sync, see handlers/sync.py
-        self.listings = {}  # cursor -> the batches of a listing, see handlers/jobs.py
+        self.listings = {}  # cursor -> (the rows of a listing, short), see handlers/jobs.py
 
     def handle(self, request):
         """Answer one request with a reply dict; never raises."""

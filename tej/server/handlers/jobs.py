@@ -9,6 +9,7 @@ from ...protocol import (
     ERR_JOB_NOT_FOUND,
     ERR_JOB_RUNNING,
     KILL_GRACE,
+    LIST_HEAD,
     MAX_BLOCK,
     MAX_DURATION,
     STATE_LOST,
@@ -62,20 +63,21 @@ def wait(connection, queue, job_id, timeout):
     return found
 
 
-def list_jobs(connection, queue, states=None, tasks=False):
+def list_jobs(connection, queue, states=None, tasks=False, short=False):
     """The first batch of the jobs' statuses, oldest first (all jobs, or those in states).
 
     {"fields": names, "rows": JSON text of rows (lists of values), "count": how
     many jobs, "batches": how many batches, "cursor": for list_more}. Without
-    metadata (see status). A listing of active states reads no ended job. An
-    array is one row (its "array": size, counts); with tasks, its tasks' rows
-    (ARRAYID.N, in the states asked for too) follow it.
+    metadata (see status); short: only the fields of a plain `tej list`
+    (LIST_HEAD). A listing of active states reads no ended job. An array is one
+    row (its "array": size, counts); with tasks, its tasks' rows (ARRAYID.N, in
+    the states asked for too) follow it.
     """
     from ..listing import BATCH_ROWS, batch_text, check_states, list_rows
 
     states = check_states(states)
-    if not isinstance(tasks, bool):
-        raise AgentError(ERR_INVALID, "tasks must be true or false")
+    if not isinstance(tasks, bool) or not isinstance(short, bool):
+        raise AgentError(ERR_INVALID, "tasks and short must be true or false")
     queue = open_queue(queue)
     runner_tick(queue)
     rows = list_rows(queue, states, tasks)
@@ -83,10 +85,10 @@ def list_jobs(connection, queue, states=None, tasks=False):
     cursor = None
     if count > 1:
         cursor = "%08x" % randrange(1 << 32)
-        connection.listings = {cursor: rows}  # one listing at a time per connection
+        connection.listings = {cursor: (rows, short)}  # one listing at a time per connection
     return {
-        "fields": LIST_FIELDS,
-        "rows": batch_text(rows, 0),
+        "fields": LIST_HEAD if short else LIST_FIELDS,
+        "rows": batch_text(rows, 0, short),
         "count": len(rows),
         "batches": max(count, 1),
         "cursor": cursor,
@@ -97,13 +99,14 @@ def list_more(connection, queue, cursor, batch):
     """The batch number `batch` (from 1) of the listing `cursor` (see list)."""
     from ..listing import BATCH_ROWS, batch_text
 
-    rows = connection.listings.get(cursor) if isinstance(cursor, str) else None
-    count = 0 if rows is None else -(-len(rows) // BATCH_ROWS)
-    if rows is None or not isinstance(batch, int) or not 1 <= batch < count:
+    listing = connection.listings.get(cursor) if isinstance(cursor, str) else None
+    rows, short = listing or ((), False)
+    count = -(-len(rows) // BATCH_ROWS)
+    if not isinstance(batch, int) or not 1 <= batch < count:
         raise AgentError(ERR_INVALID, "No such listing %r, or batch %r" % (cursor, batch))
     if batch == count - 1:
         connection.listings = {}
-    return {"rows": batch_text(rows, batch)}
+    return {"rows": batch_text(rows, batch, short)}
 
 
 def kill(connection, queue, job_id):
