@@ -42,6 +42,10 @@ OPERATIONS = {
     "doctor": "doctor",
     "resubmit": "upload",
 }
+#: The operations a session's first request may be to travel with the bootstrap: the
+#: loader answers it (and the handshake) before execnet is loaded (see tej/loader.py).
+#: Read only, with small arguments: their replies are plain data (Python literals).
+EARLY_OPERATIONS = ("status", "list", "sync_list")
 
 # Job states.
 STATE_STARTING = "starting"

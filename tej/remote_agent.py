@@ -15,12 +15,38 @@ standard library only, Python 3.8+. It has two roles:
 
 import sys
 
+#: The connection that the requests sent with the bootstrap were answered on (see answer).
+_early = []  # type: list[object]
+
+
+def prepare(ops):
+    """Import what answering these operations needs (the client's requests are on their way)."""
+    from .protocol import OPERATIONS
+    from .server.service import handlers_of
+
+    for op in ops:
+        if op in OPERATIONS:
+            handlers_of(op)
+
+
+def answer(requests):
+    """Answer the requests that came with the bootstrap, before execnet is loaded.
+
+    The loader calls this; the session's later requests (serve) go on the same
+    connection, so what these leave in it (a listing's token) is kept.
+    """
+    from .server.service import Connection
+
+    connection = Connection()
+    _early.append(connection)
+    return [connection.handle(request) for request in requests]
+
 
 def serve(channel):
     """Answer requests on an execnet channel until the client closes it."""
     from .server.service import serve as serve_requests
 
-    serve_requests(channel)
+    serve_requests(channel, _early.pop() if _early else None)
 
 
 def main(argv):
