@@ -21,7 +21,6 @@ system without locks:
 """
 
 import itertools
-import json
 import os
 import time
 
@@ -252,6 +251,8 @@ def row_line(job_id, record, status=None, root=None):
             from .arrays import list_summary
 
             status["array"] = list_summary(os.path.join(root, JOBS_DIR, job_id), record)
+    import json
+
     row = json.dumps(row_of(status), separators=(",", ":"))
     fields = (record.get("submitted_at") or "", job_id, record.get("state"))
     return "%s\t%s\t%s\t%d\t%s\n" % (fields + (int(record.get("rev") or 0), row))
