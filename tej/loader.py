@@ -522,8 +522,8 @@ def tej_boot(gateway, bundle, ahead=()):
         tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
     agent = tej_agent(bundle_name)
     # The answers go before execnet is even loaded: a command that needs no more is done.
-    replies = agent.answer(early) if early else None
-    sys.stdout.write("TEJ-EARLY %s\n1" % ascii(replies))
+    replies = agent.answer(early) if early else "None"
+    sys.stdout.write("TEJ-EARLY %s\n1" % replies)
     sys.stdout.flush()
     if base is None:
         base = tej_gateway_from_cache(cached)

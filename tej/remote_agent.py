@@ -15,8 +15,13 @@ standard library only, Python 3.8+. It has two roles:
 
 import sys
 
-#: The connection that the requests sent with the bootstrap were answered on (see answer).
+#: The connection that the requests sent with the bootstrap were answered on (see answer),
+#: and the reply too long to go with the bootstrap's, sent first on the channel instead.
 _early = []  # type: list[object]
+_deferred = []  # type: list[object]
+#: The longest answer (as text) that goes with the bootstrap: a longer one (a big listing)
+#: is faster to send, and to read, in execnet's binary form.
+EARLY_TEXT_LIMIT = 65536
 
 
 def prepare(ops):
@@ -30,22 +35,31 @@ def prepare(ops):
 
 
 def answer(requests):
-    """Answer the requests that came with the bootstrap, before execnet is loaded.
+    """Answer the requests that came with the bootstrap, before execnet is loaded: their
+    replies, as one line of Python literals.
 
     The loader calls this; the session's later requests (serve) go on the same
-    connection, so what these leave in it (a listing's token) is kept.
+    connection, so what these leave in it (a listing's token) is kept. The last
+    reply, if too long, is None there: it is sent first on the channel.
     """
     from .server.service import Connection
 
     connection = Connection()
     _early.append(connection)
-    return [connection.handle(request) for request in requests]
+    replies = [connection.handle(request) for request in requests]
+    text = ascii(replies)
+    if len(text) > EARLY_TEXT_LIMIT:
+        _deferred.append(replies[-1])
+        text = ascii(replies[:-1] + [None])
+    return text
 
 
 def serve(channel):
     """Answer requests on an execnet channel until the client closes it."""
     from .server.service import serve as serve_requests
 
+    if _deferred:
+        channel.send(_deferred.pop())
     serve_requests(channel, _early.pop() if _early else None)
 
 

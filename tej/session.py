@@ -62,7 +62,8 @@ class Session:
         self.request_timeout = request_timeout
         self._server: dict[str, Any] = {}
         self._hello_pending = False
-        #: The first request, answered by the loader: (op, args, reply), until it is asked.
+        #: The first request, answered by the loader: (op, args, reply), until it is asked
+        #: (reply None: too long to come with the bootstrap, it comes first on the channel).
         self._early: tuple[str, dict[str, Any], Any] | None = None
         #: Whether execnet's gateway is still to be started (see _start_gateway).
         self._gateway_pending = False
@@ -300,10 +301,14 @@ class Session:
 
     def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; raises the matching TejError."""
-        early, self._early = self._early, None
+        early = self._early
         if early is not None and early[:2] == (op, args):
-            return self._result(early[2])  # answered by the loader (see open)
-        self._send(op, args)
+            self._early = None
+            if early[2] is not None:
+                return self._result(early[2])  # answered by the loader (see open)
+            self._start_gateway()  # the agent sends the answer first thing
+        else:
+            self._send(op, args)  # an early answer not asked for is dropped first
         try:
             return self._receive()
         except ProtocolError:
@@ -367,8 +372,11 @@ class Session:
         self.close()
 
     def _send(self, op: str, args: dict[str, Any]) -> None:
+        early, self._early = self._early, None
         if self._gateway_pending:
             self._start_gateway()
+        if early is not None and early[2] is None:
+            self._receive_result()  # it comes first on the channel: not asked for, dropped
         if self._channel is None:
             raise ConnectionFailed(f"The session with {self.destination} is closed")
         try:
