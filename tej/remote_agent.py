@@ -47,11 +47,29 @@ def answer(requests):
     connection = Connection()
     _early.append(connection)
     replies = [connection.handle(request) for request in requests]
-    text = ascii(replies)
-    if len(text) > EARLY_TEXT_LIMIT:
+    text = None if _longer(replies, EARLY_TEXT_LIMIT) else ascii(replies)
+    if text is None or len(text) > EARLY_TEXT_LIMIT:
         _deferred.append(replies[-1])
         text = ascii(replies[:-1] + [None])
     return text
+
+
+def _longer(value, limit):
+    """Whether the strings in value (nested in dicts, lists, tuples) are longer than limit
+    in all: a long answer is known without writing it out first."""
+    if isinstance(value, (str, bytes)):
+        return len(value) > limit
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (str, bytes)):
+                limit -= len(item)
+            elif _longer(item, limit):
+                return True
+            if limit < 0:
+                return True
+    return False
 
 
 def serve(channel):
