@@ -385,11 +385,15 @@ class RemoteQueue:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def session(self) -> Session:
-        """The open session, connecting on first use (and again after a lost connection)."""
+    def session(self, first: tuple[str, dict[str, Any]] | None = None) -> Session:
+        """The open session, connecting on first use (and again after a lost connection).
+
+        first is the request the caller sends next, (op, args): a new session sends it
+        with the agent's bootstrap when it can (see Session.open).
+        """
         if self._session is None or not self._session.is_open:
             session = Session(self.destination, self.options)
-            session.open()
+            session.open(first)
             self._session = session
         return self._session
 
@@ -417,7 +421,8 @@ class RemoteQueue:
         installed: set[str] = set()  # the plugins installed: once each
         while True:
             try:
-                return self.session().call(op, queue=self.queue, **args)
+                request = {"queue": self.queue, **args}
+                return self.session((op, request)).call(op, **request)
             except RunnerMissing as exc:
                 name = str(exc)
                 if name in installed:

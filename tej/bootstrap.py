@@ -10,8 +10,14 @@ The bootstrap, line by line on the agent's stdin:
    their sources and checked against it), so Python keeps their compiled form
    and a connection costs no compilation; it answers with the names it could
    not find there;
-3. only then, and only for those, the sources are sent (and written to the
-   cache, best effort: a read-only or full home runs them from memory).
+3. the session's first requests, if it sends them with the bootstrap (the
+   handshake and one of tej.protocol.EARLY_OPERATIONS), else None: the loader
+   answers them before execnet is loaded (a line of Python literals), so a
+   command like `tej status` has its answer without execnet's start on the
+   server, nor a round trip after it;
+4. only then, and only for what the cache lacks, the sources are sent (and
+   written to the cache, best effort: a read-only or full home runs them from
+   memory).
 
 The client writes lines 1 and 2 as soon as the process is started, so a cache
 hit costs no round trip more than the version check. This module is kept
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 MIN_PYTHON = (3, 8)
 BOOT_MARKER = b"TEJ-BOOT "
 CACHE_MARKER = b"TEJ-CACHE"
+EARLY_MARKER = b"TEJ-EARLY "
 MAX_LOGIN_NOISE = 65536
 BOOTSTRAP_LINE = "import sys;exec(eval(sys.stdin.readline()))"
 # Stage one runs on any Python (2.7 included): it reports the version, and
@@ -143,8 +150,12 @@ class AgentIO:
         return self.popen.wait()
 
 
-def start(argv: list[str]) -> tuple[AgentIO, IO[bytes]]:
-    """Start the agent's process and write the bootstrap's first two lines (OSError if not)."""
+def start(argv: list[str], ahead: tuple[str, ...] = ()) -> tuple[AgentIO, IO[bytes]]:
+    """Start the agent's process and write the bootstrap's first two lines (OSError if not).
+
+    ahead names the operation the session will likely send first: the agent imports
+    what answering it needs while the client is still on its way (see tej/loader.py).
+    """
     stderr = _temporary_file()
     try:
         io = AgentIO(argv, stderr)
@@ -156,7 +167,7 @@ def start(argv: list[str]) -> tuple[AgentIO, IO[bytes]]:
     try:
         try:
             io.write(boot_line(STAGE_ONE))
-            io.write(boot_line(loader_source()))
+            io.write(boot_line(loader_source(ahead)))
         except OSError:
             pass
     except BaseException:
@@ -169,7 +180,9 @@ def start(argv: list[str]) -> tuple[AgentIO, IO[bytes]]:
 prestarted: dict[tuple[str, ...], tuple[AgentIO, IO[bytes]]] = {}
 
 
-def prestart(destination: Destination, options: ConnectOptions) -> None:
+def prestart(
+    destination: Destination, options: ConnectOptions, ahead: tuple[str, ...] = ()
+) -> None:
     """Start connecting now, for a session that will be opened soon (or not: discard).
 
     The next Session.open() whose command line is the same takes this process over, so
@@ -178,7 +191,7 @@ def prestart(destination: Destination, options: ConnectOptions) -> None:
     argv = agent_command(destination, options, BOOTSTRAP_LINE)
     if tuple(argv) not in prestarted:
         try:  # noqa: SIM105 - contextlib would load before ssh starts
-            prestarted[tuple(argv)] = start(argv)
+            prestarted[tuple(argv)] = start(argv, ahead)
         except OSError:
             pass
 
@@ -231,7 +244,7 @@ def loader_code() -> Code:
         return Code("tej_loader_", stream.read())
 
 
-def loader_source() -> str:
+def loader_source(ahead: tuple[str, ...] = ()) -> str:
     """The bootstrap's second line: the loader's stage two (a few functions of
     tej/loader.py) and its call, which runs the whole loader (its source sent along, in
     case the server's cache lacks it) and boots this client's code."""
@@ -243,6 +256,6 @@ def loader_source() -> str:
         raise RuntimeError(f"{LOADER_PATH} has no stage two")  # a broken installation
     name = loader_code().name
     gateway, bundle = gateway_code(), agent_bundle()
-    call = (gateway.name, gateway.digest), (bundle.name, bundle.digests)
+    call = (gateway.name, gateway.digest), (bundle.name, bundle.digests), tuple(ahead)
     imports = "import os\nimport stat\nimport sys\n"
     return f"{imports}#{stage_two}\ntej_stage_two({source!r}, {name!r}, {call!r})\n"

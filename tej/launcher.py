@@ -30,6 +30,9 @@ QUEUE_COMMANDS = (
     "resubmit",
     "prune",
 )
+#: The first request of the commands that send one of tej.protocol.EARLY_OPERATIONS first:
+#: the agent is told, and imports what answering it needs ahead (see tej.bootstrap.start).
+FIRST_OPERATIONS = {"status": "status", "list": "list", "sync": "sync_list"}
 #: The options that decide how the agent is started, and their environment variables.
 CONNECTION_OPTIONS = {
     "--python": "TEJ_PYTHON",
@@ -146,6 +149,7 @@ def _prestart(args: list[str]) -> None:
     destination = str(found["destination"])
     try:
         options = config.resolve(destination, given).connect_options()
-        prestart(parse_destination(destination), options)
+        ahead = (FIRST_OPERATIONS[args[0]],) if args[0] in FIRST_OPERATIONS else ()
+        prestart(parse_destination(destination), options, ahead)
     except Exception:  # noqa: BLE001 - the command line will say what is wrong
         pass

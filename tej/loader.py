@@ -60,11 +60,9 @@ def tej_cached_loader(path, name, source):
                 return None
             if info.st_mode & 0o022 or stream.read() != source.encode("utf-8"):
                 return None
-        from importlib.machinery import SourceFileLoader
-
         module = type(sys)(name)
         module.__file__ = path
-        SourceFileLoader(name, path).exec_module(module)
+        tej_machinery("SourceFileLoader")(name, path).exec_module(module)
         return module
     except Exception:  # damaged (its compiled copy too): compiled from the source instead
         try:
@@ -74,6 +72,18 @@ def tej_cached_loader(path, name, source):
         except Exception:  # none
             pass
         return None
+
+
+def tej_machinery(name):
+    """A class of importlib.machinery (SourceFileLoader, ModuleSpec), taken from the modules
+    the interpreter has loaded already: importlib.machinery would load importlib and warnings."""
+    for module in ("_frozen_importlib_external", "_frozen_importlib"):
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            return found
+    import importlib.machinery
+
+    return getattr(importlib.machinery, name)
 
 
 def tej_cache_dir():
@@ -247,17 +257,16 @@ def tej_typing_stand_in():
     return module
 
 
-def tej_gateway_from_cache(cache, name, digest):
-    """execnet's gateway_base from the cache, without what it needs only rarely; or None.
+def tej_gateway_from_cache(path):
+    """execnet's gateway_base from the cache (path, found intact), without what it needs
+    only rarely.
 
     It imports traceback (with linecache, tokenize, textwrap...) only to format
     errors, binding format_exception as a default argument, and typing only for
     its annotations: they would take a quarter of the server's start-up. So
     traceback stands in until it is used, and typing while gateway_base loads.
     """
-    path = os.path.join(cache, name + ".py")
-    if not tej_intact(path, digest):
-        return None
+    name = os.path.basename(path)[: -len(".py")]
     if "traceback" not in sys.modules:
         lazy = sys.modules["traceback"] = TejLazyModule("traceback")
         lazy.format_exception = lambda *args, **kwargs: lazy.tej_real().format_exception(
@@ -269,7 +278,9 @@ def tej_gateway_from_cache(cache, name, digest):
     try:
         return tej_import(name, path)
     except Exception:  # it needs more of typing than the stand-in has
-        return tej_import(name, path) if sys.modules.pop("typing", None) is stand_in else None
+        if sys.modules.pop("typing", None) is not stand_in:
+            raise
+        return tej_import(name, path)
     finally:
         if sys.modules.get("typing") is stand_in:
             del sys.modules["typing"]
@@ -380,9 +391,9 @@ def tej_source_loader(name, path):
     Python trusts a compiled copy whose header matches the source's size and time;
     one damaged behind that header would fail every import until it is removed.
     """
-    from importlib.machinery import SourceFileLoader
+    SourceFileLoader = tej_machinery("SourceFileLoader")
 
-    class TejSourceLoader(SourceFileLoader):
+    class TejSourceLoader(SourceFileLoader):  # type: ignore[misc,valid-type]
         def get_code(self, fullname):
             try:
                 return SourceFileLoader.get_code(self, fullname)
@@ -425,10 +436,9 @@ class TejBundleFinder(object):
         importlib.util (and contextlib, which it loads) would cost every connection
         a millisecond.
         """
-        from importlib.machinery import ModuleSpec
-
+        ModuleSpec = tej_machinery("ModuleSpec")
         if path is None:
-            spec = ModuleSpec(fullname, self, origin=file, is_package=package)  # type: ignore
+            spec = ModuleSpec(fullname, self, origin=file, is_package=package)
             if package:
                 spec.submodule_search_locations = []
             return spec
@@ -466,22 +476,40 @@ def tej_bundle_package(name, folder, sources):
     return package
 
 
-def tej_boot(gateway, bundle):
-    """Load gateway_base and the agent's bundle, asking for the sources of what isn't cached."""
+def tej_agent(bundle_name):
+    """The agent's entry point (remote_agent) in the bundle, imported."""
+    name = bundle_name + ".remote_agent"
+    __import__(name)
+    return sys.modules[name]
+
+
+def tej_boot(gateway, bundle, ahead=()):
+    """Load gateway_base and the agent's bundle, asking for the sources of what isn't cached;
+    answer the requests that came with the bootstrap; then serve.
+
+    ahead names the operations the client will likely send first: what they need is
+    imported before the requests are read, which may still be on their way.
+    """
     cache = tej_cache_dir()
     gateway_name, gateway_digest = gateway
     bundle_name, digests = bundle
-    base = tej_gateway_from_cache(cache, gateway_name, gateway_digest) if cache else None
+    cached = os.path.join(cache, gateway_name + ".py") if cache else None
+    if cached is not None and not tej_intact(cached, gateway_digest):
+        cached = None
     folder = os.path.join(cache, bundle_name) if cache else None
     if folder is not None and not tej_bundle_intact(folder, digests):
         folder = None
-    missing = ([] if base else [gateway_name]) + ([] if folder else [bundle_name])
+    missing = ([] if cached else [gateway_name]) + ([] if folder else [bundle_name])
     sys.stdout.write("TEJ-CACHE%s\n" % "".join(" " + name for name in missing))
     sys.stdout.flush()
-    sources = {}
+    if not missing:
+        tej_bundle_package(bundle_name, folder, None)
+        tej_agent(bundle_name).prepare(["hello", *ahead])
+    early = eval(sys.stdin.readline())  # the session's first requests (or None)
+    sources, base = {}, None
     if missing:
         sources = eval(sys.stdin.readline())
-        if base is None:
+        if cached is None:
             base = tej_gateway_from_source(cache, gateway_name, sources[gateway_name])
         if folder is None and cache is not None:
             try:
@@ -491,11 +519,15 @@ def tej_boot(gateway, bundle):
                 folder = None
         if cache is not None:
             tej_prune(cache, [gateway_name, bundle_name, LOADER_NAME])
-    tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
-    __import__(bundle_name + ".remote_agent")
-    assert base is not None  # from the cache, or from its source
+        tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
+    agent = tej_agent(bundle_name)
+    # The answers go before execnet is even loaded: a command that needs no more is done.
+    replies = agent.answer(early) if early else "None"
+    sys.stdout.write("TEJ-EARLY %s\n1" % replies)
+    sys.stdout.flush()
+    if base is None:
+        base = tej_gateway_from_cache(cached)
     io = base.init_popen_io(base.get_execmodel("thread"))
-    io.write(b"1")
     base.serve(io, id="tej-agent")
     # The client has closed the session: end now, without the interpreter's cleanup,
     # which the client would wait for (supervisors are detached: they go on).

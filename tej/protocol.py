@@ -42,6 +42,10 @@ OPERATIONS = {
     "doctor": "doctor",
     "resubmit": "upload",
 }
+#: The operations a session's first request may be to travel with the bootstrap: the
+#: loader answers it (and the handshake) before execnet is loaded (see tej/loader.py).
+#: Read only, with small arguments: their replies are plain data (Python literals).
+EARLY_OPERATIONS = ("status", "list", "sync_list")
 
 # Job states.
 STATE_STARTING = "starting"
@@ -100,8 +104,13 @@ RETRY_ON_FAILURE = "failure"  # a non-zero exit code, or a timeout
 RETRY_ON_LOST = "lost"  # the supervisor died (killed, a reboot): retried by the next command
 
 # Names: what job identifiers, environment variables and runners are made of.
-ID_CHARACTERS = r"A-Za-z0-9_\-.+=@%:,"
+ID_PUNCTUATION = "_-.+=@%:,"  # besides ASCII letters and digits
+ID_CHARACTERS = r"A-Za-z0-9" + ID_PUNCTUATION.replace("-", r"\-")  # a regex's [class]
 ID_REGEX = r"[%s]+\Z" % ID_CHARACTERS
+#: The same characters as a set: job_id_problem checks an id without loading re.
+_ID_SET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + ID_PUNCTUATION
+)
 ENV_NAME_REGEX = r"[A-Za-z_][A-Za-z0-9_]*\Z"
 RUNNER_NAME_REGEX = r"[a-z][a-z0-9_]{0,63}\Z"
 
@@ -110,9 +119,7 @@ def job_id_problem(job_id: object) -> "str | None":
     """Why job_id is not a valid job identifier, or None if it is."""
     if not isinstance(job_id, str) or not job_id:
         return "A job identifier can't be empty"
-    import re  # here: tej starts ssh before it would load re (see tej.launcher)
-
-    if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not re.match(ID_REGEX, job_id):
+    if job_id in (".", "..") or len(job_id) > MAX_ID_LENGTH or not _ID_SET.issuperset(job_id):
         return "Invalid job identifier %r: use at most %d letters, digits and _-.+=@%%:," % (
             job_id,
             MAX_ID_LENGTH,

@@ -15,12 +15,70 @@ standard library only, Python 3.8+. It has two roles:
 
 import sys
 
+#: The connection that the requests sent with the bootstrap were answered on (see answer),
+#: and the reply too long to go with the bootstrap's, sent first on the channel instead.
+_early = []  # type: list[object]
+_deferred = []  # type: list[object]
+#: The longest answer (as text) that goes with the bootstrap: a longer one (a big listing)
+#: is faster to send, and to read, in execnet's binary form.
+EARLY_TEXT_LIMIT = 65536
+
+
+def prepare(ops):
+    """Import what answering these operations needs (the client's requests are on their way)."""
+    from .protocol import OPERATIONS
+    from .server.service import handlers_of
+
+    for op in ops:
+        if op in OPERATIONS:
+            handlers_of(op)
+
+
+def answer(requests):
+    """Answer the requests that came with the bootstrap, before execnet is loaded: their
+    replies, as one line of Python literals.
+
+    The loader calls this; the session's later requests (serve) go on the same
+    connection, so what these leave in it (a listing's token) is kept. The last
+    reply, if too long, is None there: it is sent first on the channel.
+    """
+    from .server.service import Connection
+
+    connection = Connection()
+    _early.append(connection)
+    replies = [connection.handle(request) for request in requests]
+    text = None if _longer(replies, EARLY_TEXT_LIMIT) else ascii(replies)
+    if text is None or len(text) > EARLY_TEXT_LIMIT:
+        _deferred.append(replies[-1])
+        text = ascii(replies[:-1] + [None])
+    return text
+
+
+def _longer(value, limit):
+    """Whether the strings in value (nested in dicts, lists, tuples) are longer than limit
+    in all: a long answer is known without writing it out first."""
+    if isinstance(value, (str, bytes)):
+        return len(value) > limit
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, (str, bytes)):
+                limit -= len(item)
+            elif _longer(item, limit):
+                return True
+            if limit < 0:
+                return True
+    return False
+
 
 def serve(channel):
     """Answer requests on an execnet channel until the client closes it."""
     from .server.service import serve as serve_requests
 
-    serve_requests(channel)
+    if _deferred:
+        channel.send(_deferred.pop())
+    serve_requests(channel, _early.pop() if _early else None)
 
 
 def main(argv):

@@ -19,6 +19,7 @@ from tej.bootstrap import (
     BOOT_MARKER,
     BOOTSTRAP_LINE,
     CACHE_MARKER,
+    EARLY_MARKER,
     MAX_LOGIN_NOISE,
     MIN_PYTHON,
     AgentIO,
@@ -37,7 +38,7 @@ from tej.errors import (
     error_from_reply,
 )
 from tej.gateway import gateway_base, open_gateway
-from tej.protocol import PROTOCOL_VERSION
+from tej.protocol import EARLY_OPERATIONS, PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -61,6 +62,11 @@ class Session:
         self.request_timeout = request_timeout
         self._server: dict[str, Any] = {}
         self._hello_pending = False
+        #: The first request, answered by the loader: (op, args, reply), until it is asked
+        #: (reply None: too long to come with the bootstrap, it comes first on the channel).
+        self._early: tuple[str, dict[str, Any], Any] | None = None
+        #: Whether execnet's gateway is still to be started (see _start_gateway).
+        self._gateway_pending = False
         self._stderr: IO[bytes] | None = None
         self._io: AgentIO | None = None
         self._gateway: Any = None
@@ -81,27 +87,53 @@ class Session:
 
     # opening and closing
 
-    def open(self) -> None:
-        """Start the agent on the destination and shake hands with it."""
+    def open(self, first: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Start the agent on the destination and shake hands with it.
+
+        first is the request the caller sends next, (op, args): if it is one of
+        EARLY_OPERATIONS, it travels with the bootstrap, the loader answers it
+        with the handshake before execnet starts on either side, and the call
+        that sends it gets that answer (execnet starts with the next request).
+        """
         argv = agent_command(self.destination, self.options, BOOTSTRAP_LINE)
         started = prestarted.pop(tuple(argv), None)
         if started is None:
             try:
-                started = start(argv)
+                started = start(argv, () if first is None else (first[0],))
             except OSError as exc:
                 self.close()
                 raise self._start_failure(argv[0], exc) from None
         self._io, self._stderr = started
+        early = first if first is not None and first[0] in EARLY_OPERATIONS else None
         try:
-            gateway_base()  # loaded while the server starts
-            self._bootstrap(self._io)
-            self._channel = self._start_agent(self._io)
-            # Its reply is read with the first request's: no round trip of its own.
-            self._send("hello", {"protocol": PROTOCOL_VERSION})
-            self._hello_pending = True
+            if early is None:
+                gateway_base()  # loaded while the server starts
+            self._bootstrap(self._io, early)
+            self._gateway_pending = True
+            if early is None:
+                self._start_gateway()
         except BaseException:
             self.close()
             raise
+
+    def _start_gateway(self) -> None:
+        """Start execnet on the agent's process, and the agent on it (the handshake too,
+        unless the loader has answered it): once the loader has written its '1'."""
+        assert self._io is not None
+        self._gateway_pending = False
+        try:
+            started = self._io.read(1) == b"1"
+            if started:
+                self._channel = self._start_agent(self._io)
+        except (EOFError, OSError, ValueError) as exc:
+            raise self._lost(exc) from None
+        if not started:
+            self.close()
+            raise ProtocolError(f"The agent on {self.destination} did not start properly")
+        if not self._server:
+            # Its reply is read with the first request's: no round trip of its own.
+            self._send("hello", {"protocol": PROTOCOL_VERSION})
+            self._hello_pending = True
 
     def command_for(self, code: str) -> list[str]:
         """The command line that runs Python code on the destination, beside this session.
@@ -117,12 +149,21 @@ class Session:
             )
         return ConnectionFailed(f"Cannot run {program!r}: {exc.strerror}")
 
-    def _bootstrap(self, io: AgentIO) -> None:
-        """Check the server's Python, then load execnet's code there; with a deadline."""
+    def _bootstrap(self, io: AgentIO, early: tuple[str, dict[str, Any]] | None) -> None:
+        """Check the server's Python, then load execnet's code there (and have early
+        answered with the handshake); with a deadline."""
         watchdog = threading.Timer(self._bootstrap_timeout(), io.popen.kill)
         watchdog.daemon = True
         watchdog.start()
+        hello = {"v": PROTOCOL_VERSION, "op": "hello", "args": {"protocol": PROTOCOL_VERSION}}
+        requests = None
+        if early is not None:
+            requests = [hello, {"v": PROTOCOL_VERSION, "op": early[0], "args": early[1]}]
         try:
+            try:  # noqa: SIM105 - if the process has exited, the version line says why
+                io.write(boot_line(requests))
+            except OSError:
+                pass
             version = self._read_boot_line(io)
             if version < MIN_PYTHON:
                 raise ServerPythonError(
@@ -133,8 +174,12 @@ class Session:
             self.sent_sources = tuple(missing)
             if missing:
                 io.write(boot_line({name: cache_sources()[name] for name in missing}))
-            if io.read(1) != b"1":
-                raise ProtocolError(f"The agent on {self.destination} did not start properly")
+            replies = self._read_early_line(io)
+            if early is not None:
+                if not isinstance(replies, list) or len(replies) != 2:
+                    raise ProtocolError(f"Unexpected replies from the agent: {replies!r:.200}")
+                self._server = self._result(replies[0])
+                self._early = (*early, replies[1])
         except (EOFError, OSError, ValueError):
             raise self._failure_from_exit(watchdog.is_alive()) from None
         finally:
@@ -152,6 +197,18 @@ class Session:
         if not set(names) <= set(cache_sources()):
             raise ProtocolError(f"The agent on {self.destination} did not start properly")
         return names
+
+    def _read_early_line(self, io: AgentIO) -> Any:
+        """The loader's answers to the requests sent with the bootstrap (None if none)."""
+        line = io.readline()
+        if not line.startswith(EARLY_MARKER):
+            raise ProtocolError(f"The agent on {self.destination} did not start properly")
+        import ast
+
+        try:
+            return ast.literal_eval(line[len(EARLY_MARKER) :].decode("ascii"))
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ProtocolError(f"Unexpected replies from the agent: {line!r:.200}") from None
 
     def _read_boot_line(self, io: AgentIO) -> tuple[int, ...]:
         """Skip what login scripts print, up to the line that gives Python's version."""
@@ -224,11 +281,15 @@ class Session:
         exits next (the `tej` command), whose ssh then ends by itself.
         """
         gateway, self._gateway, self._channel = self._gateway, None, None
+        pending, self._gateway_pending = self._gateway_pending, False
         self._hello_pending = False
+        self._early = None
         if gateway is not None:
             gateway.exit()
-        if self._io is not None and (wait or gateway is None):
-            _stop_process(self._io.popen, timeout=0 if gateway is None else 3.0)
+        elif pending and self._io is not None:
+            _close_quietly(self._io)  # the agent, serving already, ends at its end of input
+        if self._io is not None and (wait or (gateway is None and not pending)):
+            _stop_process(self._io.popen, timeout=0 if gateway is None and not pending else 3.0)
         if gateway is not None and wait:
             gateway.join(timeout=1.0)
         self._io = None
@@ -240,7 +301,14 @@ class Session:
 
     def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; raises the matching TejError."""
-        self._send(op, args)
+        early = self._early
+        if early is not None and early[:2] == (op, args):
+            self._early = None
+            if early[2] is not None:
+                return self._result(early[2])  # answered by the loader (see open)
+            self._start_gateway()  # the agent sends the answer first thing
+        else:
+            self._send(op, args)  # an early answer not asked for is dropped first
         try:
             return self._receive()
         except ProtocolError:
@@ -304,6 +372,11 @@ class Session:
         self.close()
 
     def _send(self, op: str, args: dict[str, Any]) -> None:
+        early, self._early = self._early, None
+        if self._gateway_pending:
+            self._start_gateway()
+        if early is not None and early[2] is None:
+            self._receive_result()  # it comes first on the channel: not asked for, dropped
         if self._channel is None:
             raise ConnectionFailed(f"The session with {self.destination} is closed")
         try:
@@ -345,6 +418,11 @@ class Session:
             ) from None
         except (OSError, EOFError, channel.RemoteError) as exc:
             raise self._lost(exc) from None
+        return self._result(reply)
+
+    @staticmethod
+    def _result(reply: Any) -> Any:
+        """A reply's result; raises the TejError of an error reply."""
         if not isinstance(reply, dict) or "ok" not in reply:
             raise ProtocolError(f"Unexpected reply from the agent: {reply!r:.200}")
         if reply["ok"]:
@@ -354,13 +432,21 @@ class Session:
     @property
     def is_open(self) -> bool:
         """Whether the session can still carry requests."""
-        return self._channel is not None
+        return self._channel is not None or self._gateway_pending
 
     def _lost(self, exc: BaseException) -> ConnectionFailed:
         detail = self.stderr_tail()
         self.close()
         reason = f": {detail}" if detail else " (the connection closed)"
         return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
+
+
+def _close_quietly(io: AgentIO) -> None:
+    """Close the agent's input (its end of the session), whatever state the pipe is in."""
+    try:  # noqa: SIM105 - as _stop_process, without contextlib
+        io.close_write()
+    except OSError:
+        pass
 
 
 def _stop_process(process: Process, timeout: float) -> None:

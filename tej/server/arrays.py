@@ -11,9 +11,7 @@ being made, renamed into ``jobs/N``: the rename reserves the task) and
 """
 
 import errno
-import json
 import os
-import re
 
 from ..protocol import (
     ACTIVE_STATES,
@@ -31,7 +29,15 @@ from ..protocol import (
     parse_array_spec,
 )
 from .errors import AgentError
-from .files import make_private_dir, now_iso, randrange, read_json, remove_tree, write_json_atomic
+from .files import (
+    json_loads,
+    make_private_dir,
+    now_iso,
+    randrange,
+    read_json,
+    remove_tree,
+    write_json_atomic,
+)
 from .layout import (
     JOB_FILE,
     JOBS_DIR,
@@ -86,10 +92,12 @@ def check_params(params, indexes):
         raise AgentError(ERR_INVALID, "params must have 1 to %d rows" % MAX_ARRAY_TASKS)
     if indexes[-1] >= len(lines):
         raise AgentError(ERR_INVALID, "params has no row %d" % indexes[-1])
+    import re
+
     name = re.compile(ENV_NAME_REGEX)
     for number, line in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except ValueError:
             row = None
         if not isinstance(row, dict) or not all(
@@ -247,7 +255,7 @@ def read_params(array_dir):
     """An array's params rows (dicts), or None if it has none."""
     try:
         with open(os.path.join(array_dir, PARAMS_FILE), encoding="utf-8") as stream:
-            return [json.loads(line) for line in stream if line.strip()]
+            return [json_loads(line) for line in stream if line.strip()]
     except FileNotFoundError:
         return None
 
@@ -316,7 +324,7 @@ def task_rows(queue, array_id, array_dir, indexes, array_status):
         task_id = "%s.%d" % (array_id, index)
         line = ended.get(name)
         if line is not None:
-            values = json.loads(line[1][line[1].index("\t[") + 1 :])
+            values = json_loads(line[1][line[1].index("\t[") + 1 :])
             from .index import LIST_FIELDS
 
             row = dict(zip(LIST_FIELDS, values))

@@ -1,6 +1,5 @@
 """File primitives: atomic writes, private folders, safe relative paths, ISO times."""
 
-import json
 import os
 import time
 
@@ -53,8 +52,59 @@ def randrange(limit):
     return random.randrange(limit)
 
 
+def json_loads(text):
+    """The value of a JSON document (a str): as json.loads, without importing json.
+
+    json loads re and enum, which would be most of what a read-only request
+    such as `tej status` imports; the C scanner that json.loads itself runs
+    needs neither. Without that scanner (another Python), json.loads itself.
+    ValueError if text is not one JSON value.
+    """
+    if _scanner is None or not isinstance(text, str):
+        import json
+
+        return json.loads(text)
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        value, end = _scanner(text, start)
+    except StopIteration:
+        raise ValueError("Expecting value at %d" % start) from None
+    if text[end:].strip(_JSON_SPACE):
+        raise ValueError("Extra data at %d" % end)
+    return value
+
+
+class _JsonContext(object):
+    """What the C scanner of json reads of a JSONDecoder (its defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(
+        {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+    )
+
+
+def _json_scanner():
+    """The C scanner of json, or None (another Python)."""
+    try:
+        from _json import make_scanner
+
+        return make_scanner(_JsonContext())  # type: ignore[arg-type]
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_JSON_SPACE = " \t\n\r"
+_scanner = _json_scanner()
+
+
 def write_json_atomic(path, data, durable=True):
     """Write JSON to path atomically: temp file, fsync (if durable), rename."""
+    import json
+
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     write_file_atomic(path, text.encode("utf-8"), durable)
 
@@ -100,7 +150,7 @@ def read_json(path):
     """Read a JSON document; AgentError if it is not valid JSON."""
     data = read_file(path)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json_loads(data.decode("utf-8"))
     except ValueError:  # UnicodeDecodeError too
         raise AgentError(ERR_QUEUE, "%s is not valid JSON" % path)
 

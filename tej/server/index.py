@@ -21,7 +21,6 @@ system without locks:
 """
 
 import itertools
-import json
 import os
 import time
 
@@ -257,6 +256,8 @@ def row_line(job_id, record, status=None, root=None):
         job_dir = os.path.join(root, JOBS_DIR, job_id)
         status = live_status(job_id, job_dir, record)  # its last progress too
         status["array"] = list_summary(job_dir, record)
+    import json
+
     row = json.dumps(row_of(status), separators=(",", ":"))
     head = json.dumps([status.get(field) for field in LIST_HEAD], separators=(",", ":"))
     fields = ("%s %s" % (record.get("submitted_at") or "", head), job_id, record.get("state"))
@@ -274,6 +275,8 @@ def line_head(line):
     space = line.find(" ", 0, tab)
     if space >= 0:
         return line[space + 1 : tab]
+    import json
+
     values = dict(zip(LIST_FIELDS, json.loads(line_row(line))))  # an older tej's line
     return json.dumps([values.get(field) for field in LIST_HEAD], separators=(",", ":"))
 

@@ -1,7 +1,5 @@
 """The queue directory's format: the names of its files and folders (docs/queue-format.md)."""
 
-import re
-
 from ..protocol import ERR_INVALID, ID_REGEX, job_id_problem
 from .errors import AgentError
 
@@ -42,7 +40,25 @@ TASK_DELETED = "deleted"  # in a task's folder: its files were deleted (a tombst
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned
 STALE_TRASH = 3600.0  # a deletion interrupted this long ago
 
-ID_PATTERN = re.compile(ID_REGEX)
+
+class LazyPattern(object):
+    """A regular expression compiled on first use: re (and enum) are not imported for it
+    by a request that never matches one (`tej status` of a job)."""
+
+    def __init__(self, regex):
+        self.regex = regex
+        self.compiled = None
+
+    def match(self, text):
+        """re.match with this pattern."""
+        if self.compiled is None:
+            import re
+
+            self.compiled = re.compile(self.regex)
+        return self.compiled.match(text)
+
+
+ID_PATTERN = LazyPattern(ID_REGEX)
 
 
 def queue_root_of(job_dir):

@@ -1,7 +1,6 @@
 """Processes: identity across pid reuse and reboots, process groups, signals, reaping."""
 
 import os
-import signal
 import time
 
 BOOT_ID_PATH = os.environ.get("TEJ_BOOT_ID_PATH", "/proc/sys/kernel/random/boot_id")
@@ -212,6 +211,8 @@ def terminate_group(pgid, grace, with_descendants=False):
     with_descendants (for a supervisor): also every descendant of this
     process, which catches the job's processes that left its group.
     """
+    import signal  # here: it loads enum, which reading a status does without
+
     for signum, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if not job_alive(pgid, with_descendants):
             return
@@ -244,6 +245,8 @@ def signal_job(pgid, signum, with_descendants):
 
 def signal_name(signum):
     """The name of a signal number, such as SIGKILL."""
+    import signal
+
     try:
         return signal.Signals(signum).name
     except ValueError:

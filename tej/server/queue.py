@@ -2,7 +2,6 @@
 
 import errno
 import fcntl
-import json
 import os
 
 from ..protocol import (
@@ -16,6 +15,7 @@ from .errors import (
     AgentError,
 )
 from .files import (
+    json_loads,
     make_private_dir,
     make_private_dirs,
     now_iso,
@@ -47,7 +47,7 @@ def read_link(path):
     """The target of a tej link file, or None if path is not a link file."""
     try:
         with open(path) as stream:
-            data = json.loads(stream.read(65536))
+            data = json_loads(stream.read(65536))
     except (OSError, ValueError):
         return None
     if isinstance(data, dict) and isinstance(data.get("tej_link"), str):

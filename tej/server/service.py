@@ -47,13 +47,19 @@ class Connection(object):
             raise AgentError(ERR_BAD_REQUEST, "Unknown operation %r" % (op,))
         if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
             raise AgentError(ERR_BAD_REQUEST, "Arguments must be a dict")
-        # __import__, not importlib's import_module: importlib would load more modules.
-        module = __import__("handlers." + OPERATIONS[op], globals(), None, ["HANDLERS"], 1)
-        return module.HANDLERS[op], args
+        return handlers_of(op)[op], args
 
 
-def serve(channel):
-    """Answer requests on an execnet channel until the client closes it."""
-    connection = Connection()
+def handlers_of(op):
+    """The HANDLERS of the module that answers op (one of OPERATIONS), imported on first use."""
+    # __import__, not importlib's import_module: importlib would load more modules.
+    return __import__("handlers." + OPERATIONS[op], globals(), None, ["HANDLERS"], 1).HANDLERS
+
+
+def serve(channel, connection=None):
+    """Answer requests on an execnet channel until the client closes it (on connection, if
+    the loader has answered the session's first requests on it already)."""
+    if connection is None:
+        connection = Connection()
     for request in channel:
         channel.send(connection.handle(request))

@@ -112,7 +112,7 @@ class Syncer:
 
     def __init__(
         self,
-        session: Callable[[], Session],
+        session: Callable[..., Session],
         queue: str,
         job_id: str,
         to: str,
@@ -154,7 +154,8 @@ class Syncer:
     def call(self, op: str, **args: Any) -> Any:
         """One request about the job."""
         self.requests += 1
-        return self.session().call(op, queue=self.queue, job_id=self.job_id, **args)
+        request = {"queue": self.queue, "job_id": self.job_id, **args}
+        return self.session((op, request)).call(op, **request)
 
     def pipeline(self, requests: list[tuple[str, dict[str, Any]]]) -> Iterator[Any]:
         """Requests about the job, pipelined."""

@@ -1,7 +1,6 @@
 """Runners: the default runner, the RunnerHost every runner gets, and opening a queue's runner."""
 
 import os
-import signal
 
 from ...protocol import (
     ACTIVE_STATES,
@@ -372,6 +371,8 @@ def kill_supervised(queue, job_id, job_dir, record, grace):
         record = wait_for_state(queue, job_id, job_dir, settled, START_TIMEOUT)
     if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
         try:
+            import signal
+
             os.kill(record["supervisor"]["pid"], signal.SIGTERM)
         except ProcessLookupError:  # it has just ended (or left the job to its runner)
             pass
