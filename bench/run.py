@@ -180,7 +180,7 @@ def machine_info(bench: Bench) -> list[tuple[str, str]]:
         ("Python (client)", f"{platform.python_version()} ({sys.executable})"),
         (
             "tej CLI",
-            f"{bench.tej_python} -m tej (this checkout, pip-installed in a new venv)",
+            f"{shlex.join(bench.tej_command)} (this checkout, pip-installed in a new venv)",
         ),
         ("Python (server, as the SSH user)", remote_python),
         ("OpenSSH", ssh_version),
@@ -214,6 +214,7 @@ class Bench:
         self._files_job: Path | None = None
         self._big_dir: Path | None = None
         self.tej_python = sys.executable
+        self.tej_command = [sys.executable, "-m", "tej"]  # the `tej` script, once installed
         self.install_tej()
 
     # processes
@@ -245,6 +246,7 @@ class Bench:
                     break
             if failed is None:
                 self.tej_python = str(python)
+                self.tej_command = [str(venv / "bin" / "tej")]  # what a user runs
                 return
         if not self.smoke:
             raise BenchError(failed)
@@ -259,11 +261,9 @@ class Bench:
         return env
 
     def tej_argv(self, command: str, *args: str, queue: Path | str) -> list[str]:
-        """`VENV/bin/python -m tej COMMAND ALIAS --ssh-config CFG --queue QUEUE ARGS...`."""
+        """`VENV/bin/tej COMMAND ALIAS --ssh-config CFG --queue QUEUE ARGS...`."""
         return [
-            self.tej_python,
-            "-m",
-            "tej",
+            *self.tej_command,
             command,
             self.server.alias,
             "--ssh-config",
