@@ -273,6 +273,7 @@ def serve_forks(stdin, stdout):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     prepare_fork()
     copy = running_copy()
+    freeze_objects()
     for line in stdin:
         try:
             request = json.loads(line)
@@ -283,6 +284,19 @@ def serve_forks(stdin, stdout):
         stdout.write(report.strip() + b"\n")
         stdout.flush()
     return 0
+
+
+def freeze_objects():
+    """Keep the garbage collector, here and in the supervisors forked, off the objects so far.
+
+    A collection writes to every object it walks: in a forked supervisor, each
+    page it writes to is copied from this process's (copy on write), and page
+    faults were a fifth of a tiny job's cost.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def supervisor_title(job_dir):
