@@ -28,7 +28,7 @@ from ..files import (
 )
 from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
-from ..launch import warm_fork_server
+from ..launch import warm_fork_server, while_forking
 from ..layout import (
     JOB_FILE,
     JOBS_DIR,
@@ -265,16 +265,26 @@ def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets, par
         drop_upload(connection, queue, token)
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
         raise
+    indexed = []
+
+    def index_job():  # while the supervisor is forked; on an error the intent stays (repair)
+        try:
+            sync(queue.root, job_id, with_row=False)
+            indexed.append(job_id)
+        except OSError:
+            pass
+
     try:
         crash_point("job-renamed")
-        sync(queue.root, job_id, with_row=False)
-        queue.runner.submit(job_id, job_dir, job, secrets)
+        with while_forking(index_job):
+            queue.runner.submit(job_id, job_dir, job, secrets)
     except BaseException:
         remove_tree(job_dir)
         forget(queue.root, job_id)
         intent.end()
         raise
-    intent.end()
+    if indexed:
+        intent.end()
     return job_id
 
 
