@@ -150,7 +150,8 @@ def prepare_fork():
     import resource  # noqa: F401 - the job's resource use, at its end
     import subprocess  # noqa: F401 - starting the job
 
-    from . import queue, supervisor  # noqa: F401 - the supervisor's own modules, loaded once
+    # The supervisor's own modules, loaded once (arrays: the row of an ended job).
+    from . import arrays, queue, supervisor  # noqa: F401
 
     c_library()
 

@@ -1,6 +1,7 @@
 """Uploads and submit: a job's tree laid out from the store, then started by the queue's runner."""
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -316,10 +317,10 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
     before the job is in the index and with its runner, the next command
     repairs it. The caller ends it.
     """
-    candidates = [job_id]
-    if job_id is None:
-        candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
-    validate_job_id(candidates[0])
+    made = ("%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50))
+    first = job_id if job_id is not None else next(made)  # made one by one: the first is free
+    candidates = itertools.chain([first], made if job_id is None else [])
+    validate_job_id(first)
     start_time = start_time_of(job)
     for candidate in candidates:
         record = first_record(queue, dict(job, id=candidate), start_time)
