@@ -67,6 +67,7 @@ LIST_FIELDS = (
 CRASH_AT = os.environ.get("TEJ_TEST_CRASH_AT")
 _intents = itertools.count()
 _writer = []  # type: list[str]  # this process's HOST~PID~START, made once
+_writer_pid = [0]  # the process _writer names (a forked child names itself)
 _spares = {}  # type: dict[str, list[str]]  # root -> spares this process gave back, by path
 _spares_pid = [0]  # the process _spares belong to (a forked child starts with none)
 MAX_ADOPTED = 4  # spares taken from spares/'s listing at once
@@ -229,13 +230,19 @@ def crash_point(name, state=None):
 
 
 def writer_tag():
-    """This process, as an intent names it: HOST~PID~START (HOST: the boot's id)."""
-    if not _writer:
+    """This process, as an intent names it: HOST~PID~START (HOST: the boot's id).
+
+    Made again in a forked child (a supervisor forked by a single-threaded
+    process): the parent's would name its intents, and its spares, as the parent's.
+    """
+    pid = os.getpid()
+    if not _writer or _writer_pid[0] != pid:
         from .processes import identify_process
 
-        me = identify_process(os.getpid())
+        me = identify_process(pid)
         host = me["boot"] or "host-" + os.uname()[1]
-        _writer.append("%s~%d~%s" % (host.replace("~", "-"), me["pid"], me["start"]))
+        _writer[:] = ["%s~%d~%s" % (host.replace("~", "-"), me["pid"], me["start"])]
+        _writer_pid[0] = pid
     return _writer[0]
 
 
