@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import pytest
-from helpers import folder_manifest
+from helpers import folder_manifest, index_problems, wait_until
 
 import tej.bootstrap
 from tej import protocol, transfer
@@ -1459,9 +1459,61 @@ def test_unused_blobs_are_collected_once_stale(
     monkeypatch.setattr(store, "STALE_UPLOAD", -1.0)
     monkeypatch.setattr(store, "STORE_GC_INTERVAL", 0.0)
     harness.ok("upload_begin")
-    # start.sh, shared with "kept" (which ended: no job that may run holds it), was
-    # linked for the aborted upload, not copied: it stays, with "kept"; dropped.txt went.
-    assert set(blobs_of(harness)) == {blob_name(b"kept\n"), blob_name(b"#!/bin/sh\ntrue\n", 0o755)}
+    # start.sh, small and shared with "kept", was copied for the aborted upload without
+    # reading the leases (a few small blobs: see Upload.read_leases), the copy replacing
+    # it in the store: it went with the upload, as dropped.txt did.
+    assert set(blobs_of(harness)) == {blob_name(b"kept\n")}
+
+
+def test_many_small_blobs_of_an_ended_job_are_linked_and_a_few_are_copied(
+    harness: Harness,
+) -> None:
+    from tej.server.upload import COPY_FREELY
+
+    many = {f"f{number}.txt": F(b"file %d\n" % number) for number in range(COPY_FREELY + 2)}
+    tree: dict[str, Entry] = {**script("true\n"), **many}
+    harness.run(tree, job_id="first")
+    # Many small blobs shared with a job: the leases are read (cheaper than the copies),
+    # and the job has ended, so they are linked (a re-submit of unchanged files).
+    harness.run(tree, job_id="second")
+    first, second = (harness.job_dir(job_id) / "work" for job_id in ("first", "second"))
+    assert all((first / name).stat().st_ino == (second / name).stat().st_ino for name in many)
+    # A few: copied without reading the leases, the copy replacing the blob in the store.
+    harness.run({**script("true\n"), "f0.txt": many["f0.txt"]}, job_id="third")
+    third = harness.job_dir("third") / "work" / "f0.txt"
+    assert third.stat().st_ino != (second / "f0.txt").stat().st_ino
+    assert blobs_of(harness)[blob_name(b"file 0\n")].stat().st_ino == third.stat().st_ino
+    assert (second / "f0.txt").read_bytes() == third.read_bytes() == b"file 0\n"
+
+
+def test_intents_are_spare_files_renamed_not_created(harness: Harness) -> None:
+    tree: dict[str, Entry] = script("true\n")
+    index = Path(harness.queue) / "index"
+
+    def run(job_id: str) -> None:  # and wait for the supervisor's last intent to end
+        harness.run(tree, job_id=job_id)
+        wait_until(lambda: not os.listdir(index / "pending"), 10, "the intents to end")
+
+    run("first")
+    spares = {path.stat().st_ino for path in (index / "spares").iterdir()}
+    assert spares  # the intents of this connection, and of the job's supervisor
+    for job_id in ("second", "third"):
+        run(job_id)
+    # The same files went from spares/ to pending/ and back: none was made or removed.
+    assert {path.stat().st_ino for path in (index / "spares").iterdir()} == spares
+    assert index_problems(harness.queue) == []
+
+
+def test_a_queue_without_spares_gets_them(harness: Harness) -> None:
+    tree: dict[str, Entry] = script("true\n")
+    harness.run(tree, job_id="first")
+    spares = Path(harness.queue) / "index" / "spares"
+    shutil.rmtree(spares)  # as a queue indexed by an older tej
+    harness.run(tree, job_id="second")
+    harness.ok("delete", job_id="first")
+    assert list(spares.iterdir())
+    assert os.listdir(Path(harness.queue) / "index" / "pending") == []
+    assert index_problems(harness.queue) == []
 
 
 def test_an_interrupted_upload_resumes_where_it_stopped(harness: Harness) -> None:

@@ -10,9 +10,12 @@ system without locks:
   moved (``sync``); the mover reads the record again after the move, and
   moves again if it changed meanwhile, so that concurrent writers converge on
   the last record.
-* ``pending/ID~HOST~PID~START~N``: an intent, created before a job's record or
-  folder changes and removed once its marker is right. One left by a process
-  that died (SIGKILL) names the job to repair: the next command does.
+* ``pending/ID~HOST~PID~START~N``: an intent, made before a job's record or
+  folder changes and taken away once its marker is right. One left by a process
+  that died (SIGKILL) names the job to repair: the next command does. An
+  intent is a spare empty file of ``spares/`` renamed (created only if there
+  is none), and is renamed back there at its end: a new file costs far more
+  than a rename, and a removed one makes the next creates dearer still.
 * ``rows/SEGMENT``: the list rows of ended jobs, in files that are never
   changed once written (one per ended job, merged by `list` from time to time).
 * ``complete``: written once the index was built; without it, the next command
@@ -32,6 +35,7 @@ from .layout import (
     INDEX_DIR,
     INDEX_PENDING,
     INDEX_ROWS,
+    INDEX_SPARES,
     JOBS_DIR,
     QUEUE_FORMAT,
 )
@@ -62,6 +66,10 @@ LIST_FIELDS = (
 CRASH_AT = os.environ.get("TEJ_TEST_CRASH_AT")
 _intents = itertools.count()
 _writer = []  # type: list[str]  # this process's HOST~PID~START, made once
+_writer_pid = [0]  # the process _writer names (a forked child names itself)
+_spares = {}  # type: dict[str, list[str]]  # root -> spares this process gave back, by path
+_spares_pid = [0]  # the process _spares belong to (a forked child starts with none)
+MAX_ADOPTED = 4  # spares taken from spares/'s listing at once
 
 
 def index_path(root, *parts):
@@ -130,9 +138,11 @@ class Intent(object):
 
     def begin(self):
         """Say the job is about to change (before it does); returns self."""
-        if has_index(self.root):
-            name = "%s~%s~%d" % (self.job_id, writer_tag(), next(_intents))
-            path = index_path(self.root, INDEX_PENDING, name)
+        name = "%s~%s~%d" % (self.job_id, writer_tag(), next(_intents))
+        path = index_path(self.root, INDEX_PENDING, name)
+        if take_spare(self.root, path):
+            self.path = path
+        elif has_index(self.root):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             self.path = path
         return self
@@ -140,7 +150,7 @@ class Intent(object):
     def end(self):
         """The change is done, and the index says so."""
         if self.path is not None:
-            remove_quietly(self.path)
+            give_back(self.root, self.path)
             self.path = None
 
     def __enter__(self):
@@ -152,6 +162,64 @@ class Intent(object):
         # On an error the intent stays: the job is repaired once this process is gone.
 
 
+def spare_pool(root):
+    """The spares this process gave back to the index at root (paths), the next to take last."""
+    if _spares_pid[0] != os.getpid():
+        _spares.clear()
+        _spares_pid[0] = os.getpid()
+    return _spares.setdefault(root, [])
+
+
+def take_spare(root, path):
+    """Rename a spare of the index at root to path (an intent); False if none could be had.
+
+    This process's own spares first, else some of spares/ (another process may
+    take the same one first: a rename is atomic, so only one of them has it).
+    The intent's modification time is set: another machine's reader goes by it.
+    """
+    pool = spare_pool(root)
+    listed = False
+    while True:
+        if not pool:
+            if listed:
+                return False
+            listed = True
+            try:
+                names = os.listdir(index_path(root, INDEX_SPARES))
+            except OSError:
+                return False
+            pool += [index_path(root, INDEX_SPARES, name) for name in names[:MAX_ADOPTED]]
+            continue
+        try:
+            os.rename(pool.pop(), path)
+        except OSError:  # taken by another process, or the index is gone
+            continue
+        os.utime(path)
+        return True
+
+
+def give_back(root, path):
+    """End an intent: rename it to a spare of the index at root (removed if it can't be)."""
+    spare = index_path(root, INDEX_SPARES, "%s~%d" % (writer_tag(), next(_intents)))
+    for attempt in range(2):
+        try:
+            os.rename(path, spare)
+            spare_pool(root).append(spare)
+            return
+        except FileNotFoundError:
+            if attempt or not os.path.lexists(path):
+                break
+            try:
+                make_private_dir(os.path.dirname(spare))  # a queue whose index had no spares yet
+            except FileExistsError:
+                pass
+            except OSError:
+                break
+        except OSError:
+            break
+    remove_quietly(path)
+
+
 def crash_point(name, state=None):
     """Tests only: die here (SIGKILL) if TEJ_TEST_CRASH_AT names this point."""
     if CRASH_AT is not None and CRASH_AT in (name, "%s:%s" % (name, state)):
@@ -161,13 +229,19 @@ def crash_point(name, state=None):
 
 
 def writer_tag():
-    """This process, as an intent names it: HOST~PID~START (HOST: the boot's id)."""
-    if not _writer:
+    """This process, as an intent names it: HOST~PID~START (HOST: the boot's id).
+
+    Made again in a forked child (a supervisor forked by a single-threaded
+    process): the parent's would name its intents, and its spares, as the parent's.
+    """
+    pid = os.getpid()
+    if not _writer or _writer_pid[0] != pid:
         from .processes import identify_process
 
-        me = identify_process(os.getpid())
+        me = identify_process(pid)
         host = me["boot"] or "host-" + os.uname()[1]
-        _writer.append("%s~%d~%s" % (host.replace("~", "-"), me["pid"], me["start"]))
+        _writer[:] = ["%s~%d~%s" % (host.replace("~", "-"), me["pid"], me["start"])]
+        _writer_pid[0] = pid
     return _writer[0]
 
 
@@ -437,7 +511,7 @@ def repair_runner(root, job_id):
 
 def rebuild(root):
     """Build the index from the job folders (in place: concurrent writers keep it right)."""
-    for folder in (INDEX_PENDING, INDEX_ROWS) + STATES:
+    for folder in (INDEX_PENDING, INDEX_SPARES, INDEX_ROWS) + STATES:
         make_dirs(index_path(root, folder))
     jobs = os.path.join(root, JOBS_DIR)
     try:

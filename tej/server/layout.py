@@ -20,6 +20,7 @@ LEASES_DIR = "leases"
 INDEX_DIR = "index"
 INDEX_COMPLETE = "complete"  # written once the index is whole
 INDEX_PENDING = "pending"  # intents: changes in progress
+INDEX_SPARES = "spares"  # empty files that intents are renamed from and back to
 INDEX_ROWS = "rows"  # the list rows of ended jobs
 LINE_DIR = "line"  # the queue runner's waiting line (runners/line.py)
 

@@ -135,8 +135,13 @@ def lay_out_kept(upload, manifest_path, keep_to):
         )
 
 
-SMALL_BLOB = 256 * 1024  # a shared blob this small is copied without reading many leases
-FEW_LEASES = 32  # other leases this many or fewer are read, whatever the blobs' sizes
+SMALL_BLOB = 256 * 1024  # a shared blob this small may be copied without reading the leases
+# Reading the leases costs a few opens per lease; copying a small blob, about one create (and
+# creates cost the most here). So small shared blobs are copied without reading the leases when
+# there are at most COPY_FREELY of them (a tiny job), or when reading the leases would cost more
+# than the copies (a lease costs about 1 / LEASES_PER_COPY of a copy).
+COPY_FREELY = 8
+LEASES_PER_COPY = 4
 
 
 class Upload(object):
@@ -216,17 +221,16 @@ class Upload(object):
         """
         linked = self.linked
         # Only a blob with another link than the store's and this upload's may be
-        # shared with a live job: the leases say which. With many leases (a queue
-        # with many jobs waiting), reading them costs more than copying a small blob
-        # (the copy replaces it in the store): a small one is copied without asking.
+        # shared with a live job: the leases say which. Reading them may cost more
+        # than copying the small ones (the copy replaces the blob in the store): see
+        # read_leases.
         shared = [digest for digest, info in linked.items() if info.st_nlink > 2]
         if shared:
             with store_lock(self.queue):
-                few = lease_count(self.queue) <= FEW_LEASES
-                large = [digest for digest in shared if self.sizes[digest] > SMALL_BLOB]
-                busy = busy_inodes(self.queue, self.token) if few or large else set()
+                read = self.read_leases(shared)
+                busy = busy_inodes(self.queue, self.token) if read else set()
                 for digest in shared:
-                    small = self.sizes[digest] <= SMALL_BLOB and not few
+                    small = self.sizes[digest] <= SMALL_BLOB and not read
                     copy = small or linked[digest].st_ino in busy
                     if copy and not self.refresh(digest):
                         del linked[digest]
@@ -244,6 +248,18 @@ class Upload(object):
                 missing.append([index, offsets.get(digest, 0)])
         self.planned = True
         return missing
+
+    def read_leases(self, shared):
+        """Whether to read the leases to know which of the shared blobs a live job holds.
+
+        Always with a large one among them (a copy costs its size). Else only if
+        copying the small ones would cost more than reading the leases: not for a
+        few (a tiny job), and not when the leases outnumber them LEASES_PER_COPY to one.
+        """
+        small = sum(1 for digest in shared if self.sizes[digest] <= SMALL_BLOB)
+        if small < len(shared):
+            return True
+        return small > COPY_FREELY and small * LEASES_PER_COPY > lease_count(self.queue)
 
     def lay_out(self, rows, start):
         """Lay rows out in one pass, linking each content's first file to its blob.

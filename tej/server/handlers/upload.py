@@ -1,6 +1,7 @@
 """Uploads and submit: a job's tree laid out from the store, then started by the queue's runner."""
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from ..files import (
 )
 from ..index import Intent, crash_point, forget, sync
 from ..jobs import check_script, start_time_of, validate_job, validate_secrets
-from ..launch import warm_fork_server
+from ..launch import warm_fork_server, while_forking
 from ..layout import (
     JOB_FILE,
     JOBS_DIR,
@@ -265,16 +266,26 @@ def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets, par
         drop_upload(connection, queue, token)
         remove_tree(staging)  # a failed submit leaves nothing, not even the upload
         raise
+    indexed = []
+
+    def index_job():  # while the supervisor is forked; on an error the intent stays (repair)
+        try:
+            sync(queue.root, job_id, with_row=False)
+            indexed.append(job_id)
+        except OSError:
+            pass
+
     try:
         crash_point("job-renamed")
-        sync(queue.root, job_id, with_row=False)
-        queue.runner.submit(job_id, job_dir, job, secrets)
+        with while_forking(index_job):
+            queue.runner.submit(job_id, job_dir, job, secrets)
     except BaseException:
         remove_tree(job_dir)
         forget(queue.root, job_id)
         intent.end()
         raise
-    intent.end()
+    if indexed:
+        intent.end()
     return job_id
 
 
@@ -306,10 +317,10 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
     before the job is in the index and with its runner, the next command
     repairs it. The caller ends it.
     """
-    candidates = [job_id]
-    if job_id is None:
-        candidates = ["%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50)]
-    validate_job_id(candidates[0])
+    made = ("%s_%06d" % (id_prefix, randrange(10**6)) for _ in range(50))
+    first = job_id if job_id is not None else next(made)  # made one by one: the first is free
+    candidates = itertools.chain([first], made if job_id is None else [])
+    validate_job_id(first)
     start_time = start_time_of(job)
     for candidate in candidates:
         record = first_record(queue, dict(job, id=candidate), start_time)
