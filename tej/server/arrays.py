@@ -36,7 +36,7 @@ from .files import (
     randrange,
     read_json,
     remove_tree,
-    write_json_atomic,
+    write_json_new,
 )
 from .layout import (
     JOB_FILE,
@@ -192,11 +192,13 @@ def task_job(array_job, array_id, index, params_row):
     return job
 
 
-def reserve_task(array_dir, job, record):
+def reserve_task(array_dir, job, record, intent=None):
     """Make a task's folder (job.json, status.json) aside, then rename it into jobs/N.
 
     Returns its path, or None if the task has a folder already (it was cancelled,
     or started by someone else): the rename decides, no lock is needed.
+    intent: an index.Intent for the task, not begun, that the caller holds on (begun
+    here, left begun if the task is reserved: see server/tasks.py).
     """
     from .index import Intent, sync
 
@@ -204,19 +206,25 @@ def reserve_task(array_dir, job, record):
     name = str(job["index"])
     staging = os.path.join(array_dir, STAGING_DIR, "%s-%08x" % (name, randrange(1 << 32)))
     make_private_dir(staging)
-    write_json_atomic(os.path.join(staging, JOB_FILE), job, durable=False)
+    # Written whole before the folder is renamed: nobody reads them in staging/, so not
+    # atomically (a temporary file and a rename each) either.
+    write_json_new(os.path.join(staging, JOB_FILE), job)
     record = dict(record, id=job["id"], submitted_at=record.get("submitted_at") or now_iso())
-    write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
+    write_json_new(os.path.join(staging, STATUS_FILE), record)
     target = os.path.join(array_dir, JOBS_DIR, name)
-    with Intent(array_dir, name):
-        try:
-            os.rename(staging, target)
-        except OSError as exc:
-            remove_tree(staging)
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                return None
-            raise
-        sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
+    held = intent is not None
+    intent = (intent or Intent(array_dir, name)).begin()
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        remove_tree(staging)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            intent.end()
+            return None
+        raise  # the intent stays: the task is repaired once this process is gone
+    sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
+    if not held:
+        intent.end()
     return target
 
 

@@ -85,10 +85,14 @@ def state_of(record):
 # writing
 
 
-def write_status(job_dir, record, durable=True):
+def write_status(job_dir, record, durable=True, batch=None):
     """Write a job's status record (atomically), then move the job in the index.
 
     The one way a job's record changes, once the job is in jobs/ (see sync).
+    batch: for the records of the tasks an array's supervisor runs itself
+    (server/tasks.py), which holds each task's intent from its start to its end,
+    keeps the array's record, and writes the rows of ended tasks in batches (an
+    ended task's row is added to batch.rows, not written in a segment of its own).
     """
     from .files import write_json_atomic
     from .layout import STATUS_FILE
@@ -96,6 +100,13 @@ def write_status(job_dir, record, durable=True):
     record["rev"] = int(record.get("rev") or 0) + 1
     root = os.path.dirname(os.path.dirname(job_dir))
     job_id = os.path.basename(job_dir)
+    if batch is not None:
+        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
+        crash_point("status-written", record.get("state"))
+        again = sync(root, job_id, record, with_row=False)
+        if state_of(again) in END_STATES:
+            batch.rows.append(row_line(job_id, again))
+        return
     with Intent(root, job_id):
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
         crash_point("status-written", record.get("state"))
