@@ -212,20 +212,27 @@ def test_array_whose_supervisor_is_killed_is_lost(target: Target) -> None:
     job = target.make_job("held", held_script(target))
     target.submit(job, "--array", "0-3%1", "--id", "lo")
     wait_until(lambda: task_started(target, "lo.0"), 30, "lo.0 to start")
+    record = target.server_path("jobs", "lo", "jobs", "0", "status.json")
+    wait_until(lambda: '"state": "running"' in record.read_text(), 10, "lo.0 to be running")
     supervisor = target.record("lo")["supervisor"]["pid"]
+    script = json.loads(record.read_text())["job"]["pid"]
     os.kill(supervisor, signal.SIGKILL)
     wait_until(lambda: not process_alive(supervisor), 10, "the array's supervisor to die")
     text = target.status_text("lo")
     assert text.startswith("Array is lost: 3 cancelled, 1 running ("), text
     assert text.endswith("(the job's supervisor died)\n"), text
-    # Its running task runs on (its own supervisor), to its end; the others never start.
-    assert target.status("lo.0")["state"] == "running"
+    # Its running task is lost with it (its script runs on, an orphan: `tej kill` stops it);
+    # the others never start.
+    lost = target.status("lo.0")
+    assert lost["state"] == "lost" and lost["reason"] == "the job's supervisor died", lost
+    assert process_alive(script)
     unstarted = target.status("lo.2")
     assert unstarted["state"] == "cancelled", unstarted
     assert target.cli("wait", "--id", "lo").returncode == 7  # lost
-    release(target)
-    wait_until(lambda: target.status("lo.0")["state"] == "finished", 30, "lo.0 to end")
-    assert target.status("lo")["array"]["counts"] == {"finished": 1, "cancelled": 3}
+    assert target.cli("kill", "--id", "lo.0").returncode == 0
+    wait_until(lambda: not process_alive(script), 10, "lo.0's script to be killed")
+    assert target.status("lo.0")["state"] == "killed"
+    assert target.status("lo")["array"]["counts"] == {"killed": 1, "cancelled": 3}
     assert not target.server_path("jobs", "lo", "jobs", "1").exists()
 
 
