@@ -31,7 +31,7 @@ from .arrays import (
 )
 from .errors import AgentError
 from .files import now_iso, read_json
-from .index import write_status
+from .index import ALL_TASKS, Intent, write_status
 from .layout import JOB_FILE, STATUS_FILE, queue_root_of
 from .processes import become_subreaper, identify_process
 from .supervisor import Supervisor, ignore_signal
@@ -71,6 +71,7 @@ class ArraySupervisor(object):
         become_subreaper()
         prepare_tasks()
         ensure_task_index(self.array_dir)  # once, before the first task (not at submit)
+        intent = Intent(self.array_dir, ALL_TASKS).begin()  # for every task it runs
         try:
             self.rows = template_rows(self.array_dir)
         except (OSError, AgentError) as exc:  # each task lays out from the store, and says why
@@ -91,6 +92,7 @@ class ArraySupervisor(object):
             loop.turn(block=True)
             batch.flush()
         batch.flush(force=True)
+        intent.end()
         self.kill_requested = loop.kill_all
         self.finish()
         return 0
@@ -98,7 +100,6 @@ class ArraySupervisor(object):
     def start_task(self, index, batch):
         """Reserve task index, lay it out and start it: its TaskRun (None if it was taken,
         or failed before it started: recorded)."""
-        from .index import Intent
         from .supervisor import record_supervisor_failure
         from .tasks import TaskRun
 
@@ -108,8 +109,7 @@ class ArraySupervisor(object):
             self.mark_running()
         record = dict(new_task_record(), id=job["id"], array_supervised=True)
         record["supervisor"] = self.record["supervisor"]
-        intent = Intent(self.array_dir, str(index))
-        task_dir = reserve_task(self.array_dir, job, record, intent)
+        task_dir = reserve_task(self.array_dir, job, record, held=True)
         if task_dir is None:
             return None
         try:
@@ -117,9 +117,8 @@ class ArraySupervisor(object):
         except Exception as exc:  # noqa: BLE001 - recorded as the task's failure
             sys.stderr.write("%s tej task %s: %s\n" % (now_iso(), job["id"], exc))
             record_supervisor_failure(task_dir, exc)
-            intent.end()
             return None
-        task = TaskRun(task_dir, job, record, self.secrets, batch, intent)
+        task = TaskRun(task_dir, job, record, self.secrets, batch)
         task.start()
         return task
 

@@ -38,6 +38,9 @@ from .layout import (
 from .records import live_status, public_status, read_status_record
 
 STATES = ACTIVE_STATES + END_STATES
+# The job id of the one intent an array's supervisor holds for every task it runs, from its
+# start to its end (server/tasks.py): a crash of it has every task folder's marker placed again.
+ALL_TASKS = "*"
 STALE_INTENT = 60.0  # an intent of another machine this old is a crashed writer's
 MERGE_SEGMENTS = 32  # `list` merges the row segments once there are more
 LIST_FIELDS = (
@@ -90,8 +93,8 @@ def write_status(job_dir, record, durable=True, batch=None):
 
     The one way a job's record changes, once the job is in jobs/ (see sync).
     batch: for the records of the tasks an array's supervisor runs itself
-    (server/tasks.py), which holds each task's intent from its start to its end,
-    keeps the array's record, and writes the rows of ended tasks in batches (an
+    (server/tasks.py), which holds one intent for them all (ALL_TASKS) from its
+    start to its end, keeps the array's record, and writes the rows of ended tasks in batches (an
     ended task's row is added to batch.rows, not written in a segment of its own).
     """
     from .files import write_json_atomic
@@ -410,10 +413,17 @@ def repair_pending(root):
     for name in names:
         parts = name.split("~")
         path = index_path(root, INDEX_PENDING, name)
-        if len(parts) != 5 or not ID_PATTERN.match(parts[0]) or writer_alive(parts, path):
+        if len(parts) != 5 or writer_alive(parts, path):
             continue
-        sync(root, parts[0])
-        repair_runner(root, parts[0])
+        if parts[0] == ALL_TASKS:  # an array's supervisor died: every task it ran
+            for name in os.listdir(os.path.join(root, JOBS_DIR)):
+                if ID_PATTERN.match(name):
+                    sync(root, name, with_row=False)
+        elif ID_PATTERN.match(parts[0]):
+            sync(root, parts[0])
+            repair_runner(root, parts[0])
+        else:
+            continue
         remove_quietly(path)
         repaired += 1
     return repaired

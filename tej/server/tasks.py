@@ -30,7 +30,7 @@ from ..protocol import (
 )
 from .errors import AgentError, describe_os_error
 from .index import write_segment, write_status
-from .layout import TASK_KILL
+from .layout import TASK_KILL, WORK_DIR
 from .processes import group_exists, signal_group
 from .retries import close_attempt, next_retry
 from .supervisor import Supervisor, exit_code_fields, ignore_signal, rotate_outputs
@@ -61,7 +61,7 @@ class TaskRun(Supervisor):
     """One task run by its array's supervisor: its attempts, limits and records, driven by
     the supervisor's loop (TaskLoop) rather than by a process of its own."""
 
-    def __init__(self, task_dir, job, record, secrets, batch, intent):
+    def __init__(self, task_dir, job, record, secrets, batch):
         # Not Supervisor.__init__: the job and record are known, nothing is read again.
         self.job_dir = task_dir
         self.job = job
@@ -73,7 +73,7 @@ class TaskRun(Supervisor):
         self.alarm_phase = None
         self.secrets = secrets
         self.batch = batch
-        self.intent = intent  # held from the task's reservation to its end
+        self.ended = False  # whether its end is recorded
         self.pid = None  # the script's, while it runs
         self.deadline = None  # when this task must be looked at again (time limit, grace, retry)
         self.usage = {"max_rss": 0, "cpu_user": 0.0, "cpu_system": 0.0}
@@ -89,8 +89,7 @@ class TaskRun(Supervisor):
         if proc is None:  # it could not start: exit code 126 or 127, recorded by launch
             self.attempt_ended(STATE_FINISHED)
             return
-        proc.returncode = -1  # reaped by the loop (wait4), never by subprocess
-        self.pid = proc.pid
+        self.pid = proc
         self.alarm_phase = None
         self.deadline = None
         limit = self.job.get("max_runtime")
@@ -113,19 +112,39 @@ class TaskRun(Supervisor):
             why = exc.message if isinstance(exc, AgentError) else describe_os_error(exc)
             return self.fail_to_start("cannot open its output: %s" % why, 126)
         try:
-            proc = self.start_job(out, err)
+            pid = self.start_job(out, err)
         except OSError as exc:
             code = 127 if exc.errno == errno.ENOENT else 126
             return self.fail_to_start(self.cannot_run(exc), code)
         finally:
             os.close(out)
             os.close(err)
-        self.pgid = proc.pid
-        self.record.update(state=STATE_RUNNING, job={"pid": proc.pid, "start": False})
+        self.pgid = pid
+        self.record.update(state=STATE_RUNNING, job={"pid": pid, "start": False})
         self.record["job"]["boot"] = self.record["supervisor"].get("boot")
         self.start_attempt(started_at)
         self.ran, self.spawned = True, time.time()
-        return proc
+        return pid
+
+    def start_job(self, out, err):
+        """Spawn the script as Supervisor.start_job does, with posix_spawn (no fork of this
+        process, whose memory grows with the array); its pid."""
+        from .progress import progress_path
+        from .supervisor import script_command
+
+        work = os.path.join(self.job_dir, WORK_DIR)
+        script = os.path.join(work, self.job["script"])
+        env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
+        env["TEJ_PROGRESS"] = progress_path(os.path.abspath(self.job_dir))
+        env.update(self.job.get("env") or {})
+        env.update(self.secrets)
+        args = list(self.job.get("args", []))
+        try:
+            return spawn_task(script_command(script) + args, work, env, out, err)
+        except OSError as exc:
+            if exc.errno != errno.ENOEXEC:
+                raise
+            return spawn_task(["/bin/sh", script] + args, work, env, out, err)
 
     def note_running(self):
         """Record the task running, once it has run for RUNNING_AFTER seconds: a task that
@@ -217,12 +236,7 @@ class TaskRun(Supervisor):
             self.record["reason"] = reason
         self.save()
         self.deadline = None
-        self.intent.end()
-
-    @property
-    def ended(self):
-        """Whether the task's end is recorded."""
-        return self.intent.path is None
+        self.ended = True
 
     def save(self):
         """Write the task's record: never durably (see the module), its intent held."""
@@ -340,3 +354,31 @@ class TaskLoop(object):
             if task is not None:
                 task.reaped(wait_status, rusage)
                 self.follow(task)
+
+
+def spawn_task(command, work, env, out, err):
+    """Start a task's command in work/, in a session of its own (stdin /dev/null, output to
+    out and err); its pid. posix_spawn has no working directory: this process moves
+    there for the spawn (it has no other thread), then back.
+    """
+    null = os.open(os.devnull, os.O_RDONLY)
+    here = os.getcwd()
+    try:
+        os.chdir(work)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, null, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, err, 2),
+        ]
+        spawn = os.posix_spawn if "/" in command[0] else os.posix_spawnp
+        return spawn(
+            command[0],
+            command,
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT),
+        )
+    finally:
+        os.chdir(here)
+        os.close(null)
