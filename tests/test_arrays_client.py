@@ -310,3 +310,34 @@ def test_list_watch_shows_an_array_and_its_tasks(target: Target, terminal: Termi
     terminal.wait_for(lambda s: "array of 3: 3 finished" in s, "the array's end", 60)
     terminal.keys("q")
     terminal.wait_for(lambda s: "array of 3" not in s, "the shell's screen back", 10)
+
+
+LIMITED = """#!/bin/sh
+case "$TEJ_ARRAY_INDEX" in
+  0) exec sleep 60 ;;
+  1) sleep 300 & echo $! > left.pid; exit 3 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def test_tasks_keep_their_time_limit_and_leave_nothing_running(target: Target) -> None:
+    # The array's supervisor runs its tasks itself: each keeps its own max_runtime and kill
+    # grace, and what a task leaves in its process group is stopped when it ends.
+    job = target.make_job("limited", LIMITED)
+    (job / "tej.json").write_text(
+        json.dumps({"array": "0-2", "max_runtime": "2s", "kill_grace": "1s"})
+    )
+    target.submit(job, "--id", "lim")
+    done = target.cli("wait", "--id", "lim", "--exit-code", timeout=60)
+    assert done.returncode == 143, done  # task 0: killed by SIGTERM at its time limit
+    first, second, third = (target.status(f"lim.{index}") for index in (0, 1, 2))
+    assert first["state"] == "timed_out" and first["signal"] == "SIGTERM", first
+    assert second["state"] == "finished" and second["exit_code"] == 3, second
+    assert third["state"] == "finished" and third["exit_code"] == 0, third
+    left = target.server_path("jobs", "lim", "jobs", "1", "work", "left.pid")
+    assert not process_alive(int(left.read_text()))
+    for status in (first, second, third):
+        assert status["resources"]["source"] == "tej", status
+    counts = target.status("lim")["array"]["counts"]
+    assert counts == {"timed_out": 1, "finished": 2}, counts
