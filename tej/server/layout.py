@@ -28,6 +28,7 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
 BLOBS_FILE = "blobs"
+LAYOUT_PENDING = "layout-pending"  # a resubmitted job's files, left to its supervisor: a token
 MANIFEST_FILE = "manifest"  # the manifest of the job's files as uploaded (for resubmit)
 WORK_DIR = "work"
 STDOUT_FILE = "stdout"
