@@ -132,6 +132,7 @@ def test_a_resubmit_whose_content_the_store_lost_before_its_start_ends_lost(
     record = {"id": "third", "state": "starting", "submitted_at": "2026-12-04T00:00:00Z"}
     (third / "status.json").write_text(json.dumps(record))
     (third / "layout-pending").write_text("0123456789abcdef")
+    (third / "blobs").write_text("")
     for blob in (queue / "store").glob("??/*"):
         if blob.stat().st_size == len("the input\n"):
             blob.unlink()

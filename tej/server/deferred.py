@@ -16,7 +16,7 @@ import stat
 
 from ..protocol import ERR_INVALID
 from .errors import AgentError
-from .files import make_private_dir, remove_quietly, remove_tree
+from .files import make_private_dir, remove_tree
 from .layout import (
     BLOBS_FILE,
     LAYOUT_PENDING,
@@ -46,7 +46,7 @@ def defer_layout(upload, old_dir, job):
     """
     from ..protocol import DEFAULT_RUNNER
     from .jobs import start_time_of
-    from .store import lease_path
+    from .store import CREATE_NEW, lease_path
     from .template import copy_small_file
 
     queue = upload.queue
@@ -61,6 +61,9 @@ def defer_layout(upload, old_dir, job):
         return False
     check_store_holds(queue, rows)
     copy_small_file(manifest, os.path.join(upload.staging, MANIFEST_FILE))
+    # The lease, and its BLOBS_FILE (empty: a lease whose job has none is taken for an
+    # abandoned one, and removed), before the job is renamed into place.
+    os.close(os.open(os.path.join(upload.staging, BLOBS_FILE), CREATE_NEW, 0o600))
     os.close(os.open(lease_path(queue, upload.token), os.O_WRONLY | os.O_CREAT, 0o600))
     fd = os.open(os.path.join(upload.staging, LAYOUT_PENDING), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -127,9 +130,11 @@ def lay_out_pending(job_dir):
     if os.listdir(work):  # a supervisor before this one died while laying out: again
         remove_tree(work)
         make_private_dir(work)
-        remove_quietly(os.path.join(job_dir, BLOBS_FILE))
     queue = open_queue(queue_root_of(job_dir), with_runner=False)
     upload = Upload(queue, token, job_dir)
+    # The lease and its BLOBS_FILE are the resubmit's (defer_layout): appended to (lines a
+    # supervisor that died left are inodes no longer in work/, harmless).
+    upload.blobs = os.open(os.path.join(job_dir, BLOBS_FILE), os.O_WRONLY | os.O_APPEND)
     try:
         lay_out_kept(upload, os.path.join(job_dir, MANIFEST_FILE), None)
         upload.finish()
