@@ -712,7 +712,7 @@ class RemoteQueue:
     def kill(self, job_id: str) -> KillResult:
         """Kill a job's whole process group (SIGTERM, then SIGKILL after a grace period)."""
         result = self._call("kill", job_id=check_job_id(job_id))
-        return KillResult(result["killed"], JobStatus.from_agent(result["status"]))
+        return KillResult(result["killed"], status_of(result["status"]))
 
     def delete(self, job_id: str, *, force: bool = False) -> None:
         """Delete a job and its files; a running job only with force (killed first).

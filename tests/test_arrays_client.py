@@ -341,3 +341,15 @@ def test_tasks_keep_their_time_limit_and_leave_nothing_running(target: Target) -
         assert status["resources"]["source"] == "tej", status
     counts = target.status("lim")["array"]["counts"]
     assert counts == {"timed_out": 1, "finished": 2}, counts
+
+
+def test_kill_of_an_array_through_the_api_gives_its_counts(target: Target) -> None:
+    job = target.make_job("stopped", "#!/bin/sh\nsleep 60\n")
+    target.submit(job, "--array", "0-3%2", "--id", "ka")
+    remote = target.remote()
+    wait_until(lambda: remote.status("ka").counts.get("running") == 2, 30, "two tasks running")
+    result = remote.kill("ka")
+    assert result.killed and isinstance(result.status, ArrayStatus), result
+    assert result.status.size == 4
+    ended = remote.wait("ka", timeout=30)
+    assert isinstance(ended, ArrayStatus) and ended.counts == {"killed": 2, "cancelled": 2}

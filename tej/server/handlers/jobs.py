@@ -133,7 +133,10 @@ def kill_job(queue, job_id):
     grace = float(job_metadata(job_dir, job_id).get("kill_grace", KILL_GRACE))
     killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
     runner_tick(queue)
-    return {"killed": killed, "status": public_status(job_id, record)}
+    found = public_status(job_id, record)
+    if is_array(job_dir):  # with its counts, as status gives them
+        found["array"] = array_info(queue, job_id, job_dir, found, False)
+    return {"killed": killed, "status": found}
 
 
 def delete(connection, queue, job_id, force=False):
