@@ -353,3 +353,17 @@ def test_kill_of_an_array_through_the_api_gives_its_counts(target: Target) -> No
     assert result.status.size == 4
     ended = remote.wait("ka", timeout=30)
     assert isinstance(ended, ArrayStatus) and ended.counts == {"killed": 2, "cancelled": 2}
+
+
+def test_a_task_whose_script_cannot_run_ends_as_a_job_does(target: Target) -> None:
+    job = target.make_job("broken", "#!/nowhere/interpreter\necho never\n")
+    target.submit(job, "--array", "0-1", "--id", "br")
+    done = target.cli("wait", "--id", "br", "--exit-code", timeout=60)
+    assert done.returncode == 127, done
+    for index in (0, 1):
+        status = target.status(f"br.{index}")
+        assert status["state"] == "finished" and status["exit_code"] == 127, status
+        reason = "cannot run start.sh: its interpreter /nowhere/interpreter is not found"
+        assert status["reason"] == reason, status
+        assert len(status["attempts"]) == 1 and status.get("resources") is None, status
+        assert target.ok("logs", "--id", f"br.{index}", "--stderr") == f"tej: {reason}\n"
