@@ -367,3 +367,19 @@ def test_a_task_whose_script_cannot_run_ends_as_a_job_does(target: Target) -> No
         assert status["reason"] == reason, status
         assert len(status["attempts"]) == 1 and status.get("resources") is None, status
         assert target.ok("logs", "--id", f"br.{index}", "--stderr") == f"tej: {reason}\n"
+
+
+def test_list_of_one_array_and_its_tasks(target: Target) -> None:
+    job = target.make_job("listed", "#!/bin/sh\nexit $TEJ_ARRAY_INDEX\n")
+    target.submit(job, "--array", "0-2", "--id", "one", "--wait")
+    target.submit(target.make_job("other"), "--id", "other", "--wait")
+    rows = json_list(target, "--id", "one", "--tasks")
+    assert [row["id"] for row in rows] == ["one", "one.0", "one.1", "one.2"], rows
+    assert rows[0]["array"]["counts"] == {"finished": 3}
+    failed = json_list(target, "--id", "one", "--tasks", "--state", "running")
+    assert [row["id"] for row in failed] == ["one"], failed  # its row whatever its state
+    assert [row["id"] for row in json_list(target, "--id", "other")] == ["other"]
+    assert [row["exit_code"] for row in json_list(target, "--id", "one.2")] == [2]
+    text = target.ok("list", "--id", "one", "--tasks")
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["one", "one.0", "one.1", "one.2"]
+    assert_one_line_error(target.cli("list", "--id", "nothing"), 3, prefix="No job")
