@@ -555,7 +555,12 @@ class Fuzzer:
             },
             "install_runner": {"queue": queue, "runner": "echo", "source": "#"},
             "status": {"queue": queue, "job_id": "target", "tasks": False},
-            "list": {"queue": queue, "states": ["finished", "running"], "tasks": True},
+            "list": {
+                "queue": queue,
+                "states": ["finished", "running"],
+                "tasks": True,
+                "job_id": "target",
+            },
             "list_more": {"queue": queue, "cursor": "0123abcd", "batch": 1},
             "prune": {"queue": queue, "states": ["killed"], "older_than": 3600, "dry_run": True},
             "kill": {"queue": queue, "job_id": "target"},
