@@ -559,6 +559,7 @@ class Fuzzer:
                 "queue": queue,
                 "states": ["finished", "running"],
                 "tasks": True,
+                "short": True,
                 "job_id": "target",
             },
             "list_more": {"queue": queue, "cursor": "0123abcd", "batch": 1},
