@@ -643,25 +643,41 @@ class RemoteQueue:
         args = {"tasks": True} if tasks else {}
         return status_of(self._call("status", job_id=check_job_id(job_id), **args))
 
-    def list(self, states: Sequence[str] | None = None, *, tasks: bool = False) -> list[JobStatus]:
+    def list(
+        self,
+        states: Sequence[str] | None = None,
+        *,
+        tasks: bool = False,
+        job_id: str | None = None,
+    ) -> list[JobStatus]:
         """The status of every job in the queue (or of those in states), oldest first.
 
         An array is an ArrayStatus (its counts, no tasks); with tasks, its tasks (in
-        states too) follow it, by index, each a JobStatus of id ARRAYID.N.
+        states too) follow it, by index, each a JobStatus of id ARRAYID.N. job_id: that
+        job only (whatever its state; with tasks, an array's tasks in states).
         """
-        return list(self.iter_list(states, tasks=tasks))
+        return list(self.iter_list(states, tasks=tasks, job_id=job_id))
 
     def iter_list(
-        self, states: Sequence[str] | None = None, *, tasks: bool = False
+        self,
+        states: Sequence[str] | None = None,
+        *,
+        tasks: bool = False,
+        job_id: str | None = None,
     ) -> Iterator[JobStatus]:
         """The statuses of list(), yielded as their batches arrive (the server sends
         a few thousand at a time), so that a long queue is never all in memory."""
-        for fields, rows in self.iter_row_batches(states, tasks=tasks):
+        for fields, rows in self.iter_row_batches(states, tasks=tasks, job_id=job_id):
             for row in rows:
                 yield status_of(dict(zip(fields, row)))
 
     def iter_row_batches(
-        self, states: Sequence[str] | None = None, *, tasks: bool = False, short: bool = False
+        self,
+        states: Sequence[str] | None = None,
+        *,
+        tasks: bool = False,
+        short: bool = False,
+        job_id: str | None = None,
     ) -> Iterator[tuple[Sequence[str], Sequence[Sequence[Any]]]]:
         """The jobs of iter_list() as the agent sends them, a batch at a time: (field
         names, rows), each row a list of values in the fields' order (times as ISO 8601
@@ -675,6 +691,8 @@ class RemoteQueue:
             args["tasks"] = True
         if short:
             args["short"] = True
+        if job_id is not None:
+            args["job_id"] = check_job_id(job_id)
         reply = self._call("list", **args)
         fields = reply["fields"]
         yield fields, json.loads(reply["rows"])
@@ -712,7 +730,7 @@ class RemoteQueue:
     def kill(self, job_id: str) -> KillResult:
         """Kill a job's whole process group (SIGTERM, then SIGKILL after a grace period)."""
         result = self._call("kill", job_id=check_job_id(job_id))
-        return KillResult(result["killed"], JobStatus.from_agent(result["status"]))
+        return KillResult(result["killed"], status_of(result["status"]))
 
     def delete(self, job_id: str, *, force: bool = False) -> None:
         """Delete a job and its files; a running job only with force (killed first).

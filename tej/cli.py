@@ -714,6 +714,7 @@ STATE_NAMES = [state.value for state in JobState]
 @click.option("--long", "-l", "long_form", is_flag=True, help="Add peak memory and CPU columns.")
 @click.option("--watch", "-w", is_flag=True, help="A live table, refreshed every 2 s (q: quit).")
 @click.option("--tasks", "-t", is_flag=True, help="List each array's tasks (ARRAYID.N) after it.")
+@click.option("--id", "job_id", help="Only this job (with --tasks, an array and its tasks).")
 def list_jobs(
     remote: RemoteQueue,
     as_json: bool,
@@ -721,12 +722,16 @@ def list_jobs(
     long_form: bool,
     watch: bool,
     tasks: bool,
+    job_id: str | None,
 ) -> None:
     """List the jobs in the queue, oldest first (printed as they arrive).
 
     An array is one row, with its tasks' counts; --state picks arrays by their own
-    state (and, with --tasks, tasks by theirs).
+    state (and, with --tasks, tasks by theirs). With --id, that job's row only,
+    whatever its state (and with --tasks, its tasks in --state).
     """
+    if watch and job_id is not None:
+        raise InvalidInput("--watch shows the whole queue: it can't be combined with --id")
     if watch:
         from tej import watch as live
 
@@ -737,10 +742,11 @@ def list_jobs(
         return
     wanted = list(states) or None
     if as_json:
-        emit_json_list(job.to_json() for job in remote.iter_list(wanted, tasks=tasks))
+        found = remote.iter_list(wanted, tasks=tasks, job_id=job_id)
+        emit_json_list(job.to_json() for job in found)
         return
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-    batches = remote.iter_row_batches(wanted, tasks=tasks, short=not long_form)
+    batches = remote.iter_row_batches(wanted, tasks=tasks, short=not long_form, job_id=job_id)
     if long_form:  # the widths of the memory and CPU columns need every job
         jobs = [status_of(dict(zip(fields, row))) for fields, rows in batches for row in rows]
         click.echo("\n".join(job_table(jobs, long_form, width)))

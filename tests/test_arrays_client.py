@@ -212,20 +212,27 @@ def test_array_whose_supervisor_is_killed_is_lost(target: Target) -> None:
     job = target.make_job("held", held_script(target))
     target.submit(job, "--array", "0-3%1", "--id", "lo")
     wait_until(lambda: task_started(target, "lo.0"), 30, "lo.0 to start")
+    record = target.server_path("jobs", "lo", "jobs", "0", "status.json")
+    wait_until(lambda: '"state": "running"' in record.read_text(), 10, "lo.0 to be running")
     supervisor = target.record("lo")["supervisor"]["pid"]
+    script = json.loads(record.read_text())["job"]["pid"]
     os.kill(supervisor, signal.SIGKILL)
     wait_until(lambda: not process_alive(supervisor), 10, "the array's supervisor to die")
     text = target.status_text("lo")
     assert text.startswith("Array is lost: 3 cancelled, 1 running ("), text
     assert text.endswith("(the job's supervisor died)\n"), text
-    # Its running task runs on (its own supervisor), to its end; the others never start.
-    assert target.status("lo.0")["state"] == "running"
+    # Its running task is lost with it (its script runs on, an orphan: `tej kill` stops it);
+    # the others never start.
+    lost = target.status("lo.0")
+    assert lost["state"] == "lost" and lost["reason"] == "the job's supervisor died", lost
+    assert process_alive(script)
     unstarted = target.status("lo.2")
     assert unstarted["state"] == "cancelled", unstarted
     assert target.cli("wait", "--id", "lo").returncode == 7  # lost
-    release(target)
-    wait_until(lambda: target.status("lo.0")["state"] == "finished", 30, "lo.0 to end")
-    assert target.status("lo")["array"]["counts"] == {"finished": 1, "cancelled": 3}
+    assert target.cli("kill", "--id", "lo.0").returncode == 0
+    wait_until(lambda: not process_alive(script), 10, "lo.0's script to be killed")
+    assert target.status("lo.0")["state"] == "killed"
+    assert target.status("lo")["array"]["counts"] == {"killed": 1, "cancelled": 3}
     assert not target.server_path("jobs", "lo", "jobs", "1").exists()
 
 
@@ -303,3 +310,76 @@ def test_list_watch_shows_an_array_and_its_tasks(target: Target, terminal: Termi
     terminal.wait_for(lambda s: "array of 3: 3 finished" in s, "the array's end", 60)
     terminal.keys("q")
     terminal.wait_for(lambda s: "array of 3" not in s, "the shell's screen back", 10)
+
+
+LIMITED = """#!/bin/sh
+case "$TEJ_ARRAY_INDEX" in
+  0) exec sleep 60 ;;
+  1) sleep 300 & echo $! > left.pid; exit 3 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def test_tasks_keep_their_time_limit_and_leave_nothing_running(target: Target) -> None:
+    # The array's supervisor runs its tasks itself: each keeps its own max_runtime and kill
+    # grace, and what a task leaves in its process group is stopped when it ends.
+    job = target.make_job("limited", LIMITED)
+    (job / "tej.json").write_text(
+        json.dumps({"array": "0-2", "max_runtime": "2s", "kill_grace": "1s"})
+    )
+    target.submit(job, "--id", "lim")
+    done = target.cli("wait", "--id", "lim", "--exit-code", timeout=60)
+    assert done.returncode == 143, done  # task 0: killed by SIGTERM at its time limit
+    first, second, third = (target.status(f"lim.{index}") for index in (0, 1, 2))
+    assert first["state"] == "timed_out" and first["signal"] == "SIGTERM", first
+    assert second["state"] == "finished" and second["exit_code"] == 3, second
+    assert third["state"] == "finished" and third["exit_code"] == 0, third
+    left = target.server_path("jobs", "lim", "jobs", "1", "work", "left.pid")
+    assert not process_alive(int(left.read_text()))
+    for status in (first, second, third):
+        assert status["resources"]["source"] == "tej", status
+    counts = target.status("lim")["array"]["counts"]
+    assert counts == {"timed_out": 1, "finished": 2}, counts
+
+
+def test_kill_of_an_array_through_the_api_gives_its_counts(target: Target) -> None:
+    job = target.make_job("stopped", "#!/bin/sh\nsleep 60\n")
+    target.submit(job, "--array", "0-3%2", "--id", "ka")
+    remote = target.remote()
+    wait_until(lambda: remote.status("ka").counts.get("running") == 2, 30, "two tasks running")
+    result = remote.kill("ka")
+    assert result.killed and isinstance(result.status, ArrayStatus), result
+    assert result.status.size == 4
+    ended = remote.wait("ka", timeout=30)
+    assert isinstance(ended, ArrayStatus) and ended.counts == {"killed": 2, "cancelled": 2}
+
+
+def test_a_task_whose_script_cannot_run_ends_as_a_job_does(target: Target) -> None:
+    job = target.make_job("broken", "#!/nowhere/interpreter\necho never\n")
+    target.submit(job, "--array", "0-1", "--id", "br")
+    done = target.cli("wait", "--id", "br", "--exit-code", timeout=60)
+    assert done.returncode == 127, done
+    for index in (0, 1):
+        status = target.status(f"br.{index}")
+        assert status["state"] == "finished" and status["exit_code"] == 127, status
+        reason = "cannot run start.sh: its interpreter /nowhere/interpreter is not found"
+        assert status["reason"] == reason, status
+        assert len(status["attempts"]) == 1 and status.get("resources") is None, status
+        assert target.ok("logs", "--id", f"br.{index}", "--stderr") == f"tej: {reason}\n"
+
+
+def test_list_of_one_array_and_its_tasks(target: Target) -> None:
+    job = target.make_job("listed", "#!/bin/sh\nexit $TEJ_ARRAY_INDEX\n")
+    target.submit(job, "--array", "0-2", "--id", "one", "--wait")
+    target.submit(target.make_job("other"), "--id", "other", "--wait")
+    rows = json_list(target, "--id", "one", "--tasks")
+    assert [row["id"] for row in rows] == ["one", "one.0", "one.1", "one.2"], rows
+    assert rows[0]["array"]["counts"] == {"finished": 3}
+    failed = json_list(target, "--id", "one", "--tasks", "--state", "running")
+    assert [row["id"] for row in failed] == ["one"], failed  # its row whatever its state
+    assert [row["id"] for row in json_list(target, "--id", "other")] == ["other"]
+    assert [row["exit_code"] for row in json_list(target, "--id", "one.2")] == [2]
+    text = target.ok("list", "--id", "one", "--tasks")
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["one", "one.0", "one.1", "one.2"]
+    assert_one_line_error(target.cli("list", "--id", "nothing"), 3, prefix="No job")

@@ -100,3 +100,52 @@ def test_resubmit_of_a_job_that_is_gone_or_from_an_older_tej(target: Target) -> 
     assert job_ids(target) == before
     bad = target.cli("resubmit", "--id", old, "--retries", "500")
     assert bad.returncode == 2 and "'--retries': 500 is not in the range" in bad.stderr
+
+
+def test_a_resubmit_whose_content_the_store_lost_before_its_start_ends_lost(
+    tmp_path: Path,
+) -> None:
+    # A resubmit (default runner) leaves its files to its supervisor: a content the store
+    # lost between the request and the supervisor's start ends the job lost, saying which.
+    import subprocess
+    import sys
+
+    from tej.api import RemoteQueue
+
+    root = tmp_path / "job"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "input").write_text("the input\n")
+    (root / "start.sh").write_text(SCRIPT)
+    (root / "start.sh").chmod(0o755)
+    queue = tmp_path / "queue"
+    with RemoteQueue("local", queue=str(queue)) as remote:
+        remote.submit(str(root), job_id="first")
+        remote.wait("first", timeout=60)
+        second = remote.resubmit("first", new_id="second")
+        assert remote.wait(second, timeout=60).state.value == "finished"
+    # A third job as a resubmit leaves it, before its supervisor starts: then the store
+    # loses a content, and the supervisor is started.
+    third = queue / "jobs" / "third"
+    (third / "work").mkdir(parents=True)
+    for name in ("job.json", "manifest"):
+        (third / name).write_bytes((queue / "jobs" / "second" / name).read_bytes())
+    record = {"id": "third", "state": "starting", "submitted_at": "2026-12-04T00:00:00Z"}
+    (third / "status.json").write_text(json.dumps(record))
+    (third / "layout-pending").write_text("0123456789abcdef")
+    (third / "blobs").write_text("")
+    for blob in (queue / "store").glob("??/*"):
+        if blob.stat().st_size == len("the input\n"):
+            blob.unlink()
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys, tej.remote_agent as a; sys.exit(a.main(sys.argv[1:]))",
+    ]
+    subprocess.run([*argv, "supervise", str(third)], check=True, timeout=60)
+    ended = json.loads((third / "status.json").read_text())
+    assert ended["state"] == "lost", ended
+    assert ended["reason"].startswith(
+        "its files could not be laid out: The queue's store no "
+        "longer holds the uploaded content of data/input"
+    ), ended
+    assert not (third / "stdout").exists()  # the script never ran

@@ -367,3 +367,28 @@ def test_only_small_files_never_seen_go_with_the_manifest(
     assert sent_along() == [b"small.txt"]  # changed
     Path(transfer.HashCache(str(job)).path).write_bytes(transfer.CACHE_MAGIC + b"garbage")
     assert sent_along() == [b"small.txt"]  # a damaged cache is an empty one
+
+
+@pytest.mark.timeout(120)
+def test_a_running_resubmitted_job_shares_no_file_with_a_new_one(target: Target) -> None:
+    # Its supervisor lays its files out (default runner): its lease holds them all along.
+    script = (
+        "#!/bin/sh\nwhile [ ! -e go ]; do sleep 0.05; done\n"
+        "if [ -e write ]; then echo more >> data.txt; fi\n"
+    )
+    job = target.make_job("again", script, files={"data.txt": "original\n"})
+    first = target.submit(job)
+    target.wait_for(first, ("running",))
+    target.work(first, "go").touch()
+    assert target.wait_for(first)["exit_code"] == 0
+    second = target.cli("resubmit", "--id", first, check=0).stdout.splitlines()[1]
+    target.wait_for(second, ("running",))
+    third, sent = submit_counting(target, job)
+    assert sent == 0
+    files = [target.work(job_id, "data.txt") for job_id in (second, third)]
+    assert files[0].stat().st_ino != files[1].stat().st_ino
+    target.work(second, "write").touch()
+    for job_id in (second, third):
+        target.work(job_id, "go").touch()
+        assert target.wait_for(job_id)["exit_code"] == 0
+    assert [path.read_text() for path in files] == ["original\nmore\n", "original\n"]

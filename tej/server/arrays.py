@@ -36,7 +36,7 @@ from .files import (
     randrange,
     read_json,
     remove_tree,
-    write_json_atomic,
+    write_json_new,
 )
 from .layout import (
     JOB_FILE,
@@ -192,11 +192,13 @@ def task_job(array_job, array_id, index, params_row):
     return job
 
 
-def reserve_task(array_dir, job, record):
+def reserve_task(array_dir, job, record, held=False):
     """Make a task's folder (job.json, status.json) aside, then rename it into jobs/N.
 
     Returns its path, or None if the task has a folder already (it was cancelled,
     or started by someone else): the rename decides, no lock is needed.
+    held: the caller holds an intent for every task (index.ALL_TASKS: server/tasks.py),
+    so none is made for this one.
     """
     from .index import Intent, sync
 
@@ -204,19 +206,25 @@ def reserve_task(array_dir, job, record):
     name = str(job["index"])
     staging = os.path.join(array_dir, STAGING_DIR, "%s-%08x" % (name, randrange(1 << 32)))
     make_private_dir(staging)
-    write_json_atomic(os.path.join(staging, JOB_FILE), job, durable=False)
+    # Written whole before the folder is renamed: nobody reads them in staging/, so not
+    # atomically (a temporary file and a rename each) either.
+    write_json_new(os.path.join(staging, JOB_FILE), job)
     record = dict(record, id=job["id"], submitted_at=record.get("submitted_at") or now_iso())
-    write_json_atomic(os.path.join(staging, STATUS_FILE), record, durable=False)
+    write_json_new(os.path.join(staging, STATUS_FILE), record)
     target = os.path.join(array_dir, JOBS_DIR, name)
-    with Intent(array_dir, name):
-        try:
-            os.rename(staging, target)
-        except OSError as exc:
-            remove_tree(staging)
-            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                return None
-            raise
-        sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
+    intent = Intent(array_dir, name)
+    if not held:
+        intent.begin()
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        remove_tree(staging)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            intent.end()
+            return None
+        raise  # the intent stays: the task is repaired once this process is gone
+    sync(array_dir, name, record, with_row=record.get("state") in END_STATES)
+    intent.end()
     return target
 
 
@@ -444,15 +452,23 @@ def tasks_all_ended(array_dir, record):
 
 
 def settle_on_read(array_dir):
-    """Repair an array whose tasks all ended but whose record says it is active (a task's
-    writer died between its end and the array's): for status."""
+    """For status: repair an array whose tasks all ended but whose record says it is active
+    (a task's writer died between its end and the array's); the index of one whose
+    supervisor died (the default runner's: the tasks it was running)."""
     from .index import repair_pending
     from .records import read_status_record
 
     record = read_status_record(array_dir)
-    if record and record.get("kept_by_tasks") and record.get("state") not in END_STATES:
+    if not record or record.get("state") in END_STATES:
+        return
+    if record.get("kept_by_tasks"):
         repair_pending(array_dir)
         settle_array(array_dir, record)
+        return
+    from .processes import is_same_process
+
+    if record.get("supervisor") and not is_same_process(record["supervisor"]):
+        repair_pending(array_dir)  # its supervisor died: the tasks it ran (index.ALL_TASKS)
 
 
 def new_task_record():

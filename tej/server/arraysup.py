@@ -1,12 +1,14 @@
 """The supervisor of an array under the default runner: one process for all its tasks.
 
-It starts tasks up to the array's %N (without one, the server's CPU count) by
-forking a child per task (no exec: a new Python per task would be far too
-slow), which reserves the task's folder, lays its work/ out and runs the
-task's own Supervisor; it reaps them, and starts the next. `tej kill` of a
-task signals that task's supervisor (its child); `tej kill` of the array
-signals this one: it starts no more tasks (those left are cancelled: they
-never get a folder) and passes the kill on to the running tasks.
+It starts tasks up to the array's %N (without one, the server's CPU count):
+for each, it reserves the task's folder, lays its work/ out and spawns its
+script itself (server/tasks.py: no Python process per task), then waits for
+them all in one loop, starting the next as each ends. `tej kill` of a task
+asks this supervisor to kill that task (SIGUSR1 and the task's TASK_KILL
+file); `tej kill` of the array (SIGTERM) makes it start no more tasks (those
+left are cancelled: they never get a folder) and kill the running ones.
+`supervise_task` and `TaskSupervisor` are a task's own supervisor, for a task a
+batch system starts (Slurm).
 """
 
 import os
@@ -29,10 +31,10 @@ from .arrays import (
 )
 from .errors import AgentError
 from .files import now_iso, read_json
-from .index import write_status
+from .index import ALL_TASKS, Intent, write_status
 from .layout import JOB_FILE, STATUS_FILE, queue_root_of
-from .processes import identify_process
-from .supervisor import Supervisor
+from .processes import become_subreaper, identify_process
+from .supervisor import Supervisor, ignore_signal
 from .template import template_rows
 
 TASK_TAKEN = 3  # a task child's exit code: the task had a folder already (cancelled)
@@ -50,81 +52,75 @@ class ArraySupervisor(object):
         self.indexes = array_indexes(self.job)
         self.limit = self.job["array"].get("max_parallel") or os.cpu_count() or 1
         self.params = read_params(array_dir)
-        self.running = {}  # type: dict[int, int]  # child pid -> task index
         self.kill_requested = False
         self.rows = None  # the array's manifest, read once for every task (see run)
 
     def run(self):
         """Start every task (or until killed), wait for them all, record the end."""
-        from .launch import prepare_fork
         from .queue import open_queue
+        from .tasks import TaskBatch, TaskLoop
 
-        signal.signal(signal.SIGTERM, self.on_kill_request)
         for ignored in (signal.SIGHUP, signal.SIGINT):
-            signal.signal(ignored, signal.SIG_IGN)
+            # A handler, not SIG_IGN: handlers are reset by exec, so tasks start with the
+            # default dispositions.
+            signal.signal(ignored, ignore_signal)
+        loop = TaskLoop()  # before anything: it takes SIGTERM (a kill of the array)
         self.queue = open_queue(queue_root_of(self.array_dir), with_runner=False)
         self.record["supervisor"] = identify_process(os.getpid())
         self.save()
-        prepare_fork()
+        become_subreaper()
         prepare_tasks()
         ensure_task_index(self.array_dir)  # once, before the first task (not at submit)
+        intent = Intent(self.array_dir, ALL_TASKS).begin()  # for every task it runs
         try:
             self.rows = template_rows(self.array_dir)
         except (OSError, AgentError) as exc:  # each task lays out from the store, and says why
             sys.stderr.write("%s tej array: its manifest: %s\n" % (now_iso(), exc))
+        batch = TaskBatch(self.array_dir)
         for index in self.indexes:
-            while len(self.running) >= self.limit and not self.kill_requested:
-                self.reap(0)
-            if self.kill_requested:
+            while loop.active() >= self.limit and not loop.kill_all:
+                loop.turn(block=True)
+                batch.flush()
+            if loop.kill_all:
                 break
-            self.start_task(index)
-            while self.running and self.reap(os.WNOHANG):
-                pass
-        while self.running:
-            self.reap(0)
+            task = self.start_task(index, batch)
+            if task is not None:
+                loop.add(task)
+            loop.turn(block=False)
+            batch.flush()
+        while loop.active():
+            loop.turn(block=True)
+            batch.flush()
+        batch.flush(force=True)
+        intent.end()
+        self.kill_requested = loop.kill_all
         self.finish()
         return 0
 
-    def start_task(self, index):
-        """Fork the child that starts task index."""
+    def start_task(self, index, batch):
+        """Reserve task index, lay it out and start it: its TaskRun (None if it was taken,
+        or failed before it started: recorded)."""
+        from .supervisor import record_supervisor_failure
+        from .tasks import TaskRun
+
         row = self.params[index] if self.params is not None else None
         job = task_job(self.job, self.array_id, index, row)
         if self.record.get("state") != STATE_RUNNING:
             self.mark_running()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = run_task(self.queue, self.array_dir, job, self.secrets, self.rows)
-            except BaseException as exc:  # noqa: BLE001 - the child must never return
-                try:
-                    os.write(2, ("%s tej task %d: %s\n" % (now_iso(), index, exc)).encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
-        self.running[pid] = index
-        if self.kill_requested:  # came between the fork and now: pass it on
-            signal_task(pid)
-
-    def reap(self, options):
-        """Reap one ended task child (options: os.WNOHANG not to wait); whether one was."""
+        record = dict(new_task_record(), id=job["id"], array_supervised=True)
+        record["supervisor"] = self.record["supervisor"]
+        task_dir = reserve_task(self.array_dir, job, record, held=True)
+        if task_dir is None:
+            return None
         try:
-            pid, _wait_status = os.waitpid(-1, options)
-        except ChildProcessError:
-            self.running.clear()
-            return False
-        if pid == 0:
-            return False
-        self.running.pop(pid, None)
-        return True
-
-    def on_kill_request(self, _signum, _frame):
-        """SIGTERM from `tej kill`: start no more tasks, kill the running ones."""
-        self.kill_requested = True
-        for pid in list(self.running):
-            signal_task(pid)
+            lay_out_task(self.queue, self.array_dir, task_dir, self.rows)
+        except Exception as exc:  # noqa: BLE001 - recorded as the task's failure
+            sys.stderr.write("%s tej task %s: %s\n" % (now_iso(), job["id"], exc))
+            record_supervisor_failure(task_dir, exc)
+            return None
+        task = TaskRun(task_dir, job, record, self.secrets, batch)
+        task.start()
+        return task
 
     def finish(self):
         """Record the array's end: its state, and the exit code of its first failure."""
@@ -148,14 +144,6 @@ class ArraySupervisor(object):
         """The first task started: the array is running."""
         self.record.update(state=STATE_RUNNING, started_at=now_iso())
         self.save()
-
-
-def signal_task(pid):
-    """Pass a kill on to a task's child (its supervisor, once it runs)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
 
 
 def prepare_tasks():

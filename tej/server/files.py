@@ -109,6 +109,21 @@ def write_json_atomic(path, data, durable=True):
     write_file_atomic(path, text.encode("utf-8"), durable)
 
 
+def write_json_new(path, data):
+    """Write JSON as write_json_atomic does, in a new file (none may be there), without a
+    temporary file: for a folder nobody reads until it is renamed into place."""
+    import json
+
+    text = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(text)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(path, data, durable=True):
     """Write bytes to path atomically, private to its owner: temp file, fsync, rename.
 

@@ -42,6 +42,9 @@ from .layout import (
 from .records import live_status, public_status, read_status_record
 
 STATES = ACTIVE_STATES + END_STATES
+# The job id of the one intent an array's supervisor holds for every task it runs, from its
+# start to its end (server/tasks.py): a crash of it has every task folder's marker placed again.
+ALL_TASKS = "*"
 STALE_INTENT = 60.0  # an intent of another machine this old is a crashed writer's
 MERGE_SEGMENTS = 32  # `list` merges the row segments once there are more
 LIST_FIELDS = (
@@ -93,10 +96,14 @@ def state_of(record):
 # writing
 
 
-def write_status(job_dir, record, durable=True):
+def write_status(job_dir, record, durable=True, batch=None):
     """Write a job's status record (atomically), then move the job in the index.
 
     The one way a job's record changes, once the job is in jobs/ (see sync).
+    batch: for the records of the tasks an array's supervisor runs itself
+    (server/tasks.py), which holds one intent for them all (ALL_TASKS) from its
+    start to its end, keeps the array's record, and writes the rows of ended tasks in batches (an
+    ended task's row is added to batch.rows, not written in a segment of its own).
     """
     from .files import write_json_atomic
     from .layout import STATUS_FILE
@@ -104,6 +111,13 @@ def write_status(job_dir, record, durable=True):
     record["rev"] = int(record.get("rev") or 0) + 1
     root = os.path.dirname(os.path.dirname(job_dir))
     job_id = os.path.basename(job_dir)
+    if batch is not None:
+        write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
+        crash_point("status-written", record.get("state"))
+        again = sync(root, job_id, record, with_row=False)
+        if state_of(again) in END_STATES:
+            batch.rows.append(row_line(job_id, again))
+        return
     with Intent(root, job_id):
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
         crash_point("status-written", record.get("state"))
@@ -473,10 +487,17 @@ def repair_pending(root):
     for name in names:
         parts = name.split("~")
         path = index_path(root, INDEX_PENDING, name)
-        if len(parts) != 5 or not ID_PATTERN.match(parts[0]) or writer_alive(parts, path):
+        if len(parts) != 5 or writer_alive(parts, path):
             continue
-        sync(root, parts[0])
-        repair_runner(root, parts[0])
+        if parts[0] == ALL_TASKS:  # an array's supervisor died: every task it ran
+            for name in os.listdir(os.path.join(root, JOBS_DIR)):
+                if ID_PATTERN.match(name):
+                    sync(root, name, with_row=False)
+        elif ID_PATTERN.match(parts[0]):
+            sync(root, parts[0])
+            repair_runner(root, parts[0])
+        else:
+            continue
         remove_quietly(path)
         repaired += 1
     return repaired

@@ -29,6 +29,7 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 RUNNER_DATA = "runner.json"  # a job's private record kept by its runner
 BLOBS_FILE = "blobs"
+LAYOUT_PENDING = "layout-pending"  # a resubmitted job's files, left to its supervisor: a token
 MANIFEST_FILE = "manifest"  # the manifest of the job's files as uploaded (for resubmit)
 WORK_DIR = "work"
 STDOUT_FILE = "stdout"
@@ -36,6 +37,7 @@ STDERR_FILE = "stderr"
 SUPERVISOR_LOG = "supervisor.log"
 PROGRESS_FILE = "progress"  # the job writes its progress here ($TEJ_PROGRESS)
 PARAMS_FILE = "params.jsonl"  # an array's --params rows, one JSON object a line (row N: index N)
+TASK_KILL = "kill-requested"  # in a task its array's supervisor runs: `tej kill` of the task
 TASK_DELETED = "deleted"  # in a task's folder: its files were deleted (a tombstone), and when
 
 STALE_UPLOAD = 6 * 3600.0  # an upload untouched this long was abandoned

@@ -71,6 +71,26 @@ def list_rows(queue, states=None, tasks=False):
     return lines
 
 
+def job_rows(queue, job_id, states=None, tasks=False):
+    """The row of one job (in list_rows' form), whatever its state; with tasks, an array's
+    tasks' rows in states (all if None) follow it. JobNotFound if there is no such job."""
+    from .arrays import list_summary, task_lines
+    from .usage import ProcessScan
+
+    if not isinstance(job_id, str):
+        raise AgentError(ERR_INVALID, "job_id must be a job's identifier")
+    job_dir = queue.job_dir(job_id)
+    record = queue.record(job_id, job_dir)
+    scan = ProcessScan()
+    status = live_status(job_id, job_dir, record, scan)
+    status["array"] = list_summary(job_dir, record)
+    lines = [row_line(job_id, record, status).rstrip("\n")]
+    if tasks and status["array"] is not None:
+        wanted = set(STATES) if states is None else set(states)
+        lines += task_lines(queue, job_id, record.get("state"), wanted, scan)
+    return lines
+
+
 def with_tasks(queue, lines, wanted, scan):
     """The lines of a listing, each array's followed by its tasks' in the wanted states."""
     from .arrays import task_lines

@@ -38,6 +38,7 @@ from .jobs import (
 from .layout import (
     JOB_FILE,
     JOBS_DIR,
+    LAYOUT_PENDING,
     STATUS_FILE,
     STDERR_FILE,
     WORK_DIR,
@@ -101,6 +102,8 @@ class Supervisor(object):
             signal.signal(ignored, ignore_signal)
         become_subreaper()
         self.record["supervisor"] = identify_process(os.getpid())
+        if not self.lay_out():
+            return 0
         if not self.wait_for_start_time():
             self.end(STATE_KILLED, reason="cancelled before it started")
             return 0
@@ -121,6 +124,21 @@ class Supervisor(object):
                 return 0
             self.record.update(state=STATE_RUNNING, retry_at=time.time() + delay)
             self.save()
+
+    def lay_out(self):
+        """Lay the job's files out if its resubmit left them to its supervisor (see
+        server/deferred.py); False if that failed (the job's end is recorded: lost)."""
+        if not os.path.exists(os.path.join(self.job_dir, LAYOUT_PENDING)):
+            return True
+        from .deferred import lay_out_pending
+
+        try:
+            lay_out_pending(self.job_dir)
+        except (OSError, AgentError) as exc:
+            why = exc.message if isinstance(exc, AgentError) else describe_os_error(exc)
+            self.end(STATE_LOST, reason="its files could not be laid out: %s" % why)
+            return False
+        return True
 
     def attempt(self):
         """Run the script once, from start to end; returns how this attempt ended.

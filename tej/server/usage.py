@@ -16,7 +16,11 @@ def children_usage():
     """
     import resource
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage_figures(resource.getrusage(resource.RUSAGE_CHILDREN))
+
+
+def usage_figures(usage):
+    """children_usage's figures of a resource usage (getrusage's, or wait4's of one child)."""
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes elsewhere
     return {
         "max_rss": int(usage.ru_maxrss) * scale,

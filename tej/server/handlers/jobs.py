@@ -63,7 +63,7 @@ def wait(connection, queue, job_id, timeout):
     return found
 
 
-def list_jobs(connection, queue, states=None, tasks=False, short=False):
+def list_jobs(connection, queue, states=None, tasks=False, short=False, job_id=None):
     """The first batch of the jobs' statuses, oldest first (all jobs, or those in states).
 
     {"fields": names, "rows": JSON text of rows (lists of values), "count": how
@@ -71,7 +71,8 @@ def list_jobs(connection, queue, states=None, tasks=False, short=False):
     metadata (see status); short: only the fields of a plain `tej list`
     (LIST_HEAD). A listing of active states reads no ended job. An array is one
     row (its "array": size, counts); with tasks, its tasks' rows (ARRAYID.N, in
-    the states asked for too) follow it.
+    the states asked for too) follow it. job_id: that job's row only (whatever its
+    state), and with tasks an array's tasks' rows.
     """
     from ..listing import BATCH_ROWS, batch_text, check_states, list_rows
 
@@ -80,7 +81,12 @@ def list_jobs(connection, queue, states=None, tasks=False, short=False):
         raise AgentError(ERR_INVALID, "tasks and short must be true or false")
     queue = open_queue(queue)
     runner_tick(queue)
-    rows = list_rows(queue, states, tasks)
+    if job_id is not None:
+        from ..listing import job_rows
+
+        rows = job_rows(queue, job_id, states, tasks)
+    else:
+        rows = list_rows(queue, states, tasks)
     count = -(-len(rows) // BATCH_ROWS)  # the later batches are made as they are asked for
     cursor = None
     if count > 1:
@@ -133,7 +139,10 @@ def kill_job(queue, job_id):
     grace = float(job_metadata(job_dir, job_id).get("kill_grace", KILL_GRACE))
     killed, record = queue.runner.kill(job_id, job_dir, queue.record(job_id, job_dir), grace)
     runner_tick(queue)
-    return {"killed": killed, "status": public_status(job_id, record)}
+    found = public_status(job_id, record)
+    if is_array(job_dir):  # with its counts, as status gives them
+        found["array"] = array_info(queue, job_id, job_dir, found, False)
+    return {"killed": killed, "status": found}
 
 
 def delete(connection, queue, job_id, force=False):

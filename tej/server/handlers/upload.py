@@ -33,6 +33,7 @@ from ..launch import warm_fork_server, while_forking
 from ..layout import (
     JOB_FILE,
     JOBS_DIR,
+    LAYOUT_PENDING,
     LEASES_DIR,
     MANIFEST_FILE,
     STAGING_DIR,
@@ -256,7 +257,8 @@ def submit_upload(connection, queue, token, job_id, id_prefix, job, secrets, par
     try:
         job, params = checked_job(queue, job_id, job, secrets, params)
         finish_upload(connection, token)
-        check_script(os.path.join(staging, WORK_DIR), job["script"])
+        if not os.path.exists(os.path.join(staging, LAYOUT_PENDING)):  # else checked (deferred)
+            check_script(os.path.join(staging, WORK_DIR), job["script"])
         if job.get("array") is not None:
             from ..arrays import make_array_folder
 
@@ -398,6 +400,7 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
     was collected) is an error: nothing is created.
     """
     text, queue = queue, open_queue(queue, with_runner=False)
+    warm_fork_server(queue)  # a resubmit is a submit on its way
     old_dir = queue.job_dir(job_id)
     manifest = os.path.join(old_dir, MANIFEST_FILE)
     if not os.path.isfile(manifest):
@@ -423,7 +426,12 @@ def resubmit(connection, queue, job_id, new_id=None, job=None, secrets=None):
 
 def lay_out_resubmitted(upload, old_dir, job):
     """Lay a resubmitted job out: an array's from an old array's template (hard links, one
-    pass), else (or if the template is not as uploaded) from the store."""
+    pass), else (or if the template is not as uploaded) from the store; a job the default
+    runner starts at once, by its supervisor (server/deferred.py)."""
+    from ..deferred import defer_layout
+
+    if defer_layout(upload, old_dir, job):
+        return
     manifest = os.path.join(old_dir, MANIFEST_FILE)
     keep_to = os.path.join(upload.staging, MANIFEST_FILE)
     if isinstance(job, dict) and job.get("array") is not None:

@@ -370,10 +370,16 @@ def kill_supervised(queue, job_id, job_dir, record, grace):
     if record.get("state") not in settled:
         record = wait_for_state(queue, job_id, job_dir, settled, START_TIMEOUT)
     if record.get("state") in (STATE_SCHEDULED, STATE_RUNNING):
-        try:
-            import signal
+        import signal
 
-            os.kill(record["supervisor"]["pid"], signal.SIGTERM)
+        signum = signal.SIGTERM
+        if record.get("array_supervised"):  # its array's supervisor runs it (server/tasks.py)
+            from ..layout import TASK_KILL
+
+            os.close(os.open(os.path.join(job_dir, TASK_KILL), os.O_WRONLY | os.O_CREAT, 0o600))
+            signum = signal.SIGUSR1
+        try:
+            os.kill(record["supervisor"]["pid"], signum)
         except ProcessLookupError:  # it has just ended (or left the job to its runner)
             pass
         # A long grace period goes on after the reply: the supervisor finishes the kill.
