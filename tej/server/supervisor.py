@@ -205,24 +205,31 @@ class Supervisor(object):
     def launch(self):
         """Start the job and record it running; None if it could not start (recorded)."""
         started_at = now_iso()  # before the spawn: the job may be at work before it returns
+        proc = self.open_and_start()
+        if proc is None:
+            return None
+        self.pgid = proc.pid
+        self.record.update(state=STATE_RUNNING, job=identify_process(proc.pid))
+        self.start_attempt(started_at)
+        self.save()
+        return proc
+
+    def open_and_start(self):
+        """Open the job's outputs and start its script: what start_job returns; None if
+        it could not start (recorded, with the exit code a shell would give)."""
         try:
             out, err = open_outputs(self.job_dir, self.job)
         except (OSError, AgentError) as exc:
             why = exc.message if isinstance(exc, AgentError) else describe_os_error(exc)
             return self.fail_to_start("cannot open its output: %s" % why, 126)
         try:
-            proc = self.start_job(out, err)
+            return self.start_job(out, err)
         except OSError as exc:
             code = 127 if exc.errno == errno.ENOENT else 126
             return self.fail_to_start(self.cannot_run(exc), code)
         finally:
             os.close(out)
             os.close(err)
-        self.pgid = proc.pid
-        self.record.update(state=STATE_RUNNING, job=identify_process(proc.pid))
-        self.start_attempt(started_at)
-        self.save()
-        return proc
 
     def start_attempt(self, started_at):
         """Note a new attempt in the record (the job's started_at is its first one's)."""
@@ -243,11 +250,16 @@ class Supervisor(object):
         env.update(self.secrets)
         args = list(self.job.get("args", []))
         try:
-            return spawn(script_command(script) + args, work, env, out, err)
+            return self.spawn(script_command(script) + args, work, env, out, err)
         except OSError as exc:
             if exc.errno != errno.ENOEXEC:
                 raise
-            return spawn(["/bin/sh", script] + args, work, env, out, err)
+            return self.spawn(["/bin/sh", script] + args, work, env, out, err)
+
+    @staticmethod
+    def spawn(argv, cwd, env, out, err):
+        """Start argv in a session of its own (a Popen), its output to out and err."""
+        return spawn(argv, cwd, env, out, err)
 
     def cannot_run(self, exc):
         """Why the script could not be run (exc: the error of its start)."""

@@ -17,7 +17,6 @@ intent of a task is held from its reservation to its end (one intent, not one
 per record), and the rows of ended tasks are written in one segment per batch.
 """
 
-import errno
 import os
 import select
 import signal
@@ -28,9 +27,8 @@ from ..protocol import (
     STATE_KILLED,
     STATE_RUNNING,
 )
-from .errors import AgentError, describe_os_error
 from .index import write_segment, write_status
-from .layout import TASK_KILL, WORK_DIR
+from .layout import TASK_KILL
 from .processes import group_exists, signal_group
 from .retries import close_attempt, next_retry
 from .supervisor import Supervisor, exit_code_fields, ignore_signal, rotate_outputs
@@ -103,22 +101,11 @@ class TaskRun(Supervisor):
         """Spawn the script (Supervisor.launch's), without recording it running yet: see
         note_running. None if it could not start (recorded)."""
         from .files import now_iso
-        from .supervisor import open_outputs
 
         started_at = now_iso()  # before the spawn: the job may be at work before it returns
-        try:
-            out, err = open_outputs(self.job_dir, self.job)
-        except (OSError, AgentError) as exc:
-            why = exc.message if isinstance(exc, AgentError) else describe_os_error(exc)
-            return self.fail_to_start("cannot open its output: %s" % why, 126)
-        try:
-            pid = self.start_job(out, err)
-        except OSError as exc:
-            code = 127 if exc.errno == errno.ENOENT else 126
-            return self.fail_to_start(self.cannot_run(exc), code)
-        finally:
-            os.close(out)
-            os.close(err)
+        pid = self.open_and_start()
+        if pid is None:
+            return None
         self.pgid = pid
         self.record.update(state=STATE_RUNNING, job={"pid": pid, "start": False})
         self.record["job"]["boot"] = self.record["supervisor"].get("boot")
@@ -126,25 +113,11 @@ class TaskRun(Supervisor):
         self.ran, self.spawned = True, time.time()
         return pid
 
-    def start_job(self, out, err):
-        """Spawn the script as Supervisor.start_job does, with posix_spawn (no fork of this
-        process, whose memory grows with the array); its pid."""
-        from .progress import progress_path
-        from .supervisor import script_command
-
-        work = os.path.join(self.job_dir, WORK_DIR)
-        script = os.path.join(work, self.job["script"])
-        env = dict(os.environ, TEJ_JOB_ID=self.job["id"], TEJ_JOB_DIR=work)
-        env["TEJ_PROGRESS"] = progress_path(os.path.abspath(self.job_dir))
-        env.update(self.job.get("env") or {})
-        env.update(self.secrets)
-        args = list(self.job.get("args", []))
-        try:
-            return spawn_task(script_command(script) + args, work, env, out, err)
-        except OSError as exc:
-            if exc.errno != errno.ENOEXEC:
-                raise
-            return spawn_task(["/bin/sh", script] + args, work, env, out, err)
+    @staticmethod
+    def spawn(argv, cwd, env, out, err):
+        """Start argv as Supervisor.spawn does, with posix_spawn (no fork of this process,
+        whose memory grows with the array); its pid."""
+        return spawn_task(argv, cwd, env, out, err)
 
     def note_running(self):
         """Record the task running, once it has run for RUNNING_AFTER seconds: a task that
