@@ -122,7 +122,8 @@ class JobStatus:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     elapsed: float | None = None
-    #: For a queued job whose runner orders its queue: (place, number of jobs queued).
+    #: Where the runner orders its queue: (place, number of jobs in the line), of a queued
+    #: job, or of an array some of whose tasks wait in the line (it holds one place).
     position: tuple[int, int] | None = None
     notifications: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, Any] | None = None

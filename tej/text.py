@@ -56,11 +56,14 @@ COUNT_ORDER = (
 
 
 def describe_array(status: ArrayStatus) -> str:
-    """`Array is running: 40 finished, 8 running, 52 queued (0:12:31)`; an ended one's
-    exit code (0: every task finished with 0; else the first failed task's, by index)."""
+    """`Array is running: 40 finished, 8 running, 52 queued (0:12:31)`, with its position
+    while tasks of it wait in the queue's line (`, position 1 of 3`); an ended one's exit
+    code (0: every task finished with 0; else the first failed task's, by index)."""
     counts = describe_counts(status.counts)
     text = f"Array is {status.state.value.replace('_', ' ')}: {counts} "
     text += f"({format_elapsed(status.elapsed)})"
+    if status.position:  # its tasks still to start wait in the queue's line
+        text += f", position {status.position[0]} of {status.position[1]}"
     if status.state is JobState.LOST:
         return f"{text} ({status.reason or 'unknown reason'})"
     if not status.state.is_active and status.exit_code is not None:

@@ -305,6 +305,28 @@ def test_queue_runner_priority_and_after_naming_an_array(target: Target) -> None
 MARK = "#!/bin/sh\ntouch ran\n"
 
 
+def test_a_running_array_keeps_its_place_in_the_line(target: Target) -> None:
+    """An array whose later tasks wait holds its place: its status shows it, and the jobs
+    behind it count from it."""
+    setup_queue_runner(target, 1)
+    script = "#!/bin/sh\nwhile [ ! -e ../../../work/release ]; do sleep 0.05; done\n"
+    array = target.submit(make_array_job(target, "held", script), "--array", "0-1", "--id", "a")
+    behind = target.submit(make_array_job(target, "behind", MARK), "--id", "behind")
+    wait_until(lambda: target.status(array)["array"]["counts"] == {"running": 1, "queued": 1})
+    status = target.status(array)
+    assert status["state"] == "running" and status["position"] == [1, 2], status
+    assert target.status(behind)["position"] == [2, 2]
+    text = target.status_text(array)
+    assert text.startswith("Array is running: 1 running, 1 queued (") and text.endswith(
+        ", position 1 of 2\n"
+    ), text
+    listed = {job["id"]: job for job in json.loads(target.ok("list", "--json"))}
+    assert listed[array]["position"] == [1, 2] and listed[behind]["position"] == [2, 2]
+    (target.job_dir(array) / "work" / "release").write_text("")
+    target.cli("wait", "--id", behind, check=0)
+    assert target.status(array)["position"] is None
+
+
 def test_queue_runner_kill_a_task_and_the_array(target: Target) -> None:
     setup_queue_runner(target, 2)
     job = make_array_job(target, "qlong", "#!/bin/sh\necho started\nsleep 60\n")

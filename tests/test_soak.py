@@ -1,11 +1,13 @@
 """A soak under random faults: Hypothesis drives random sequences of operations against
 the real agent (on `local` and over ssh), and checks the queue's invariants after each.
 
-Operations: submit (with priorities and dependencies), kill, delete, wait, list, prune,
+Operations: submit (with priorities and dependencies), array submit, kill (of a job, an
+array or one task), delete, wait, list, prune,
 setup with another `max_running`, a supervisor SIGKILLed, a client SIGKILLed in the middle
 of an upload, concurrent clients. Invariants: no job lost or duplicated; a job's state
 only moves forward; `max_running` never exceeded (from the jobs' own timestamps);
-positions are a permutation of the queued jobs; no two jobs that may still run share an
+positions are a permutation of the jobs in the line (queued jobs, and arrays with tasks
+still to start); no two jobs that may still run share an
 inode of the store; the index agrees with the job folders (helpers.index_problems).
 
 In the normal suite it runs a few derandomized sequences per destination (the same every
@@ -16,6 +18,7 @@ failure prints the shortest sequence Hypothesis found that breaks an invariant.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -50,6 +53,7 @@ from hypothesis.stateful import (
 )
 
 from tej import RemoteQueue
+from tej.api import ArrayStatus
 from tej.errors import InvalidInput, JobNotFound, JobStillRunning, WaitTimeout
 from tej.protocol import ACTIVE_STATES as ACTIVE
 from tej.protocol import END_STATES as ENDED
@@ -88,16 +92,22 @@ class Soak(RuleBasedStateMachine):
 
     # setting up and tearing down
 
-    @initialize(target=jobs, sleeps=st.lists(st.sampled_from(["0", "0.3", "3"]), max_size=4))
-    def open_queue(self, sleeps: list[str]) -> MultipleResults[str]:
-        """A new queue (queue runner, max_running 2), and a few jobs to start with (Hypothesis
-        enables a random subset of the rules in each sequence: submit may be left out)."""
+    @initialize(
+        target=jobs,
+        sleeps=st.lists(st.sampled_from(["0", "0.3", "3"]), max_size=4),
+        arrays=st.lists(st.integers(2, 4), max_size=2),
+    )
+    def open_queue(self, sleeps: list[str], arrays: list[int]) -> MultipleResults[str]:
+        """A new queue (queue runner, max_running 2), and a few jobs and arrays to start
+        with (Hypothesis enables a random subset of the rules in each sequence: submit may
+        be left out)."""
         self.queue = f"{self.target.queue}-{next(self.counter)}"
         self.remote = RemoteQueue(
             self.target.destination, self.queue, ssh_config=self.target.ssh_config
         )
         self.remote.setup(runner="queue", options={"max_running": "2"})
-        return multiple(*[self.submit(sleep, 0, False) for sleep in sleeps])
+        jobs = [self.submit(sleep, 0, False) for sleep in sleeps]
+        return multiple(*jobs, *[self.submit_array(size, "", "0.3") for size in arrays])
 
     def teardown(self) -> None:
         if self.remote is not None:
@@ -160,6 +170,31 @@ class Soak(RuleBasedStateMachine):
             return job_id
         self.seen[job_id] = "queued"
         return job_id
+
+    @rule(
+        target=jobs,
+        size=st.integers(2, 4),
+        parallel=st.sampled_from(["", "%1"]),
+        sleep=st.sampled_from(["0", "0.3"]),
+    )
+    def submit_array(self, size: int, parallel: str, sleep: str) -> str:
+        """An array: its tasks take places of max_running, as jobs do."""
+        self.count("submit_array")
+        job_id = self.new_id()
+        self.api().submit(
+            str(self.job_dir("tiny")),
+            job_id=job_id,
+            array=f"0-{size - 1}{parallel}",
+            env={"SOAK_SLEEP": sleep},
+        )
+        self.seen[job_id] = "queued"
+        return job_id
+
+    @rule(job=jobs, task=st.integers(0, 3))
+    def kill_a_task(self, job: str, task: int) -> None:
+        """Kill task N of the job (refused if the job is not an array that has one)."""
+        with contextlib.suppress(JobNotFound):  # not an array, no such task, or deleted
+            self.api().kill(f"{job}.{task}")
 
     @rule(job=jobs)
     def kill(self, job: str) -> None:
@@ -246,10 +281,16 @@ class Soak(RuleBasedStateMachine):
         assert set(ids) <= expected | self.maybe, f"unknown jobs: {set(ids) - expected}"
         for job in jobs:
             self.check_forward(job.id, job.state.value)
-        positions = sorted(job.position[0] for job in jobs if job.position)
-        queued = [job for job in jobs if job.state.value == "queued"]
-        assert positions == list(range(1, len(queued) + 1)), "positions are not 1..n"
-        assert all(job.position and job.position[1] == len(queued) for job in queued)
+        in_line = [job for job in jobs if job.position]
+        positions = sorted(job.position[0] for job in in_line)
+        assert positions == list(range(1, len(in_line) + 1)), f"positions are not 1..n: {jobs}"
+        assert all(job.position[1] == len(in_line) for job in in_line)
+        for job in jobs:  # in the line: queued jobs, and arrays with tasks still to start
+            if job.state.value == "queued":
+                assert job.position, job
+            elif job.position:
+                assert isinstance(job, ArrayStatus) and job.state.is_active, job
+                assert job.counts.get("queued"), job
         self.check_index()
         self.check_max_running()
         self.check_store()
@@ -287,16 +328,12 @@ class Soak(RuleBasedStateMachine):
         for job_id, state in self.seen.items():
             if state == "lost" or job_id in self.orphaned or job_id in self.gone:
                 continue
-            work = Path(self.queue) / "jobs" / job_id / "work"
-            try:
-                start = float((work / "t0").read_text())
-            except (OSError, ValueError):
-                continue
-            try:
-                end = float((work / "t1").read_text())
-            except (OSError, ValueError):  # killed: it ended when its record says
-                end = ended_at(Path(self.queue) / "jobs" / job_id / "status.json")
-            events += [(start, 1), (end, -1)]
+            job_dir = Path(self.queue) / "jobs" / job_id
+            events += run_interval(job_dir)
+            if (job_dir / "jobs").is_dir():  # an array: each task takes a place
+                for task_dir in (job_dir / "jobs").iterdir():
+                    if record_state(task_dir) != "lost":
+                        events += run_interval(task_dir)
         running = 0
         for _, step in sorted(events, key=lambda event: (event[0], event[1])):
             running += step
@@ -314,6 +351,29 @@ class Soak(RuleBasedStateMachine):
                 except OSError:
                     continue
                 assert owners.setdefault(inode, job_id) == job_id, (job_id, owners[inode])
+
+
+def run_interval(job_dir: Path) -> list[tuple[float, int]]:
+    """When the script in job_dir started and ended (POSIX times), as events counting the
+    jobs running; none if it never started."""
+    work = job_dir / "work"
+    try:
+        start = float((work / "t0").read_text())
+    except (OSError, ValueError):
+        return []
+    try:
+        end = float((work / "t1").read_text())
+    except (OSError, ValueError):  # killed: it ended when its record says
+        end = ended_at(job_dir / "status.json")
+    return [(start, 1), (end, -1)]
+
+
+def record_state(job_dir: Path) -> str | None:
+    """The state in a job folder's status.json, None if it can't be read."""
+    try:
+        return json.loads((job_dir / "status.json").read_text()).get("state")
+    except (OSError, ValueError):
+        return None
 
 
 def ended_at(path: Path) -> float:
@@ -347,3 +407,4 @@ def test_soak(target: Target) -> None:
         if time.monotonic() >= deadline:
             break
     assert Soak.done["submit"] >= EXAMPLES and Soak.done["the_queue_is_whole"] >= EXAMPLES
+    assert Soak.done["submit_array"] >= 1

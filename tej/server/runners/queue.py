@@ -167,15 +167,16 @@ class Runner(object):
         return record
 
     def refresh(self, job_id, job_dir, record):
-        """The job's record; a queued job's has its position in the queue."""
+        """The job's record, with its position if it waits in the line (see refresh_many)."""
         return self.refresh_many([(job_id, job_dir, record)])[0]
 
     def refresh_many(self, jobs):
-        """The records of several jobs, with the positions of the queued ones."""
+        """The records of several jobs, with the positions of those waiting in the line
+        (queued jobs, and arrays some of whose tasks are still to start)."""
         records = [self.host.supervised_record(job_dir, record) for _, job_dir, record in jobs]
         line = Line(self.host)
         for (_, job_dir, _), record in zip(jobs, records):
-            if record.get("state") == "queued":
+            if waiting(record):
                 if line.state is None:
                     line.state = read_state(line.folder) or self.rebuilt_line()
                 if record.get("ticket") is None:  # given one as the line was built
