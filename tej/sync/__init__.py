@@ -203,6 +203,8 @@ class Syncer:
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
+        if self.token is None and not self.dry_run:
+            _load_gateway_ahead()
         totals = SyncSummary(dry_run=self.dry_run)
         changing: list[Remote] = []
         for attempt in range(ATTEMPTS):
@@ -500,6 +502,16 @@ class Syncer:
                     for p, e in entries.items()
                 ]
             )
+
+
+def _load_gateway_ahead() -> None:
+    """Load execnet's gateway_base in a thread, while the first listing is on its way: the
+    listing comes with the bootstrap, and reading the files it names needs execnet."""
+    import threading
+
+    from tej.gateway import gateway_base
+
+    threading.Thread(target=gateway_base, daemon=True).start()
 
 
 def follow(
