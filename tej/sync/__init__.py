@@ -43,7 +43,6 @@ from tej.sync.local import (
     PRIVATE,
     Local,
     LocalScan,
-    file_keys,
     prepare_destination,
     read_marker,
     scan_local,
@@ -219,7 +218,7 @@ class Syncer:
                 if local is None:
                     local = LocalScan(self.root)
                 found = local.result()
-                summary, changing = self.apply(self.plan(now, found, local.keys), state)
+                summary, changing = self.apply(self.plan(now, found), state)
             except OSError as exc:
                 where = os.fsdecode(exc.filename) if exc.filename else self.to
                 raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
@@ -231,14 +230,12 @@ class Syncer:
         end = SyncSummary(files_changing=len(changing), requests=self.requests - start)
         return totals + end
 
-    def plan(self, now: int, local: dict[bytes, Local], keys: set[Any] | None = None) -> Plan:
-        """Compare the listing with the local folder (as scan_local found it; keys: its
-        file_keys, if known)."""
+    def plan(self, now: int, local: dict[bytes, Local]) -> Plan:
+        """Compare the listing with the local folder (as scan_local found it)."""
         self._safe = set()
         plan = Plan()
         skipped = self._excluded((path, row[1] == "d") for path, row in self.listing.items())
-        keys = file_keys(local) if keys is None else keys
-        same = same_files(self.listing, keys) - self.recent - skipped
+        same = same_files(self.listing, local) - self.recent - skipped
         plan.same = len(same)
         for relpath in sorted(self.listing.keys() - same - skipped):
             row, have = Remote._make(self.listing[relpath]), local.get(relpath)
