@@ -21,6 +21,7 @@ did (`SyncSummary`).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -203,7 +204,16 @@ class Syncer:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
         if self.token is None and not self.dry_run:
-            _load_gateway_ahead()
+            _load_ahead()
+        collecting = gc.isenabled()
+        gc.disable()  # a pass makes tens of thousands of tuples, and frees them all at once
+        try:
+            return self._run(missing_ok, idle_ok, start)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, missing_ok: bool, idle_ok: bool, start: int) -> SyncSummary:
         totals = SyncSummary(dry_run=self.dry_run)
         changing: list[Remote] = []
         for attempt in range(ATTEMPTS):
@@ -501,14 +511,18 @@ class Syncer:
             )
 
 
-def _load_gateway_ahead() -> None:
-    """Load execnet's gateway_base in a thread, while the first listing is on its way: the
-    listing comes with the bootstrap, and reading the files it names needs execnet."""
+def _load_ahead() -> None:
+    """Load what reading files needs (execnet's gateway_base, tej.rawstream) in a thread,
+    while the first listing is on its way: it comes with the bootstrap, without them."""
     import threading
 
-    from tej.gateway import gateway_base
+    def load() -> None:
+        from tej.gateway import gateway_base
 
-    threading.Thread(target=gateway_base, daemon=True).start()
+        gateway_base()
+        import tej.rawstream  # noqa: F401 - loaded for the Fetcher
+
+    threading.Thread(target=load, daemon=True).start()
 
 
 def follow(
