@@ -146,3 +146,21 @@ def test_json_loads_refuses_what_json_refuses(text: str) -> None:
         json.loads(text)
     with pytest.raises(ValueError):
         json_loads(text)
+
+
+def test_raw_values_come_back_whole_and_a_look_alike_is_not_taken_for_one() -> None:
+    """What the agent sends raw (long bytes values, and any that begins like a stand-in)
+    is put back in place by the client, whatever the nesting."""
+    from tej import remote_agent
+    from tej.session import _put_raw
+
+    look_alike = protocol.RAW_PLACEHOLDER + b"0"
+    replies = [
+        {"ok": True, "result": {"paths": b"a\0" * 4000, "removed": look_alike, "n": 3}},
+        {"ok": True, "result": [b"short", (b"\xff" * 2000, "text"), None]},
+    ]
+    raw: list[bytes] = []
+    pulled = remote_agent._pull_raw(replies, raw)
+    assert len(raw) == 3
+    assert len(ascii(pulled)) < 500  # the long values are not in the line
+    assert _put_raw(ast.literal_eval(ascii(pulled)), raw) == replies
