@@ -167,7 +167,7 @@ def start(argv: list[str], ahead: tuple[str, ...] = ()) -> tuple[AgentIO, IO[byt
     try:
         try:
             io.write(boot_line(STAGE_ONE))
-            io.write(boot_line(loader_source(ahead)))
+            io.write(loader_lines(ahead))
         except OSError:
             pass
     except BaseException:
@@ -246,10 +246,10 @@ def loader_code() -> Code:
 
 def loader_source(ahead: tuple[str, ...] = ()) -> str:
     """The bootstrap's second line: the loader's stage two (a few functions of
-    tej/loader.py) and its call, which runs the whole loader (its source sent along, in
-    case the server's cache lacks it) and boots this client's code."""
-    with open(LOADER_PATH, encoding="utf-8") as stream:
-        source = stream.read()
+    tej/loader.py) and its call, which runs the whole loader (its source read from
+    the next characters of the input, in case the server's cache lacks it: see
+    loader_lines) and boots this client's code."""
+    source = _loader_text()
     _, found, rest = source.partition(STAGE_TWO_START)
     stage_two = rest.partition(STAGE_TWO_END)[0]
     if not found or not stage_two:
@@ -258,4 +258,21 @@ def loader_source(ahead: tuple[str, ...] = ()) -> str:
     gateway, bundle = gateway_code(), agent_bundle()
     call = (gateway.name, gateway.digest), (bundle.name, bundle.digests), tuple(ahead)
     imports = "import os\nimport stat\nimport sys\n"
-    return f"{imports}#{stage_two}\ntej_stage_two({source!r}, {name!r}, {call!r})\n"
+    # The source follows the line as it is, read by its length (ASCII: characters are
+    # bytes): compiled as a string literal, it took the server a millisecond.
+    read = f"sys.stdin.read({len(source)})"
+    return f"{imports}#{stage_two}\ntej_stage_two({read}, {name!r}, {call!r})\n"
+
+
+def loader_lines(ahead: tuple[str, ...] = ()) -> bytes:
+    """The bootstrap's second line (loader_source), then the loader's source itself."""
+    return boot_line(loader_source(ahead)) + _loader_text().encode("ascii")
+
+
+def _loader_text() -> str:
+    """tej/loader.py's source: ASCII only, so that the server reads it by its length."""
+    with open(LOADER_PATH, encoding="utf-8") as stream:
+        source = stream.read()
+    if not source.isascii() or "\r" in source:
+        raise RuntimeError(f"{LOADER_PATH} is not plain ASCII")  # a broken installation
+    return source

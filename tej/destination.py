@@ -251,13 +251,26 @@ def _sharing_settings(reuse_for: int) -> dict[str, str]:
     }
 
 
+def _temporary_directory() -> str:
+    """The folder for temporary files: $TMPDIR (or $TEMP, $TMP) if it is one, else /tmp.
+
+    Not tempfile.gettempdir(): importing tempfile (shutil, random, re...) took a cold
+    command about 9 ms before ssh could be started.
+    """
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        path = os.environ.get(name)
+        if path and os.path.isdir(path):
+            return path
+    if os.path.isdir("/tmp"):
+        return "/tmp"
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
 def control_directory() -> str | None:
     """A private folder for shared-connection sockets, or None if none can be had safely."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base:
-        import tempfile
-
-        base = tempfile.gettempdir()
+    base = os.environ.get("XDG_RUNTIME_DIR") or _temporary_directory()
     path = os.path.join(base, f"tej-ssh-{os.getuid()}")
     try:
         os.mkdir(path, 0o700)

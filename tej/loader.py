@@ -522,9 +522,10 @@ def tej_boot(gateway, bundle, ahead=()):
         tej_bundle_package(bundle_name, folder, sources.get(bundle_name))
     agent = tej_agent(bundle_name)
     # The answers go before execnet is even loaded: a command that needs no more is done.
-    replies = agent.answer(early) if early else "None"
-    sys.stdout.write("TEJ-EARLY %s\n1" % replies)
+    answers = agent.answer(early) if early else b"TEJ-EARLY None\n"
     sys.stdout.flush()
+    sys.stdout.buffer.write(answers + b"1")
+    sys.stdout.buffer.flush()
     if base is None:
         base = tej_gateway_from_cache(cached)
     io = base.init_popen_io(base.get_execmodel("thread"))

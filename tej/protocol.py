@@ -46,6 +46,11 @@ OPERATIONS = {
 #: loader answers it (and the handshake) before execnet is loaded (see tej/loader.py).
 #: Read only, with small arguments: their replies are plain data (Python literals).
 EARLY_OPERATIONS = ("status", "list", "sync_list")
+#: In an early answer's line, what stands for a long bytes value sent raw before the line,
+#: followed by the value's number (see tej.remote_agent.answer).
+RAW_PLACEHOLDER = b"\0tej-raw "
+#: The line before those raw values: RAW_MARKER, then each one's length.
+RAW_MARKER = b"TEJ-RAW"
 
 # Job states.
 STATE_STARTING = "starting"

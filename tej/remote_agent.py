@@ -22,6 +22,9 @@ _deferred = []  # type: list[object]
 #: The longest answer (as text) that goes with the bootstrap: a longer one (a big listing)
 #: is faster to send, and to read, in execnet's binary form.
 EARLY_TEXT_LIMIT = 65536
+#: A bytes value of an early answer this long goes raw, before the answers' line, not as
+#: text (a listing's columns: written and read as they are, not escaped and parsed).
+RAW_MIN = 1024
 
 
 def prepare(ops):
@@ -35,23 +38,51 @@ def prepare(ops):
 
 
 def answer(requests):
-    """Answer the requests that came with the bootstrap, before execnet is loaded: their
-    replies, as one line of Python literals.
+    """Answer the requests that came with the bootstrap, before execnet is loaded: what the
+    loader writes (bytes), the replies' line of Python literals, after their raw values.
 
-    The loader calls this; the session's later requests (serve) go on the same
-    connection, so what these leave in it (a listing's token) is kept. The last
-    reply, if too long, is None there: it is sent first on the channel.
+    Each bytes value of RAW_MIN bytes or more (or that looks like a stand-in) is
+    protocol.RAW_PLACEHOLDER and its number in the line, and goes raw before it:
+    ``TEJ-RAW LENGTH...`` (protocol.RAW_MARKER), the values, then ``TEJ-EARLY
+    REPLIES``. The session's later requests (serve) go on the same connection,
+    so what these leave in it (a listing's token) is kept. The last reply, if
+    still too long as text, is None there: it is sent first on the channel.
     """
     from .server.service import Connection
 
     connection = Connection()
     _early.append(connection)
     replies = [connection.handle(request) for request in requests]
-    text = None if _longer(replies, EARLY_TEXT_LIMIT) else ascii(replies)
+    raw = []  # type: list[bytes]
+    pulled = _pull_raw(replies, raw)
+    text = None if _longer(pulled, EARLY_TEXT_LIMIT) else ascii(pulled)
     if text is None or len(text) > EARLY_TEXT_LIMIT:
         _deferred.append(replies[-1])
-        text = ascii(replies[:-1] + [None])
-    return text
+        raw = []
+        text = ascii(_pull_raw(replies[:-1], raw) + [None])
+    head = b""
+    if raw:
+        from .protocol import RAW_MARKER
+
+        head = RAW_MARKER + b"".join(b" %d" % len(value) for value in raw) + b"\n"
+    return head + b"".join(raw) + b"TEJ-EARLY " + text.encode("ascii") + b"\n"
+
+
+def _pull_raw(value, raw):
+    """value with its long bytes values (and any that look like a stand-in) replaced by
+    stand-ins, appended to raw."""
+    if isinstance(value, bytes):
+        from .protocol import RAW_PLACEHOLDER
+
+        if len(value) < RAW_MIN and not value.startswith(RAW_PLACEHOLDER):
+            return value
+        raw.append(value)
+        return RAW_PLACEHOLDER + b"%d" % (len(raw) - 1)
+    if isinstance(value, dict):
+        return dict((key, _pull_raw(item, raw)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pull_raw(item, raw) for item in value)
+    return value
 
 
 def _longer(value, limit):

@@ -38,7 +38,7 @@ from tej.errors import (
     error_from_reply,
 )
 from tej.gateway import gateway_base, open_gateway
-from tej.protocol import EARLY_OPERATIONS, PROTOCOL_VERSION
+from tej.protocol import EARLY_OPERATIONS, PROTOCOL_VERSION, RAW_MARKER, RAW_PLACEHOLDER
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -199,16 +199,30 @@ class Session:
         return names
 
     def _read_early_line(self, io: AgentIO) -> Any:
-        """The loader's answers to the requests sent with the bootstrap (None if none)."""
+        """The loader's answers to the requests sent with the bootstrap (None if none), with
+        the long bytes values that came raw before them put back (see
+        tej.remote_agent.answer)."""
         line = io.readline()
+        raw: list[bytes] = []
+        if line.startswith(RAW_MARKER + b" "):
+            try:
+                lengths = [int(field) for field in line[len(RAW_MARKER) :].split()]
+            except ValueError:
+                raise ProtocolError(f"Unexpected replies from the agent: {line!r:.200}") from None
+            data = memoryview(io.read(sum(lengths)))
+            for length in lengths:
+                raw.append(bytes(data[:length]))
+                data = data[length:]
+            line = io.readline()
         if not line.startswith(EARLY_MARKER):
             raise ProtocolError(f"The agent on {self.destination} did not start properly")
         import ast
 
         try:
-            return ast.literal_eval(line[len(EARLY_MARKER) :].decode("ascii"))
+            replies = ast.literal_eval(line[len(EARLY_MARKER) :].decode("ascii"))
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise ProtocolError(f"Unexpected replies from the agent: {line!r:.200}") from None
+        return _put_raw(replies, raw) if raw else replies
 
     def _read_boot_line(self, io: AgentIO) -> tuple[int, ...]:
         """Skip what login scripts print, up to the line that gives Python's version."""
@@ -439,6 +453,24 @@ class Session:
         self.close()
         reason = f": {detail}" if detail else " (the connection closed)"
         return ConnectionFailed(f"Lost the connection to {self.destination}{reason}")
+
+
+def _put_raw(value: Any, raw: list[bytes]) -> Any:
+    """value with each stand-in of a raw value (RAW_PLACEHOLDER and its number) replaced by it."""
+    if isinstance(value, bytes):
+        if not value.startswith(RAW_PLACEHOLDER):
+            return value
+        try:
+            return raw[int(value[len(RAW_PLACEHOLDER) :])]
+        except (ValueError, IndexError):
+            raise ProtocolError("The agent's raw answer is malformed") from None
+    if isinstance(value, dict):
+        return {key: _put_raw(item, raw) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_put_raw(item, raw) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_put_raw(item, raw) for item in value)
+    return value
 
 
 def _close_quietly(io: AgentIO) -> None:

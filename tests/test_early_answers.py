@@ -60,21 +60,26 @@ def test_an_early_error_reply_leaves_the_session_usable(target: Target) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_long_first_answer_comes_on_the_channel(target: Target) -> None:
-    """A listing too long to travel as text with the bootstrap is execnet's first message."""
+def test_a_long_first_listing_comes_raw_with_the_bootstrap(target: Target) -> None:
+    """A listing's columns (bytes) travel raw before the early answers' line, not as text:
+    a sync where nothing changed starts no execnet at all."""
     names = [f"a-file-with-a-rather-long-name-{number:05d}.txt" for number in range(2000)]
     job_id = finished_job(target, files={name: name for name in names})
     remote = target.api()
     try:
         summary = remote.sync(job_id, str(target.src_dir / "mirror"))
-        assert remote.session()._gateway is not None
+        assert remote.session()._gateway is not None  # for the files' contents
     finally:
         remote.close()
     assert summary.files_sent == len(names) + 1  # and start.sh
     mirrored = [name for name in os.listdir(target.src_dir / "mirror") if name != ".tej-sync"]
     assert sorted(mirrored) == sorted([*names, "start.sh"])
-    with target.api() as again:  # a new session: its first listing is long too
+    again = target.api()  # a new session: its first listing is long too
+    try:
         assert again.sync(job_id, str(target.src_dir / "mirror")).files_unchanged == len(names) + 1
+        assert again.session()._gateway is None, "the listing went over execnet"
+    finally:
+        again.close()
 
 
 def test_the_cli_answers_status_and_its_errors_with_the_bootstrap(target: Target) -> None:
@@ -141,3 +146,21 @@ def test_json_loads_refuses_what_json_refuses(text: str) -> None:
         json.loads(text)
     with pytest.raises(ValueError):
         json_loads(text)
+
+
+def test_raw_values_come_back_whole_and_a_look_alike_is_not_taken_for_one() -> None:
+    """What the agent sends raw (long bytes values, and any that begins like a stand-in)
+    is put back in place by the client, whatever the nesting."""
+    from tej import remote_agent
+    from tej.session import _put_raw
+
+    look_alike = protocol.RAW_PLACEHOLDER + b"0"
+    replies = [
+        {"ok": True, "result": {"paths": b"a\0" * 4000, "removed": look_alike, "n": 3}},
+        {"ok": True, "result": [b"short", (b"\xff" * 2000, "text"), None]},
+    ]
+    raw: list[bytes] = []
+    pulled = remote_agent._pull_raw(replies, raw)
+    assert len(raw) == 3
+    assert len(ascii(pulled)) < 500  # the long values are not in the line
+    assert _put_raw(ast.literal_eval(ascii(pulled)), raw) == replies

@@ -21,6 +21,7 @@ did (`SyncSummary`).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -43,7 +44,6 @@ from tej.sync.local import (
     PRIVATE,
     Local,
     LocalScan,
-    file_keys,
     prepare_destination,
     read_marker,
     scan_local,
@@ -203,6 +203,17 @@ class Syncer:
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
+        if self.token is None and not self.dry_run:
+            _load_ahead()
+        collecting = gc.isenabled()
+        gc.disable()  # a pass makes tens of thousands of tuples, and frees them all at once
+        try:
+            return self._run(missing_ok, idle_ok, start)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, missing_ok: bool, idle_ok: bool, start: int) -> SyncSummary:
         totals = SyncSummary(dry_run=self.dry_run)
         changing: list[Remote] = []
         for attempt in range(ATTEMPTS):
@@ -217,7 +228,7 @@ class Syncer:
                 if local is None:
                     local = LocalScan(self.root)
                 found = local.result()
-                summary, changing = self.apply(self.plan(now, found, local.keys), state)
+                summary, changing = self.apply(self.plan(now, found), state)
             except OSError as exc:
                 where = os.fsdecode(exc.filename) if exc.filename else self.to
                 raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
@@ -229,14 +240,12 @@ class Syncer:
         end = SyncSummary(files_changing=len(changing), requests=self.requests - start)
         return totals + end
 
-    def plan(self, now: int, local: dict[bytes, Local], keys: set[Any] | None = None) -> Plan:
-        """Compare the listing with the local folder (as scan_local found it; keys: its
-        file_keys, if known)."""
+    def plan(self, now: int, local: dict[bytes, Local]) -> Plan:
+        """Compare the listing with the local folder (as scan_local found it)."""
         self._safe = set()
         plan = Plan()
         skipped = self._excluded((path, row[1] == "d") for path, row in self.listing.items())
-        keys = file_keys(local) if keys is None else keys
-        same = same_files(self.listing, keys) - self.recent - skipped
+        same = same_files(self.listing, local) - self.recent - skipped
         plan.same = len(same)
         for relpath in sorted(self.listing.keys() - same - skipped):
             row, have = Remote._make(self.listing[relpath]), local.get(relpath)
@@ -500,6 +509,20 @@ class Syncer:
                     for p, e in entries.items()
                 ]
             )
+
+
+def _load_ahead() -> None:
+    """Load what reading files needs (execnet's gateway_base, tej.rawstream) in a thread,
+    while the first listing is on its way: it comes with the bootstrap, without them."""
+    import threading
+
+    def load() -> None:
+        from tej.gateway import gateway_base
+
+        gateway_base()
+        import tej.rawstream  # noqa: F401 - loaded for the Fetcher
+
+    threading.Thread(target=load, daemon=True).start()
 
 
 def follow(

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple, Tuple
 
 from tej.errors import ProtocolError
-from tej.sync.local import PRIVATE
+from tej.sync.local import PRIVATE, Local
 
 
 class Remote(NamedTuple):
@@ -65,13 +65,19 @@ def decode_listing(columns: dict[str, Any]) -> list[Listed]:
 PRIVATE_PATH = re.compile(re.escape(PRIVATE.encode()) + rb"(?:/|\Z)")
 
 
-def same_files(
-    listing: dict[bytes, Listed], keys: set[tuple[bytes, str, int, int, int]]
-) -> set[bytes]:
-    """The listed files the local folder has (keys: file_keys) with the same size, time and
-    mode, found in bulk."""
-    return set(map(path_of, keys.intersection(map(_REMOTE_KEY, listing.values()))))
+def same_files(listing: dict[bytes, Listed], local: dict[bytes, Local]) -> set[bytes]:
+    """The listed files the local folder has with the same size, time and mode (a lookup
+    and a comparison each: faster than a set of keys made for each side)."""
+    get = local.get
+    return {
+        path
+        for path, row in listing.items()
+        if (have := get(path)) is not None
+        and have[0] == "f" == row[1]
+        and have[1] == row[3]  # size
+        and have[2] == row[4]  # modification time
+        and have[3] == row[2]  # mode
+    }
 
 
-_REMOTE_KEY = operator.itemgetter(0, 1, 3, 4, 2)  # path, kind, size, mtime, mode
 path_of = operator.itemgetter(0)  # a row's (or key's) path

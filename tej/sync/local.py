@@ -89,7 +89,6 @@ class LocalScan:
         import threading
 
         self.found: dict[bytes, Local] = {}
-        self.keys: set[tuple[bytes, str, int, int, int]] = set()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(root,), daemon=True)
         self.thread.start()
@@ -97,7 +96,6 @@ class LocalScan:
     def _run(self, root: bytes) -> None:
         try:
             self.found = scan_local(root)
-            self.keys = file_keys(self.found)
         except BaseException as exc:  # noqa: BLE001 - raised again by result()
             self.error = exc
 
@@ -107,15 +105,6 @@ class LocalScan:
         if self.error is not None:
             raise self.error
         return self.found
-
-
-def file_keys(local: dict[bytes, Local]) -> set[tuple[bytes, str, int, int, int]]:
-    """The local files as (path, "f", size, mtime, mode): what same_files compares."""
-    return {
-        (path, "f", have.size, have.mtime, have.mode)
-        for path, have in local.items()
-        if have.kind == "f"
-    }
 
 
 def _local_of(item: os.DirEntry[bytes], info: os.stat_result) -> Local:

@@ -21,7 +21,14 @@ import struct
 import sys
 import time
 
-from ...protocol import END_STATES, ERR_BAD_REQUEST, ERR_INVALID, MAX_READ, STATE_LOST
+from ...protocol import (
+    END_STATES,
+    ERR_BAD_REQUEST,
+    ERR_INVALID,
+    MAX_READ,
+    STATE_LOST,
+    sha256_hex,
+)
 from ..errors import AgentError, checked_rows
 from ..files import relative_parts, show
 from ..layout import WORK_DIR
@@ -33,6 +40,7 @@ CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longe
 SAME = True  # sync_read's answer for a file whose digest is the one the client has
 FS_ENCODING = sys.getfilesystemencoding()
 READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
+BUILTIN_HASH_MAX = 1 << 20  # below this, data is hashed without hashlib (see sha256_of)
 
 
 def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
@@ -133,12 +141,19 @@ def checked_answer(data, same, digest, whole):
     """sync_read's answer for a chunk read: CHANGED, SAME (digest is the whole file's), or data."""
     if not same:
         return CHANGED
-    if digest and whole:
-        import hashlib
-
-        if hashlib.sha256(data).hexdigest() == digest:
-            return SAME
+    if digest and whole and sha256_of(data) == digest:
+        return SAME
     return data
+
+
+def sha256_of(data):
+    """The sha256 of data (hex): by Python's built-in module for a small one, unless hashlib
+    is loaded already (loading it, and OpenSSL, costs more than hashing a few files)."""
+    if len(data) < BUILTIN_HASH_MAX and "hashlib" not in sys.modules:
+        return sha256_hex(data)
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def job_state(opened, job_id, job_dir):
