@@ -33,11 +33,30 @@ START_TIMEOUT = 60.0
 
 
 def read_status_record(job_dir):
-    """The raw status record of a job, as last written."""
+    """The raw status record of a job, as last written; None if it has none.
+
+    A job its agent gave no record (see first_record_of) is `starting`.
+    """
     try:
         return read_json(os.path.join(job_dir, STATUS_FILE))
+    except FileNotFoundError:
+        return first_record_of(job_dir)
     except (OSError, AgentError):
         return None
+
+
+def first_record_of(job_dir):
+    """The record of a job that has no STATUS_FILE yet: None, unless its job.json has
+    "submitted_at" (the default runner's job: its supervisor writes its first record,
+    which is `starting` since then until it does; docs/queue-format.md)."""
+    try:
+        job = read_json(os.path.join(job_dir, JOB_FILE))
+    except (OSError, AgentError):
+        return None
+    submitted_at = job.get("submitted_at") if isinstance(job, dict) else None
+    if not isinstance(submitted_at, str) or not isinstance(job.get("id"), str):
+        return None
+    return {"id": job["id"], "state": STATE_STARTING, "submitted_at": submitted_at}
 
 
 def public_status(job_id, record):
