@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import pytest
-from helpers import folder_manifest, index_problems, wait_until
+from helpers import folder_manifest, index_problems, read_record, wait_until
 
 import tej.bootstrap
 from tej import protocol, transfer
@@ -266,8 +266,8 @@ class Harness:
         return Path(queue or self.queue) / layout.JOBS_DIR / job_id
 
     def record(self, job_id: str) -> dict[str, Any]:
-        """The job's raw status.json."""
-        return dict(json.loads((self.job_dir(job_id) / layout.STATUS_FILE).read_text()))
+        """The job's raw status record (status.json, or job.json's stand-in before it)."""
+        return read_record(self.job_dir(job_id))
 
     def jobs(self, queue: str | None = None) -> list[str]:
         """The names in the queue's jobs folder."""
@@ -1141,8 +1141,32 @@ def test_status_from_an_earlier_boot_is_lost_by_restart(harness: Harness) -> Non
 
 def test_missing_status_file_is_lost(harness: Harness) -> None:
     harness.run(script("true\n"), job_id="j")
-    (harness.job_dir("j") / layout.STATUS_FILE).unlink()
+    job_file = harness.job_dir("j") / layout.JOB_FILE
+    job = json.loads(job_file.read_text())
+    assert "submitted_at" in job  # its first record, until its supervisor wrote one
+    (harness.job_dir("j") / layout.STATUS_FILE).unlink()  # a power cut lost it
+    # A job whose job.json has no submitted_at (as an older tej wrote) is lost at once.
+    job_file.write_text(json.dumps({k: v for k, v in job.items() if k != "submitted_at"}))
     assert harness.status("j")["state"] == protocol.STATE_LOST
+    # One that has it is `starting` with no supervisor: lost 60 s after its submit.
+    job_file.write_text(json.dumps(dict(job, submitted_at="2020-01-01T00:00:00.000000Z")))
+    assert harness.status("j")["state"] == protocol.STATE_LOST
+
+
+def test_a_job_is_starting_until_its_supervisor_writes_its_first_record(
+    harness: Harness,
+) -> None:
+    """The default runner's job has no status.json until its supervisor writes one: its
+    job.json's submitted_at stands for a `starting` record (docs/queue-format.md)."""
+    job_id = harness.submit(script("sleep 30\n"), job_id="young")
+    record = harness.record(job_id)
+    assert record["state"] in (protocol.STATE_STARTING, protocol.STATE_RUNNING)
+    submitted_at = json.loads((harness.job_dir(job_id) / layout.JOB_FILE).read_text())
+    assert record["submitted_at"] == submitted_at["submitted_at"]
+    running = harness.wait_running(job_id)  # written once it has run 50 ms
+    assert running["submitted_at"] == submitted_at["submitted_at"]
+    assert harness.status(job_id)["state"] == protocol.STATE_RUNNING
+    harness.ok("kill", job_id=job_id)
 
 
 # -- delete ------------------------------------------------------------------------
