@@ -87,14 +87,12 @@ def make_job(
 
 def read_record(job_dir: Path) -> dict[str, Any]:
     """A job's status record as docs/queue-format.md defines it: its status.json, or for a
-    job whose supervisor has written none yet, `starting` since job.json's submitted_at."""
+    job whose supervisor has written none yet, `starting` (since job.json was written)."""
     try:
         data = json.loads((job_dir / "status.json").read_text())
     except FileNotFoundError:
         job = json.loads((job_dir / "job.json").read_text())
-        if "submitted_at" not in job:
-            raise
-        data = {"id": job["id"], "state": "starting", "submitted_at": job["submitted_at"]}
+        data = {"id": job["id"], "state": "starting"}
     assert isinstance(data, dict)
     return data
 

@@ -45,18 +45,21 @@ def read_status_record(job_dir):
         return None
 
 
-def first_record_of(job_dir):
-    """The record of a job that has no STATUS_FILE yet: None, unless its job.json has
-    "submitted_at" (the default runner's job: its supervisor writes its first record,
-    which is `starting` since then until it does; docs/queue-format.md)."""
+def first_record_of(job_dir, job=None):
+    """The record of a job that has no STATUS_FILE yet (a new job of the default runner,
+    whose supervisor writes its first record): `starting` since its job.json was
+    written; None if job.json (job, if read already) can't be read either. See
+    docs/queue-format.md: a job whose supervisor never writes is lost 60 s later."""
+    path = os.path.join(job_dir, JOB_FILE)
     try:
-        job = read_json(os.path.join(job_dir, JOB_FILE))
+        if job is None:
+            job = read_json(path)
+        written = os.stat(path).st_mtime
     except (OSError, AgentError):
         return None
-    submitted_at = job.get("submitted_at") if isinstance(job, dict) else None
-    if not isinstance(submitted_at, str) or not isinstance(job.get("id"), str):
+    if not isinstance(job, dict) or not isinstance(job.get("id"), str):
         return None
-    return {"id": job["id"], "state": STATE_STARTING, "submitted_at": submitted_at}
+    return {"id": job["id"], "state": STATE_STARTING, "submitted_at": now_iso(written)}
 
 
 def public_status(job_id, record):

@@ -63,6 +63,7 @@ from .processes import (
 from .progress import progress_path
 from .queue import open_queue
 from .records import (
+    first_record_of,
     read_status_record,
     supervised_record,
 )
@@ -90,9 +91,12 @@ class Supervisor(object):
     def __init__(self, job_dir, secrets):
         self.job_dir = job_dir
         self.job = read_json(os.path.join(job_dir, JOB_FILE))
-        self.record = read_status_record(job_dir)  # its first, as the agent gave it
-        if self.record is None:
-            self.record = read_json(os.path.join(job_dir, STATUS_FILE))  # raises why
+        try:
+            self.record = read_json(os.path.join(job_dir, STATUS_FILE))
+        except FileNotFoundError:  # its first, as the agent gave it (job.json's submitted_at)
+            self.record = first_record_of(job_dir, self.job)
+            if self.record is None:
+                raise
         self.grace = max(float(self.job.get("kill_grace", KILL_GRACE)), 0.001)
         self.pgid = None
         self.kill_requested = False

@@ -330,12 +330,11 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
         # Not durable: after a power cut, a job that was starting is lost anyway (see
         # docs/queue-format.md, How files are written). Written in place: nobody reads
         # the staging folder before its rename.
+        written = [os.path.join(staging, name) for name in (JOB_FILE, STATUS_FILE)]
         if is_plain_start(queue, job, record):  # its supervisor writes its first record
-            written = [os.path.join(staging, JOB_FILE)]
-            write_json_new(written[0], dict(job, id=candidate, submitted_at=record["submitted_at"]))
-        else:
-            written = [os.path.join(staging, name) for name in (JOB_FILE, STATUS_FILE)]
-            write_json_new(written[0], dict(job, id=candidate))
+            written.pop()
+        write_json_new(written[0], dict(job, id=candidate))
+        if written[1:]:
             write_json_new(written[1], record)
         note_lease(queue, staging, candidate)
         job_dir = queue.path(JOBS_DIR, candidate)
@@ -357,9 +356,9 @@ def reserve_id(queue, staging, job_id, id_prefix, job):
 def is_plain_start(queue, job, record):
     """Whether a new job's first record says no more than `starting` since its submit (a
     job, not an array, the default runner starts at once): then it has no STATUS_FILE
-    until its supervisor writes one, and its job.json has "submitted_at" instead (the
-    record it stands for: records.first_record_of). One file fewer to create, and to
-    free when it is replaced."""
+    until its supervisor writes one, and its job.json's time stands for that record
+    (records.first_record_of). One file fewer to create, and to free when it is replaced.
+    """
     plain = {"id": record.get("id"), "state": STATE_STARTING, "submitted_at": None}
     return (
         job.get("array") is None
