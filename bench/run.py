@@ -213,6 +213,7 @@ class Bench:
         self.tiny = self.make_tiny_job(work / "tiny")
         self._files_job: Path | None = None
         self._big_dir: Path | None = None
+        self.fresh_dirs: list[Path] = []  # made by fresh_remote_dir, removed at the end
         self.tej_python = sys.executable
         self.tej_command = [sys.executable, "-m", "tej"]  # the `tej` script, once installed
         self.install_tej()
@@ -344,6 +345,20 @@ class Bench:
     def remote_path(self, name: str) -> Path:
         """A fresh path in the benchmark's folder on the server (not created)."""
         return self.remote / f"{name}-{uuid.uuid4().hex[:6]}"
+
+    def fresh_remote_dir(self, name: str) -> Path:
+        """A new folder on the server, at the file system's root if root may make one there
+        (a top-level folder goes to a block group where earlier rows removed nothing),
+        else in the bench's folder."""
+        try:
+            path = Path(tempfile.mkdtemp(prefix=f"tej-bench-{name}-", dir="/"))
+        except OSError:
+            path = self.remote_path(name)
+            path.mkdir(mode=0o755)
+        path.chmod(0o755)
+        self.chown(path)
+        self.fresh_dirs.append(path)
+        return path
 
     # local data
 
@@ -754,16 +769,15 @@ class Rows:
         count = self.b.sizes.submits
 
         def tej_run() -> float:
-            queue = self.b.remote_path("q-many")
-            try:
-                with self.b.api(queue) as remote:
-                    remote.submit(str(self.b.tiny))  # opens the session, creates the queue
-                    start = time.perf_counter()
-                    for _ in range(count):
-                        remote.submit(str(self.b.tiny))
-                    return time.perf_counter() - start
-            finally:
-                remove_tree(queue)
+            # Each run's queue in a new folder of its own, removed with the bench's data at
+            # the end: on a file system without a journal, the files a run removes make the
+            # next creates in their block group dearer for up to minutes (bench/README.md).
+            with self.b.api(self.b.fresh_remote_dir("r7") / "q") as remote:
+                remote.submit(str(self.b.tiny))  # opens the session, creates the queue
+                start = time.perf_counter()
+                for _ in range(count):
+                    remote.submit(str(self.b.tiny))
+                return time.perf_counter() - start
 
         tej_t, base_t = side_by_side(self.heavy_runs, tej_run, self.ssh_true, "row 7")
         per_job = median(tej_t) / count
@@ -1499,6 +1513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.stop()
         if bench is not None:
             remove_tree(bench.remote)
+            for folder in bench.fresh_dirs:
+                remove_tree(folder)
         remove_tree(work)
     finished = datetime.datetime.now(datetime.timezone.utc)
     report = render(rows, info, args, runs, heavy, mid, sizes, started, finished)

@@ -85,6 +85,18 @@ def make_job(
     return root
 
 
+def read_record(job_dir: Path) -> dict[str, Any]:
+    """A job's status record as docs/queue-format.md defines it: its status.json, or for a
+    job whose supervisor has written none yet, `starting` (since job.json was written)."""
+    try:
+        data = json.loads((job_dir / "status.json").read_text())
+    except FileNotFoundError:
+        job = json.loads((job_dir / "job.json").read_text())
+        data = {"id": job["id"], "state": "starting"}
+    assert isinstance(data, dict)
+    return data
+
+
 def process_alive(pid: int) -> bool:
     """Whether pid runs (a zombie counts as dead)."""
     try:
@@ -389,9 +401,7 @@ class Target:
 
     def record(self, job_id: str) -> dict[str, Any]:
         """The job's status record, read from the disk (no connection)."""
-        data = json.loads((self.job_dir(job_id) / "status.json").read_text())
-        assert isinstance(data, dict)
-        return data
+        return read_record(self.job_dir(job_id))
 
     def supervisor_gone(self, job_id: str) -> bool:
         """Whether the job's supervisor, as its record names it, has exited."""
@@ -561,8 +571,8 @@ def _index_problems(root: Path) -> list[str]:
     problems = []
     for job_id in sorted(jobs):
         try:
-            record = json.loads((root / "jobs" / job_id / "status.json").read_text())
-        except (OSError, ValueError):
+            record = read_record(root / "jobs" / job_id)
+        except (OSError, ValueError, KeyError):
             record = {"state": "lost"}
         state = record.get("state") if record.get("state") in states else "lost"
         found = [name for name, ids in markers.items() if job_id in ids]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import pytest
-from helpers import folder_manifest, index_problems, wait_until
+from helpers import folder_manifest, index_problems, read_record, wait_until
 
 import tej.bootstrap
 from tej import protocol, transfer
@@ -266,8 +266,8 @@ class Harness:
         return Path(queue or self.queue) / layout.JOBS_DIR / job_id
 
     def record(self, job_id: str) -> dict[str, Any]:
-        """The job's raw status.json."""
-        return dict(json.loads((self.job_dir(job_id) / layout.STATUS_FILE).read_text()))
+        """The job's raw status record (status.json, or job.json's stand-in before it)."""
+        return read_record(self.job_dir(job_id))
 
     def jobs(self, queue: str | None = None) -> list[str]:
         """The names in the queue's jobs folder."""
@@ -1141,8 +1141,27 @@ def test_status_from_an_earlier_boot_is_lost_by_restart(harness: Harness) -> Non
 
 def test_missing_status_file_is_lost(harness: Harness) -> None:
     harness.run(script("true\n"), job_id="j")
-    (harness.job_dir("j") / layout.STATUS_FILE).unlink()
+    (harness.job_dir("j") / layout.STATUS_FILE).unlink()  # a power cut lost it
+    # Without its status.json, a job is `starting` since its job.json was written (as a
+    # new job is until its supervisor writes one), with no supervisor: lost after 60 s.
+    old = time.time() - 61
+    os.utime(harness.job_dir("j") / layout.JOB_FILE, (old, old))
     assert harness.status("j")["state"] == protocol.STATE_LOST
+
+
+def test_a_job_is_starting_until_its_supervisor_writes_its_first_record(
+    harness: Harness,
+) -> None:
+    """The default runner's job has no status.json until its supervisor writes one: it
+    is `starting` since its job.json was written (docs/queue-format.md)."""
+    job_id = harness.submit(script("sleep 30\n"), job_id="young")
+    assert harness.status(job_id)["state"] in (protocol.STATE_STARTING, protocol.STATE_RUNNING)
+    job_file = harness.job_dir(job_id) / layout.JOB_FILE
+    running = harness.wait_running(job_id)  # written once it has run 50 ms
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(job_file.stat().st_mtime))
+    assert running["submitted_at"].startswith(submitted)
+    assert harness.status(job_id)["state"] == protocol.STATE_RUNNING
+    harness.ok("kill", job_id=job_id)
 
 
 # -- delete ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, index_problems, wait_until
+from helpers import Target, index_problems, read_record, wait_until
 
 from tej.server import layout
 
@@ -49,7 +49,7 @@ def assert_index_right(target: Target) -> None:
     wait_until(lambda: not index_problems(target.queue), 30, "the index to agree")
     jobs = listed(target)
     for job_id, job in jobs.items():  # records read after the list: they may have moved on
-        record = json.loads((target.job_dir(job_id) / "status.json").read_text())
+        record = read_record(target.job_dir(job_id))
         if job["state"] in ENDED:
             assert job["state"] == record["state"], (job, record)
         else:

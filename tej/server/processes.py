@@ -183,6 +183,61 @@ def wait_for_child(pid):
             return wait_status
 
 
+def exits_within(pid, timeout):
+    """Whether the child pid ends within timeout seconds (it is left to be reaped).
+
+    Told by a pidfd (Python 3.9+, Linux 5.3+); where there is none, False at once.
+    """
+    open_pidfd = getattr(os, "pidfd_open", None)
+    if open_pidfd is None:
+        return False
+    try:
+        pidfd = open_pidfd(pid)
+    except OSError:
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))  # signals' handlers run meanwhile (PEP 475)
+    finally:
+        os.close(pidfd)
+
+
+def spawn_script(command, work, env, out, err):
+    """Start a job's (or a task's) command in work/, in a session of its own (stdin
+    /dev/null, output to out and err); its pid.
+
+    posix_spawn: this process is neither forked nor copied (its memory may be
+    large), and an exec that fails raises OSError here. It has no working directory:
+    this process moves there for the spawn (it must have no other thread), then back.
+    """
+    import signal
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    here = os.getcwd()
+    try:
+        os.chdir(work)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, null, 0),
+            (os.POSIX_SPAWN_DUP2, out, 1),
+            (os.POSIX_SPAWN_DUP2, err, 2),
+        ]
+        spawn = os.posix_spawn if "/" in command[0] else os.posix_spawnp
+        return spawn(
+            command[0],
+            command,
+            env,
+            file_actions=actions,
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT),
+        )
+    finally:
+        os.chdir(here)
+        os.close(null)
+
+
 def reap_children():
     """Reap every child that has exited, without blocking; whether any child is left."""
     while True:

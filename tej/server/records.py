@@ -33,11 +33,33 @@ START_TIMEOUT = 60.0
 
 
 def read_status_record(job_dir):
-    """The raw status record of a job, as last written."""
+    """The raw status record of a job, as last written; None if it has none.
+
+    A job its agent gave no record (see first_record_of) is `starting`.
+    """
     try:
         return read_json(os.path.join(job_dir, STATUS_FILE))
+    except FileNotFoundError:
+        return first_record_of(job_dir)
     except (OSError, AgentError):
         return None
+
+
+def first_record_of(job_dir, job=None):
+    """The record of a job that has no STATUS_FILE yet (a new job of the default runner,
+    whose supervisor writes its first record): `starting` since its job.json was
+    written; None if job.json (job, if read already) can't be read either. See
+    docs/queue-format.md: a job whose supervisor never writes is lost 60 s later."""
+    path = os.path.join(job_dir, JOB_FILE)
+    try:
+        if job is None:
+            job = read_json(path)
+        written = os.stat(path).st_mtime
+    except (OSError, AgentError):
+        return None
+    if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+        return None
+    return {"id": job["id"], "state": STATE_STARTING, "submitted_at": now_iso(written)}
 
 
 def public_status(job_id, record):

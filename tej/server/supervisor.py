@@ -49,18 +49,21 @@ from .notify import (
 )
 from .processes import (
     become_subreaper,
+    exits_within,
     group_exists,
     identify_process,
     owns_group,
     reap_remaining,
     signal_job,
     signal_name,
+    spawn_script,
     terminate_group,
     wait_for_child,
 )
 from .progress import progress_path
 from .queue import open_queue
 from .records import (
+    first_record_of,
     read_status_record,
     supervised_record,
 )
@@ -77,6 +80,10 @@ from .usage import (
     job_resources,
 )
 
+# A job is recorded running once it has run this long: one that ends sooner goes from
+# starting to its end, one record fewer (as an array's tasks do: server/tasks.py).
+RUNNING_AFTER = 0.05
+
 
 class Supervisor(object):
     """Starts one job (on time), enforces its time limit, records its end, notifies."""
@@ -84,7 +91,12 @@ class Supervisor(object):
     def __init__(self, job_dir, secrets):
         self.job_dir = job_dir
         self.job = read_json(os.path.join(job_dir, JOB_FILE))
-        self.record = read_json(os.path.join(job_dir, STATUS_FILE))
+        try:
+            self.record = read_json(os.path.join(job_dir, STATUS_FILE))
+        except FileNotFoundError:  # its first, as the agent gave it (job.json's submitted_at)
+            self.record = first_record_of(job_dir, self.job)
+            if self.record is None:
+                raise
         self.grace = max(float(self.job.get("kill_grace", KILL_GRACE)), 0.001)
         self.pgid = None
         self.kill_requested = False
@@ -148,12 +160,14 @@ class Supervisor(object):
         self.timed_out = False
         clear_leftovers(self.record.get("job"), self.grace)
         rotate_outputs(self.job_dir, self.job, len(self.record.get("attempts") or []))
-        proc = self.launch()
-        if proc is None:
+        pid = self.launch()
+        if pid is None:
             state = STATE_FINISHED  # it could not start: exit code 126 or 127
         else:
             self.arm_time_limit()
-            wait_status = wait_for_child(proc.pid)
+            if not exits_within(pid, RUNNING_AFTER):
+                self.save()  # running (a job that ends sooner goes from starting to its end)
+            wait_status = wait_for_child(pid)
             terminate_group(self.pgid, self.grace, with_descendants=True)
             reap_remaining(time.time() + 1.0)
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -203,16 +217,16 @@ class Supervisor(object):
         return False
 
     def launch(self):
-        """Start the job and record it running; None if it could not start (recorded)."""
+        """Start the job, running in its record (written by attempt, see RUNNING_AFTER); its
+        pid, or None if it could not start (recorded)."""
         started_at = now_iso()  # before the spawn: the job may be at work before it returns
-        proc = self.open_and_start()
-        if proc is None:
+        pid = self.open_and_start()
+        if pid is None:
             return None
-        self.pgid = proc.pid
-        self.record.update(state=STATE_RUNNING, job=identify_process(proc.pid))
+        self.pgid = pid
+        self.record.update(state=STATE_RUNNING, job=identify_process(pid))
         self.start_attempt(started_at)
-        self.save()
-        return proc
+        return pid
 
     def open_and_start(self):
         """Open the job's outputs and start its script: what start_job returns; None if
@@ -258,8 +272,8 @@ class Supervisor(object):
 
     @staticmethod
     def spawn(argv, cwd, env, out, err):
-        """Start argv in a session of its own (a Popen), its output to out and err."""
-        return spawn(argv, cwd, env, out, err)
+        """Start argv in a session of its own, its output to out and err; its pid."""
+        return spawn_script(argv, cwd, env, out, err)
 
     def cannot_run(self, exc):
         """Why the script could not be run (exc: the error of its start)."""
@@ -416,23 +430,6 @@ def open_output(path):
         make_private_dirs(parent)
     # O_NOCTTY: a supervisor leads its session, and must not take a terminal as its own.
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOCTTY, 0o600)
-
-
-def spawn(command, work, env, out, err):
-    """Start the job's command in a session of its own, detached from any terminal."""
-    import subprocess
-
-    return subprocess.Popen(
-        command,
-        cwd=work,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        close_fds=True,
-        start_new_session=True,
-        restore_signals=True,
-    )
 
 
 def ignore_signal(_signum, _frame):

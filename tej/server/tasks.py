@@ -30,11 +30,17 @@ from ..protocol import (
 from .index import write_segment, write_status
 from .layout import TASK_KILL
 from .processes import group_exists, signal_group
+from .processes import spawn_script as spawn_task
 from .retries import close_attempt, next_retry
-from .supervisor import Supervisor, exit_code_fields, ignore_signal, rotate_outputs
+from .supervisor import (  # RUNNING_AFTER: a task too is recorded running once it ran that long
+    RUNNING_AFTER,
+    Supervisor,
+    exit_code_fields,
+    ignore_signal,
+    rotate_outputs,
+)
 from .usage import SOURCE_TEJ, usage_figures
 
-RUNNING_AFTER = 0.05  # a task is recorded running once it has run this long (note_running)
 ROWS_FLUSH = 2.0  # at most this many seconds between two segments of ended tasks' rows
 
 
@@ -327,31 +333,3 @@ class TaskLoop(object):
             if task is not None:
                 task.reaped(wait_status, rusage)
                 self.follow(task)
-
-
-def spawn_task(command, work, env, out, err):
-    """Start a task's command in work/, in a session of its own (stdin /dev/null, output to
-    out and err); its pid. posix_spawn has no working directory: this process moves
-    there for the spawn (it has no other thread), then back.
-    """
-    null = os.open(os.devnull, os.O_RDONLY)
-    here = os.getcwd()
-    try:
-        os.chdir(work)
-        actions = [
-            (os.POSIX_SPAWN_DUP2, null, 0),
-            (os.POSIX_SPAWN_DUP2, out, 1),
-            (os.POSIX_SPAWN_DUP2, err, 2),
-        ]
-        spawn = os.posix_spawn if "/" in command[0] else os.posix_spawnp
-        return spawn(
-            command[0],
-            command,
-            env,
-            file_actions=actions,
-            setsid=True,
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP, signal.SIGINT),
-        )
-    finally:
-        os.chdir(here)
-        os.close(null)
