@@ -15,6 +15,24 @@ from slurm import SlurmCluster, slurm_available, start_slurm
 from sshd import SshServer, UserRunner, is_root, sshd_available, start_sshd
 from terminal import Terminal
 
+# Tests that share one thing of this machine run in one pytest-xdist worker (the suite
+# runs with `--dist loadgroup`, see tests/run.sh), one after another: the fixtures named
+# here -> the group. Every other test is on its own (its sshd, Slurm, folders and ports).
+SHARED = {
+    "slurm_cluster": "slurm",  # one Slurm cluster per worker that needs one: one in all
+    "default_link_home": "ssh-home",  # the SSH user's own ~/.tej
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the tests that use a shared thing in its worker group."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        for fixture, group in SHARED.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
 
 @pytest.fixture(scope="session")
 def ssh_server() -> Iterator[SshServer]:

@@ -60,4 +60,4 @@ step "ruff format --check"
 step "mypy"
 "$PYTHON" -m mypy tej
 step "pytest"
-"$PYTHON" -m pytest "$@"
+"$PYTHON" -m pytest -n 2 --dist loadgroup "$@"  # two workers: see SHARED in tests/conftest.py

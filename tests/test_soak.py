@@ -316,10 +316,12 @@ class Soak(RuleBasedStateMachine):
         def agrees() -> bool:
             return not index_problems(self.queue)
 
-        try:
-            wait_until(agrees, 5, "the index to agree")
+        try:  # an intent of a live writer is a moment's (long on a machine under load)
+            wait_until(agrees, 20, "the index to agree")
         except AssertionError:
-            raise AssertionError(f"the index disagrees: {index_problems(self.queue)}") from None
+            problems = index_problems(self.queue)
+            writers = intent_writers(Path(self.queue) / "index" / "pending")
+            raise AssertionError(f"the index disagrees: {problems}; {writers}") from None
 
     def check_max_running(self) -> None:
         """At no time did more jobs run than the highest max_running ever set (lost ones
@@ -351,6 +353,20 @@ class Soak(RuleBasedStateMachine):
                 except OSError:
                     continue
                 assert owners.setdefault(inode, job_id) == job_id, (job_id, owners[inode])
+
+
+def intent_writers(pending: Path) -> list[str]:
+    """The processes named by the intents left in pending (ID~HOST~PID~START~N): each
+    one's command line, or that it is gone."""
+    found = []
+    for name in sorted(os.listdir(pending)):
+        pid = name.split("~")[2]
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            argv = "(gone)"
+        found.append(f"{name}: {argv[:200]}")
+    return found
 
 
 def run_interval(job_dir: Path) -> list[tuple[float, int]]:
