@@ -10,7 +10,10 @@ locally. The rest is read with sync_read (checked chunks) or as a raw stream
 (tej.rawstream) for big files, written to a partial file in the folder's
 private `.tej-sync/` folder (resumed where it stopped by a later sync), then
 renamed into place whole. A file that changed on the server while it was
-read is read again.
+read is read again. The small files modified since the previous listing (its
+server time is kept in the marker) come with the listing (sync_list's
+contents_since): the Fetcher takes one instead of reading it when its stamp is
+the listed one, so a re-sync of a few changed files is one request.
 
 Here: `Syncer` (a pass: the listing, the plan, carrying it out) and `follow`;
 `listing` decodes the agent's listing and finds, in bulk, the files the local

@@ -7,7 +7,8 @@ pass where nothing changed costs one small reply. sync_hash hashes the files
 the client may already have; sync_read reads chunks of files that must still
 be the file listed (same size, modification time and inode, before and after
 the read), so a file that changes while it is read is reported changed, never
-sent torn.
+sent torn. sync_list with contents_since also sends the small files modified
+since then, read with the same checks (recent_contents).
 
 Nothing is kept between connections: a file changed in place keeps its
 folder's modification time, so each listing looks at every file (fstatat in
