@@ -216,8 +216,8 @@ class Syncer:
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
-        if self.token is None and not self.dry_run:
-            _load_ahead()
+        if self.token is None and self.listed_at is None and not self.dry_run:
+            _load_ahead()  # a re-sync's changed small files are likely to come with the listing
         collecting = gc.isenabled()
         gc.disable()  # a pass makes tens of thousands of tuples, and frees them all at once
         try:

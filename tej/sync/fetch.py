@@ -39,16 +39,20 @@ class Fetcher:
 
     Small ones through sync_read, in pipelined batches (with the local digest
     of a file the local folder may hold already, so the agent answers "same"
-    instead of its data); big ones as raw streams.
+    instead of its data); big ones as raw streams. Those that came with the
+    listing (syncer.preloaded, as listed) are taken from it.
     """
 
     def __init__(self, syncer: Syncer, rows: list[Remote], verify: set[bytes]) -> None:
-        from tej import rawstream
-
         self.s = syncer
         self.rows = rows
-        self.small = [row for row in rows if row.size < rawstream.RAW_STREAM_MIN]
-        self.big = [row for row in rows if row.size >= rawstream.RAW_STREAM_MIN]
+        if all(self._preloaded(row) is not None for row in rows):
+            self.small, self.big = rows, []  # all small: tej.rawstream isn't loaded
+        else:
+            from tej import rawstream
+
+            self.small = [row for row in rows if row.size < rawstream.RAW_STREAM_MIN]
+            self.big = [row for row in rows if row.size >= rawstream.RAW_STREAM_MIN]
         self.total = sum(row.size for row in rows)
         self.files = self.bytes = self.same = 0
         self.changing: list[Remote] = []
@@ -80,9 +84,9 @@ class Fetcher:
         size = 0
         partials = set(os.listdir(self.s.root + f"/{PRIVATE}/{PARTIAL}".encode()))
         for row in self.small:
-            preloaded = self.s.preloaded.get(row.relpath)
-            if preloaded is not None and preloaded[:3] == (row.size, row.mtime, row.inode):
-                self._take_preloaded(row, preloaded[3])
+            preloaded = self._preloaded(row)
+            if preloaded is not None:
+                self._take_preloaded(row, preloaded)
                 continue
             start = (
                 self._start(row) if os.path.basename(self.s.partial_path(row)) in partials else 0
@@ -107,6 +111,13 @@ class Fetcher:
             for (row, offset, _, _), answer in zip(batch, answers):
                 writer.take(row, offset, answer)
         writer.close()
+
+    def _preloaded(self, row: Remote) -> bytes | None:
+        """The content of a file that came with the listing, if it is the version listed."""
+        preloaded = self.s.preloaded.get(row.relpath)
+        if preloaded is None or preloaded[:3] != (row.size, row.mtime, row.inode):
+            return None
+        return preloaded[3]
 
     def _take_preloaded(self, row: Remote, data: bytes) -> None:
         """A file whose content came with the listing: the same as the local copy (a file of
