@@ -10,7 +10,10 @@ locally. The rest is read with sync_read (checked chunks) or as a raw stream
 (tej.rawstream) for big files, written to a partial file in the folder's
 private `.tej-sync/` folder (resumed where it stopped by a later sync), then
 renamed into place whole. A file that changed on the server while it was
-read is read again.
+read is read again. The small files modified since the previous listing (its
+server time is kept in the marker) come with the listing (sync_list's
+contents_since): the Fetcher takes one instead of reading it when its stamp is
+the listed one, so a re-sync of a few changed files is one request.
 
 Here: `Syncer` (a pass: the listing, the plan, carrying it out) and `follow`;
 `listing` decodes the agent's listing and finds, in bulk, the files the local
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tej import protocol
-from tej.errors import InvalidInput
+from tej.errors import InvalidInput, ProtocolError
 from tej.excludes import sync_excludes
 from tej.sync.fetch import Fetcher
 from tej.sync.listing import PRIVATE_PATH, Listed, Remote, decode_listing, path_of, same_files
@@ -148,6 +151,11 @@ class Syncer:
         same = marker is not None and marker.get("job_id") == job_id
         recent = marker.get("recent", []) if same and marker is not None else []
         self.recent = {os.fsencode(path) for path in recent if isinstance(path, str)}
+        listed_at = marker.get("listed_at") if same and marker is not None else None
+        #: The server's time of the last listing (ns): its small files modified since (within
+        #: RECENT) come with the next listing, in preloaded: {relpath: (size, mtime, inode, data)}.
+        self.listed_at = listed_at if isinstance(listed_at, int) else None
+        self.preloaded: dict[bytes, tuple[int, int, int, bytes]] = {}
 
     # talking to the agent
 
@@ -165,7 +173,11 @@ class Syncer:
 
     def refresh(self, missing_ok: bool) -> tuple[bool, str | None, int]:
         """List what changed on the server: (anything changed, the job's state, server time)."""
-        reply = self.call("sync_list", paths=self.paths, since=self.token, missing_ok=missing_ok)
+        args: dict[str, Any] = {"paths": self.paths, "since": self.token, "missing_ok": missing_ok}
+        if self.listed_at is not None and not self.dry_run:
+            args["contents_since"] = self.listed_at - RECENT
+        reply = self.call("sync_list", **args)
+        self.preloaded = _preloaded(reply.get("contents", []))
         if reply["full"]:
             self.listing = {}
         changed = decode_listing(reply["entries"])
@@ -178,7 +190,8 @@ class Syncer:
             for path in list(filter(PRIVATE_PATH.match, self.listing)):
                 del self.listing[path]
         self.token = reply["token"]
-        return bool(reply["full"] or changed or removed), reply["state"], int(reply["now"])
+        self.listed_at = int(reply["now"])
+        return bool(reply["full"] or changed or removed), reply["state"], self.listed_at
 
     # one pass
 
@@ -203,8 +216,8 @@ class Syncer:
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
         start = self.requests
-        if self.token is None and not self.dry_run:
-            _load_ahead()
+        if self.token is None and self.listed_at is None and not self.dry_run:
+            _load_ahead()  # a re-sync's changed small files are likely to come with the listing
         collecting = gc.isenabled()
         gc.disable()  # a pass makes tens of thousands of tuples, and frees them all at once
         try:
@@ -492,6 +505,7 @@ class Syncer:
             "destination": self.destination,
             "queue": self.queue,
             "recent": sorted(os.fsdecode(path) for path in self.recent),
+            "listed_at": self.listed_at,
         }
         private = os.path.join(self.to, PRIVATE)
         tmp = os.path.join(private, MARKER + ".tmp")
@@ -509,6 +523,20 @@ class Syncer:
                     for p, e in entries.items()
                 ]
             )
+
+
+def _preloaded(contents: Any) -> dict[bytes, tuple[int, int, int, bytes]]:
+    """sync_list's contents ([[relpath, mtime, inode, data]]) by path: (size, mtime, inode,
+    data), the stamp the Fetcher checks against the listing before using one."""
+    found = {}
+    try:
+        for relpath, mtime, inode, data in contents:
+            if not (isinstance(relpath, bytes) and isinstance(data, bytes)):
+                raise TypeError
+            found[relpath] = (len(data), int(mtime), int(inode), data)
+    except (TypeError, ValueError):
+        raise ProtocolError("Unexpected contents in the agent's listing") from None
+    return found
 
 
 def _load_ahead() -> None:

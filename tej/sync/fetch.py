@@ -39,16 +39,20 @@ class Fetcher:
 
     Small ones through sync_read, in pipelined batches (with the local digest
     of a file the local folder may hold already, so the agent answers "same"
-    instead of its data); big ones as raw streams.
+    instead of its data); big ones as raw streams. Those that came with the
+    listing (syncer.preloaded, as listed) are taken from it.
     """
 
     def __init__(self, syncer: Syncer, rows: list[Remote], verify: set[bytes]) -> None:
-        from tej import rawstream
-
         self.s = syncer
         self.rows = rows
-        self.small = [row for row in rows if row.size < rawstream.RAW_STREAM_MIN]
-        self.big = [row for row in rows if row.size >= rawstream.RAW_STREAM_MIN]
+        if all(self._preloaded(row) is not None for row in rows):
+            self.small, self.big = rows, []  # all small: tej.rawstream isn't loaded
+        else:
+            from tej import rawstream
+
+            self.small = [row for row in rows if row.size < rawstream.RAW_STREAM_MIN]
+            self.big = [row for row in rows if row.size >= rawstream.RAW_STREAM_MIN]
         self.total = sum(row.size for row in rows)
         self.files = self.bytes = self.same = 0
         self.changing: list[Remote] = []
@@ -80,6 +84,10 @@ class Fetcher:
         size = 0
         partials = set(os.listdir(self.s.root + f"/{PRIVATE}/{PARTIAL}".encode()))
         for row in self.small:
+            preloaded = self._preloaded(row)
+            if preloaded is not None:
+                self._take_preloaded(row, preloaded)
+                continue
             start = (
                 self._start(row) if os.path.basename(self.s.partial_path(row)) in partials else 0
             )
@@ -96,11 +104,34 @@ class Fetcher:
                     size = 0
         batches = [batch for batch in batches if batch]
         requests = [("sync_read", _read_request(batch)) for batch in batches]
+        if not requests:
+            return  # all came with the listing, or none to read: no execnet started
         writer = _Writer(self)
         for batch, answers in zip(batches, self.s.pipeline(requests)):
             for (row, offset, _, _), answer in zip(batch, answers):
                 writer.take(row, offset, answer)
         writer.close()
+
+    def _preloaded(self, row: Remote) -> bytes | None:
+        """The content of a file that came with the listing, if it is the version listed."""
+        preloaded = self.s.preloaded.get(row.relpath)
+        if preloaded is None or preloaded[:3] != (row.size, row.mtime, row.inode):
+            return None
+        return preloaded[3]
+
+    def _take_preloaded(self, row: Remote, data: bytes) -> None:
+        """A file whose content came with the listing: the same as the local copy (a file of
+        the same size), or written to its partial file and put in place as one read."""
+        if row.relpath in self.verify:
+            with open(self.s.root + b"/" + row.relpath, "rb") as stream:
+                if stream.read(row.size + 1) == data:
+                    self._done_same(row)
+                    return
+        partial = self.s.partial_path(row)
+        with open(partial, "wb") as out:
+            out.write(data)
+        self.advance(len(data))
+        self._done(row, partial)
 
     def _local_digest(self, row: Remote) -> str:
         """The local file's digest, for a file of the same size whose time differs."""

@@ -433,6 +433,7 @@ HOSTILE: dict[str, list[tuple[str, Any]]] = {
 
 # Odd values of the right type: any reply will do, but an answer, not an InternalError.
 ODD: dict[str, list[tuple[str, Any]]] = {
+    "contents_since": [("negative", -1), ("future", 2**62)],
     "queue": [
         ("missing", "{root}/missing/queue"),
         ("relative", "relative/queue"),
@@ -599,6 +600,7 @@ class Fuzzer:
                 "paths": [],
                 "since": None,
                 "missing_ok": False,
+                "contents_since": 0,
             },
             "sync_hash": {"queue": queue, "job_id": "target", "files": [[b"start.sh", 5, 0, 0]]},
             "sync_read": {

@@ -7,7 +7,8 @@ pass where nothing changed costs one small reply. sync_hash hashes the files
 the client may already have; sync_read reads chunks of files that must still
 be the file listed (same size, modification time and inode, before and after
 the read), so a file that changes while it is read is reported changed, never
-sent torn.
+sent torn. sync_list with contents_since also sends the small files modified
+since then, read with the same checks (recent_contents).
 
 Nothing is kept between connections: a file changed in place keeps its
 folder's modification time, so each listing looks at every file (fstatat in
@@ -41,14 +42,21 @@ SAME = True  # sync_read's answer for a file whose digest is the one the client 
 FS_ENCODING = sys.getfilesystemencoding()
 READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
 BUILTIN_HASH_MAX = 1 << 20  # below this, data is hashed without hashlib (see sha256_of)
+#: Files sent with a listing (sync_list's contents_since): each at most this long, and at
+#: most this many, this many bytes in all (the newest first).
+CONTENT_MAX = 64 * 1024
+CONTENT_FILES = 32
+CONTENT_BUDGET = 256 * 1024
 
 
-def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
+def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False, contents_since=None):
     """The job's state, then its files (all, or only what changed since the listing `since`).
 
     Returns {"token", "state", "now", "full", "entries": columns, "removed": paths}.
     The state is read before the files, so that a listing made once the job
-    has ended holds its last files.
+    has ended holds its last files. With contents_since (ns), also "contents":
+    the small files listed that were modified since then (see recent_contents),
+    which the client would otherwise read with sync_read.
     """
     opened = open_queue(queue, with_runner=False)
     job_dir = opened.job_dir(job_id)
@@ -68,7 +76,7 @@ def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
     else:
         changed = [row for path, row in rows.items() if old.get(path) != row]
         removed = [path for path in old if path not in rows]
-    return {
+    reply = {
         "token": token,
         "state": state,
         "now": time.time_ns(),
@@ -76,6 +84,40 @@ def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False):
         "entries": encode_rows(changed),
         "removed": b"\0".join(removed),
     }
+    if contents_since is not None:
+        reply["contents"] = recent_contents(work, rows.values(), contents_since)
+    return reply
+
+
+def recent_contents(work, rows, since):
+    """The files among rows (listed) of at most CONTENT_MAX bytes modified at or after since
+    (ns), newest first, within CONTENT_FILES and CONTENT_BUDGET: [[relpath, mtime_ns,
+    inode, data]]. Each is read as sync_read reads (the file listed, before and after the
+    read): a file that is no longer the one listed is left out, never sent torn.
+    """
+    if not isinstance(since, int):
+        raise AgentError(ERR_BAD_REQUEST, "contents_since must be an int")
+    recent = [row for row in rows if row[4] >= since and row[1] == "f" and row[3] <= CONTENT_MAX]
+    recent.sort(key=lambda row: row[4], reverse=True)
+    contents = []  # type: list[list[object]]
+    budget = CONTENT_BUDGET
+    for relpath, _, _, size, mtime, inode, _ in recent:
+        if len(contents) >= CONTENT_FILES:
+            break
+        if size > budget:
+            continue
+        fd = open_listed(work, relpath, (size, mtime, inode))
+        if fd is None:
+            continue
+        try:
+            data = os.pread(fd, size, 0) if size else b""
+            same = stamp_of(os.fstat(fd)) == (size, mtime, inode)
+        finally:
+            os.close(fd)
+        if same and len(data) == size:
+            contents.append([relpath, mtime, inode, data])
+            budget -= size
+    return contents
 
 
 def sync_hash(connection, queue, job_id, files):
