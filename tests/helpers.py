@@ -27,6 +27,7 @@ import pytest
 
 from tej import JobState, JobStatus, RemoteQueue
 from tej.protocol import END_STATES
+from tej.server.records import first_record_of
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_TREE = "work tree"  # `python -m tej` with this checkout first on the import path
@@ -91,9 +92,8 @@ def read_record(job_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads((job_dir / "status.json").read_text())
     except FileNotFoundError:
-        job = json.loads((job_dir / "job.json").read_text())
-        data = {"id": job["id"], "state": "starting"}
-    assert isinstance(data, dict)
+        data = first_record_of(str(job_dir))
+    assert isinstance(data, dict), f"{job_dir} has neither status.json nor a readable job.json"
     return data
 
 

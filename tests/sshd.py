@@ -158,11 +158,11 @@ def _launch(
     tmpdir: Path, account: pwd.struct_passwd, port: int, host_key: Path, client_key: Path
 ) -> SshServer | None:
     """Start sshd on port; return None if the port was taken meanwhile."""
+    if is_root():  # sshd, and `sshd -t` in _sshd_accepts, refuse to run without it
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     sshd_config = _write_sshd_config(tmpdir, port, host_key)
     client_config = _write_client_config(tmpdir, port, account.pw_name, client_key)
     log_path = tmpdir / "sshd.log"
-    if is_root():
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(sshd_config)],

@@ -15,7 +15,9 @@ class Terminal:
 
     def __init__(self, socket: Path, env: dict[str, str], cwd: Path) -> None:
         self.socket = str(socket)
-        shell_env = dict(env, PS1="$ ", TERM="xterm-256color")
+        # A fixed COLUMNS or LINES (pytest-xdist's workers have them) would hide the pane's size.
+        shell_env = {k: v for k, v in env.items() if k not in ("COLUMNS", "LINES")}
+        shell_env.update(PS1="$ ", TERM="xterm-256color")
         self.tmux("new-session", "-d", "-s", "t", "-x", "150", "-y", "30", "sh", env=shell_env)
         self.run(f"cd {shlex.quote(str(cwd))}")
 
@@ -44,9 +46,16 @@ class Terminal:
 
     def wait_for(self, predicate: Any, message: str, timeout: float = 30.0) -> str:
         """Poll the screen until predicate(screen) holds; return that screen."""
-        return wait_until(
-            lambda: (screen := self.screen()) and predicate(screen) and screen, timeout, message
-        )
+        last = [""]
+
+        def shown() -> str | None:
+            last[0] = self.screen()
+            return last[0] if predicate(last[0]) else None
+
+        try:
+            return wait_until(shown, timeout, message)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the screen showed:\n{last[0]}") from None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)

@@ -134,7 +134,7 @@ def test_a_lost_job_is_retried_by_the_next_command_once(target: Target) -> None:
     job_id = target.submit(directory)
     wait_until(lambda: target.work(job_id, "pid.1").is_file(), message="the first attempt")
     first = int(target.work(job_id, "pid.1").read_text())
-    os.kill(target.record(job_id)["supervisor"]["pid"], signal.SIGKILL)
+    os.kill(target.wait_for(job_id, ("running",))["supervisor"]["pid"], signal.SIGKILL)
     wait_until(lambda: target.supervisor_gone(job_id), message="the supervisor to die")
     # Two clients find it lost at once: one of them starts it again.
     both = [target.popen("status", "--id", job_id) for _ in range(2)]
