@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Target, index_problems, read_record, wait_until
+from helpers import Target, index_problems, process_alive, read_record, wait_until
 
+from tej.protocol import END_STATES
 from tej.server import layout
 
 pytestmark = pytest.mark.timeout(180)
@@ -254,7 +255,15 @@ def test_a_format_1_queue_is_upgraded_in_place(target: Target) -> None:
 
 
 def make_format_1(queue: Path) -> None:
-    """Turn a queue into what format 1 wrote: no index; records without tej 2's fields."""
+    """Turn a queue into what format 1 wrote: no index; records without tej 2's fields.
+
+    Waits first for the supervisors of ended jobs to exit: one still filing its job's
+    end in the index would write into the folder being removed."""
+    for status in (queue / "jobs").glob("*/status.json"):
+        record = json.loads(status.read_text())
+        pid = (record.get("supervisor") or {}).get("pid")
+        if record["state"] in END_STATES and pid:
+            wait_until(lambda pid=pid: not process_alive(pid), message=f"supervisor {pid} to exit")
     shutil.rmtree(queue / "index")
     for status in (queue / "jobs").glob("*/status.json"):
         record = json.loads(status.read_text())
