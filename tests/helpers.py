@@ -62,6 +62,26 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_for_value(
+    fetch: Callable[[], T],
+    accept: Callable[[T], object],
+    timeout: float = WAIT_TIMEOUT,
+    message: str = "",
+) -> T:
+    """Poll fetch() until accept(value) holds, and return that value; at the deadline, fail
+    saying the last value fetched (what a screen showed, a status last read)."""
+    last: list[T] = []
+
+    def accepted() -> list[T] | None:
+        last[:] = [fetch()]
+        return last if accept(last[0]) else None
+
+    try:
+        return wait_until(accepted, timeout, message)[0]
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the last value was:\n{last[0] if last else None}") from None
+
+
 def make_job(
     parent: Path,
     name: str = "job",

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_until
+from helpers import wait_for_value
 
 
 class Terminal:
@@ -46,16 +46,7 @@ class Terminal:
 
     def wait_for(self, predicate: Any, message: str, timeout: float = 30.0) -> str:
         """Poll the screen until predicate(screen) holds; return that screen."""
-        last = [""]
-
-        def shown() -> str | None:
-            last[0] = self.screen()
-            return last[0] if predicate(last[0]) else None
-
-        try:
-            return wait_until(shown, timeout, message)
-        except AssertionError as error:
-            raise AssertionError(f"{error}; the screen showed:\n{last[0]}") from None
+        return wait_for_value(self.screen, predicate, timeout, message)
 
     def close(self) -> None:
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)

@@ -24,6 +24,7 @@ from helpers import (
     one_line_answer,
     process_alive,
     ssh_target,
+    wait_for_value,
     wait_until,
 )
 from slurm import SlurmCluster
@@ -64,16 +65,12 @@ def status_json(target: Target, job_id: str) -> dict[str, Any]:
 
 def wait_for_state(target: Target, job_id: str, *states: str) -> dict[str, Any]:
     """Poll `tej status --json` until the job is in one of states (on failure, say the last)."""
-    last: dict[str, Any] = {}
-
-    def reached() -> dict[str, Any] | None:
-        last.update(status_json(target, job_id))
-        return dict(last) if last["state"] in states else None
-
-    try:
-        return wait_until(reached, SLURM_WAIT, f"job {job_id} to be {'/'.join(states)}")
-    except AssertionError as error:
-        raise AssertionError(f"{error}; its last status: {json.dumps(last)}") from None
+    return wait_for_value(
+        lambda: status_json(target, job_id),
+        lambda found: found["state"] in states,
+        SLURM_WAIT,
+        f"job {job_id} to be {'/'.join(states)}",
+    )
 
 
 def test_a_job_runs_through_slurm_and_finishes_with_its_exit_code(

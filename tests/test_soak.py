@@ -57,6 +57,8 @@ from tej.api import ArrayStatus
 from tej.errors import InvalidInput, JobNotFound, JobStillRunning, WaitTimeout
 from tej.protocol import ACTIVE_STATES as ACTIVE
 from tej.protocol import END_STATES as ENDED
+from tej.server.index import index_path
+from tej.server.layout import INDEX_PENDING
 
 # Without TEJ_SOAK_SECONDS: EXAMPLES sequences of STEPS steps, derandomized (the same
 # every run, about 45 seconds per destination); with it, random ones until the time is up.
@@ -320,7 +322,7 @@ class Soak(RuleBasedStateMachine):
             wait_until(agrees, 20, "the index to agree")
         except AssertionError:
             problems = index_problems(self.queue)
-            writers = intent_writers(Path(self.queue) / "index" / "pending")
+            writers = intent_writers(index_path(self.queue, INDEX_PENDING))
             raise AssertionError(f"the index disagrees: {problems}; {writers}") from None
 
     def check_max_running(self) -> None:
@@ -355,17 +357,18 @@ class Soak(RuleBasedStateMachine):
                 assert owners.setdefault(inode, job_id) == job_id, (job_id, owners[inode])
 
 
-def intent_writers(pending: Path) -> list[str]:
+def intent_writers(pending: str) -> list[str]:
     """The processes named by the intents left in pending (ID~HOST~PID~START~N): each
     one's command line, or that it is gone."""
     found = []
     for name in sorted(os.listdir(pending)):
-        pid = name.split("~")[2]
+        parts = name.split("~")
+        pid = parts[2] if len(parts) == 5 and parts[2].isdigit() else None
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             argv = "(gone)"
-        found.append(f"{name}: {argv[:200]}")
+        found.append(f"{name}: {argv[:200] if pid else '(not an intent name)'}")
     return found
 
 

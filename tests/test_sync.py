@@ -289,22 +289,29 @@ def test_a_transfer_killed_midway_resumes_where_it_stopped(target: Target) -> No
     target.wait_for(job_id)
     with open(target.work(job_id, "big.bin"), "wb") as out:
         out.write(os.urandom(size))
-    to = target.src_dir / "big"
+    expected = target.work(job_id, "big.bin").read_bytes()
     argv = [sys.executable, "-m", "tej", "sync", target.destination, "--queue", target.queue]
-    argv += [*target.ssh_args, "--id", job_id, "--to", str(to)]
-    client = subprocess.Popen(argv, env=target.client_env, stdout=subprocess.DEVNULL)
-    partials = to / ".tej-sync" / "partial"
+    argv += [*target.ssh_args, "--id", job_id]
+    for attempt in range(5):  # a kill may land after the last byte: then try again
+        to = target.src_dir / f"big{attempt}"
+        partials = to / ".tej-sync" / "partial"
+        client = subprocess.Popen(
+            [*argv, "--to", str(to)], env=target.client_env, stdout=subprocess.DEVNULL
+        )
 
-    def midway() -> bool:
-        found = list(partials.glob("*")) if partials.exists() else []
-        return any(0 < path.stat().st_size < size // 2 for path in found if path.exists())
+        def midway(partials: Path = partials) -> bool:
+            found = list(partials.glob("*")) if partials.exists() else []
+            return any(0 < path.stat().st_size < size // 2 for path in found if path.exists())
 
-    try:
-        wait_until(midway, 30, "a partial file", interval=0.002)
-    finally:
-        kill_tree(client.pid)
-        client.wait()
-    assert not (to / "big.bin").exists()  # never half-written in place
+        try:
+            wait_until(midway, 30, "a partial file", interval=0.002)
+        finally:
+            kill_tree(client.pid)
+            client.wait()
+        if not (to / "big.bin").exists():
+            break
+        assert (to / "big.bin").read_bytes() == expected  # never half-written in place
+    assert not (to / "big.bin").exists(), "each of 5 syncs ended before it was killed"
     done = min(path.stat().st_size for path in partials.glob("*"))
     summary = sync_json(target, job_id, "--to", str(to))
     assert summary["bytes_sent"] <= size - done + 200
