@@ -28,14 +28,17 @@ anything else (see tej.launcher); tej.session takes the process over.
 from __future__ import annotations
 
 import os
+import time
 
 from tej.destination import agent_command
+from tej.errors import TejError
 from tej.process import Process
 from tej.protocol import sha256_hex
 
 # Not `from typing import ...`: typing would be loaded before ssh is started.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import IO, Any
 
     from tej.destination import ConnectOptions, Destination
@@ -57,26 +60,85 @@ STAGE_ONE = (
     "    sys.exit(3)\n"
     "exec(eval(sys.stdin.readline()))\n"
 )
+GATEWAY_PREFIX = "tej_execnet_"
+CHANGED_WHILE_RUNNING = "tej's own files changed while this command ran (an upgrade?): run it again"
 LOADER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loader.py")
 
 
 class Code:
-    """A module the agent's side needs: its source and its name in the server's cache."""
+    """A module the agent's side needs: its digest, its name in the server's cache, and its
+    source (read only when the server's cache lacks it, and checked against the digest)."""
 
-    def __init__(self, prefix: str, source: str) -> None:
-        self.source = source
-        self.digest = sha256_hex(source.encode("utf-8"))
-        self.name = f"{prefix}{self.digest[:16]}"
+    def __init__(self, prefix: str, digest: str, read: Callable[[], str]) -> None:
+        self.digest = digest
+        self.name = f"{prefix}{digest[:16]}"
+        self._read = read
+        self._source: str | None = None
+
+    @classmethod
+    def of_source(cls, prefix: str, source: str) -> Code:
+        """The Code of a source already read."""
+        code = cls(prefix, sha256_hex(source.encode("utf-8")), lambda: source)
+        code._source = source
+        return code
+
+    @property
+    def source(self) -> str:
+        """The module's source, as its digest says."""
+        if self._source is None:
+            source = self._read()
+            if sha256_hex(source.encode("utf-8")) != self.digest:
+                raise TejError(CHANGED_WHILE_RUNNING)
+            self._source = source
+        return self._source
 
 
 class Bundle:
-    """The agent's bundle (tej.server.bundle): its name, and its files' sources and digests."""
+    """The agent's bundle (tej.server.bundle) under root: its name, its files' digests, and
+    their sources (read only when the server's cache lacks them)."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
-        from tej.server.bundle import describe
+    def __init__(self, root: str) -> None:
+        from tej.server.bundle import bundle_name, bundle_paths
 
-        self.name, self.digests = describe(files)
-        self.sources = {path: data.decode("utf-8") for path, data in files.items()}
+        self.root = root
+        self.digests = file_digests(root, bundle_paths(root))
+        self.name = bundle_name(self.digests)
+        self._sources: dict[str, str] | None = None
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """{relpath: source} of the bundle's files, as their digests say."""
+        if self._sources is None:
+            from tej.server.bundle import describe, read_bundle
+
+            files = read_bundle(self.root)
+            if describe(files) != (self.name, self.digests):
+                raise TejError(CHANGED_WHILE_RUNNING)
+            self._sources = {path: data.decode("utf-8") for path, data in files.items()}
+        return self._sources
+
+
+def file_digests(root: str, relpaths: list[str]) -> dict[str, str]:
+    """The sha256 (hex) of files under root, by relative path: from the client's hash cache
+    where stat says a file is the one it hashed (tej.hashcache), so that a command names
+    tej's code to the server without reading it."""
+    from tej.hashcache import HashCache, file_stamp
+
+    cache = HashCache(root)
+    digests, keys = {}, []
+    for relpath in relpaths:
+        path = os.path.join(root, relpath)
+        key = (os.fsencode(relpath), file_stamp(os.stat(path)))
+        digest = cache.get(key)
+        if digest is None:
+            started = time.time_ns()
+            with open(path, "rb") as stream:
+                digest = sha256_hex(stream.read())
+            cache.put(key, digest, started)
+        digests[relpath] = digest
+        keys.append(key)
+    cache.save(keys)
+    return digests
 
 
 _codes: dict[str, Any] = {}
@@ -85,26 +147,36 @@ _codes: dict[str, Any] = {}
 def gateway_code() -> Code:
     """execnet's gateway_base, as the server's cache names it."""
     if "execnet" not in _codes:
-        from tej.gateway import gateway_source
+        from tej.gateway import gateway_source, source_path
 
-        _codes["execnet"] = Code("tej_execnet_", gateway_source())
+        path = source_path()
+        if path is None:  # not a plain file: read (and hashed) as the module's source
+            _codes["execnet"] = Code.of_source(GATEWAY_PREFIX, gateway_source())
+        else:
+            folder, name = os.path.split(path)
+            digest = file_digests(folder, [name])[name]
+            _codes["execnet"] = Code(GATEWAY_PREFIX, digest, gateway_source)
     return _codes["execnet"]  # type: ignore[no-any-return]
 
 
 def agent_bundle() -> Bundle:
-    """The agent's bundle, read from this client's files once."""
+    """The agent's bundle, as this client's files are."""
     if "bundle" not in _codes:
-        from tej.server.bundle import read_bundle
-
-        _codes["bundle"] = Bundle(read_bundle(os.path.dirname(os.path.abspath(__file__))))
+        _codes["bundle"] = Bundle(os.path.dirname(os.path.abspath(__file__)))
     return _codes["bundle"]  # type: ignore[no-any-return]
 
 
-def cache_sources() -> dict[str, Any]:
-    """What the server's cache holds for this client, by name: gateway_base's source, and
-    the bundle's sources ({relpath: source})."""
-    bundle = agent_bundle()
-    return {gateway_code().name: gateway_code().source, bundle.name: bundle.sources}
+def cache_names() -> tuple[str, str]:
+    """The names that the server's cache may lack: gateway_base's and the bundle's."""
+    return gateway_code().name, agent_bundle().name
+
+
+def cache_sources(names: tuple[str, ...]) -> dict[str, Any]:
+    """What the server's cache lacks, by name (see cache_names): gateway_base's source, the
+    bundle's sources ({relpath: source})."""
+    gateway, bundle = gateway_code(), agent_bundle()
+    sources = {gateway.name: lambda: gateway.source, bundle.name: lambda: bundle.sources}
+    return {name: sources[name]() for name in names}
 
 
 class AgentIO:
@@ -239,9 +311,15 @@ STAGE_TWO_END = "# -- end of stage two --"
 
 
 def loader_code() -> Code:
-    """The loader (tej/loader.py), as the server's cache names it."""
-    with open(LOADER_PATH, encoding="utf-8") as stream:
-        return Code("tej_loader_", stream.read())
+    """The loader (tej/loader.py), as the server's cache names it: ASCII only, so that the
+    server reads its source by its length."""
+    if "loader" not in _codes:
+        with open(LOADER_PATH, encoding="utf-8") as stream:
+            source = stream.read()
+        if not source.isascii() or "\r" in source:
+            raise RuntimeError(f"{LOADER_PATH} is not plain ASCII")  # a broken installation
+        _codes["loader"] = Code.of_source("tej_loader_", source)
+    return _codes["loader"]  # type: ignore[no-any-return]
 
 
 def loader_source(ahead: tuple[str, ...] = ()) -> str:
@@ -249,30 +327,20 @@ def loader_source(ahead: tuple[str, ...] = ()) -> str:
     tej/loader.py) and its call, which runs the whole loader (its source read from
     the next characters of the input, in case the server's cache lacks it: see
     loader_lines) and boots this client's code."""
-    source = _loader_text()
-    _, found, rest = source.partition(STAGE_TWO_START)
+    loader = loader_code()
+    _, found, rest = loader.source.partition(STAGE_TWO_START)
     stage_two = rest.partition(STAGE_TWO_END)[0]
     if not found or not stage_two:
         raise RuntimeError(f"{LOADER_PATH} has no stage two")  # a broken installation
-    name = loader_code().name
     gateway, bundle = gateway_code(), agent_bundle()
     call = (gateway.name, gateway.digest), (bundle.name, bundle.digests), tuple(ahead)
     imports = "import os\nimport stat\nimport sys\n"
     # The source follows the line as it is, read by its length (ASCII: characters are
     # bytes): compiled as a string literal, it took the server a millisecond.
-    read = f"sys.stdin.read({len(source)})"
-    return f"{imports}#{stage_two}\ntej_stage_two({read}, {name!r}, {call!r})\n"
+    read = f"sys.stdin.read({len(loader.source)})"
+    return f"{imports}#{stage_two}\ntej_stage_two({read}, {loader.name!r}, {call!r})\n"
 
 
 def loader_lines(ahead: tuple[str, ...] = ()) -> bytes:
     """The bootstrap's second line (loader_source), then the loader's source itself."""
-    return boot_line(loader_source(ahead)) + _loader_text().encode("ascii")
-
-
-def _loader_text() -> str:
-    """tej/loader.py's source: ASCII only, so that the server reads it by its length."""
-    with open(LOADER_PATH, encoding="utf-8") as stream:
-        source = stream.read()
-    if not source.isascii() or "\r" in source:
-        raise RuntimeError(f"{LOADER_PATH} is not plain ASCII")  # a broken installation
-    return source
+    return boot_line(loader_source(ahead)) + loader_code().source.encode("ascii")

@@ -1,11 +1,13 @@
-"""The ``tej`` command line: parses, calls the API, prints (in the words of tej.text)."""
+"""The ``tej`` command line: parses, calls the API, prints (in the words of tej.text).
+
+shutil and signal are imported where they are used: the commands that answer
+quickest (`tej status`) need neither.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,8 @@ F = TypeVar("F", bound="Callable[..., Any]")
 
 def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
     """The exit code of `tej wait`: see the README's table."""
+    import signal
+
     if status.state is JobState.LOST:
         return EXIT_JOB_LOST
     if not use_job_code:
@@ -617,6 +621,8 @@ def wait_for_job(
 
     def progress(status: JobStatus) -> None:
         # One line, cut to the terminal's width: \r must bring the cursor back to its start.
+        import shutil
+
         width = shutil.get_terminal_size().columns
         click.echo(f"\r\033[K{describe_status(status, width)}", err=True, nl=False)
 
@@ -745,6 +751,8 @@ def list_jobs(
         found = remote.iter_list(wanted, tasks=tasks, job_id=job_id)
         emit_json_list(job.to_json() for job in found)
         return
+    import shutil
+
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
     batches = remote.iter_row_batches(wanted, tasks=tasks, short=not long_form, job_id=job_id)
     if long_form:  # the widths of the memory and CPU columns need every job

@@ -12,9 +12,11 @@ gateway_base is a gateway that sends source to run and ends the connection:
 
 from __future__ import annotations
 
+# _thread, not threading: the bootstrap finds gateway_base's file before ssh's handshake is
+# done, and threading (with functools, collections...) would load with it.
+import _thread
 import os
 import sys
-import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ def source_path() -> str | None:
 
 
 _loaded: list[ModuleType] = []  # gateway_base, once wholly loaded
-_loading = threading.Lock()  # clients in several threads load it once
+_loading = _thread.allocate_lock()  # clients in several threads load it once
 
 
 def gateway_base() -> ModuleType:

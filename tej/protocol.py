@@ -286,11 +286,22 @@ def sha256_hex(data: bytes) -> str:
     hashlib would load OpenSSL, which costs a command more than hashing tej's
     code does (a few hundred kilobytes).
     """
-    try:
-        from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # 3.12+
-    except ImportError:
+    return _sha256_class()(data).hexdigest()  # type: ignore[no-any-return]
+
+
+_SHA256 = []  # type: list[type]  # the class sha256_hex uses, once found
+
+
+def _sha256_class() -> type:
+    """Python's built-in SHA-256 (hashlib's if it has none), found once: an import that
+    fails is not remembered, and looking for it again costs a search of sys.path."""
+    if not _SHA256:
         try:
-            from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+            from _sha2 import sha256  # type: ignore[import-not-found,unused-ignore]  # 3.12+
         except ImportError:
-            from hashlib import sha256  # type: ignore[assignment,unused-ignore]
-    return sha256(data).hexdigest()  # type: ignore[no-any-return,unused-ignore]
+            try:
+                from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+            except ImportError:
+                from hashlib import sha256  # type: ignore[assignment,unused-ignore]
+        _SHA256.append(sha256)
+    return _SHA256[0]

@@ -25,6 +25,7 @@ from tej.bootstrap import (
     AgentIO,
     agent_bundle,
     boot_line,
+    cache_names,
     cache_sources,
     prestarted,
     start,
@@ -173,7 +174,7 @@ class Session:
             missing = self._read_cache_line(io)
             self.sent_sources = tuple(missing)
             if missing:
-                io.write(boot_line({name: cache_sources()[name] for name in missing}))
+                io.write(boot_line(cache_sources(tuple(missing))))
             replies = self._read_early_line(io)
             if early is not None:
                 if not isinstance(replies, list) or len(replies) != 2:
@@ -194,7 +195,7 @@ class Session:
         if not line.startswith(CACHE_MARKER):
             raise ProtocolError(f"The agent on {self.destination} did not start properly")
         names = line[len(CACHE_MARKER) :].decode("ascii", "replace").split()
-        if not set(names) <= set(cache_sources()):
+        if not set(names) <= set(cache_names()):
             raise ProtocolError(f"The agent on {self.destination} did not start properly")
         return names
 

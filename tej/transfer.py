@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from tej.errors import InvalidInput, ProtocolError, TejError
+from tej.hashcache import HashCache, file_stamp
 
 if TYPE_CHECKING:
     from tej.excludes import Excludes
+    from tej.hashcache import Key
     from tej.session import Session
 
     #: The digests a hash cache knows, by (relative path, stamp).
-    Known = dict[tuple[bytes, tuple[int, ...]], str]
+    Known = dict[Key, str]
     #: Called with (bytes just moved, total bytes of the transfer). Only for type
     #: checking: collections.abc's Callable[...] can't be made at run time before 3.9.
     Progress = Callable[[int, int], None]
@@ -46,13 +48,6 @@ if TYPE_CHECKING:
 CHUNK_SIZE = 1 << 20
 BATCH_SIZE = 1 << 20
 WINDOW = 8
-#: A digest is cached only for a file unchanged this long before it was read (in ns):
-#: a change within the same timestamp tick would otherwise go unseen.
-CACHE_MARGIN = 2 * 10**9
-CACHE_FILES = 256
-CACHE_MAGIC = b"tej hash cache 2\n"
-#: A cached file's (size, mtime_ns, ctime_ns, inode, device), as stored.
-CACHE_STAMP = struct.Struct("<qqqQQ")
 #: At most this many bytes of new or changed files are sent with the manifest (TreePart.eager):
 #: about what a round trip could carry, so that a wrong guess costs little.
 EAGER_BYTES = 64 * 1024
@@ -178,7 +173,7 @@ def _list_folder(
         if kind == stat.S_IFREG:  # whether it can be read: see _Hasher
             size = info.st_size
             relpath = prefix + item.name
-            stamp = (size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+            stamp = file_stamp(info)
             digest = known.get((relpath, stamp), "") if size else ""
             others.append(_make_entry((relpath, "f", mode & 0o7777, size, b"", stamp, digest)))
         elif kind == stat.S_IFDIR:
@@ -290,19 +285,19 @@ class _Hasher:
         if not entry.size:
             return ""
         started = time.time_ns()
-        if entry.size <= self.budget and not self.cache.saw(entry):
+        if entry.size <= self.budget and not self.cache.saw((entry.relpath, entry.stamp)):
             data = _read_whole(path, entry.size)
             digest = hashlib.sha256(data).hexdigest()
             self.eager.append((index, data))
             self.budget -= entry.size
         else:
             digest = _hash_file(path, entry.size)
-        self.cache.put(entry, digest, started)
+        self.cache.put((entry.relpath, entry.stamp), digest, started)
         return digest
 
     def save(self) -> None:
         """Save the hash cache, with the files hashed."""
-        self.cache.save(self.hashed)
+        self.cache.save((e.relpath, e.stamp) for e in self.hashed if e.kind == "f")
 
 
 def _hash_file(path: bytes, size: int) -> str:
@@ -314,128 +309,6 @@ def _hash_file(path: bytes, size: int) -> str:
 
 def _read_whole(path: bytes, size: int) -> bytes:
     return b"".join(data for _, data in _read_chunks(path, size))
-
-
-class HashCache:
-    """The digests of a directory's files, kept between runs in the user's cache folder.
-
-    An entry is trusted only while the file's size, mtime, ctime, inode and
-    device are those it was hashed with, and only if the file had not changed
-    for CACHE_MARGIN before it was read (a later change in the same timestamp
-    tick would not show). A file too recent to be trusted is remembered as
-    seen, without its digest: seen again unchanged, it isn't new. The cache is
-    a convenience: any problem with it means hashing again, never an error.
-
-    On disk (binary, so that a big tree costs little to read): CACHE_MAGIC,
-    the numbers of trusted and seen files T and S (uint32 each), T + S stamps
-    (CACHE_STAMP), T sha256 digests (32 bytes each), then the T + S relative
-    paths, NUL-separated; the trusted files first.
-    """
-
-    def __init__(self, root: str) -> None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        real = os.fsencode(os.path.realpath(root))
-        self.folder = os.path.join(base, "tej", "hashes")
-        self.path = os.path.join(self.folder, hashlib.sha256(real).hexdigest()[:32] + ".bin")
-        #: (relative path, stamp) -> digest, for the files trusted.
-        self.known: dict[tuple[bytes, tuple[int, ...]], str] = {}
-        #: (relative path, stamp) of the files seen too soon after they changed.
-        self.seen: set[tuple[bytes, tuple[int, ...]]] = set()
-        self.changed = False
-        try:
-            with open(self.path, "rb") as stream:
-                self._parse(stream.read())
-        except (OSError, ValueError, struct.error):
-            self.known, self.seen = {}, set()
-
-    def _parse(self, data: bytes) -> None:
-        if not data.startswith(CACHE_MAGIC):
-            raise ValueError("not a hash cache")
-        trusted, seen = struct.unpack_from("<II", data, len(CACHE_MAGIC))
-        count = trusted + seen
-        stamps_at = len(CACHE_MAGIC) + 8
-        digests_at = stamps_at + count * CACHE_STAMP.size
-        paths_at = digests_at + trusted * 32
-        paths = data[paths_at:].split(b"\0") if count else []
-        if len(data) < paths_at or len(paths) != count:
-            raise ValueError("a damaged hash cache")
-        keys = list(zip(paths, CACHE_STAMP.iter_unpack(data[stamps_at:digests_at])))
-        hexes = data[digests_at:paths_at].hex()
-        digests = [hexes[at : at + 64] for at in range(0, trusted * 64, 64)]
-        self.known = dict(zip(keys[:trusted], digests))
-        self.seen = set(keys[trusted:])
-
-    def get(self, entry: Entry) -> str | None:
-        """The cached digest of a file, if it is still the file that was hashed."""
-        return self.known.get((entry.relpath, entry.stamp))
-
-    def saw(self, entry: Entry) -> bool:
-        """Whether the file was hashed before as it is now (trusted or not)."""
-        key = (entry.relpath, entry.stamp)
-        return key in self.known or key in self.seen
-
-    def put(self, entry: Entry, digest: str, started: int) -> None:
-        """Remember a digest computed from a read that started at `started` (ns)."""
-        key = (entry.relpath, entry.stamp)
-        if started - max(entry.stamp[1:3]) >= CACHE_MARGIN:
-            self.known[key] = digest
-            self.changed = True
-        elif key not in self.seen:
-            self.seen.add(key)
-            self.changed = True
-
-    def save(self, entries: list[Entry]) -> None:
-        """Write the cache (the files of entries it knows) if it learned anything.
-
-        Entries of files that changed or went away are dropped then; until then
-        they do no harm (a changed file's stamp never matches its old entry).
-        """
-        if not self.changed:
-            return
-        known, seen = self.known, self.seen
-        files = [(e.relpath, e.stamp) for e in entries if e.kind == "f"]
-        trusted = [key for key in files if key in known]
-        recent = [key for key in files if key in seen and key not in known]
-        keys = trusted + recent
-        data = b"".join(
-            [
-                CACHE_MAGIC,
-                struct.pack("<II", len(trusted), len(recent)),
-                b"".join(CACHE_STAMP.pack(*stamp) for _, stamp in keys),
-                bytes.fromhex("".join(known[key] for key in trusted)),
-                b"\0".join(path for path, _ in keys),
-            ]
-        )
-        tmp = None
-        try:
-            os.makedirs(self.folder, 0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.folder)
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(data)
-            os.replace(tmp, self.path)
-            tmp = None
-            self._prune()
-        except OSError:
-            pass
-        finally:
-            if tmp is not None:
-                _remove(tmp)
-
-    def _prune(self) -> None:
-        """Keep the CACHE_FILES most recently written caches (older formats' files too).
-
-        Also removes what a process that ended while writing one left (after a day).
-        """
-        names = os.listdir(self.folder)
-        caches = [name for name in names if name.endswith((".bin", ".json"))]
-        if len(caches) > CACHE_FILES:
-            paths = sorted((os.path.join(self.folder, n) for n in caches), key=os.path.getmtime)
-            for path in paths[: len(paths) - CACHE_FILES]:
-                os.unlink(path)
-        for name in names:
-            path = os.path.join(self.folder, name)
-            if name.startswith(".tmp-") and time.time() - os.path.getmtime(path) > 86400:
-                os.unlink(path)
 
 
 def new_token() -> str:

@@ -29,7 +29,7 @@ NOBODY = 65534
 def sources() -> dict[str, str]:
     """The cache's files as the client would have them written: {relative path: source}."""
     files = {}
-    for name, source in bootstrap.cache_sources().items():
+    for name, source in bootstrap.cache_sources(bootstrap.cache_names()).items():
         if isinstance(source, str):
             files[f"{name}.py"] = source
         else:
@@ -39,7 +39,7 @@ def sources() -> dict[str, str]:
 
 def names() -> set[str]:
     """The names the loader asks for: gateway_base's and the bundle's."""
-    return set(bootstrap.cache_sources())
+    return set(bootstrap.cache_names())
 
 
 def bundle_name() -> str:

@@ -21,7 +21,7 @@ import pytest
 from helpers import Target, wait_until
 
 import tej
-from tej import transfer
+from tej import hashcache, transfer
 from tej.session import Session
 
 MiB = 1 << 20
@@ -173,13 +173,14 @@ def test_content_that_does_not_match_its_hash_is_refused(
     # A stale cache entry (as if the file had changed within one timestamp tick).
     claimed = digest(b"what the cache says\n")
     entries = transfer.scan_directory(str(job))
-    cache = transfer.HashCache(str(job))
-    trusted = time.time_ns() + transfer.CACHE_MARGIN  # as if read long after they changed
+    cache = hashcache.HashCache(str(job))
+    trusted = time.time_ns() + hashcache.CACHE_MARGIN  # as if read long after they changed
     for entry in entries:
         if entry.kind == "f":
             content = (job / entry.relpath.decode()).read_bytes()
-            cache.put(entry, claimed if entry.relpath == b"data.txt" else digest(content), trusted)
-    cache.save(entries)
+            key = (entry.relpath, entry.stamp)
+            cache.put(key, claimed if entry.relpath == b"data.txt" else digest(content), trusted)
+    cache.save((entry.relpath, entry.stamp) for entry in entries if entry.kind == "f")
     path = Path(cache.path)
     assert path.is_file()
 
@@ -268,7 +269,7 @@ def test_the_client_reads_an_unchanged_file_once(
     (job / "data.bin").write_bytes(os.urandom(MiB))
     (job / "new.bin").write_bytes(os.urandom(MiB))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(transfer, "CACHE_MARGIN", 0)  # no file is too recent to be trusted
+    monkeypatch.setattr(hashcache, "CACHE_MARGIN", 0)  # no file is too recent to be trusted
     reads: list[bytes] = []
     original = transfer._hash_file
 
@@ -285,7 +286,7 @@ def test_the_client_reads_an_unchanged_file_once(
     changed = transfer.hash_files(str(job), transfer.scan_directory(str(job)))
     assert reads[2:] == [b"data.bin"] and changed != entries
     # Not trusted: a file that changed less than a timestamp tick before it was read.
-    monkeypatch.setattr(transfer, "CACHE_MARGIN", 3600 * 10**9)
+    monkeypatch.setattr(hashcache, "CACHE_MARGIN", 3600 * 10**9)
     (job / "new.bin").write_bytes(os.urandom(MiB))
     for _ in range(2):
         transfer.hash_files(str(job), transfer.scan_directory(str(job)))
@@ -365,7 +366,7 @@ def test_only_small_files_never_seen_go_with_the_manifest(
     assert sent_along() == []  # seen, if too recently to trust its digest yet
     (job / "small.txt").write_bytes(b"t" * 100)
     assert sent_along() == [b"small.txt"]  # changed
-    Path(transfer.HashCache(str(job)).path).write_bytes(transfer.CACHE_MAGIC + b"garbage")
+    Path(hashcache.HashCache(str(job)).path).write_bytes(hashcache.CACHE_MAGIC + b"garbage")
     assert sent_along() == [b"small.txt"]  # a damaged cache is an empty one
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from tej import protocol
 from tej.errors import InvalidInput, ProtocolError
 from tej.excludes import sync_excludes
+from tej.hashcache import HashCache
 from tej.sync.fetch import Fetcher
 from tej.sync.listing import PRIVATE_PATH, Listed, Remote, decode_listing, path_of, same_files
 from tej.sync.local import (
@@ -52,7 +53,7 @@ from tej.sync.local import (
     scan_local,
 )
 from tej.sync.summary import SyncSummary
-from tej.transfer import CHUNK_SIZE, WINDOW, HashCache, _make_entry
+from tej.transfer import CHUNK_SIZE, WINDOW
 
 if TYPE_CHECKING:
     from tej.session import Session
@@ -351,14 +352,13 @@ class Syncer:
 
     def _local_digest(self, relpath: bytes, have: Local) -> str | None:
         assert self.cache is not None
-        return self.cache.known.get((relpath, have.stamp))
+        return self.cache.get((relpath, have.stamp))
 
     def _hash_local(self, relpath: bytes, have: Local) -> str:
         assert self.cache is not None
         started = time.time_ns()
         digest = self.hash_file(relpath)
-        entry = _make_entry((relpath, "f", have.mode, have.size, b"", have.stamp, digest))
-        self.cache.put(entry, digest, started)
+        self.cache.put((relpath, have.stamp), digest, started)
         return digest
 
     def hash_file(self, relpath: bytes) -> str:
@@ -517,12 +517,7 @@ class Syncer:
             os.unlink(os.path.join(folder, name))
         if self.cache is not None:
             entries = scan_local(self.root)
-            self.cache.save(
-                [
-                    _make_entry((p, "f", e.mode, e.size, b"", e.stamp, ""))
-                    for p, e in entries.items()
-                ]
-            )
+            self.cache.save((p, e.stamp) for p, e in entries.items() if e.kind == "f")
 
 
 def _preloaded(contents: Any) -> dict[bytes, tuple[int, int, int, bytes]]:

@@ -8,6 +8,7 @@ import stat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tej.errors import InvalidInput
+from tej.hashcache import file_stamp
 
 if TYPE_CHECKING:
     pass
@@ -111,8 +112,7 @@ def _local_of(item: os.DirEntry[bytes], info: os.stat_result) -> Local:
     kind = stat.S_IFMT(info.st_mode)
     mode = info.st_mode & 0o7777
     if kind == stat.S_IFREG:
-        stamp = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
-        return Local("f", info.st_size, info.st_mtime_ns, mode, b"", stamp)
+        return Local("f", info.st_size, info.st_mtime_ns, mode, b"", file_stamp(info))
     if kind == stat.S_IFDIR:
         return Local("d", 0, 0, mode, b"", ())
     if kind == stat.S_IFLNK:
