@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    ELAPSED,
     USAGE,
     Target,
     assert_one_line_error,
@@ -236,15 +238,117 @@ def test_kill_stops_the_retries_under_slurm(slurm: Target, slurm_cluster: SlurmC
     assert final["state"] == "killed" and len(final["attempts"]) == 1
 
 
+def read_record(target: Target, job_id: str) -> dict[str, Any]:
+    """A job's status record on the server, as its supervisor and tej last wrote it."""
+    record: dict[str, Any] = json.loads((target.job_dir(job_id) / "status.json").read_text())
+    return record
+
+
+def runner_data(target: Target, job_id: str) -> dict[str, Any]:
+    """What the Slurm runner keeps of a job (runner.json)."""
+    data: dict[str, Any] = json.loads((target.job_dir(job_id) / "runner.json").read_text())
+    return data
+
+
+def running_record(target: Target, job_id: str) -> dict[str, Any]:
+    """A job's status record once its supervisor has started its script (record["job"])."""
+    return wait_for_value(
+        lambda: read_record(target, job_id),
+        lambda record: record.get("job"),
+        SLURM_WAIT,
+        f"job {job_id} to run",
+    )
+
+
 def kill_the_supervisor(target: Target, job_id: str) -> None:
     """SIGKILL a running job's supervisor (its batch script) on the node."""
+    os.kill(running_record(target, job_id)["supervisor"]["pid"], signal.SIGKILL)
 
-    def running_record() -> dict[str, Any] | None:
-        record: dict[str, Any] = json.loads((target.job_dir(job_id) / "status.json").read_text())
-        return record if record.get("job") else None
 
-    record = wait_until(running_record, SLURM_WAIT, f"job {job_id} to run")
-    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+def receive(connection: socket.socket, data: bytes) -> bytes:
+    """data and the next bytes a client sends on connection (fail if it closes first)."""
+    chunk = connection.recv(65536)
+    assert chunk, f"the request ended early: {data!r}"
+    return data + chunk
+
+
+def read_request_body(connection: socket.socket) -> bytes:
+    """The body of the HTTP request a client sends on connection (a webhook's POST)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data = receive(connection, data)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert length, head
+    while len(body) < int(length.group(1)):
+        body = receive(connection, body)
+    return body
+
+
+def test_a_job_slurm_cancelled_after_its_script_died_of_sigterm_is_killed(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    """scancel's race, made certain: Slurm signals a job's processes one by one, and when
+    the script dies of its SIGTERM before the supervisor hears its own, the supervisor
+    records the job finished by a signal tej did not send. Here the script gets the SIGTERM
+    from the test; the supervisor records its end and notifies a webhook, which holds it in
+    the batch script while `scancel` makes the Slurm job CANCELLED. Once the job has left
+    squeue, tej asks Slurm once and shows it killed, with the script's exit code and signal."""
+    with socket.create_server(("127.0.0.1", 0)) as hook:
+        hook.settimeout(SLURM_WAIT)
+        webhook = f"http://127.0.0.1:{hook.getsockname()[1]}/"
+        notify = json.dumps({"notify": {"webhook": webhook, "on": ["finished"]}})
+        job = slurm.make_job(script="#!/bin/sh\nsleep 300\n", files={"tej.json": notify})
+        job_id = slurm.submit(job)
+        os.kill(running_record(slurm, job_id)["job"]["pid"], signal.SIGTERM)
+        connection = hook.accept()[0]
+        with connection:
+            connection.settimeout(SLURM_WAIT)
+            told = json.loads(read_request_body(connection))
+            assert (told["state"], told["signal"]) == ("finished", "SIGTERM"), told
+            slurm_id = runner_data(slurm, job_id)["slurm_id"]
+            assert slurm_cluster.run("scancel", slurm_id).returncode == 0
+            wait_for_value(
+                lambda: scontrol(slurm_cluster, slurm, job_id)["JobState"],
+                lambda state: state == "CANCELLED",
+                SLURM_WAIT,
+                "Slurm to cancel the job",
+            )
+            assert read_record(slurm, job_id)["state"] == "finished"
+            connection.sendall(b"HTTP/1.0 204 No Content\r\n\r\n")
+    final = wait_for_state(slurm, job_id, "killed")
+    assert (final["reason"], final["exit_code"], final["signal"]) == (
+        "Slurm: CANCELLED",
+        143,
+        "SIGTERM",
+    ), final
+    assert [item["state"] for item in final["attempts"]] == ["killed"]
+    assert runner_data(slurm, job_id)["slurm_state"] == "CANCELLED"
+    answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
+    assert re.fullmatch(rf"Job was killed \({ELAPSED}\)({USAGE})?", answer), answer
+    revision = read_record(slurm, job_id)["rev"]
+    assert status_json(slurm, job_id) == final  # written once: later statuses only read it
+    assert read_record(slurm, job_id)["rev"] == revision
+
+
+def test_a_script_killed_by_a_signal_slurm_did_not_send_stays_finished(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    """The script dies of a SIGTERM neither tej nor Slurm sent: Slurm's job COMPLETED, so
+    the job stays finished with that signal, and tej asked Slurm once (runner.json)."""
+    job_id = slurm.submit(slurm.make_job(script="#!/bin/sh\nsleep 300\n"))
+    os.kill(running_record(slurm, job_id)["job"]["pid"], signal.SIGTERM)
+    asked = wait_for_value(
+        lambda: (status_json(slurm, job_id), runner_data(slurm, job_id)),
+        lambda found: "slurm_state" in found[1],
+        SLURM_WAIT,
+        f"tej to ask Slurm how job {job_id} ended",
+    )
+    final, data = asked
+    assert (final["state"], final["exit_code"], final["signal"]) == ("finished", 143, "SIGTERM")
+    assert final["reason"] is None, final
+    assert data["slurm_state"] == "COMPLETED", data
+    assert scontrol(slurm_cluster, slurm, job_id)["JobState"] == "COMPLETED"
 
 
 def test_a_lost_job_is_given_to_slurm_again_when_its_retries_say_so(

@@ -11,6 +11,15 @@ and notifications behave the same. Slurm says when and where it runs:
 squeue while it is pending or running, ``scontrol show job`` (or sacct, with
 accounting) once it has ended without its supervisor saying so.
 
+Slurm signals the processes of a job it ends itself (scancel, preemption, its
+memory or time limit) one by one: the script may die of Slurm's signal before
+the supervisor hears its own, and the supervisor then records the job finished
+by a signal tej did not send. Slurm is asked about such a job (and only such:
+one that exited with an exit code is never changed) once it has left squeue,
+and its answer kept (runner.json's slurm_state): if Slurm ended it, the job
+becomes killed or timed_out as below, reason "Slurm: STATE", with its exit
+code and signal.
+
 Slurm states, and what tej shows:
 
 * PENDING, CONFIGURING, REQUEUED, REQUEUE_HOLD, REQUEUE_FED, RESV_DEL_HOLD:
@@ -61,6 +70,10 @@ STATES = {
     "BOOT_FAIL": "lost",
     "REVOKED": "cancelled",
 }
+#: How Slurm ends a job itself (scancel, preemption, its memory or time limit): the tej
+#: states of those Slurm states, which say how a job ended that its supervisor saw end by
+#: a signal tej did not send (see Runner.with_slurm_end).
+SLURM_ENDS = ("killed", "timed_out")
 SETTINGS = ("partition", "account", "qos")
 #: tej.json "slurm" fields given as text, and the sbatch option each becomes.
 TEXT_OPTIONS = {
@@ -225,6 +238,17 @@ def parse_accounting(text, slurm_id):
     return {"max_rss": peak, "cpu_user": user, "cpu_system": system, "source": "slurm"}
 
 
+def slurm_ended(record, state, reason):
+    """A job's record, and its last attempt, ended as state for reason (as Slurm ended it);
+    its exit code and signal stay."""
+    record = dict(record, state=state, reason=reason)
+    attempts = [dict(attempt) for attempt in record.get("attempts") or []]
+    if attempts:
+        attempts[-1].update(state=state, reason=reason)
+        record["attempts"] = attempts
+    return record
+
+
 def retries_time(job, per_attempt):
     """The longest a job's attempts take, with the delays between them (see retries)."""
     policy = job.get("retries") or {}
@@ -285,7 +309,7 @@ class Runner(SlurmArrays):
         if record.get("kept_by_tasks"):
             return self.refresh_array(job_dir, record)
         if record.get("state") in END_STATES:
-            return self.with_accounting(job_dir, record)
+            return self.after_end(job_dir, record)
         slurm_id = self.slurm_id(job_dir)
         if not slurm_id:
             return record  # being submitted
@@ -300,9 +324,7 @@ class Runner(SlurmArrays):
             latest = self.record_end(job_dir, slurm_id, latest)
             if latest.get("state") == "lost" and "_" not in slurm_id:  # not a task
                 latest = self.retry_lost(job_id, job_dir, slurm_id, latest)
-        return (
-            self.with_accounting(job_dir, latest) if latest.get("state") in END_STATES else latest
-        )
+        return self.after_end(job_dir, latest) if latest.get("state") in END_STATES else latest
 
     def refresh_many(self, jobs):
         """The records of several jobs, with one squeue for all."""
@@ -431,6 +453,40 @@ class Runner(SlurmArrays):
             return state.split()[0], exit_code
         return ("UNKNOWN", "") if forgotten else None
 
+    def after_end(self, job_dir, record):
+        """An ended job's record, with what Slurm says of it once it has left squeue (each
+        asked once, and kept): how Slurm ended it (with_slurm_end), then its figures of
+        resource use (with_accounting)."""
+        return self.with_accounting(job_dir, self.with_slurm_end(job_dir, record))
+
+    def with_slurm_end(self, job_dir, record):
+        """An ended job's record, as Slurm ended it if its supervisor recorded it finished by
+        a signal tej did not send: Slurm signals the processes of a job it ends itself
+        (scancel, preemption, its memory or time limit) one by one, the script's may come
+        before the supervisor's. If Slurm's state is one of SLURM_ENDS, the job is killed or
+        timed_out, reason "Slurm: STATE" (its exit code and signal stay). Slurm is asked
+        once the job has left squeue, and its answer kept (runner.json's slurm_state)."""
+        if record.get("state") != "finished" or not record.get("signal"):
+            return record  # an exit code, or an end tej made: the supervisor's to say
+        data = self.host.read_data(job_dir)
+        slurm_id = self.slurm_id(job_dir, data)
+        if not slurm_id or data.get("slurm_state") or not self.left_squeue(slurm_id):
+            return record
+        ended = self.final_state(slurm_id)
+        state = STATES.get(ended[0], "lost") if ended else None
+        if state not in END_STATES:
+            return record  # Slurm can't be asked now, or squeue missed it: next time
+        if state in SLURM_ENDS:
+            record = slurm_ended(record, state, "Slurm: %s" % ended[0])
+            self.host.write_record(job_dir, record)
+        self.host.write_data(job_dir, dict(data, slurm_state=ended[0]))
+        return record
+
+    def left_squeue(self, slurm_id):
+        """Whether a job is no longer in squeue (False if squeue fails)."""
+        active = self.query()
+        return active is not None and slurm_id not in active
+
     def with_accounting(self, job_dir, record):
         """An ended job's record with Slurm's figures of its resource use, when Slurm keeps
         accounting (asked once the job has left squeue, and kept); else the supervisor's."""
@@ -438,11 +494,8 @@ class Runner(SlurmArrays):
             return record
         data = self.host.read_data(job_dir)
         slurm_id = self.slurm_id(job_dir, data)
-        if not slurm_id or data.get("accounting"):
-            return record
-        active = self.query()
-        if active is None or slurm_id in active:
-            return record  # its steps are still being accounted
+        if not slurm_id or data.get("accounting") or not self.left_squeue(slurm_id):
+            return record  # asked already, or its steps are still being accounted
         proc = run_command(["sacct", "-n", "-P", "-j", slurm_id, "-o", ACCOUNTING_FIELDS])
         if proc is None:
             return record
