@@ -20,8 +20,11 @@ import pytest
 from sshd import SshServer, is_root
 
 import tej
-from tej import bootstrap
+from tej import bootstrap, hashcache
+from tej.errors import TejError
 from tej.loader import CACHE_MAX_AGE, STAMP_FILE
+from tej.protocol import sha256_hex
+from tej.server.bundle import describe, read_bundle
 
 NOBODY = 65534
 
@@ -345,3 +348,61 @@ def test_the_cache_is_not_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert set(connect(remote)) == names()
     finally:
         remote.close()
+
+
+# -- the client's side: naming its code without reading it ------------------------------------
+
+
+def copied_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tej package (the bundle's files), with a hash cache of its own."""
+    root = tmp_path / "tej"
+    shutil.copytree(Path(tej.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "client-cache"))
+    return root
+
+
+def counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of what the bootstrap hashes from now on (its files' contents)."""
+    hashed: list[int] = []
+    original = bootstrap.sha256_hex
+
+    def counting(data: bytes) -> str:
+        hashed.append(len(data))
+        return original(data)
+
+    monkeypatch.setattr(bootstrap, "sha256_hex", counting)
+    return hashed
+
+
+def test_the_client_names_its_bundle_from_stat_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copied_package(tmp_path, monkeypatch)
+    monkeypatch.setattr(hashcache, "CACHE_MARGIN", 0)  # the copies are trusted at once
+    expected = describe(read_bundle(str(root)))
+    hashed = counting_hashes(monkeypatch)
+    first = bootstrap.Bundle(str(root))
+    assert (first.name, first.digests) == expected
+    assert len(hashed) == len(expected[1]), "each file read and hashed once"
+    second = bootstrap.Bundle(str(root))
+    assert (second.name, second.digests) == expected
+    assert len(hashed) == len(expected[1]), "then named from the hash cache: nothing read"
+    (root / "server" / "files.py").write_text("# changed\n")
+    third = bootstrap.Bundle(str(root))
+    assert len(hashed) == len(expected[1]) + 1, "a file whose stamp changed is hashed again"
+    assert third.name != first.name
+    assert third.digests["server/files.py"] == sha256_hex(b"# changed\n")
+
+
+def test_sources_that_changed_since_they_were_named_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle's sources are read only when a server lacks them: if a file changed since its
+    digest was taken, sending it under that digest would poison the server's cache."""
+    root = copied_package(tmp_path, monkeypatch)
+    bundle = bootstrap.Bundle(str(root))
+    (root / "server" / "files.py").write_text("# changed while the command ran\n")
+    with pytest.raises(TejError, match="files changed while this command ran"):
+        bundle.sources  # noqa: B018 - the property reads them
+    intact = bootstrap.Bundle(str(root))
+    assert intact.sources["server/files.py"] == "# changed while the command ran\n"
