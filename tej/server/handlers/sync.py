@@ -1,7 +1,7 @@
 """A job's files for `tej sync`: what changed since the last listing, hashes, checked reads.
 
 sync_list walks the job's directory (or the paths asked for in it) without
-following symlinks, and remembers the listing in the connection under a
+following symlinks (tej/server/treewalk.py), and remembers the listing in the connection under a
 token: the next sync_list with that token answers only what changed, so a
 pass where nothing changed costs one small reply. sync_hash hashes the files
 the client may already have; sync_read reads chunks of files that must still
@@ -35,11 +35,11 @@ from ..files import relative_parts, show
 from ..layout import WORK_DIR
 from ..queue import open_queue
 from ..records import read_status_record
+from ..treewalk import row_of, walk
 
 LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
 CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
 SAME = True  # sync_read's answer for a file whose digest is the one the client has
-FS_ENCODING = sys.getfilesystemencoding()
 READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
 BUILTIN_HASH_MAX = 1 << 20  # below this, data is hashed without hashlib (see sha256_of)
 #: Files sent with a listing (sync_list's contents_since): each at most this long, and at
@@ -243,65 +243,6 @@ def list_path(work, path, rows, missing_ok):
     if path:
         rows[path] = row_of(path, "d", info)
     walk(full, path + b"/" if path else b"", rows)
-
-
-def walk(folder, prefix, rows):
-    """Add a folder's entries to rows, recursively, never following a symlink."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return  # gone, or unreadable: listed as empty
-    try:
-        walk_open(fd, prefix, rows)
-    finally:
-        os.close(fd)
-
-
-def walk_open(fd, prefix, rows):
-    """walk() in an open folder: its entries are looked up in it (fstatat), not by path."""
-    try:
-        items = list(os.scandir(fd))
-    except OSError:
-        return
-    for item in items:
-        relpath = prefix + item.name.encode(FS_ENCODING, "surrogateescape")  # as os.fsencode
-        try:
-            info = item.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        kind = stat.S_IFMT(info.st_mode)
-        if kind == stat.S_IFREG:
-            rows[relpath] = (
-                relpath,
-                "f",
-                info.st_mode & 0o7777,
-                info.st_size,
-                info.st_mtime_ns,
-                info.st_ino,
-                b"",
-            )
-        elif kind == stat.S_IFDIR:
-            rows[relpath] = row_of(relpath, "d", info)
-            try:
-                inner = os.open(item.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError:
-                continue
-            try:
-                walk_open(inner, relpath + b"/", rows)
-            finally:
-                os.close(inner)
-        elif kind == stat.S_IFLNK:
-            try:
-                target = os.readlink(item.name, dir_fd=fd)
-            except OSError:
-                continue
-            rows[relpath] = (relpath, "l", 0o777, 0, 0, 0, os.fsencode(target))
-
-
-def row_of(relpath, kind, info):
-    """A listing's row: (relpath, kind, mode, size, mtime_ns, inode, symlink target)."""
-    size = info.st_size if kind == "f" else 0
-    return (relpath, kind, info.st_mode & 0o7777, size, info.st_mtime_ns, info.st_ino, b"")
 
 
 def encode_rows(rows):
