@@ -13,6 +13,7 @@ process with one thread forks (Linux, where /proc says so); elsewhere, and if
 anything goes wrong with the child, this process walks its folders itself.
 """
 
+import gc
 import marshal
 import os
 import stat
@@ -162,6 +163,7 @@ def start_child(fd, folders):
         os.close(write_end)
         return None
     if pid == 0:
+        gc.disable()  # a collection would write to the pages it still shares with its parent
         os.close(read_end)
         child_walk(fd, folders, write_end)  # never returns
     os.close(write_end)
