@@ -34,7 +34,7 @@ def counting(fd, folders):
     return child
 treewalk.start_child = counting
 if {fail_child!r}:
-    treewalk.child_walk = lambda fd, folders, out: os._exit(3)
+    treewalk.child_walk = lambda fd, folders, parent_end, out: os._exit(3)
 if {with_thread!r}:
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()

@@ -57,10 +57,15 @@ def walk_top(fd, prefix, rows):
             finally:
                 os.close(inner)
         return
-    for at, (name, relpath) in enumerate(folders):
-        if len(rows) >= SHARE_AFTER and len(folders) - at >= 2 and single_threaded():
-            walk_shared(fd, folders[at:], rows)
-            return
+    at = 0
+    while at < len(folders) and len(rows) < SHARE_AFTER:
+        walk_folder(fd, folders[at][0], folders[at][1], rows)
+        at += 1
+    rest = folders[at:]
+    if len(rest) >= 2 and single_threaded():
+        walk_shared(fd, rest, rows)
+        return
+    for name, relpath in rest:
         walk_folder(fd, name, relpath, rows)
 
 
@@ -163,18 +168,18 @@ def start_child(fd, folders):
         os.close(write_end)
         return None
     if pid == 0:
-        gc.disable()  # a collection would write to the pages it still shares with its parent
-        os.close(read_end)
-        child_walk(fd, folders, write_end)  # never returns
+        child_walk(fd, folders, read_end, write_end)  # never returns
     os.close(write_end)
     return pid, read_end
 
 
-def child_walk(fd, folders, out):
+def child_walk(fd, folders, parent_end, out):
     """The child's part: walk folders, write the rows to out, exit (whatever happens: the
     child never returns into the agent, nor flushes what the agent had buffered)."""
     code = 1
     try:
+        gc.disable()  # a collection would write to the pages it still shares with its parent
+        os.close(parent_end)
         rows = {}  # type: dict[bytes, tuple[object, ...]]
         for name, relpath in folders:
             walk_folder(fd, name, relpath, rows)
