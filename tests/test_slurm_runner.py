@@ -25,6 +25,7 @@ from helpers import (
     assert_one_line_error,
     one_line_answer,
     process_alive,
+    read_record,
     ssh_target,
     wait_for_value,
     wait_until,
@@ -238,12 +239,6 @@ def test_kill_stops_the_retries_under_slurm(slurm: Target, slurm_cluster: SlurmC
     assert final["state"] == "killed" and len(final["attempts"]) == 1
 
 
-def read_record(target: Target, job_id: str) -> dict[str, Any]:
-    """A job's status record on the server, as its supervisor and tej last wrote it."""
-    record: dict[str, Any] = json.loads((target.job_dir(job_id) / "status.json").read_text())
-    return record
-
-
 def runner_data(target: Target, job_id: str) -> dict[str, Any]:
     """What the Slurm runner keeps of a job (runner.json)."""
     data: dict[str, Any] = json.loads((target.job_dir(job_id) / "runner.json").read_text())
@@ -253,7 +248,7 @@ def runner_data(target: Target, job_id: str) -> dict[str, Any]:
 def running_record(target: Target, job_id: str) -> dict[str, Any]:
     """A job's status record once its supervisor has started its script (record["job"])."""
     return wait_for_value(
-        lambda: read_record(target, job_id),
+        lambda: read_record(target.job_dir(job_id)),
         lambda record: record.get("job"),
         SLURM_WAIT,
         f"job {job_id} to run",
@@ -314,7 +309,7 @@ def test_a_job_slurm_cancelled_after_its_script_died_of_sigterm_is_killed(
                 SLURM_WAIT,
                 "Slurm to cancel the job",
             )
-            assert read_record(slurm, job_id)["state"] == "finished"
+            assert read_record(slurm.job_dir(job_id))["state"] == "finished"
             connection.sendall(b"HTTP/1.0 204 No Content\r\n\r\n")
     final = wait_for_state(slurm, job_id, "killed")
     assert (final["reason"], final["exit_code"], final["signal"]) == (
@@ -326,9 +321,9 @@ def test_a_job_slurm_cancelled_after_its_script_died_of_sigterm_is_killed(
     assert runner_data(slurm, job_id)["slurm_state"] == "CANCELLED"
     answer = one_line_answer(slurm.cli("status", "--id", job_id), 0)
     assert re.fullmatch(rf"Job was killed \({ELAPSED}\)({USAGE})?", answer), answer
-    revision = read_record(slurm, job_id)["rev"]
+    revision = read_record(slurm.job_dir(job_id))["rev"]
     assert status_json(slurm, job_id) == final  # written once: later statuses only read it
-    assert read_record(slurm, job_id)["rev"] == revision
+    assert read_record(slurm.job_dir(job_id))["rev"] == revision
 
 
 def test_a_script_killed_by_a_signal_slurm_did_not_send_stays_finished(
