@@ -225,19 +225,13 @@ class ArrayStatus(JobStatus):
         """Build an array's status from the agent's plain-dict form."""
         status = super().from_agent(data)
         array = data["array"]
-        counts = dict(array.get("counts") or {})
         status.__dict__.update(
             size=array["size"],
             max_parallel=array.get("max_parallel"),
             indexes=array["indexes"],
-            counts=counts,
+            counts=dict(array.get("counts") or {}),
             tasks=tuple(JobStatus.from_agent(task) for task in array.get("tasks") or ()),
         )
-        if not counts.get(JobState.QUEUED.value):
-            # It holds a place in the line while a task is queued. The server reads its
-            # position before its counts, without a lock: an array whose last task has
-            # just started may come with the place it had a moment before.
-            status.__dict__["position"] = None
         return status  # type: ignore[return-value]
 
     def to_json(self) -> dict[str, Any]:

@@ -7,11 +7,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Target, assert_one_line_error, wait_until
 
 from tej.api import ArrayStatus, JobState
+from tej.server.arrays import settle_places
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -325,6 +327,36 @@ def test_a_running_array_keeps_its_place_in_the_line(target: Target) -> None:
     (target.job_dir(array) / "work" / "release").write_text("")
     target.cli("wait", "--id", behind, check=0)
     assert target.status(array)["position"] is None
+
+
+def listed(job_id: str, place: list[int] | None, counts: dict[str, int] | None = None) -> Any:
+    """A status as the agent lists it: its place in the line, an array's counts."""
+    status: dict[str, Any] = {"id": job_id, "position": place}
+    if counts is not None:
+        status["array"] = {"counts": counts}
+    return status
+
+
+def test_an_array_that_just_left_the_line_gives_up_its_place() -> None:
+    """The agent reads the line before an array's counts, without a lock: an array whose
+    last task started in between comes with the place it had. It has left the line: it
+    gets none, and the jobs behind it move up (the soak's places stay 1 to N)."""
+    statuses = [
+        listed("left", [1, 4], {"running": 2}),
+        listed("array", [2, 4], {"running": 1, "queued": 1}),
+        listed("ended", None, {"finished": 2}),
+        listed("queued", [3, 4]),
+        listed("last", [4, 4]),
+    ]
+    settle_places(statuses)
+    places = [status["position"] for status in statuses]
+    assert places == [None, [1, 3], None, [2, 3], [3, 3]]
+    alone = [listed("left", [2, 5], {"starting": 1, "finished": 1})]  # a status of one job
+    settle_places(alone)
+    assert alone[0]["position"] is None
+    held = [listed("array", [1, 2], {"running": 1, "queued": 1}), listed("queued", [2, 2])]
+    settle_places(held)
+    assert [status["position"] for status in held] == [[1, 2], [2, 2]]
 
 
 def test_queue_runner_kill_a_task_and_the_array(target: Target) -> None:

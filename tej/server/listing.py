@@ -46,7 +46,7 @@ def list_rows(queue, states=None, tasks=False):
     An array is one row, with its counts ("array"); with tasks, its tasks' rows in the
     wanted states follow it, by index.
     """
-    from .arrays import list_summary
+    from .arrays import list_summary, settle_places
 
     wanted = set(STATES) if states is None else set(states)
     lines = []
@@ -57,12 +57,15 @@ def list_rows(queue, states=None, tasks=False):
 
         scan = ProcessScan()  # one scan of /proc for every running job
     if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
+        listed = []
         for job_id, job_dir, record in active_records(queue):
             active.add(job_id)
             if record.get("state") in wanted:
                 status = live_status(job_id, job_dir, record, scan)
                 status["array"] = list_summary(job_dir, record)  # its live counts
-                lines.append(row_line(job_id, record, status).rstrip("\n"))
+                listed.append((job_id, record, status))
+        settle_places([status for _, _, status in listed])
+        lines += [row_line(*job).rstrip("\n") for job in listed]
     if wanted & set(END_STATES):
         lines += [line for job_id, line in ended_lines(queue.root, wanted) if job_id not in active]
     lines.sort()  # the ended jobs' come sorted already: this costs little
@@ -74,7 +77,7 @@ def list_rows(queue, states=None, tasks=False):
 def job_rows(queue, job_id, states=None, tasks=False):
     """The row of one job (in list_rows' form), whatever its state; with tasks, an array's
     tasks' rows in states (all if None) follow it. JobNotFound if there is no such job."""
-    from .arrays import list_summary, task_lines
+    from .arrays import list_summary, settle_places, task_lines
     from .usage import ProcessScan
 
     if not isinstance(job_id, str):
@@ -84,6 +87,7 @@ def job_rows(queue, job_id, states=None, tasks=False):
     scan = ProcessScan()
     status = live_status(job_id, job_dir, record, scan)
     status["array"] = list_summary(job_dir, record)
+    settle_places([status])
     lines = [row_line(job_id, record, status).rstrip("\n")]
     if tasks and status["array"] is not None:
         wanted = set(STATES) if states is None else set(states)

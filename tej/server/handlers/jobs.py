@@ -16,7 +16,7 @@ from ...protocol import (
     STATE_QUEUED,
     task_id_parts,
 )
-from ..arrays import array_info, is_array, settle_on_read
+from ..arrays import array_info, is_array, settle_on_read, settle_places
 from ..errors import AgentError, number_arg
 from ..files import randrange
 from ..index import LIST_FIELDS
@@ -45,8 +45,15 @@ def status(connection, queue, job_id, tasks=False):
         settle_on_read(job_dir)
     found = job_status(queue, job_id, job_dir)
     if array:
-        found["array"] = array_info(queue, job_id, job_dir, found, tasks)
+        with_array_info(queue, job_id, job_dir, found, tasks)
     return found
+
+
+def with_array_info(queue, array_id, array_dir, found, tasks):
+    """Add an array's "array" (its counts; with tasks, its tasks) to its status found, and
+    its place in the line as its counts tell it (settle_places)."""
+    found["array"] = array_info(queue, array_id, array_dir, found, tasks)
+    settle_places([found])
 
 
 def wait(connection, queue, job_id, timeout):
@@ -59,7 +66,7 @@ def wait(connection, queue, job_id, timeout):
     record = wait_for_state(queue, job_id, job_dir, END_STATES, min(timeout, MAX_BLOCK))
     found = live_status(job_id, job_dir, record)
     if is_array(job_dir):
-        found["array"] = array_info(queue, job_id, job_dir, found, False)
+        with_array_info(queue, job_id, job_dir, found, False)
     return found
 
 
@@ -141,7 +148,7 @@ def kill_job(queue, job_id):
     runner_tick(queue)
     found = public_status(job_id, record)
     if is_array(job_dir):  # with its counts, as status gives them
-        found["array"] = array_info(queue, job_id, job_dir, found, False)
+        with_array_info(queue, job_id, job_dir, found, False)
     return {"killed": killed, "status": found}
 
 
