@@ -57,14 +57,18 @@ def list_rows(queue, states=None, tasks=False):
 
         scan = ProcessScan()  # one scan of /proc for every running job
     if wanted & set(ACTIVE_STATES) or STATE_LOST in wanted:
-        listed = []
+        listed, unlisted = [], []
         for job_id, job_dir, record in active_records(queue):
             active.add(job_id)
             if record.get("state") in wanted:
                 status = live_status(job_id, job_dir, record, scan)
                 status["array"] = list_summary(job_dir, record)  # its live counts
                 listed.append((job_id, record, status))
-        settle_places([status for _, _, status in listed])
+            elif record.get("position"):  # a place others count from, though not listed
+                unlisted.append(
+                    {"position": record["position"], "array": list_summary(job_dir, record)}
+                )
+        settle_places([status for _, _, status in listed] + unlisted)
         lines += [row_line(*job).rstrip("\n") for job in listed]
     if wanted & set(END_STATES):
         lines += [line for job_id, line in ended_lines(queue.root, wanted) if job_id not in active]
