@@ -13,7 +13,7 @@ import pytest
 from helpers import Target, assert_one_line_error, wait_until
 
 from tej.api import ArrayStatus, JobState
-from tej.server.arrays import settle_places
+from tej.server.runners.line import settle_places
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,7 +10,6 @@ being made, renamed into ``jobs/N``: the rename reserves the task) and
 ``ARRAYID.N`` wherever a job id is taken.
 """
 
-import bisect
 import errno
 import os
 
@@ -480,35 +479,6 @@ def new_task_record():
 def task_id_of(array_id, index):
     """The id of task index of array_id: ARRAYID.N."""
     return "%s.%d" % (array_id, index)
-
-
-def settle_places(statuses):
-    """Give statuses (one listing's, or one job's) their places in the queue runner's line
-    as their arrays' counts tell them.
-
-    The line is read before an array's counts, and without a lock: an array whose last
-    task started in between comes with the place it had a moment before, though its
-    counts show no task left to start. It has left the line: it gets no place, and the
-    jobs behind it move up, so that a listing's places are still 1 to N.
-    """
-    stale = sorted(
-        status["position"][0]
-        for status in statuses
-        if status.get("position")
-        and status.get("array")
-        and not status["array"]["counts"].get(STATE_QUEUED)
-    )
-    if not stale:
-        return
-    for status in statuses:
-        place = status.get("position")
-        if not place:
-            continue
-        ahead = bisect.bisect_left(stale, place[0])
-        if ahead < len(stale) and stale[ahead] == place[0]:
-            status["position"] = None
-        else:
-            status["position"] = [place[0] - ahead, place[1] - len(stale)]
 
 
 def list_summary(job_dir, record):

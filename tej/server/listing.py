@@ -46,7 +46,8 @@ def list_rows(queue, states=None, tasks=False):
     An array is one row, with its counts ("array"); with tasks, its tasks' rows in the
     wanted states follow it, by index.
     """
-    from .arrays import list_summary, settle_places
+    from .arrays import list_summary
+    from .runners.line import settle_places
 
     wanted = set(STATES) if states is None else set(states)
     lines = []
@@ -81,7 +82,8 @@ def list_rows(queue, states=None, tasks=False):
 def job_rows(queue, job_id, states=None, tasks=False):
     """The row of one job (in list_rows' form), whatever its state; with tasks, an array's
     tasks' rows in states (all if None) follow it. JobNotFound if there is no such job."""
-    from .arrays import list_summary, settle_places, task_lines
+    from .arrays import list_summary, task_lines
+    from .runners.line import settle_places
     from .usage import ProcessScan
 
     if not isinstance(job_id, str):

@@ -16,7 +16,7 @@ from ...protocol import (
     STATE_QUEUED,
     task_id_parts,
 )
-from ..arrays import array_info, is_array, settle_on_read, settle_places
+from ..arrays import array_info, is_array, settle_on_read
 from ..errors import AgentError, number_arg
 from ..files import randrange
 from ..index import LIST_FIELDS
@@ -52,6 +52,8 @@ def status(connection, queue, job_id, tasks=False):
 def with_array_info(queue, array_id, array_dir, found, tasks):
     """Add an array's "array" (its counts; with tasks, its tasks) to its status found, and
     its place in the line as its counts tell it (settle_places)."""
+    from ..runners.line import settle_places  # loads json: a job's status does not
+
     found["array"] = array_info(queue, array_id, array_dir, found, tasks)
     settle_places([found])
 

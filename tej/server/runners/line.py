@@ -23,6 +23,7 @@ import bisect
 import json
 import os
 
+from ...protocol import STATE_QUEUED
 from ..files import read_json, remove_quietly, remove_tree, write_file_atomic
 from ..index import crash_point, ids_in, index_path
 from ..layout import LINE_DIR
@@ -233,3 +234,32 @@ def read_state(folder):
     if not isinstance(state, dict) or state.get("format") != LINE_FORMAT:
         return None
     return state
+
+
+def settle_places(statuses):
+    """Give statuses (one listing's, or one job's) their places in the queue runner's line
+    as their arrays' counts tell them.
+
+    The line is read before an array's counts, and without a lock: an array whose last
+    task started in between comes with the place it had a moment before, though its
+    counts show no task left to start. It has left the line: it gets no place, and the
+    jobs behind it move up, so that a listing's places are still 1 to N.
+    """
+    stale = sorted(
+        status["position"][0]
+        for status in statuses
+        if status.get("position")
+        and status.get("array")
+        and not status["array"]["counts"].get(STATE_QUEUED)
+    )
+    if not stale:
+        return
+    for status in statuses:
+        place = status.get("position")
+        if not place:
+            continue
+        ahead = bisect.bisect_left(stale, place[0])
+        if ahead < len(stale) and stale[ahead] == place[0]:
+            status["position"] = None
+        else:
+            status["position"] = [place[0] - ahead, place[1] - len(stale)]
