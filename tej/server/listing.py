@@ -6,7 +6,7 @@ job's position, a lost supervisor); ended jobs from the rows the index keeps
 reads no ended job at all.
 """
 
-from ..protocol import ACTIVE_STATES, END_STATES, ERR_INVALID, STATE_LOST
+from ..protocol import ACTIVE_STATES, END_STATES, ERR_INVALID, STATE_LOST, STATE_RUNNING
 from .errors import AgentError
 from .index import (
     MERGE_SEGMENTS,
@@ -65,7 +65,9 @@ def list_rows(queue, states=None, tasks=False):
                 status = live_status(job_id, job_dir, record, scan)
                 status["array"] = list_summary(job_dir, record)  # its live counts
                 listed.append((job_id, record, status))
-            elif record.get("position"):  # a place others count from, though not listed
+            elif record.get("position") and record.get("state") == STATE_RUNNING:
+                # a running array's place, which others count from though it is not listed
+                # (only a running array's place can be stale: see settle_places)
                 unlisted.append(
                     {"position": record["position"], "array": list_summary(job_dir, record)}
                 )
