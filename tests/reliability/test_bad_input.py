@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import kill_processes_under, make_job, run_tej, tej_env, wait_until
+from helpers import (
+    kill_processes_under,
+    make_job,
+    process_alive,
+    read_record,
+    run_tej,
+    tej_env,
+    wait_until,
+)
 from sshd import SshServer, is_root, login_script_lines
 
 from tej.protocol import END_STATES
@@ -171,16 +179,22 @@ def make_bench(kind: str, base_tmp: Path, server: SshServer | None) -> Bench:
 
 
 def wait_for_end(bench: Bench, job_id: str) -> None:
-    """Wait until a job's status file says it has ended."""
-    path = bench.queue / "jobs" / job_id / "status.json"
+    """Wait until a job has ended and its supervisor has exited.
+
+    The supervisor files the end in the queue's index after it writes the record: a
+    snapshot taken before it exits could see that filing as a change a row made.
+    """
+    job_dir = bench.queue / "jobs" / job_id
 
     def ended() -> bool:
         try:
-            return json.loads(path.read_text()).get("state") in END_STATES
+            record = read_record(job_dir)
         except (OSError, ValueError):
             return False
+        pid = (record.get("supervisor") or {}).get("pid")
+        return record.get("state") in END_STATES and isinstance(pid, int) and not process_alive(pid)
 
-    wait_until(ended, 30, f"job {job_id} to end")
+    wait_until(ended, 30, f"job {job_id} to end and its supervisor to exit")
 
 
 class Benches:
