@@ -123,3 +123,44 @@ def test_a_task_whose_supervisor_died_gets_its_end_from_slurm(slurm: Target) -> 
     assert task["state"] == "lost" and "its supervisor died" in task["reason"], task
     # The array's exit code is its first failed task's (Slurm's, for a lost one).
     assert status["state"] == "finished" and status["exit_code"] == task["exit_code"] != 0
+
+
+def test_an_array_cancelled_outside_tej_shows_as_killed(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    job = make_array_job(slurm, "outside", "#!/bin/sh\necho started\nsleep 300\n")
+    array = slurm.submit(job, "--array", "0-1", "--id", "outside")
+    for index in (0, 1):
+        out: Path = task_path(slurm, array, index, "stdout")
+        wait_until(
+            lambda out=out: out.exists() and "started" in out.read_text(), SLURM_WAIT, "a start"
+        )
+    # Every task runs: none is left pending for the array's end to be seen as a cancel.
+    assert slurm_cluster.run("scancel", slurm_id(slurm, array)).returncode == 0
+    status = ended(slurm, array)
+    assert status["state"] == "killed" and status["reason"] == "Slurm: CANCELLED", status
+    for index in (0, 1):
+        task = ended(slurm, f"{array}.{index}")
+        assert task["state"] == "killed", task
+    assert status_json(slurm, array)["array"]["counts"] == {"killed": 2}
+
+
+def test_an_array_whose_pending_task_tej_killed_stays_finished(
+    slurm: Target, slurm_cluster: SlurmCluster
+) -> None:
+    script = '#!/bin/sh\necho started\n[ "$TEJ_ARRAY_INDEX" = 0 ] && sleep 3\nexit 0\n'
+    array = slurm.submit(make_array_job(slurm, "one", script), "--array", "0-1%1", "--id", "one")
+    out = task_path(slurm, array, 0, "stdout")
+    wait_until(lambda: out.exists() and "started" in out.read_text(), SLURM_WAIT, "task 0")
+    slurm.cli("kill", "--id", f"{array}.1", check=0)  # Slurm's ID_1 ends CANCELLED
+    runner = slurm.job_dir(array) / "runner.json"
+
+    def asked() -> dict | None:  # once Slurm was asked how the array ended
+        status = status_json(slurm, array)
+        return status if "slurm_state" in json.loads(runner.read_text()) else None
+
+    status = wait_until(asked, SLURM_WAIT * 2, "Slurm to be asked how the array ended")
+    assert status["state"] == "finished" and not status.get("reason"), status
+    assert status["array"]["counts"] == {"finished": 1, "killed": 1}, status
+    done = slurm_cluster.run("scontrol", "show", "job", "-o", f"{slurm_id(slurm, array)}_1")
+    assert "JobState=CANCELLED" in done.stdout, done.stdout

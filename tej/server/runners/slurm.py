@@ -339,6 +339,7 @@ class Runner(SlurmArrays):
         record = self.refresh(job_id, job_dir, record)
         if not slurm_id or record.get("state") in END_STATES:
             return False, record
+        self.host.write_data(job_dir, dict(self.host.read_data(job_dir), killed_by_tej=True))
         deadline = time.time() + min(grace + 10, 30.0)
         if record.get("supervisor") and record.get("state") == "running":
             run_command(["scancel", "--batch", "--signal=TERM", slurm_id])

@@ -4,7 +4,8 @@ Task N of the array is Slurm's ``ID_N``; its batch script reserves, lays out
 and supervises the task (``supervise-task ARRAYDIR N``), so a task is
 supervised as a job is. The array's own record is kept by its tasks
 (arrays.note_task_change); once Slurm lists none of its tasks, those that
-never said how they ended get their end from Slurm, and so does the array.
+never said how they ended get their end from Slurm, and so does the array,
+as does an array recorded finished of which Slurm ended a task itself.
 Standard library only, Python 3.8 and newer, as slurm.py.
 """
 
@@ -54,6 +55,7 @@ class SlurmArrays(object):
 
         slurm_id = self.slurm_id(task_dir)
         if slurm_id:
+            self.host.write_data(task_dir, dict(self.host.read_data(task_dir), killed_by_tej=True))
             run_command(["scancel", slurm_id])
 
     def array_in_slurm(self, slurm_id):
@@ -72,9 +74,12 @@ class SlurmArrays(object):
         from ..arrays import settle_array
         from .slurm import STATES
 
-        slurm_id = self.host.read_data(array_dir).get("slurm_id")
-        if record.get("state") in END_STATES or not slurm_id:
+        data = self.host.read_data(array_dir)
+        slurm_id = data.get("slurm_id")
+        if not slurm_id:
             return record
+        if record.get("state") in END_STATES:
+            return self.with_array_slurm_end(array_dir, record, data)
         listed = self.array_in_slurm(slurm_id)
         if listed is None:
             return dict(record, reason="Slurm does not answer (squeue failed)")
@@ -87,7 +92,70 @@ class SlurmArrays(object):
         latest = settle_array(array_dir, self.host.read_record(array_dir) or record)
         if latest.get("state") not in END_STATES:  # tasks Slurm ended before they started
             latest = settle_array(array_dir, dict(latest, kill_requested=True))
-        return latest
+        return self.with_array_slurm_end(array_dir, latest, data)
+
+    def with_array_slurm_end(self, array_dir, record, data):
+        """An ended array's record, as Slurm ended it if it ended one of its started tasks
+        itself (``scancel`` of the array outside tej, preemption, a time limit): its tasks'
+        supervisors record each such end, but the array's, kept by its tasks, would say
+        finished. Its first such task's state (killed or timed_out) becomes the array's,
+        reason "Slurm: STATE"; tasks tej killed (runner.json's killed_by_tej) don't count.
+        Slurm is asked once the array has left squeue, and its answer kept (slurm_state:
+        that task's state, else the first task's)."""
+        from .slurm import SLURM_ENDS, STATES, slurm_ended
+
+        slurm_id = data.get("slurm_id")
+        if record.get("state") != "finished" or data.get("slurm_state"):
+            return record
+        if self.array_in_slurm(slurm_id) != []:
+            return record  # squeue failed, or the last supervisors are finishing
+        ended = self.array_final_states(slurm_id)
+        if ended is None:
+            return record  # Slurm can't be asked now: next time
+        by_slurm = [
+            state
+            for index, state in sorted(ended.items())
+            if STATES.get(state) in SLURM_ENDS and not self.killed_by_tej(array_dir, index)
+        ]
+        if by_slurm:
+            record = slurm_ended(record, STATES[by_slurm[0]], "Slurm: %s" % by_slurm[0])
+            self.host.write_record(array_dir, record)
+        first = by_slurm[0] if by_slurm else ended[min(ended)] if ended else "UNKNOWN"
+        self.host.write_data(array_dir, dict(data, slurm_state=first))
+        return record
+
+    def killed_by_tej(self, array_dir, index):
+        """Whether tej killed an array's task N (its runner.json says so)."""
+        task_dir = os.path.join(array_dir, "jobs", str(index))
+        return bool(self.host.read_data(task_dir).get("killed_by_tej"))
+
+    def array_final_states(self, slurm_id):
+        """{task index: Slurm state} of an ended array's tasks, from ``scontrol show job``
+        (or sacct, once the controller forgot them); {} if Slurm knows none, None if it
+        can't be asked now."""
+        from .slurm import run_command
+
+        proc = run_command(["scontrol", "show", "job", "-o", slurm_id])
+        if proc is not None and proc.returncode == 0:
+            states = {}
+            for line in proc.stdout.splitlines():
+                fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+                if fields.get("ArrayTaskId", "").isdigit() and fields.get("JobState"):
+                    states[int(fields["ArrayTaskId"])] = fields["JobState"]
+            if states:
+                return states
+        forgotten = proc is not None and "Invalid job id" in (proc.stderr or "")
+        argv = ["sacct", "-n", "-P", "-X", "-j", slurm_id, "-o", "JobID,State"]
+        proc = run_command(argv)
+        if proc is None or proc.returncode != 0:
+            return {} if forgotten else None
+        states = {}
+        for line in proc.stdout.splitlines():
+            job, _, state = line.partition("|")
+            index = job.rpartition("_")[2]
+            if job.startswith(slurm_id + "_") and index.isdigit() and state.split():
+                states[int(index)] = state.split()[0]
+        return states if states or forgotten else None
 
     def settle_tasks(self, array_dir):
         """Record how Slurm ended the tasks of an array that never said so themselves."""
