@@ -900,8 +900,7 @@ class RemoteQueue:
         """
         from tej import sync
 
-        if not interval > 0:
-            raise InvalidInput(f"The interval must be a positive number of seconds, not {interval}")
+        sync.check_interval(interval)
         syncer = self._syncer(job_id, to, paths, delete, exclude, force, False, progress)
         return sync.follow(syncer, interval)
 
@@ -939,8 +938,9 @@ class RemoteQueue:
     ) -> Iterator[SyncSummary]:
         """sync_tasks again every interval seconds until the array has ended; yields each
         pass's summary. A task is synced once more after it ended, then left alone."""
-        if not interval > 0:
-            raise InvalidInput(f"The interval must be a positive number of seconds, not {interval}")
+        from tej import sync
+
+        sync.check_interval(interval)
         return self._array_passes(
             array_id, to, paths, delete, exclude, force, False, progress, interval=interval
         )
@@ -964,8 +964,7 @@ class RemoteQueue:
         from tej import sync
 
         check_job_id(array_id)
-        if os.path.lexists(to) and not os.path.isdir(to):
-            raise InvalidInput(f"--to {to} is not a folder")
+        sync.check_folder(to)
         syncers: dict[str, Syncer] = {}
         done: set[str] = set()
         while True:
@@ -975,27 +974,22 @@ class RemoteQueue:
                 raise InvalidInput(f"{array_id!r} is not an array")
             if not dry_run:
                 os.makedirs(to, exist_ok=True)
+            due = [t.id for t in status.tasks if t.started_at is not None and t.id not in done]
+            new = [task_id for task_id in due if task_id not in syncers]
+            for task_id in new:  # every new task's folder is checked before any is written
+                local = os.path.join(to, task_id)
+                syncers[task_id] = self._syncer(
+                    task_id, local, paths, delete, exclude, force, dry_run, progress
+                )
             total = sync.SyncSummary(dry_run=dry_run, requests=1)
-            for task in status.tasks:
-                if task.started_at is None or task.id in done:
-                    continue  # never ran (no files yet), or synced since it ended
-                syncer = syncers.get(task.id)
-                if syncer is None:
-                    local = os.path.join(to, task.id)
-                    syncer = self._syncer(
-                        task.id, local, paths, delete, exclude, force, dry_run, progress
-                    )
-                    syncers[task.id] = syncer
-                    first = True
-                else:
-                    first = False
+            for task_id in due:  # started, and not synced since it ended
                 try:
-                    summary = syncer.run(missing_ok=True, idle_ok=not first)
+                    summary = syncers[task_id].run(missing_ok=True, idle_ok=task_id not in new)
                 except JobNotFound:  # deleted meanwhile (tej delete --id ARRAYID.N)
-                    done.add(task.id)
+                    done.add(task_id)
                     continue
                 if summary.state not in protocol.ACTIVE_STATES:
-                    done.add(task.id)
+                    done.add(task_id)
                 total = total + summary
             yield total + sync.SyncSummary(state=status.state.value)
             if not follow or not status.state.is_active:

@@ -1016,7 +1016,7 @@ def sync_job(
         passes = again(job_id, folder, paths, delete, interval=seconds, **options)
         total = None
         for summary in passes:
-            total = summary if total is None else total + summary
+            total = summary if total is None else total.then(summary)
             if not as_json and (
                 summary.files_sent or summary.files_copied or summary.files_deleted
             ):

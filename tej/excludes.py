@@ -100,11 +100,13 @@ def _is_pattern(line: str) -> bool:
 
 def _check(lines: list[str], where: str, numbered: bool = False) -> None:
     """Refuse an invalid pattern, naming it and where it is (with its line, if numbered)."""
+    import re
+
     import pathspec
 
     for number, line in enumerate(lines, 1):
         try:
             pathspec.GitIgnoreSpec.from_lines([line])
-        except ValueError:
+        except (ValueError, re.error):  # re.error: a character range such as [z-a]
             place = f"line {number} of {where}" if numbered else where
             raise InvalidInput(f"Invalid exclude pattern {line!r} ({place})") from None

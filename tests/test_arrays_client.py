@@ -383,3 +383,16 @@ def test_list_of_one_array_and_its_tasks(target: Target) -> None:
     text = target.ok("list", "--id", "one", "--tasks")
     assert [line.split()[0] for line in text.splitlines()[1:]] == ["one", "one.0", "one.1", "one.2"]
     assert_one_line_error(target.cli("list", "--id", "nothing"), 3, prefix="No job")
+
+
+def test_sync_delete_checks_every_task_folder_before_writing_any(target: Target) -> None:
+    job = target.make_job("quick", "#!/bin/sh\necho r > result.txt\n")
+    array_id = target.submit(job, "--array", "0-2", "--id", "qa")
+    target.wait_for(array_id)
+    into = target.client_dir / "mirror"
+    (into / "qa.2").mkdir(parents=True)
+    (into / "qa.2" / "mine.txt").write_text("mine\n")
+    done = target.cli("sync", "--id", array_id, "--to", str(into), "--delete")
+    assert "qa.2 holds other things" in assert_one_line_error(done, 1)
+    assert sorted(os.listdir(into)) == ["qa.2"]  # qa.0 and qa.1 were not synced first
+    assert os.listdir(into / "qa.2") == ["mine.txt"]

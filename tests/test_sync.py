@@ -205,6 +205,63 @@ def test_delete_refuses_a_folder_that_is_not_a_sync_of_the_job(target: Target) -
     assert forced["files_deleted"] == 1 and not (home / "thesis.tex").exists()
 
 
+def test_delete_refuses_a_folder_that_held_other_things_before_its_first_sync(
+    target: Target,
+) -> None:
+    job_id = results_job(target)
+    home = target.src_dir / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work\n")
+    sync_json(target, job_id, "--to", str(home))  # without --delete: nothing is deleted
+    for _ in range(2):  # its marker remembers what the folder held
+        done = target.cli("sync", "--id", job_id, "--to", str(home), "--delete")
+        assert "--force" in assert_one_line_error(done, 1)
+        assert (home / "thesis.tex").read_text() == "years of work\n"
+    # A folder this job's first sync made is its mirror: --delete needs no --force there.
+    mirror = target.src_dir / "mirror"
+    sync_json(target, job_id, "--to", str(mirror))
+    (mirror / "added.txt").write_text("later\n")
+    assert sync_json(target, job_id, "--to", str(mirror), "--delete")["files_deleted"] == 1
+
+
+def test_a_link_of_the_job_replaces_a_local_folder_only_with_delete(target: Target) -> None:
+    script = "#!/bin/sh\nmkdir d\necho x > d/x\nln -s d ld\n"
+    job_id = target.submit(target.make_job("linker", script))
+    target.wait_for(job_id)
+    to = target.src_dir / "mirror"
+    (to / "ld").mkdir(parents=True)
+    (to / "ld" / "notes.txt").write_text("mine\n")
+    done = target.cli("sync", "--id", job_id, "--to", str(to))
+    assert "use --delete" in assert_one_line_error(done, 1)
+    assert (to / "ld" / "notes.txt").read_text() == "mine\n"
+    sync_json(target, job_id, "--to", str(to), "--delete", "--force")
+    assert os.readlink(to / "ld") == "d" and (to / "ld" / "x").read_text() == "x\n"
+
+
+def test_a_folder_that_became_a_file_is_a_file_after_one_pass(target: Target) -> None:
+    job_id = results_job(target)
+    to = target.src_dir / "mirror"
+    sync_json(target, job_id, "--to", str(to))
+    deep = target.work(job_id, "out", "deep")
+    subprocess.run(["rm", "-rf", str(deep)], check=True)
+    deep.write_text("now a file\n")
+    summary = sync_json(target, job_id, "--to", str(to), "--delete")
+    assert (to / "out" / "deep").read_text() == "now a file\n"
+    assert summary["files_sent"] == 1, summary
+    assert tree(to) == tree(target.work(job_id))
+
+
+def test_links_named_as_paths_are_synced_as_links(target: Target) -> None:
+    script = "#!/bin/sh\nmkdir d\necho x > d/x\nln -s d ld\nln -s d/x lx\nln -s . self\n"
+    job_id = target.submit(target.make_job("links", script))
+    target.wait_for(job_id)
+    to = target.src_dir / "mirror"
+    summary = sync_json(target, job_id, "--to", str(to), "ld", "lx", "self")
+    assert summary["files_changing"] == 0, summary
+    assert sorted(os.listdir(to)) == [".tej-sync", "ld", "lx", "self"]
+    assert [os.readlink(to / name) for name in ("ld", "lx", "self")] == ["d", "d/x", "."]
+
+
 def test_bad_input_is_one_line_and_writes_nothing(target: Target) -> None:
     job_id = results_job(target)
     a_file = target.client_dir / "a-file"
@@ -212,14 +269,18 @@ def test_bad_input_is_one_line_and_writes_nothing(target: Target) -> None:
     target.work(job_id, "outside").symlink_to("/etc")
     cases = [
         (["--to", str(a_file)], "is not a folder"),
+        (["--to", str(a_file / "sub")], "a-file is not a folder"),
+        (["--to", ""], "--to is empty"),
         (["--follow", "--interval", "0"], "--interval"),
         (["--follow", "--interval", "-1"], "--interval"),
+        (["--follow", "--interval", "0.0001"], "at least 0.1 seconds"),
         (["--interval", "5"], "--follow"),
         (["../queue"], "leaves the job"),
         (["/etc"], "leaves the job"),
         (["outside"], "leaves the job"),
         (["no-such-file"], "No file"),
         (["--exclude", "!"], "Invalid exclude pattern '!' (--exclude)"),
+        (["--exclude", "[z-a]"], "Invalid exclude pattern '[z-a]' (--exclude)"),
     ]
     for args, message in cases:
         done = target.cli("sync", "--id", job_id, *args)

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tej import protocol
@@ -48,6 +48,8 @@ from tej.sync.local import (
     PRIVATE,
     Local,
     LocalScan,
+    check_folder,
+    holds_others,
     prepare_destination,
     read_marker,
     scan_local,
@@ -72,6 +74,8 @@ __all__ = [
     "Remote",
     "SyncSummary",
     "Syncer",
+    "check_folder",
+    "check_interval",
     "check_job_path",
     "decode_listing",
     "follow",
@@ -85,8 +89,18 @@ __all__ = [
 RECENT = 2 * 10**9
 #: A file that keeps changing while it is read is tried this many times in a pass.
 ATTEMPTS = 3
+#: The shortest interval between a follow's passes (seconds): each pass is a request.
+MIN_INTERVAL = 0.1
 #: Below this size, a file the local folder may hold elsewhere is just sent (a hash costs more).
 COPY_MIN = 64 * 1024
+
+
+def check_interval(interval: float) -> None:
+    """Refuse a follow's interval shorter than MIN_INTERVAL (or not a number)."""
+    if not interval >= MIN_INTERVAL:
+        raise InvalidInput(
+            f"The interval (--interval) must be at least {MIN_INTERVAL} seconds, not {interval}"
+        )
 
 
 def check_job_path(path: str) -> bytes:
@@ -148,8 +162,14 @@ class Syncer:
         #: Local folders checked to be inside --to, in this pass (see local_path).
         self._safe: set[bytes] = set()
         self._partials: dict[Remote, bytes] = {}
+        #: The files put in place by the current attempt of a pass (see install).
+        self.installed: set[bytes] = set()
         marker = read_marker(self.to) if os.path.isdir(self.to) else None
+        #: Whether the folder held other things when this job's first sync into it began:
+        #: kept in the marker, it makes --delete ask for --force (see prepare_destination).
+        self.held_others = holds_others(self.to, job_id, marker)
         same = marker is not None and marker.get("job_id") == job_id
+        self._marked = same  # the folder's marker is this job's
         recent = marker.get("recent", []) if same and marker is not None else []
         self.recent = {os.fsencode(path) for path in recent if isinstance(path, str)}
         listed_at = marker.get("listed_at") if same and marker is not None else None
@@ -213,6 +233,9 @@ class Syncer:
             stream.close()
             raise InvalidInput(f"Another tej sync is writing into {self.to}") from None
         self._lock = stream
+        if not self._marked:  # before any file of the job is written: held_others is kept
+            self._write_marker(listed_at=None, recent=set())
+            self._marked = True
 
     def run(self, missing_ok: bool = False, idle_ok: bool = False) -> SyncSummary:
         """One pass; with idle_ok, a pass where nothing changed on the server does nothing more."""
@@ -230,7 +253,9 @@ class Syncer:
     def _run(self, missing_ok: bool, idle_ok: bool, start: int) -> SyncSummary:
         totals = SyncSummary(dry_run=self.dry_run)
         changing: list[Remote] = []
+        installed: set[bytes] = set()  # by the attempts before this one
         for attempt in range(ATTEMPTS):
+            self.installed = set()
             # The local folder is read while the server lists the job's files.
             local = None if idle_ok and attempt == 0 else LocalScan(self.root)
             changed, state, now = self.refresh(missing_ok)
@@ -246,13 +271,18 @@ class Syncer:
             except OSError as exc:
                 where = os.fsdecode(exc.filename) if exc.filename else self.to
                 raise InvalidInput(f"Can't write {where}: {exc.strerror or exc}") from None
-            totals = totals + summary
+            # What an attempt installed, a later one finds unchanged: not counted twice.
+            again = installed - self.installed - {row.relpath for row in changing}
+            summary = replace(
+                summary, files_unchanged=summary.files_unchanged - len(again & self.listing.keys())
+            )
+            totals = totals.then(summary)
+            installed |= self.installed
             if not changing:
                 break
         if not self.dry_run:
             self.finish()
-        end = SyncSummary(files_changing=len(changing), requests=self.requests - start)
-        return totals + end
+        return replace(totals, files_changing=len(changing), requests=self.requests - start)
 
     def plan(self, now: int, local: dict[bytes, Local]) -> Plan:
         """Compare the listing with the local folder (as scan_local found it)."""
@@ -447,8 +477,10 @@ class Syncer:
 
     def _make_link(self, row: Remote) -> None:
         path = self.local_path(row.relpath)
-        if os.path.lexists(path):
-            self._remove_local(row.relpath)
+        if os.path.isdir(path) and not os.path.islink(path):
+            self._clear_folder(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
         os.symlink(row.target, path)
 
     def _touch(self, row: Remote) -> None:
@@ -456,6 +488,10 @@ class Syncer:
         os.chmod(self.local_path(row.relpath), row.mode & 0o777)
 
     def _remove_local(self, relpath: bytes) -> None:
+        """Remove a local path the job no longer has (gone already if its folder is)."""
+        parent = self.root + b"/" + relpath.rpartition(b"/")[0]
+        if not os.path.isdir(parent) or os.path.islink(parent):
+            return  # replaced by a file or a link of the job: its folder's things went with it
         path = self.local_path(relpath)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -484,9 +520,11 @@ class Syncer:
         if os.path.isdir(path) and not os.path.islink(path):
             self._clear_folder(path)
         os.replace(partial, path)
+        self.installed.add(row.relpath)
 
     def _clear_folder(self, path: bytes) -> None:
-        """Make room for a file where a folder is: only with --delete, or if it is empty."""
+        """Make room for a file or link where a folder is: only with --delete, or if it is
+        empty."""
         if self.delete:
             shutil.rmtree(path)
             return
@@ -494,30 +532,35 @@ class Syncer:
             os.rmdir(path)
         except OSError:
             raise InvalidInput(
-                f"{os.fsdecode(path)} is a folder, a file in the job: use --delete to replace it"
+                f"{os.fsdecode(path)} is a folder, not one in the job: use --delete to replace it"
             ) from None
 
     def finish(self) -> None:
         """Write the marker, drop partial files no longer needed, save the hash cache."""
+        self._write_marker(self.listed_at, self.recent)
+        folder = os.path.join(self.to, PRIVATE, PARTIAL)
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        if self.cache is not None:
+            entries = scan_local(self.root)
+            self.cache.save((p, e.stamp) for p, e in entries.items() if e.kind == "f")
+
+    def _write_marker(self, listed_at: int | None, recent: set[bytes]) -> None:
+        """Replace the folder's marker (atomically): this job's, as of listed_at."""
         marker = {
             "format": MARKER_FORMAT,
             "job_id": self.job_id,
+            "held_others": self.held_others,
             "destination": self.destination,
             "queue": self.queue,
-            "recent": sorted(os.fsdecode(path) for path in self.recent),
-            "listed_at": self.listed_at,
+            "recent": sorted(os.fsdecode(path) for path in recent),
+            "listed_at": listed_at,
         }
         private = os.path.join(self.to, PRIVATE)
         tmp = os.path.join(private, MARKER + ".tmp")
         with open(tmp, "w", encoding="utf-8") as stream:
             json.dump(marker, stream)
         os.replace(tmp, os.path.join(private, MARKER))
-        folder = os.path.join(private, PARTIAL)
-        for name in os.listdir(folder):
-            os.unlink(os.path.join(folder, name))
-        if self.cache is not None:
-            entries = scan_local(self.root)
-            self.cache.save((p, e.stamp) for p, e in entries.items() if e.kind == "f")
 
 
 def _preloaded(contents: Any) -> dict[bytes, tuple[int, int, int, bytes]]:

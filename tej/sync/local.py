@@ -32,18 +32,37 @@ class Local(NamedTuple):
     stamp: tuple[int, ...]  # as tej.transfer.Entry's: for the hash cache
 
 
-def prepare_destination(to: str, job_id: str, delete: bool, force: bool, dry_run: bool) -> None:
-    """Check (and create, unless dry_run) the local folder; refuse to --delete in a foreign one."""
+def check_folder(to: str) -> None:
+    """Refuse a --to that can't be a local folder: empty, a file, or in no folder."""
+    if not to:
+        raise InvalidInput("--to is empty: name a local folder")
     if os.path.lexists(to) and not os.path.isdir(to):
         raise InvalidInput(f"--to {to} is not a folder")
-    if delete and not force and os.path.isdir(to):
-        marker = read_marker(to)
-        others = [name for name in os.listdir(to) if name != PRIVATE]
-        if others and (marker is None or marker.get("job_id") != job_id):
-            raise InvalidInput(
-                f"--delete: {to} holds other things than a sync of job {job_id!r}; "
-                "choose another --to, or use --force to delete what the job doesn't have"
-            )
+    parent = os.path.dirname(os.path.abspath(to))
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise InvalidInput(f"{parent} is not a folder")
+
+
+def holds_others(to: str, job_id: str, marker: dict[str, Any] | None) -> bool:
+    """Whether a local folder holds things no sync of this job put there.
+
+    With a marker of this job: what its first sync into the folder found (held_others).
+    Otherwise: anything in it but the sync's private folder (another job's sync too).
+    """
+    if marker is not None and marker.get("job_id") == job_id:
+        return bool(marker.get("held_others"))
+    return os.path.isdir(to) and any(name != PRIVATE for name in os.listdir(to))
+
+
+def prepare_destination(to: str, job_id: str, delete: bool, force: bool, dry_run: bool) -> None:
+    """Check the local folder; refuse to --delete in one that holds other things than a
+    sync of this job (see holds_others), unless force."""
+    check_folder(to)
+    if delete and not force and holds_others(to, job_id, read_marker(to)):
+        raise InvalidInput(
+            f"--delete: {to} holds other things than a sync of job {job_id!r}; "
+            "choose another --to, or use --force to delete what the job doesn't have"
+        )
     parent = os.path.dirname(os.path.abspath(to))
     if not dry_run and not os.path.isdir(parent):
         raise InvalidInput(f"No such local folder: {parent}")

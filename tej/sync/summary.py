@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -56,6 +56,15 @@ class SyncSummary:
             to_send=self.to_send + other.to_send,
             to_copy=self.to_copy + other.to_copy,
             to_delete=self.to_delete + other.to_delete,
+        )
+
+    def then(self, later: SyncSummary) -> SyncSummary:
+        """The totals of a pass and a later one over the same folder: what each sent,
+        copied and deleted, added up; what the later one found unchanged, or changing."""
+        return replace(
+            self + later,
+            files_unchanged=later.files_unchanged,
+            files_changing=later.files_changing,
         )
 
 

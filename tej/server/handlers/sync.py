@@ -225,13 +225,17 @@ def checked_paths(paths):
 
 
 def list_path(work, path, rows, missing_ok):
-    """Add a path of the job (a folder's whole tree) to rows {relpath: row}."""
+    """Add a path of the job (a folder's whole tree) to rows {relpath: row}. A symlink is
+    listed as one, not followed (one that leaves the job is refused)."""
     full = os.path.join(work, path) if path else work
     real = os.path.realpath(full)
     if real != work and not real.startswith(work + b"/"):
         raise AgentError(ERR_INVALID, "Path %s leaves the job's directory" % show(path))
     try:
-        info = os.stat(full)
+        info = os.lstat(full)
+        if path and stat.S_ISLNK(info.st_mode):
+            rows[path] = (path, "l", 0o777, 0, 0, 0, os.readlink(full))
+            return
     except FileNotFoundError:
         if missing_ok:
             return
