@@ -749,3 +749,19 @@ def test_raising_max_running_starts_waiting_jobs_at_once(target: Target) -> None
     gate.touch()
     for job_id in (first, second):
         assert target.wait_for(job_id)["exit_code"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_hundreds_of_jobs_run_in_turn_each_started_by_the_last(target: Target) -> None:
+    # Each job's supervisor starts the next: a chain of 200 supervisors, none lost.
+    setup_queue(target, 1)
+    blocker = submit_blocker(target)
+    job = target.make_job("marked", MARKED)
+    with target.api() as remote:
+        ids = [remote.submit(str(job), job_id=f"chain{number:03d}") for number in range(200)]
+    release(target, blocker)  # nobody is connected any more: the supervisors carry on
+    last = target.wait_for(ids[-1], END_STATES, timeout=200)
+    assert last["state"] == "finished", last
+    states = {job_id: state(target, job_id) for job_id in ids}
+    others = {job_id: found for job_id, found in states.items() if found != "finished"}
+    assert not others, others

@@ -27,6 +27,12 @@ from .records import (
 )
 
 MAX_FD = 65536  # file descriptors a forked supervisor closes
+#: A supervisor forked deeper than this (Python frames) runs in a new interpreter instead:
+#: one forked by a supervisor (the queue runner's next job) inherits its stack, and each
+#: generation adds to it, up to the recursion limit (see fresh_supervisor).
+FRESH_AFTER = 200
+#: Secrets up to this size go to a new interpreter through a pipe it is started with.
+PIPE_ROOM = 60000
 
 
 def start_supervisor(copy, job_dir, secrets):
@@ -172,11 +178,49 @@ def spawn_supervisor(copy, job_dir, secrets):
     if pid == 0:
         code = 1
         try:
+            if stack_depth() > FRESH_AFTER:
+                fresh_supervisor(copy, job_dir, secrets, log)  # returns only if it can't
             code = run_forked_supervisor(copy, job_dir, secrets, log)
         finally:
             os._exit(code)
     os.close(log)
     return b"forked %d\n" % pid
+
+
+def stack_depth():
+    """How many Python frames the stack holds here."""
+    frame, depth = sys._getframe(), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
+
+
+def fresh_supervisor(copy, job_dir, secrets, log):
+    """In a forked supervisor: become a new interpreter that supervises the job (the
+    copy's `supervise JOBDIR`, its secrets on stdin), on a stack of its own.
+
+    A supervisor that starts the next queued job forks it deep in its own stack, and
+    the child's own next one deeper still: every so many generations, one starts
+    afresh. Returns (the caller supervises in this process) if it can't.
+    """
+    data = json.dumps(secrets).encode("utf-8")
+    if len(data) > PIPE_ROOM:  # more than a pipe holds before anyone reads it
+        return
+    try:
+        read_end, write_end = os.pipe()
+        os.write(write_end, data)
+        os.close(write_end)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored signal stays so in exec
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd, target in ((0, read_end), (1, devnull), (2, log)):
+            os.dup2(target, fd)
+        close_inherited_files()
+        os.chdir("/")
+        command = copy.supervisor_command(job_dir)
+        os.execv(command.python, command.argv)
+    except OSError as exc:
+        os.write(2, ("tej supervisor: can't start afresh: %s\n" % exc).encode("utf-8", "replace"))
 
 
 def failed_report(exc):
@@ -192,7 +236,8 @@ def run_forked_supervisor(copy, job_dir, secrets, log):
     """
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a fork server ignores it (see serve_forks)
-        os.setsid()
+        if os.getsid(0) != os.getpid():  # not yet, if fresh_supervisor failed to exec
+            os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd, target in ((0, devnull), (1, devnull), (2, log)):
             os.dup2(target, fd)
