@@ -26,6 +26,7 @@ from tej.text import (
     array_cell,
     cut,
     describe_status,
+    display_width,
     format_bytes,
     format_elapsed,
     progress_cell,
@@ -744,7 +745,7 @@ def list_jobs(
         if as_json:
             raise InvalidInput("--watch shows a live table: it can't be combined with --json")
         live.check_terminal()
-        live.watch(remote, tasks=tasks)
+        live.watch(remote, tasks=tasks, states=list(states) or None)
         return
     wanted = list(states) or None
     if as_json:
@@ -798,7 +799,7 @@ def print_rows(
 def add_progress(line: str, progress: str | None, width: int | None) -> str:
     """A row of `tej list` with its progress, cut to the terminal's width."""
     text = line + "  "
-    room = None if width is None else width - 1 - len(text)
+    room = None if width is None else width - 1 - display_width(text)
     return text + (cut(progress or "", room) if room is None or room > 3 else "")
 
 
@@ -818,7 +819,7 @@ def job_table(jobs: list[JobStatus], long_form: bool, width: int | None) -> list
     lines = []
     for row in rows:
         text = "  ".join(cell.ljust(size) for cell, size in zip(row, widths)) + "  "
-        room = None if width is None else width - 1 - len(text)
+        room = None if width is None else width - 1 - display_width(text)
         lines.append((text + (cut(row[-1], room) if room is None or room > 3 else "")).rstrip())
     return lines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -99,17 +100,39 @@ def describe_status(status: JobStatus, width: int | None = None) -> str:
     state, usage = describe_state(status), describe_usage(status)
     if status.state is not JobState.RUNNING or not status.progress:
         return state + usage
-    room = None if width is None else width - 1 - len(state) - len(usage) - 2
+    room = None if width is None else width - 1 - display_width(state + usage) - 2
     if room is not None and room < 4:
         return state + usage
     return f"{state}: {cut(status.progress, room)}{usage}"
 
 
+def display_width(text: str) -> int:
+    """The columns text takes on a terminal: East Asian wide and fullwidth characters
+    (emoji among them) take 2, combining marks 0, the others 1."""
+    if text.isascii():  # most of what tej shows: no need to look at each character
+        return len(text)
+    return sum(char_width(char) for char in text)
+
+
+def char_width(char: str) -> int:
+    """The columns one character takes on a terminal (see display_width)."""
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
 def cut(text: str, width: int | None) -> str:
-    """text, cut to width characters (its end replaced by ...) if it is longer."""
-    if width is None or len(text) <= width:
+    """text, cut to width columns (its end replaced by ...) if it takes more (display_width):
+    a character is never split from its combining marks, nor a wide one cut in half."""
+    if width is None or display_width(text) <= width:
         return text
-    return text[: width - 3] + "..." if width > 3 else text[: max(width, 0)]
+    room, mark = (width - 3, "...") if width > 3 else (max(width, 0), "")
+    used = 0
+    for end, char in enumerate(text):
+        used += char_width(char)
+        if used > room:  # its combining marks (0 columns) went with the character before
+            return text[:end] + mark
+    return text
 
 
 def describe_state(status: JobStatus) -> str:

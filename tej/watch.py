@@ -2,8 +2,9 @@
 
 The jobs are asked for every REFRESH seconds over the one connection the
 RemoteQueue keeps; the table is drawn on the terminal's alternate screen, which
-is left (and the terminal's modes restored) on every exit: `q`, Ctrl-C, or an
-error, which is then reported as any other.
+is left (and the terminal's modes restored) on every exit: `q`, Ctrl-C (then
+reported as an interruption, exit code 130, as every command's), or an error,
+which is then reported as any other.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from tej.api import JobState, JobStatus
 from tej.errors import InvalidInput
-from tej.text import cut, format_bytes, format_elapsed, progress_cell
+from tej.protocol import task_id_parts
+from tej.text import cut, display_width, format_bytes, format_elapsed, progress_cell
 
 if TYPE_CHECKING:
     from tej.api import RemoteQueue
@@ -41,9 +44,14 @@ def check_terminal() -> None:
         )
 
 
-def watch(remote: RemoteQueue, interval: float = REFRESH, tasks: bool = False) -> None:
-    """Show the queue's jobs, refreshed every interval seconds, until q or Ctrl-C (with
-    tasks, each array's tasks after it)."""
+def watch(
+    remote: RemoteQueue,
+    interval: float = REFRESH,
+    tasks: bool = False,
+    states: Sequence[str] | None = None,
+) -> None:
+    """Show the queue's jobs (those in states, as RemoteQueue.list picks them), refreshed
+    every interval seconds, until q or Ctrl-C (with tasks, each array's tasks after it)."""
     import termios
     import tty
 
@@ -60,8 +68,10 @@ def watch(remote: RemoteQueue, interval: float = REFRESH, tasks: bool = False) -
         tty.setcbreak(fd)  # keys without Enter; Ctrl-C still interrupts
         out.write(ENTER)
         title = f"tej list --watch: {remote.destination} {remote.queue}"
+        if states:
+            title += f" ({', '.join(states)})"
         while True:
-            jobs = remote.list(tasks=tasks)
+            jobs = remote.list(states, tasks=tasks)
             next_look = time.monotonic() + interval
             draw(out, title, jobs)
             while time.monotonic() < next_look:
@@ -70,8 +80,6 @@ def watch(remote: RemoteQueue, interval: float = REFRESH, tasks: bool = False) -
                 if resized[0]:
                     resized[0] = False
                     draw(out, title, jobs)
-    except KeyboardInterrupt:
-        return
     finally:
         out.write(LEAVE)
         out.flush()
@@ -98,13 +106,14 @@ def draw(out: TextIO, title: str, jobs: list[JobStatus]) -> None:
 
 
 def screen_lines(title: str, jobs: list[JobStatus], width: int, height: int) -> list[str]:
-    """The screen's lines, each at most width characters, at most height of them."""
+    """The screen's lines, each at most width columns, at most height of them."""
     clock = time.strftime("%H:%M:%S")
     top = cut(title, max(width - len(clock) - 1, 0))
+    room = width - display_width(top)
     counts = collections.Counter(job.state for job in jobs)
     summary = ", ".join(f"{counts[state]} {state.value}" for state in STATE_ORDER if counts[state])
     lines = [
-        top + clock.rjust(width - len(top)) if width > len(top) + len(clock) else top,
+        top + clock.rjust(room) if room > len(clock) else top,
         cut(f"{len(jobs)} jobs: {summary or 'none'}   (q: quit)", width),
         "",
     ]
@@ -121,10 +130,17 @@ def screen_lines(title: str, jobs: list[JobStatus], width: int, height: int) -> 
 
 
 def ordered(jobs: list[JobStatus]) -> list[JobStatus]:
-    """The jobs that may still run first (oldest first), then the ended ones, newest first."""
-    active = [job for job in jobs if job.state.is_active]
-    ended = [job for job in jobs if not job.state.is_active]
-    return active + ended[::-1]
+    """The jobs that may still run first (oldest first), then the ended ones, newest first,
+    by their own state: an array's tasks stay right after it, by index, as in `tej list`."""
+    groups: list[list[JobStatus]] = []
+    for job in jobs:  # a task follows its array (or its array's other tasks) in the listing
+        if groups and task_id_parts(job.id) is not None:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    active = [group for group in groups if group[0].state.is_active]
+    ended = [group for group in groups if not group[0].state.is_active]
+    return [job for group in active + ended[::-1] for job in group]
 
 
 def table(jobs: list[JobStatus]) -> list[str]:

@@ -298,18 +298,34 @@ def test_resubmit_failed_with_no_failed_task(target: Target) -> None:
 
 
 def test_list_watch_shows_an_array_and_its_tasks(target: Target, terminal: Terminal) -> None:
+    target.submit(target.make_job("plain"), "--id", "plain", "--wait")
     job = target.make_job("held", held_script(target))
     target.submit(job, "--array", "0-2%1", "--id", "wa")
     wait_until(lambda: task_started(target, "wa.0"), 30, "wa.0 to start")
-    terminal.run(tej_command(target, "list", "--watch", "--tasks"))
+    # --state picks the rows as plain `list --state` does: the running array and task only.
+    terminal.run(tej_command(target, "list", "--watch", "--tasks", "--state", "running"))
+    screen = terminal.wait_for(lambda s: "array of 3" in s, "the live table")
+    assert listed_ids(screen) == ["wa", "wa.0"], screen
+    terminal.keys("q")
+    terminal.wait_for(lambda s: "array of 3" not in s, "the shell's screen back", 10)
+    terminal.run("clear; " + tej_command(target, "list", "--watch", "--tasks"))
     screen = terminal.wait_for(lambda s: "array of 3" in s, "the live table")
     rows = {line.split()[0]: line for line in screen.splitlines() if line.startswith("wa")}
     assert re.fullmatch(r"wa +running +\S+ +array of 3: 1 running, 2 queued", rows["wa"]), screen
     assert rows["wa.0"].split()[1] == "running" and rows["wa.2"].split()[1] == "queued", screen
     release(target)
-    terminal.wait_for(lambda s: "array of 3: 3 finished" in s, "the array's end", 60)
+    screen = terminal.wait_for(lambda s: "array of 3: 3 finished" in s, "the array's end", 60)
+    # Ended, newest first: the array, its tasks right after it by index, as `list --tasks`.
+    assert listed_ids(screen) == ["wa", "wa.0", "wa.1", "wa.2", "plain"], screen
     terminal.keys("q")
     terminal.wait_for(lambda s: "array of 3" not in s, "the shell's screen back", 10)
+
+
+def listed_ids(screen: str) -> list[str]:
+    """The ids of the rows of `list --watch`'s table, top to bottom."""
+    lines = screen.splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("ID "))
+    return [line.split()[0] for line in lines[start + 1 :] if line.strip()]
 
 
 LIMITED = """#!/bin/sh
@@ -370,11 +386,17 @@ def test_a_task_whose_script_cannot_run_ends_as_a_job_does(target: Target) -> No
 
 
 def test_list_of_one_array_and_its_tasks(target: Target) -> None:
-    job = target.make_job("listed", "#!/bin/sh\nexit $TEJ_ARRAY_INDEX\n")
-    target.submit(job, "--array", "0-2", "--id", "one", "--wait")
+    script = '#!/bin/sh\necho "step $TEJ_ARRAY_INDEX" > "$TEJ_PROGRESS"\nexit $TEJ_ARRAY_INDEX\n'
+    target.submit(target.make_job("listed", script), "--array", "0-2", "--id", "one", "--wait")
     target.submit(target.make_job("other"), "--id", "other", "--wait")
     rows = json_list(target, "--id", "one", "--tasks")
     assert [row["id"] for row in rows] == ["one", "one.0", "one.1", "one.2"], rows
+    # An ended task keeps its last progress in its row, as an ended job does: read when it
+    # ended, not by each listing (its progress file gone, the row still has it).
+    target.server_path("jobs", "one", "jobs", "1", "progress").unlink()
+    rows = json_list(target, "--id", "one", "--tasks")
+    assert [row["progress"] for row in rows] == [None, "step 0", "step 1", "step 2"], rows
+    assert target.status("one.1")["progress"] is None  # status reads the file itself
     assert rows[0]["array"]["counts"] == {"finished": 3}
     failed = json_list(target, "--id", "one", "--tasks", "--state", "running")
     assert [row["id"] for row in failed] == ["one"], failed  # its row whatever its state

@@ -26,6 +26,7 @@ from terminal import Terminal
 
 from tej import JobState, Resources
 from tej.server.runners.slurm import parse_accounting, sacct_bytes, sacct_seconds
+from tej.text import cut, display_width
 
 pytestmark = pytest.mark.timeout(120)
 MB = 1 << 20
@@ -162,6 +163,12 @@ def test_progress_is_cut_escaped_and_never_hangs(target: Target) -> None:
     assert status_json(target, job_id)["progress"] == "\\xff\\xfe\\x1b[31mred\\tend"
     text = target.cli("status", "--id", job_id, check=0).stdout
     assert "\x1b" not in text and "\\x1b[31mred" in text, text
+    write_progress(target, job_id, b"A" * 199 + b"\xff\xff\n")  # cut before, not in, an escape
+    assert status_json(target, job_id)["progress"] == "A" * 199
+    text = target.cli("status", "--id", job_id, check=0).stdout
+    assert "A" * 199 in text and "\\" not in text, text  # no half of \xff
+    write_progress(target, job_id, b"A" * 196 + b"\xff\x1b\n")
+    assert status_json(target, job_id)["progress"] == "A" * 196 + "\\xff"
     write_progress(target, job_id, b"x" * 200_000)  # one huge line: only its tail is read
     assert status_json(target, job_id)["progress"] == "x" * 200
     path = target.job_dir(job_id) / "progress"
@@ -248,7 +255,8 @@ def test_list_watch_quits_on_ctrl_c_and_fits_a_small_terminal(
     back = terminal.wait_for(lambda s: "more" not in s, "the shell's screen back", 10)
     assert "--watch" in "".join(back.splitlines()), back  # the shell's screen: the command typed
     terminal.run("echo exit=$?")
-    terminal.wait_for(lambda s: "exit=0" in s, "the exit code")
+    screen = terminal.wait_for(lambda s: re.search(r"^exit=\d+", s, re.M), "the exit code")
+    assert "Error: interrupted" in screen and "exit=130" in screen, screen  # as wait's Ctrl-C
 
 
 def test_list_watch_refuses_without_a_terminal(target: Target) -> None:
@@ -273,6 +281,57 @@ def test_wait_shows_the_progress_live_on_a_terminal(target: Target, terminal: Te
     screen = terminal.wait_for(lambda s: "Job is finished" in s, "the end")
     assert re.search(rf"Job is finished \({ELAPSED}\) with exit code 0{USAGE}", screen), screen
     assert "still running" not in screen, screen
+
+
+WIDE = "\U0001f600" * 100  # emoji: each takes two columns of a terminal
+
+
+def test_wide_characters_fit_the_terminal(target: Target, terminal: Terminal) -> None:
+    # Cut to the terminal's columns, not characters: a line that wraps leaves a stale
+    # row behind `wait`'s \r, and breaks the rows of `list` and `list --watch`.
+    terminal.tmux("resize-window", "-t", "t", "-x", "100", "-y", "20")
+    job_id = target.submit(target.make_job("wide", "#!/bin/sh\n" + WAIT_FOR_STOP), "--id", "w")
+    target.wait_for(job_id, ("running",))
+    write_progress(target, job_id, f"{WIDE} 1\n".encode())
+    terminal.run("clear; " + tej_command(target, "wait", "--id", job_id))
+    live = rf"Job is still running \(({ELAPSED})\)"
+    screen = terminal.wait_for(lambda s: re.search(live, s), "the live line")
+    first = seconds(re.search(live, screen).group(1))
+    screen = terminal.wait_for(  # redrawn twice at least, one second apart
+        lambda s: any(seconds(found) >= first + 2 for found in re.findall(live, s)),
+        "the line redrawn",
+        15,
+    )
+    assert screen.count("Job is still running") == 1, screen
+    terminal.keys("C-c")
+    terminal.wait_for(lambda s: "Error: interrupted" in s, "wait's end")
+    terminal.tmux("resize-window", "-t", "t", "-x", "120", "-y", "20")
+    for args in (("list", "--id", job_id), ("list", "--watch")):
+        terminal.run("clear; " + tej_command(target, *args))
+        screen = terminal.wait_for(lambda s: "\U0001f600..." in s, "the row, cut")
+        rows = [line for line in screen.splitlines() if "\U0001f600" in line]
+        assert len(rows) == 1 and rows[0].startswith("w "), screen  # one row, not wrapped
+        if "--watch" in args:
+            terminal.keys("q")
+            terminal.wait_for(lambda s: "PROGRESS" not in s, "the shell's screen back", 10)
+    stop(target, job_id)
+
+
+def seconds(elapsed: str) -> int:
+    """H:MM:SS as seconds."""
+    hours, minutes, secs = (int(part) for part in elapsed.split(":"))
+    return hours * 3600 + minutes * 60 + secs
+
+
+def test_cut_counts_the_columns_a_terminal_gives() -> None:
+    assert display_width("abc") == 3
+    assert display_width("\u65e5\u672c\uff21") == 6  # CJK and a fullwidth A: two columns each
+    assert display_width("e\u0301") == 1  # a combining accent takes none
+    assert cut("\u65e5\u672c\u8a9e\u65e5\u672c", 8) == "\u65e5\u672c..."  # 7 columns: no half
+    assert cut("e\u0301" * 5, 5) == "e\u0301" * 5
+    assert cut("e\u0301" * 5, 4) == "e\u0301..."  # the accent kept with its letter
+    assert cut("\U0001f600" * 3, 6) == "\U0001f600" * 3
+    assert cut("\U0001f600" * 3, 3) == "\U0001f600"  # no room for ...: cut to the columns
 
 
 # -- Slurm's accounting -------------------------------------------------------

@@ -115,8 +115,8 @@ def write_status(job_dir, record, durable=True, batch=None):
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)
         crash_point("status-written", record.get("state"))
         again = sync(root, job_id, record, with_row=False)
-        if state_of(again) in END_STATES:
-            batch.rows.append(row_line(job_id, again))
+        if state_of(again) in END_STATES:  # its row with its last progress, as note_row's
+            batch.rows.append(row_line(job_id, again, live_status(job_id, job_dir, again)))
         return
     with Intent(root, job_id):
         write_json_atomic(os.path.join(job_dir, STATUS_FILE), record, durable)

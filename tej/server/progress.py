@@ -37,7 +37,7 @@ def read_progress(job_dir):
         return None
     finally:
         os.close(fd)
-    return printable(line[: PROGRESS_LENGTH * 4])[:PROGRESS_LENGTH] or None
+    return printable(line[: PROGRESS_LENGTH * 4], PROGRESS_LENGTH) or None
 
 
 def last_line(fd, size):
@@ -55,12 +55,25 @@ def last_line(fd, size):
     return tail.rstrip(b"".join(SEPARATORS))
 
 
-def printable(data):
-    """Text for a terminal: invalid UTF-8 and control characters escaped (\\xff, \\x1b, \\t)."""
-    text = data.decode("utf-8", "backslashreplace")
+def printable(data, limit):
+    """Text for a terminal, at most limit characters: invalid UTF-8 and control characters
+    escaped (\\xff, \\x1b, \\t). The cut keeps whole escapes: never a lone backslash."""
+    text = data.decode("utf-8", "surrogateescape")  # an invalid byte: one lone surrogate
     if text.isprintable():
-        return text
-    return "".join(
-        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
+        return text[:limit]
+    pieces, length = [], 0
+    for char in text:
+        piece = char if char.isprintable() else escape(char)
+        length += len(piece)
+        if length > limit:
+            break
+        pieces.append(piece)
+    return "".join(pieces)
+
+
+def escape(char):
+    """A character that is not printable, as an escape: \\xff for an invalid byte (a lone
+    surrogate of surrogateescape), else as Python writes it (\\x1b, \\t, \\u200b)."""
+    if 0xDC80 <= ord(char) <= 0xDCFF:
+        return "\\x%02x" % (ord(char) - 0xDC00)
+    return char.encode("unicode_escape").decode("ascii")
