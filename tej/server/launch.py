@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import types  # noqa: F401 - for the type comments (loaded already)
 
 from ..protocol import (
     DEFAULT_RUNNER,
@@ -189,7 +190,7 @@ def spawn_supervisor(copy, job_dir, secrets):
 
 def stack_depth():
     """How many Python frames the stack holds here."""
-    frame, depth = sys._getframe(), 0
+    frame, depth = sys._getframe(), 0  # type: (types.FrameType | None, int)
     while frame is not None:
         frame, depth = frame.f_back, depth + 1
     return depth
