@@ -649,7 +649,7 @@ def wait(
     """Wait until a job ends, then show how it ended."""
     from tej import jobspec
 
-    seconds = jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout else None
+    seconds = jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout is not None else None
     status = wait_for_job(remote, job_id, seconds, show_progress=not as_json)
     if as_json:
         emit_json(status.to_json())
@@ -903,7 +903,11 @@ def prune(
     """Delete ended jobs in bulk, and their files, from the server."""
     from tej import jobspec
 
-    seconds = jobspec.duration(older_than, "--older-than", allow_zero=True) if older_than else None
+    seconds = (
+        jobspec.duration(older_than, "--older-than", allow_zero=True)
+        if older_than is not None
+        else None
+    )
     ids = remote.prune(list(states) or None, seconds, dry_run=dry_run)
     if as_json:
         emit_json({"ids": list(ids), "count": len(ids), "dry_run": dry_run})

@@ -589,6 +589,11 @@ ROWS: list[Row] = [
         message=r"^No job 'no_such_job'$"),
     Row("download-no-job", "download", ("out.txt",), ("--id", "no_such_job"), code=3,
         no_job_answer=True, message=r"^No job 'no_such_job'$"),
+    # an empty duration is not "no limit": a finished job is not pruned for it
+    Row("prune-older-than-empty", "prune", (), ("--older-than", ""),
+        message=r"Invalid duration for --older-than: ''"),
+    Row("wait-timeout-empty", "wait", (), ("--id", FINISHED_ID, "--timeout", ""),
+        message=r"Invalid duration for --timeout: ''"),
     # download paths
     Row("download-absolute", "download", ("/etc/passwd",), ("--id", FINISHED_ID),
         message=r"Path '/etc/passwd' is absolute"),
