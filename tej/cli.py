@@ -51,7 +51,7 @@ def job_exit_code(status: JobStatus, use_job_code: bool) -> int:
         return 0
     if status.state is JobState.TIMED_OUT:
         return EXIT_JOB_TIMED_OUT
-    if status.state is JobState.KILLED and (status.exit_code or 0) < 128:
+    if status.state in (JobState.KILLED, JobState.CANCELLED) and (status.exit_code or 0) < 128:
         return 128 + signal.SIGTERM  # killed, even if its script caught SIGTERM and exited 0
     return status.exit_code if status.exit_code is not None else 128 + signal.SIGTERM
 
@@ -649,7 +649,9 @@ def wait(
     """Wait until a job ends, then show how it ended."""
     from tej import jobspec
 
-    seconds = jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout is not None else None
+    seconds = (
+        jobspec.duration(timeout, "--timeout", allow_zero=True) if timeout is not None else None
+    )
     status = wait_for_job(remote, job_id, seconds, show_progress=not as_json)
     if as_json:
         emit_json(status.to_json())

@@ -359,6 +359,21 @@ def test_an_array_that_just_left_the_line_gives_up_its_place() -> None:
     assert [status["position"] for status in held] == [[1, 2], [2, 2]]
 
 
+def test_an_array_killed_before_any_task_ran_is_cancelled(target: Target) -> None:
+    setup_queue_runner(target, 1)
+    blocker = target.submit(make_array_job(target, "qblock", "#!/bin/sh\nsleep 60\n"))
+    target.wait_for(blocker, ("running",))
+    array = target.submit(make_array_job(target, "qwait", TIMED), "--array", "0-3", "--id", "qw")
+    target.cli("kill", "--id", "qw.2", check=0)  # one task first: the array still never ran
+    target.cli("kill", "--id", array, check=0)
+    status = target.status(array)
+    assert status["state"] == "cancelled", status
+    assert status["exit_code"] is None and status["started_at"] is None, status
+    done = target.cli("wait", "--id", array, "--exit-code", check=143)  # not a success
+    assert "Array is cancelled" in done.stdout, done.stdout
+    target.cli("kill", "--id", blocker, check=0)
+
+
 def test_queue_runner_kill_a_task_and_the_array(target: Target) -> None:
     setup_queue_runner(target, 2)
     job = make_array_job(target, "qlong", "#!/bin/sh\necho started\nsleep 60\n")

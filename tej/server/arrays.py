@@ -365,18 +365,25 @@ def first_failure(array_dir, indexes):
 
 def end_record(array_dir, record, killed):
     """An array's record updated with its end: finished, or killed (cancelled if no task
-    started), and the exit code of its first failed task. Shared by the default runner's
-    ArraySupervisor and the hook that keeps the record under the other runners."""
+    started: no exit code, no start), and the exit code of its first failed task. Shared
+    by the default runner's ArraySupervisor and the hook that keeps the record under the
+    other runners."""
     from .files import flush_file_system
 
     flush_file_system(array_dir)  # the tasks' records, written without fsync (TaskSupervisor)
+    from .records import read_status_record
+
+    if killed and not any(
+        (read_status_record(os.path.join(array_dir, JOBS_DIR, name)) or {}).get("started_at")
+        for name in os.listdir(os.path.join(array_dir, JOBS_DIR))
+    ):  # no task ran (those killed one by one before they started included)
+        record.update(state=STATE_CANCELLED, ended_at=now_iso(), exit_code=None)
+        return record
     job = read_json(os.path.join(array_dir, JOB_FILE))
-    if killed:
-        state = STATE_KILLED if os.listdir(os.path.join(array_dir, JOBS_DIR)) else STATE_CANCELLED
-    else:
-        state = STATE_FINISHED
     record.update(
-        state=state, ended_at=now_iso(), exit_code=first_failure(array_dir, array_indexes(job))
+        state=STATE_KILLED if killed else STATE_FINISHED,
+        ended_at=now_iso(),
+        exit_code=first_failure(array_dir, array_indexes(job)),
     )
     record.setdefault("started_at", record["ended_at"])
     return record
