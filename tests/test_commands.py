@@ -288,6 +288,21 @@ def test_status_and_kill_of_a_job_whose_supervisor_died(target: Target) -> None:
     assert target.cli("status", "--id", job_id, check=0).stdout.startswith("Job was killed")
 
 
+def test_prune_deletes_a_lost_job_and_kills_what_it_left(target: Target) -> None:
+    job_id = running_job(target, GRANDPARENT)
+    child = wait_until(lambda: read_pid(target.work(job_id, "child.pid")), message="child.pid")
+    record = json.loads(target.job_dir(job_id).joinpath("status.json").read_text())
+    os.kill(record["supervisor"]["pid"], signal.SIGKILL)
+    wait_until(lambda: "lost" in target.cli("status", "--id", job_id).stdout, message="lost")
+    assert target.cli("prune", "--state", "lost", "--older-than", "1h").stdout == "Deleted 0 jobs\n"
+    dry = target.cli("prune", "--state", "finished", "--dry-run")
+    assert dry.stdout == "", dry  # a lost job is not finished
+    assert target.cli("prune", "--state", "lost", "--dry-run").stdout == f"{job_id}\n"
+    assert target.cli("prune", "--state", "lost").stdout == "Deleted 1 job\n"
+    assert not target.job_dir(job_id).exists()
+    wait_until(lambda: not process_alive(child), timeout=5, message=f"pid {child} to die")
+
+
 def test_status_of_an_unknown_job(target: Target) -> None:
     target.submit(target.make_job())
     done = target.cli("status", "--id", "no_such_job")

@@ -70,3 +70,25 @@ def prune_jobs(queue, states, older_than, dry_run):
         remove_job_tree(queue, path)
     runner_tick(queue)
     return deleted
+
+
+def lost_jobs(queue, older_than):
+    """The ids of the jobs found lost (see records.supervised_record): the index says they
+    are active; their records, last changed more than older_than seconds ago (if given)."""
+    from ..protocol import STATE_LOST
+    from .layout import STATUS_FILE
+    from .listing import active_records
+
+    cutoff = None if older_than is None else time.time() - older_than
+    chosen = []
+    for job_id, job_dir, record in active_records(queue):
+        if record.get("state") != STATE_LOST:
+            continue
+        if cutoff is not None:
+            try:
+                if os.stat(os.path.join(job_dir, STATUS_FILE)).st_mtime > cutoff:
+                    continue
+            except OSError:
+                continue
+        chosen.append(job_id)
+    return sorted(chosen)

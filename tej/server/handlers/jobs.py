@@ -156,7 +156,11 @@ def kill_job(queue, job_id):
 
 def delete(connection, queue, job_id, force=False):
     """Delete a job's directory; a running job only with force (killed first)."""
-    queue = open_queue(queue)
+    delete_job(open_queue(queue), job_id, force)
+
+
+def delete_job(queue, job_id, force=False):
+    """Delete a job of an open queue (see delete)."""
     job_dir = queue.job_dir(job_id)
     task = task_id_parts(job_id)
     if task is not None and os.path.isdir(queue.path(JOBS_DIR, job_id)):
@@ -211,7 +215,31 @@ def prune(connection, queue, states=None, older_than=None, dry_run=False):
     if older_than is not None:
         older_than = number_arg(older_than, "older_than", 0, MAX_DURATION)
     queue = open_queue(queue)
-    return {"ids": prune_jobs(queue, states, older_than, dry_run)}
+    ids = prune_jobs(queue, states, older_than, dry_run)
+    if STATE_LOST in states:
+        ids = sorted(ids + prune_lost(queue, older_than, dry_run))
+    return {"ids": ids}
+
+
+def prune_lost(queue, older_than, dry_run):
+    """Delete the jobs found lost (their supervisors gone, their records still say they
+    run), as delete does (their processes left are killed first); their ids.
+
+    Their end is unknown: older_than counts from their record's last change.
+    """
+    from ..removal import lost_jobs
+
+    chosen = lost_jobs(queue, older_than)
+    if dry_run:
+        return chosen
+    deleted = []
+    for job_id in chosen:
+        try:
+            delete_job(queue, job_id)
+        except AgentError:  # it moved on meanwhile (deleted, or running again: a retry)
+            continue
+        deleted.append(job_id)
+    return deleted
 
 
 HANDLERS = {
