@@ -604,7 +604,8 @@ class RemoteQueue:
         """Start a new job from the files an existing one was uploaded with; its id.
 
         Of an array, a new array; with failed, of only its tasks that didn't finish
-        with 0 (each keeps its index, and its params row).
+        with 0 (each keeps its index, and its params row). Of a task (ARRAYID.N), a new
+        array of that one task, as with failed. TEJ_ARRAY_SIZE is the new array's size.
 
         Nothing is uploaded: the server lays the new job out from its store. The
         new job has the old one's metadata, but for what metadata overrides
@@ -614,6 +615,12 @@ class RemoteQueue:
         """
         from tej import jobspec
 
+        task = protocol.task_id_parts(job_id)
+        if task is not None:  # one task of an array: a new array of that one task
+            if failed or metadata.get("array") is not None:
+                raise InvalidInput(f"{job_id!r} is one task: --failed and --array take an array")
+            job_id, index = task
+            metadata = {**metadata, "array": {"indexes": str(index), "max_parallel": None}}
         old_status = self.status(job_id, tasks=failed)
         old = old_status.metadata
         if old is None:

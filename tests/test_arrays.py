@@ -120,6 +120,12 @@ def test_params_file_csv_and_resubmit_failed(target: Target) -> None:
     assert [task["id"] for task in status["array"]["tasks"]] == ["csv2.3"]
     out = target.ok("logs", "--id", "csv2.3")
     assert "index=3 size=1 x=4" in out  # its index and its row kept
+    # One task alone: a new array of that task.
+    target.cli("resubmit", "--id", f"{array}.1", "--as", "csv3", "--wait", check=0)
+    assert [task["id"] for task in target.status("csv3")["array"]["tasks"]] == ["csv3.1"]
+    assert "index=1 size=1 x=2" in target.ok("logs", "--id", "csv3.1")
+    refused = target.cli("resubmit", "--id", f"{array}.1", "--failed")
+    assert "is one task" in assert_one_line_error(refused)
 
 
 def test_kill_a_task_then_the_array_then_delete(target: Target) -> None:
