@@ -310,14 +310,17 @@ def read_params_file(path: str) -> list[dict[str, str]]:
     except OSError as exc:
         raise InvalidInput(f"Can't read {path}: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a spreadsheet's CSV may begin with a BOM
     except UnicodeDecodeError:
         raise InvalidInput(f"{path} is not UTF-8 text") from None
     if not text.strip():
         raise InvalidInput(f"{path} is empty: give a header and one row per task")
     if "\0" in text:
         raise InvalidInput(f"{path} holds a NUL character")
-    rows = _json_rows(text, path) if text.lstrip().startswith("{") else _csv_rows(text, path)
+    start = text.lstrip()[:1]
+    if start == "[":
+        raise InvalidInput(f"{path}: JSON lines hold one object per line, not an array")
+    rows = _json_rows(text, path) if start == "{" else _csv_rows(text, path)
     check_params(rows, path)
     return rows
 
@@ -326,7 +329,10 @@ def _csv_rows(text: str, path: str) -> list[dict[str, str]]:
     import csv
     import io
 
-    lines = [row for row in csv.reader(io.StringIO(text)) if row]
+    try:  # strict: a quote left open is an error, not a value that runs to the end
+        lines = [row for row in csv.reader(io.StringIO(text), strict=True) if row]
+    except csv.Error as exc:
+        raise InvalidInput(f"{path} is not valid CSV: {exc}") from None
     header = lines[0]
     _check_columns(header, path)
     rows = []

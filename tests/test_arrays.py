@@ -109,7 +109,7 @@ def test_params_through_the_api(target: Target) -> None:
 def test_params_file_csv_and_resubmit_failed(target: Target) -> None:
     job = make_array_job(target, "csv")
     params = target.src_dir / "params.csv"
-    params.write_text("X,Y\n1,a\n2,b\n3,c\n4,d\n")
+    params.write_bytes(b"\xef\xbb\xbfX,Y\r\n1,a\r\n2,b\r\n3,c\r\n4,d\r\n")  # a spreadsheet's
     array = target.submit(job, "--params", str(params), "--id", "csv", "--wait")
     assert target.status(array)["exit_code"] == 3
     again = target.cli(
@@ -181,6 +181,8 @@ BAD_INPUTS = [
     (["--params", "{nul}"], "NUL"),
     (["--params", "{latin1}"], "not UTF-8"),
     (["--params", "{toomany}"], "more than 100000 rows"),
+    (["--params", "{unterminated}"], "not valid CSV: unexpected end of data"),
+    (["--params", "{jsonarray}"], "one object per line, not an array"),
     (["--params", "{ragged}", "--array", "0-1"], "can't be combined"),
 ]
 PARAMS_FILES = {
@@ -191,6 +193,8 @@ PARAMS_FILES = {
     "nul": b"X\n1\x00\n",
     "latin1": b"X\n\xe9\n",
     "toomany": b"X\n" + b"1\n" * 100001,
+    "unterminated": b'A\n"unterminated\n',
+    "jsonarray": b"[1, 2]\n",
 }
 
 
