@@ -693,7 +693,7 @@ class RemoteQueue:
         for a long queue; the next batches are requested while one is read. short: only
         the fields a plain `tej list` shows (id, state, elapsed, exit_code, progress,
         array), several times fewer bytes to send and decode."""
-        wanted = None if states is None else [_check_state(state) for state in states]
+        wanted = None if states is None else _check_states(states)
         args: dict[str, Any] = {} if wanted is None else {"states": wanted}
         if tasks:
             args["tasks"] = True
@@ -730,7 +730,7 @@ class RemoteQueue:
         """
         args: dict[str, Any] = {"dry_run": dry_run}
         if states is not None:
-            args["states"] = [_check_state(state) for state in states]
+            args["states"] = _check_states(states)
         if older_than is not None:
             args["older_than"] = older_than
         return list(self._call("prune", **args)["ids"])
@@ -1095,6 +1095,13 @@ def _prepare_job(
         if problem is not None:
             raise InvalidInput(problem)
     return job, excludes
+
+
+def _check_states(states: Sequence[str | JobState]) -> list[str]:
+    """States' names, checked; one state alone (a string) is taken as a list of one."""
+    if isinstance(states, str):  # a JobState too
+        states = [states]
+    return [_check_state(state) for state in states]
 
 
 def _check_state(state: str | JobState) -> str:

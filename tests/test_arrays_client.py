@@ -100,6 +100,7 @@ def test_list_shows_an_array_as_one_row_with_its_counts_and_tasks(target: Target
     assert isinstance(array, ArrayStatus) and array.counts == {"finished": 4}
     ids = [job.id for job in remote.list(["finished"], tasks=True)]
     assert ids == ["arr", "arr.0", "arr.1", "arr.2", "arr.3", "plain"]
+    assert [job.id for job in remote.list("finished", tasks=True)] == ids  # one state alone
 
 
 def test_sync_puts_each_task_in_its_folder_and_follows_the_array(target: Target) -> None:
