@@ -1068,6 +1068,13 @@ def report_sync(summary: Any, folder: str, as_json: bool) -> None:
     for name in summary.to_delete:
         click.echo(f"would delete {name}")
     click.echo(f"{folder}: {describe_sync(summary)}")
+    if summary.unreadable:
+        more = len(summary.unreadable) - 1
+        click.echo(
+            f"Warning: the server can't read {summary.unreadable[0]}"
+            + (f" and {more} more files" if more else ""),
+            err=True,
+        )
     if summary.files_changing:
         click.echo(
             f"Warning: {summary.files_changing} files kept changing while they were read: "

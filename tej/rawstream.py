@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 RAW_STREAM_MIN = 16 << 20
 PROGRESS_INTERVAL = 0.1  # seconds between looks at how much has arrived
 _WRONG_FILE = 3  # the stream command's exit code when the file changed under it
+_UNREADABLE = 4  # its exit code when it may not read the file (permissions)
 
 # Runs on the server's Python (3.8+), with the path, device, inode, the offset to start
 # from and the (size, mtime_ns) the file must keep while it is read (or None) filled in.
@@ -31,6 +32,8 @@ _SENDER = """import os, sys
 path, device, inode, expect = {path!r}, {device!r}, {inode!r}, {expect!r}
 try:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+except PermissionError:
+    sys.exit({unreadable})
 except OSError:
     sys.exit({wrong})
 info = os.fstat(fd)
@@ -65,6 +68,10 @@ class FileChanged(RawStreamFailed):
     """The file was replaced or modified while it was being read."""
 
 
+class FileUnreadable(RawStreamFailed):
+    """The server may not read the file (its permissions)."""
+
+
 def download_to(
     session: Session,
     identity: list[object],
@@ -83,7 +90,13 @@ def download_to(
     """
     path, device, inode, size = identity[0], identity[1], identity[2], int(identity[3])  # type: ignore[call-overload]
     code = _SENDER.format(
-        path=path, device=device, inode=inode, expect=expect, offset=offset, wrong=_WRONG_FILE
+        path=path,
+        device=device,
+        inode=inode,
+        expect=expect,
+        offset=offset,
+        wrong=_WRONG_FILE,
+        unreadable=_UNREADABLE,
     )
     proc = subprocess.Popen(
         session.command_for(code),
@@ -111,6 +124,8 @@ def download_to(
             proc.wait()
     if code_ == _WRONG_FILE:
         raise FileChanged("the file changed while it was being downloaded", received)
+    if code_ == _UNREADABLE:
+        raise FileUnreadable("Permission denied", received)
     if code_ != 0 or received != size - offset:
         done = offset + received
         raise RawStreamFailed(f"the download stopped after {done} of {size} bytes", received)

@@ -425,6 +425,7 @@ class Syncer:
             files_deleted=len(plan.delete),
             files_copied=len(plan.copy),
             state=state,
+            unreadable=tuple(fetcher.unreadable),
         )
         return summary, changing
 

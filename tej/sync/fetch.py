@@ -56,6 +56,7 @@ class Fetcher:
         self.total = sum(row.size for row in rows)
         self.files = self.bytes = self.same = 0
         self.changing: list[Remote] = []
+        self.unreadable: list[str] = []  # "PATH (why)" of the files the server can't read
         self.verify = verify  # files the local folder has, of the same size: sent if they differ
 
     def run(self) -> list[Remote]:
@@ -164,6 +165,10 @@ class Fetcher:
                 self.changing.append(row)
                 os.unlink(partial)
                 return
+            except rawstream.FileUnreadable as exc:
+                self.unreadable.append(f"{os.fsdecode(row.relpath)} ({exc})")
+                os.unlink(partial)
+                return
         self._done(row, partial)
 
     def _done(self, row: Remote, partial: bytes) -> None:
@@ -209,8 +214,14 @@ class _Writer:
         self.skip: bytes | None = None  # a file that changed: its other chunks are ignored
 
     def take(self, row: Remote, offset: int, answer: Any) -> None:
-        """One chunk's answer: data, None (the file changed) or True (the same as ours)."""
+        """One chunk's answer: data, None (the file changed), True (the same as ours), or
+        why the server can't read the file (a str)."""
         if row.relpath == self.skip:
+            return
+        if isinstance(answer, str):  # the server can't read it (permissions): left alone
+            self._drop(row)
+            self.skip = row.relpath
+            self.f.unreadable.append(f"{os.fsdecode(row.relpath)} ({answer})")
             return
         if answer is None or answer is True:
             self._drop(row)

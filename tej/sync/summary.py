@@ -17,6 +17,8 @@ class SyncSummary:
     files_copied: int = 0  # found elsewhere in the local folder, copied there
     #: Files that kept changing while they were read: left for the next sync.
     files_changing: int = 0
+    #: The files the server can't read (its permissions), each "PATH (why)".
+    unreadable: tuple[str, ...] = ()
     state: str | None = None  # the job's state when the files were listed
     requests: int = 0  # requests to the server (round trips, bar pipelining)
     dry_run: bool = False
@@ -34,6 +36,7 @@ class SyncSummary:
             "files_deleted": self.files_deleted,
             "files_copied": self.files_copied,
             "files_changing": self.files_changing,
+            "unreadable": list(self.unreadable),
             "state": self.state,
             "requests": self.requests,
         }
@@ -56,15 +59,18 @@ class SyncSummary:
             to_send=self.to_send + other.to_send,
             to_copy=self.to_copy + other.to_copy,
             to_delete=self.to_delete + other.to_delete,
+            unreadable=self.unreadable + other.unreadable,
         )
 
     def then(self, later: SyncSummary) -> SyncSummary:
         """The totals of a pass and a later one over the same folder: what each sent,
-        copied and deleted, added up; what the later one found unchanged, or changing."""
+        copied and deleted, added up; what the later one found unchanged, changing, or
+        unreadable."""
         return replace(
             self + later,
             files_unchanged=later.files_unchanged,
             files_changing=later.files_changing,
+            unreadable=later.unreadable,
         )
 
 

@@ -40,6 +40,7 @@ from ..treewalk import row_of, walk
 LISTINGS_KEPT = 4  # listings a connection remembers (one per sync it serves, in practice)
 CHANGED = None  # sync_read's and sync_hash's answer for a file that is no longer the one listed
 SAME = True  # sync_read's answer for a file whose digest is the one the client has
+# sync_read's answer for a file that can't be read is a str: why (see unreadable).
 READ_ROW = struct.Struct("<qqqqQ")  # a chunk for sync_read: offset, length, size, mtime, inode
 BUILTIN_HASH_MAX = 1 << 20  # below this, data is hashed without hashlib (see sha256_of)
 #: Files sent with a listing (sync_list's contents_since): each at most this long, and at
@@ -167,7 +168,7 @@ def sync_read(connection, queue, job_id, paths, numbers, checks):
         offset, length, size, mtime, inode = row
         fd = open_listed(work, relpath, (size, mtime, inode))
         if fd is None:
-            answers.append(CHANGED)
+            answers.append(unreadable(work, relpath) or CHANGED)
             continue
         try:
             data = os.pread(fd, min(max(length, 0), MAX_READ), max(offset, 0))
@@ -281,6 +282,18 @@ def open_listed(work, relpath, stamp):
         os.close(fd)
         return None
     return fd
+
+
+def unreadable(work, relpath):
+    """Why a job's file that open_listed did not open can't be read (permissions), or None
+    (it is gone or no longer the one listed: CHANGED)."""
+    try:
+        os.close(os.open(os.path.join(work, *relative_parts(relpath)), os.O_RDONLY | os.O_NOFOLLOW))
+    except PermissionError as exc:
+        return exc.strerror or str(exc)
+    except OSError:
+        pass
+    return None
 
 
 def stamp_of(info):
