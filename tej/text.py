@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +115,8 @@ def display_width(text: str) -> int:
 
 def char_width(char: str) -> int:
     """The columns one character takes on a terminal (see display_width)."""
+    import unicodedata  # here: a command that shows only ASCII doesn't load it
+
     if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
         return 0
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
