@@ -157,8 +157,10 @@ def new_job_id_problem(job_id: object) -> "str | None":
 def parse_array_spec(text: object) -> "tuple[list[int], int | None]":
     """The task indexes of an array spec (Slurm's: "0-99", "1,3,5-9", "0-999:10", then an
     optional "%N") and its N (None without); ValueError, saying why, if it is not one."""
-    if not isinstance(text, str) or not text.strip():
+    if text is None or (isinstance(text, str) and not text.strip()):
         raise ValueError("The array spec is empty: use a range such as 0-99")
+    if not isinstance(text, str):
+        raise ValueError("The array spec %r is not text: use a range such as \"0-99\"" % (text,))
     spec, percent, limit = text.strip().partition("%")
     parallel = None
     if percent:

@@ -17,6 +17,7 @@ from terminal import Terminal
 from test_costs import tej_command
 
 from tej.api import ArrayStatus, JobState
+from tej.errors import InvalidInput
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -419,3 +420,14 @@ def test_sync_delete_checks_every_task_folder_before_writing_any(target: Target)
     assert "qa.2 holds other things" in assert_one_line_error(done, 1)
     assert sorted(os.listdir(into)) == ["qa.2"]  # qa.0 and qa.1 were not synced first
     assert os.listdir(into / "qa.2") == ["mine.txt"]
+
+
+def test_an_array_spec_that_is_not_text_is_refused_by_the_api(target: Target) -> None:
+    job = target.make_job("api-spec")
+    with target.api() as remote:
+        for spec in (5, [1, 2]):
+            with pytest.raises(InvalidInput, match="is not text: use a range such as"):
+                remote.submit(str(job), array=spec)
+        with pytest.raises(InvalidInput, match="is empty"):
+            remote.submit(str(job), array=" ")
+    assert target.cli("list", "--json").stdout.strip() == "[]"
