@@ -160,7 +160,7 @@ def parse_array_spec(text: object) -> "tuple[list[int], int | None]":
     if text is None or (isinstance(text, str) and not text.strip()):
         raise ValueError("The array spec is empty: use a range such as 0-99")
     if not isinstance(text, str):
-        raise ValueError("The array spec %r is not text: use a range such as \"0-99\"" % (text,))
+        raise ValueError('The array spec %r is not text: use a range such as "0-99"' % (text,))
     spec, percent, limit = text.strip().partition("%")
     parallel = None
     if percent:

@@ -989,6 +989,16 @@ def test_output_leaving_the_job_is_a_failure_to_start(harness: Harness, tmp_path
     assert list(outside.iterdir()) == []
 
 
+def test_a_job_deleted_as_its_record_is_read_is_no_job_not_lost(harness: Harness) -> None:
+    harness.wait_end(harness.submit(script("true\n"), job_id="gone"))
+    queue = open_queue(harness.queue)
+    job_dir = queue.job_dir("gone")
+    shutil.rmtree(job_dir)  # as delete --force does, between finding the folder and reading
+    with pytest.raises(errors.AgentError) as raised:
+        queue.record("gone", job_dir)
+    assert raised.value.kind == protocol.ERR_JOB_NOT_FOUND
+
+
 def unstarted_job(harness: Harness, job_id: str, job: str) -> tuple[Path, AgentCopy]:
     """A starting job made by hand, with job as its job.json; (its folder, the agent copy)."""
     harness.wait_end(harness.submit(script("true\n"), job_id=f"{job_id}-model"))

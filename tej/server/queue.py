@@ -115,10 +115,13 @@ class Queue(object):
         """A job's status record, brought up to date by the queue's runner."""
         record = read_status_record(job_dir)
         if record is None:
-            if not os.path.isdir(job_dir):  # an array's task not started yet
+            if not os.path.isdir(job_dir):  # an array's task not started yet, or deleted
                 from .arrays import unstarted_record
 
-                return unstarted_record(job_dir) or missing_status()
+                unstarted = unstarted_record(job_dir)
+                if unstarted is None:  # deleted since its folder was found
+                    raise AgentError(ERR_JOB_NOT_FOUND, "No job %r" % job_id)
+                return unstarted
             return missing_status()
         return self.runner.refresh(job_id, job_dir, record)  # type: ignore[union-attr]
 
