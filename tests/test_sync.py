@@ -262,10 +262,11 @@ def test_links_named_as_paths_are_synced_as_links(target: Target) -> None:
     assert [os.readlink(to / name) for name in ("ld", "lx", "self")] == ["d", "d/x", "."]
 
 
-def test_a_file_the_server_cant_read_is_named_not_said_to_change(target: Target) -> None:
+def test_what_the_server_cant_read_is_named_not_said_to_change(target: Target) -> None:
     script = (
         "#!/bin/sh\necho ok > ok.txt\necho no > secret.txt\nchmod 000 secret.txt\n"
         "head -c 17000000 /dev/zero > big.bin\nchmod 000 big.bin\n"
+        "mkdir locked\necho in > locked/a.txt\nchmod 000 locked\n"
     )
     job_id = target.submit(target.make_job("secrets", script))
     target.wait_for(job_id)
@@ -275,12 +276,13 @@ def test_a_file_the_server_cant_read_is_named_not_said_to_change(target: Target)
     summary = sync_json(target, job_id, "--to", str(to))
     assert sorted(summary["unreadable"]) == [
         "big.bin (Permission denied)",
+        "locked/ (Permission denied)",
         "secret.txt (Permission denied)",
     ], summary
     assert summary["files_changing"] == 0, summary
     assert (to / "ok.txt").read_text() == "ok\n" and not (to / "secret.txt").exists()
     done = target.cli("sync", "--id", job_id, "--to", str(to), check=0)
-    assert "Warning: the server can't read secret.txt (Permission denied) and 1 more" in done.stderr
+    assert "Warning: the server can't read locked/ (Permission denied) and 2 more" in done.stderr
 
 
 def test_bad_input_is_one_line_and_writes_nothing(target: Target) -> None:

@@ -177,6 +177,8 @@ class Syncer:
         #: RECENT) come with the next listing, in preloaded: {relpath: (size, mtime, inode, data)}.
         self.listed_at = listed_at if isinstance(listed_at, int) else None
         self.preloaded: dict[bytes, tuple[int, int, int, bytes]] = {}
+        #: The folders the last listing could not look into, each "PATH/ (why)".
+        self.unreadable: tuple[str, ...] = ()
 
     # talking to the agent
 
@@ -212,6 +214,9 @@ class Syncer:
                 del self.listing[path]
         self.token = reply["token"]
         self.listed_at = int(reply["now"])
+        self.unreadable = tuple(
+            f"{os.fsdecode(path)}/ (Permission denied)" for path in reply.get("unreadable", [])
+        )
         return bool(reply["full"] or changed or removed), reply["state"], self.listed_at
 
     # one pass
@@ -262,7 +267,9 @@ class Syncer:
             self.lock()  # the folder is made once the job's files are known
             if local is None and not changed:
                 files = sum(1 for row in self.listing.values() if row[1] == "f")
-                return SyncSummary(files_unchanged=files, state=state, requests=1)
+                return SyncSummary(
+                    files_unchanged=files, state=state, requests=1, unreadable=self.unreadable
+                )
             try:
                 if local is None:
                     local = LocalScan(self.root)
@@ -425,7 +432,7 @@ class Syncer:
             files_deleted=len(plan.delete),
             files_copied=len(plan.copy),
             state=state,
-            unreadable=tuple(fetcher.unreadable),
+            unreadable=self.unreadable + tuple(fetcher.unreadable),
         )
         return summary, changing
 

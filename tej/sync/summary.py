@@ -17,7 +17,7 @@ class SyncSummary:
     files_copied: int = 0  # found elsewhere in the local folder, copied there
     #: Files that kept changing while they were read: left for the next sync.
     files_changing: int = 0
-    #: The files the server can't read (its permissions), each "PATH (why)".
+    #: The files and folders the server can't read (its permissions), each "PATH (why)".
     unreadable: tuple[str, ...] = ()
     state: str | None = None  # the job's state when the files were listed
     requests: int = 0  # requests to the server (round trips, bar pipelining)
@@ -64,13 +64,13 @@ class SyncSummary:
 
     def then(self, later: SyncSummary) -> SyncSummary:
         """The totals of a pass and a later one over the same folder: what each sent,
-        copied and deleted, added up; what the later one found unchanged, changing, or
-        unreadable."""
+        copied and deleted, and what either could not read, added up; what the later one
+        found unchanged or changing."""
         return replace(
             self + later,
             files_unchanged=later.files_unchanged,
             files_changing=later.files_changing,
-            unreadable=later.unreadable,
+            unreadable=tuple(dict.fromkeys(self.unreadable + later.unreadable)),
         )
 
 

@@ -53,7 +53,8 @@ CONTENT_BUDGET = 256 * 1024
 def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False, contents_since=None):
     """The job's state, then its files (all, or only what changed since the listing `since`).
 
-    Returns {"token", "state", "now", "full", "entries": columns, "removed": paths}.
+    Returns {"token", "state", "now", "full", "entries": columns, "removed": paths,
+    "unreadable": the folders it may not list, whose files are not listed}.
     The state is read before the files, so that a listing made once the job
     has ended holds its last files. With contents_since (ns), also "contents":
     the small files listed that were modified since then (see recent_contents),
@@ -84,6 +85,7 @@ def sync_list(connection, queue, job_id, paths, since=None, missing_ok=False, co
         "full": old is None,
         "entries": encode_rows(changed),
         "removed": b"\0".join(removed),
+        "unreadable": unreadable_folders(work, rows),
     }
     if contents_since is not None:
         reply["contents"] = recent_contents(work, rows.values(), contents_since)
@@ -282,6 +284,15 @@ def open_listed(work, relpath, stamp):
         os.close(fd)
         return None
     return fd
+
+
+def unreadable_folders(work, rows):
+    """The folders among rows (listed) this process may not list: listed empty."""
+    return [
+        path
+        for path, row in rows.items()
+        if row[1] == "d" and not os.access(os.path.join(work, path), os.R_OK | os.X_OK)
+    ]
 
 
 def unreadable(work, relpath):
