@@ -211,13 +211,7 @@ def fresh_supervisor(copy, job_dir, secrets, log):
         read_end, write_end = os.pipe()
         os.write(write_end, data)
         os.close(write_end)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored signal stays so in exec
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd, target in ((0, read_end), (1, devnull), (2, log)):
-            os.dup2(target, fd)
-        close_inherited_files()
-        os.chdir("/")
+        detach(read_end, log)
         command = copy.supervisor_command(job_dir)
         os.execv(command.python, command.argv)
     except OSError as exc:
@@ -236,17 +230,10 @@ def run_forked_supervisor(copy, job_dir, secrets, log):
     Its stdin and stdout are /dev/null, its stderr supervisor.log.
     """
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a fork server ignores it (see serve_forks)
-        if os.getsid(0) != os.getpid():  # not yet, if fresh_supervisor failed to exec
-            os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd, target in ((0, devnull), (1, devnull), (2, log)):
-            os.dup2(target, fd)
-        close_inherited_files()
+        detach(None, log)
         from .queue import HELD_LOCKS
 
         HELD_LOCKS.clear()  # the locks of the process it was forked from are not its own
-        os.chdir("/")
         set_process_title(supervisor_title(job_dir))
         from .supervisor import supervise
 
@@ -257,6 +244,20 @@ def run_forked_supervisor(copy, job_dir, secrets, log):
         except OSError:
             pass
         return 1
+
+
+def detach(stdin, log):
+    """In a forked supervisor: a session of its own (if it isn't one already), stdin (None:
+    /dev/null), stdout /dev/null and stderr log, no other file of its parent's; in /."""
+    # A fork server ignores SIGCHLD (see serve_forks); an ignored signal stays so in exec.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if os.getsid(0) != os.getpid():  # it is, if fresh_supervisor failed to exec
+        os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd, target in ((0, devnull if stdin is None else stdin), (1, devnull), (2, log)):
+        os.dup2(target, fd)
+    close_inherited_files()
+    os.chdir("/")
 
 
 def close_inherited_files():
