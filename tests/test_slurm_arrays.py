@@ -128,7 +128,9 @@ def test_a_task_whose_supervisor_died_gets_its_end_from_slurm(slurm: Target) -> 
 def test_an_array_cancelled_outside_tej_shows_as_killed(
     slurm: Target, slurm_cluster: SlurmCluster
 ) -> None:
-    job = make_array_job(slurm, "outside", "#!/bin/sh\necho started\nsleep 300\n")
+    # exec: the script is the process Slurm signals (a shell whose child died of it would
+    # exit 143 itself, an exit code tej never rewrites: see docs/runners.md).
+    job = make_array_job(slurm, "outside", "#!/bin/sh\necho started\nexec sleep 300\n")
     array = slurm.submit(job, "--array", "0-1", "--id", "outside")
     for index in (0, 1):
         out: Path = task_path(slurm, array, index, "stdout")
